@@ -1,0 +1,208 @@
+//! CPU patchify / unpatchify.
+//!
+//! Loop nest (the micro-kernels are in [`crate::cpu::simd`]):
+//! - forward: threads take chunks of whole tokens (~64 KiB of output each); a token is built
+//!   row by row — one image row segment `(t, h, w0..w0+pw)` at a time. Where the segment is
+//!   contiguous in both image and token (NCHW + `cpq`: `pw` values per channel; NHWC + `pqc`:
+//!   `pw·C` values) the run kernel reads and writes it directly; the two transposing
+//!   combinations convert the segment into a small f32 buffer first and scatter from it.
+//! - inverse: threads take chunks of whole image rows (`(b, c, t, h)` for NCHW, `(b, t, h)` for
+//!   NHWC — contiguous in the image), and each row is filled token by token the same way.
+//!
+//! Padded tokens are zero-filled first and then only their in-image extent is written.
+
+use crate::cpu::par::{for_each_chunk, units_per_chunk};
+use crate::cpu::simd::{dispatch, KernelOp, RunKernel};
+use crate::cpu::Isa;
+use crate::dtype::{Element, Float};
+use crate::error::Result;
+use crate::patchify::{Geometry, Layout, PatchOrder, Patchify, Strides};
+
+/// What every chunk needs: geometry, strides and coefficients, the latter also repeated
+/// `pw` times (`rep_*[dw·C + c] = coef[c]`) for runs that span channels.
+struct Ctx<'a> {
+    g: &'a Geometry,
+    s: Strides,
+    a: &'a [f32],
+    b: &'a [f32],
+    rep_a: Vec<f32>,
+    rep_b: Vec<f32>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(g: &'a Geometry, a: &'a [f32], b: &'a [f32]) -> Self {
+        let pw = g.patch[2];
+        let rep = |v: &[f32]| v.iter().copied().cycle().take(pw * v.len()).collect();
+        Ctx { g, s: g.strides(), a, b, rep_a: rep(a), rep_b: rep(b) }
+    }
+}
+
+/// Image → tokens.
+pub(crate) fn forward<I: Element, O: Float>(p: &Patchify, isa: Isa, image: &[I], tokens: &mut [O]) -> Result<()> {
+    let g = p.geometry();
+    let k = p.coefficients();
+    let ctx = Ctx::new(g, &k.a, &k.b);
+    let per_chunk = units_per_chunk(g.patch_len * std::mem::size_of::<O>());
+    for_each_chunk(tokens, per_chunk * g.patch_len, |i, out| {
+        dispatch(isa, ForwardChunk { ctx: &ctx, image, first: i * per_chunk, out });
+    });
+    Ok(())
+}
+
+struct ForwardChunk<'a, 'b, I, O> {
+    ctx: &'b Ctx<'a>,
+    image: &'b [I],
+    first: usize,
+    out: &'b mut [O],
+}
+
+impl<I: Element, O: Float> KernelOp for ForwardChunk<'_, '_, I, O> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<K: RunKernel>(self, k: K) {
+        let ForwardChunk { ctx, image, first, out } = self;
+        let g = ctx.g;
+        let mut tmp = vec![0.0f32; g.patch[2] * g.channels];
+        for (i, token) in out.chunks_exact_mut(g.patch_len).enumerate() {
+            forward_token(k, ctx, image, first + i, token, &mut tmp);
+        }
+    }
+}
+
+#[inline(always)]
+fn forward_token<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image: &[I], tok: usize, out: &mut [O], tmp: &mut [f32]) {
+    let (g, s) = (ctx.g, ctx.s);
+    let [pt, ph, pw] = g.patch;
+    let [_, gh, gw] = g.grid;
+    let c_n = g.channels;
+    let (b, l) = (tok / g.tokens, tok % g.tokens);
+    let (it, ih, iw) = (l / (gh * gw), l / gw % gh, l % gw);
+    let (t0, h0, w0) = (it * pt, ih * ph, iw * pw);
+    // In-image extent of this token (smaller than the patch only where padding starts).
+    let (vt, vh, vw) = (pt.min(g.frames - t0), ph.min(g.height - h0), pw.min(g.width - w0));
+    if (vt, vh, vw) != (pt, ph, pw) {
+        out.fill(O::from_f32(0.0));
+    }
+    let origin = b * s.batch + t0 * s.t + h0 * s.h + w0 * s.w;
+    for dt in 0..vt {
+        for dh in 0..vh {
+            let row = origin + dt * s.t + dh * s.h;
+            match (g.layout, g.order) {
+                (Layout::ChannelsFirst, PatchOrder::Cpq) => {
+                    for c in 0..c_n {
+                        let j = ((c * pt + dt) * ph + dh) * pw;
+                        k.affine(&image[row + c * s.c..][..vw], ctx.a[c], ctx.b[c], &mut out[j..j + vw]);
+                    }
+                }
+                (Layout::ChannelsLast, PatchOrder::Pqc) => {
+                    let (j, n) = ((dt * ph + dh) * pw * c_n, vw * c_n);
+                    k.affine_vec(&image[row..][..n], &ctx.rep_a[..n], &ctx.rep_b[..n], &mut out[j..j + n]);
+                }
+                (Layout::ChannelsLast, PatchOrder::Cpq) => {
+                    let n = vw * c_n;
+                    k.affine_vec(&image[row..][..n], &ctx.rep_a[..n], &ctx.rep_b[..n], &mut tmp[..n]);
+                    for c in 0..c_n {
+                        let j = ((c * pt + dt) * ph + dh) * pw;
+                        for (dw, o) in out[j..j + vw].iter_mut().enumerate() {
+                            *o = O::from_f32(tmp[dw * c_n + c]);
+                        }
+                    }
+                }
+                (Layout::ChannelsFirst, PatchOrder::Pqc) => {
+                    for c in 0..c_n {
+                        k.affine(&image[row + c * s.c..][..vw], ctx.a[c], ctx.b[c], &mut tmp[c * vw..][..vw]);
+                    }
+                    let j = (dt * ph + dh) * pw * c_n;
+                    for (i, o) in out[j..j + vw * c_n].iter_mut().enumerate() {
+                        *o = O::from_f32(tmp[(i % c_n) * vw + i / c_n]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tokens → image.
+pub(crate) fn inverse<I: Float, O: Element>(p: &Patchify, isa: Isa, tokens: &[I], image: &mut [O]) -> Result<()> {
+    let g = p.geometry();
+    let k = p.coefficients();
+    let ctx = Ctx::new(g, &k.inv_a, &k.inv_b);
+    let row_len = match g.layout {
+        Layout::ChannelsFirst => g.width,
+        Layout::ChannelsLast => g.width * g.channels,
+    };
+    let per_chunk = units_per_chunk(row_len * std::mem::size_of::<O>());
+    for_each_chunk(image, per_chunk * row_len, |i, out| {
+        dispatch(isa, InverseChunk { ctx: &ctx, tokens, first: i * per_chunk, row_len, out });
+    });
+    Ok(())
+}
+
+struct InverseChunk<'a, 'b, I, O> {
+    ctx: &'b Ctx<'a>,
+    tokens: &'b [I],
+    first: usize,
+    row_len: usize,
+    out: &'b mut [O],
+}
+
+impl<I: Float, O: Element> KernelOp for InverseChunk<'_, '_, I, O> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<K: RunKernel>(self, k: K) {
+        let InverseChunk { ctx, tokens, first, row_len, out } = self;
+        let g = ctx.g;
+        let mut tmp = vec![I::from_f32(0.0); g.patch[2] * g.channels];
+        for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
+            inverse_row(k, ctx, tokens, first + i, row, &mut tmp);
+        }
+    }
+}
+
+#[inline(always)]
+fn inverse_row<K: RunKernel, I: Float, O: Element>(k: K, ctx: &Ctx<'_>, tokens: &[I], r: usize, row: &mut [O], tmp: &mut [I]) {
+    let g = ctx.g;
+    let [pt, ph, pw] = g.patch;
+    let [_, gh, gw] = g.grid;
+    let (c_n, p_len) = (g.channels, g.patch_len);
+    // Row r is (b, c, t, h) for NCHW, (b, t, h) for NHWC.
+    let (h, t) = (r % g.height, r / g.height % g.frames);
+    let (c, b) = match g.layout {
+        Layout::ChannelsFirst => (r / (g.height * g.frames) % c_n, r / (g.height * g.frames * c_n)),
+        Layout::ChannelsLast => (0, r / (g.height * g.frames)),
+    };
+    let (it, dt, ih, dh) = (t / pt, t % pt, h / ph, h % ph);
+    for iw in 0..gw {
+        let w0 = iw * pw;
+        let vw = pw.min(g.width - w0);
+        let base = (b * g.tokens + (it * gh + ih) * gw + iw) * p_len;
+        let tok = &tokens[base..base + p_len];
+        match (g.layout, g.order) {
+            (Layout::ChannelsFirst, PatchOrder::Cpq) => {
+                let j = ((c * pt + dt) * ph + dh) * pw;
+                k.affine(&tok[j..j + vw], ctx.a[c], ctx.b[c], &mut row[w0..w0 + vw]);
+            }
+            (Layout::ChannelsFirst, PatchOrder::Pqc) => {
+                let j = (dt * ph + dh) * pw * c_n + c;
+                for (dw, x) in tmp[..vw].iter_mut().enumerate() {
+                    *x = tok[j + dw * c_n];
+                }
+                k.affine(&tmp[..vw], ctx.a[c], ctx.b[c], &mut row[w0..w0 + vw]);
+            }
+            (Layout::ChannelsLast, PatchOrder::Pqc) => {
+                let (j, n) = ((dt * ph + dh) * pw * c_n, vw * c_n);
+                k.affine_vec(&tok[j..j + n], &ctx.rep_a[..n], &ctx.rep_b[..n], &mut row[w0 * c_n..][..n]);
+            }
+            (Layout::ChannelsLast, PatchOrder::Cpq) => {
+                let n = vw * c_n;
+                for (i, x) in tmp[..n].iter_mut().enumerate() {
+                    let (dw, c) = (i / c_n, i % c_n);
+                    *x = tok[((c * pt + dt) * ph + dh) * pw + dw];
+                }
+                k.affine_vec(&tmp[..n], &ctx.rep_a[..n], &ctx.rep_b[..n], &mut row[w0 * c_n..][..n]);
+            }
+        }
+    }
+}

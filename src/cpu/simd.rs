@@ -1,0 +1,189 @@
+//! Element-run micro-kernels shared by the CPU kernel families, and the ISA dispatch.
+//!
+//! A run kernel converts a run of elements to f32, applies one fma, and rounds to the output
+//! type, with exactly the arithmetic of the reference (`fma` with one rounding, then the
+//! conversions of [`crate::dtype`]), so results are bit-identical at every ISA level.
+//!
+//! - [`Portable`]: plain loops. Under [`dispatch`] with `Isa::V3` they are compiled with AVX2 +
+//!   FMA enabled, and the compiler vectorises them.
+//! - [`Avx512`]: pulp `V4` intrinsics, 16 lanes at a time; a tail shorter than 16 goes through a
+//!   zero-padded stack block so it too runs vectorised.
+
+use crate::cpu::Isa;
+use crate::dtype::{DType, Element};
+use pulp::x86::{V3, V4};
+use pulp::{f32x16, Simd, WithSimd};
+
+/// A run micro-kernel: `dst[i] = O::from_f32(fma(src[i].to_f32(), a, b))`.
+pub(crate) trait RunKernel: Copy {
+    /// One `(a, b)` pair for the whole run. `src.len() == dst.len()`.
+    fn affine<I: Element, O: Element>(self, src: &[I], a: f32, b: f32, dst: &mut [O]);
+    /// Per-element `(a[i], b[i])`. All four slices have the same length.
+    fn affine_vec<I: Element, O: Element>(self, src: &[I], a: &[f32], b: &[f32], dst: &mut [O]);
+}
+
+/// Work to run with whichever [`RunKernel`] the ISA selects.
+pub(crate) trait KernelOp {
+    type Output;
+    fn run<K: RunKernel>(self, k: K) -> Self::Output;
+}
+
+struct WithKernel<Op, K>(Op, K);
+
+impl<Op: KernelOp, K: RunKernel> WithSimd for WithKernel<Op, K> {
+    type Output = Op::Output;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) -> Self::Output {
+        self.0.run(self.1)
+    }
+}
+
+/// Runs `op` with the kernel of `isa`, inside a function compiled for that ISA's target
+/// features. `isa` must be available (callers check with [`Isa::check`] / [`Isa::detect`]);
+/// if it is not, the portable scalar kernel runs.
+#[inline(always)]
+pub(crate) fn dispatch<Op: KernelOp>(isa: Isa, op: Op) -> Op::Output {
+    match isa {
+        Isa::V4 => match V4::try_new() {
+            Some(simd) => Simd::vectorize(simd, WithKernel(op, Avx512(simd))),
+            None => op.run(Portable),
+        },
+        Isa::V3 => match V3::try_new() {
+            Some(simd) => Simd::vectorize(simd, WithKernel(op, Portable)),
+            None => op.run(Portable),
+        },
+        Isa::Scalar => op.run(Portable),
+    }
+}
+
+/// Plain loops.
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+impl RunKernel for Portable {
+    #[inline(always)]
+    fn affine<I: Element, O: Element>(self, src: &[I], a: f32, b: f32, dst: &mut [O]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = O::from_f32(s.to_f32().mul_add(a, b));
+        }
+    }
+
+    #[inline(always)]
+    fn affine_vec<I: Element, O: Element>(self, src: &[I], a: &[f32], b: &[f32], dst: &mut [O]) {
+        for (((d, s), a), b) in dst.iter_mut().zip(src).zip(a).zip(b) {
+            *d = O::from_f32(s.to_f32().mul_add(*a, *b));
+        }
+    }
+}
+
+/// AVX-512 through pulp's `V4` token.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512(pub(crate) V4);
+
+const LANES: usize = 16;
+
+impl Avx512 {
+    /// Loads 16 elements (`src.len() == 16`) widened to f32.
+    #[inline(always)]
+    fn load<I: Element>(self, src: &[I]) -> f32x16 {
+        let s = self.0;
+        let bytes: &[u8] = bytemuck::cast_slice(src);
+        match I::DTYPE {
+            DType::U8 => {
+                let v: pulp::u8x16 = bytemuck::pod_read_unaligned(bytes);
+                s.convert_i32x16_to_f32x16(s.convert_u8x16_to_i32x16(v))
+            }
+            DType::F32 => bytemuck::pod_read_unaligned(bytes),
+            DType::F16 => {
+                let v: pulp::u16x16 = bytemuck::pod_read_unaligned(bytes);
+                pulp::cast(s.avx512f._mm512_cvtph_ps(pulp::cast(v)))
+            }
+            DType::BF16 => {
+                let v: pulp::u16x16 = bytemuck::pod_read_unaligned(bytes);
+                pulp::cast(s.shl_const_u32x16::<16>(s.convert_u16x16_to_u32x16(v)))
+            }
+        }
+    }
+
+    /// Rounds 16 f32 lanes to `O` and stores them (`dst.len() == 16`).
+    #[inline(always)]
+    fn store<O: Element>(self, v: f32x16, dst: &mut [O]) {
+        let s = self.0;
+        let f = s.avx512f;
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        match O::DTYPE {
+            DType::U8 => {
+                // Clamp first (max_ps returns the second operand for NaN, so NaN → 0), then
+                // round to nearest even; the result is in [0, 255] and narrows exactly.
+                let c = f._mm512_min_ps(f._mm512_max_ps(pulp::cast(v), f._mm512_setzero_ps()), f._mm512_set1_ps(255.0));
+                let i = f._mm512_cvt_roundps_epi32::<{ core::arch::x86_64::_MM_FROUND_TO_NEAREST_INT | core::arch::x86_64::_MM_FROUND_NO_EXC }>(c);
+                let out: [u8; LANES] = pulp::cast(f._mm512_cvtepi32_epi8(i));
+                bytes.copy_from_slice(&out);
+            }
+            DType::F32 => bytes.copy_from_slice(bytemuck::bytes_of(&v)),
+            DType::F16 => {
+                let h = f._mm512_cvtps_ph::<{ core::arch::x86_64::_MM_FROUND_TO_NEAREST_INT | core::arch::x86_64::_MM_FROUND_NO_EXC }>(pulp::cast(v));
+                let out: [u16; LANES] = pulp::cast(h);
+                bytes.copy_from_slice(bytemuck::bytes_of(&out));
+            }
+            DType::BF16 => {
+                // Round to nearest even on the bits; NaN keeps its sign and top payload and
+                // gets the quiet bit, as `half::bf16::from_f32` does.
+                let x: core::arch::x86_64::__m512i = pulp::cast(v);
+                let lsb = f._mm512_and_si512(f._mm512_srli_epi32::<16>(x), f._mm512_set1_epi32(1));
+                let rounded = f._mm512_add_epi32(f._mm512_add_epi32(x, f._mm512_set1_epi32(0x7fff)), lsb);
+                let quiet = f._mm512_or_si512(x, f._mm512_set1_epi32(0x0040_0000));
+                let nan = f._mm512_cmp_ps_mask::<{ core::arch::x86_64::_CMP_UNORD_Q }>(pulp::cast(v), pulp::cast(v));
+                let bits = f._mm512_srli_epi32::<16>(f._mm512_mask_blend_epi32(nan, rounded, quiet));
+                let out: [u16; LANES] = pulp::cast(f._mm512_cvtepi32_epi16(bits));
+                bytes.copy_from_slice(bytemuck::bytes_of(&out));
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn fma(self, x: f32x16, a: f32x16, b: f32x16) -> f32x16 {
+        self.0.mul_add_f32x16(x, a, b)
+    }
+}
+
+impl RunKernel for Avx512 {
+    #[inline(always)]
+    fn affine<I: Element, O: Element>(self, src: &[I], a: f32, b: f32, dst: &mut [O]) {
+        let (va, vb) = (self.0.splat_f32x16(a), self.0.splat_f32x16(b));
+        let n = src.len().min(dst.len());
+        let full = n / LANES * LANES;
+        for (s, d) in src[..full].chunks_exact(LANES).zip(dst[..full].chunks_exact_mut(LANES)) {
+            self.store(self.fma(self.load(s), va, vb), d);
+        }
+        if full < n {
+            let (mut s, mut d) = ([I::from_f32(0.0); LANES], [O::from_f32(0.0); LANES]);
+            let tail = n - full;
+            s[..tail].copy_from_slice(&src[full..n]);
+            self.store(self.fma(self.load(&s), va, vb), &mut d);
+            dst[full..n].copy_from_slice(&d[..tail]);
+        }
+    }
+
+    #[inline(always)]
+    fn affine_vec<I: Element, O: Element>(self, src: &[I], a: &[f32], b: &[f32], dst: &mut [O]) {
+        let n = src.len().min(dst.len()).min(a.len()).min(b.len());
+        let full = n / LANES * LANES;
+        let coef = |c: &[f32]| -> f32x16 { bytemuck::pod_read_unaligned(bytemuck::cast_slice(c)) };
+        for i in (0..full).step_by(LANES) {
+            let r = i..i + LANES;
+            let y = self.fma(self.load(&src[r.clone()]), coef(&a[r.clone()]), coef(&b[r.clone()]));
+            self.store(y, &mut dst[r]);
+        }
+        if full < n {
+            let tail = n - full;
+            let (mut s, mut d) = ([I::from_f32(0.0); LANES], [O::from_f32(0.0); LANES]);
+            let (mut ta, mut tb) = ([0.0f32; LANES], [0.0f32; LANES]);
+            s[..tail].copy_from_slice(&src[full..n]);
+            ta[..tail].copy_from_slice(&a[full..n]);
+            tb[..tail].copy_from_slice(&b[full..n]);
+            self.store(self.fma(self.load(&s), coef(&ta), coef(&tb)), &mut d);
+            dst[full..n].copy_from_slice(&d[..tail]);
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! # vistok — compute kernels for vision tokenizers
+//!
+//! Each kernel family has three backends behind one safe API: a scalar **reference** (the
+//! oracle, naive on purpose), **cpu** (SIMD through `pulp`, threads through `rayon`) and
+//! **cuda** (hand-written PTX loaded at run time through `cudarc`, behind the `cuda` feature).
+//!
+//! | family | module | status |
+//! |---|---|---|
+//! | patchify / unpatchify | [`patchify`] | reference, cpu, cuda |
+//!
+//! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
+//! [`Error`]s, never panics.
+//!
+//! ```
+//! use vistok::{Backend, Layout, PatchConfig, Patchify, View, ViewMut};
+//! let image = vec![7u8; 1 * 3 * 8 * 8];
+//! let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsFirst, 4, 4), &[1, 3, 8, 8])?;
+//! let mut tokens = vec![0.0f32; 4 * 48];
+//! plan.forward(Backend::Cpu, View::new(&image, &[1, 3, 8, 8])?,
+//!              ViewMut::new(&mut tokens, &plan.tokens_dims())?)?;
+//! assert!(tokens.iter().all(|&t| t == 7.0));
+//! # Ok::<(), vistok::Error>(())
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod patchify;
+pub mod reference;
+pub mod view;
+
+pub use cpu::Isa;
+pub use dtype::{bf16, f16, DType, Element, Float};
+pub use error::{Error, Family, Result};
+pub use patchify::{Layout, Normalize, PatchConfig, PatchOrder, Patchify};
+pub use view::{Shape, View, ViewMut};
+
+/// Which host implementation runs a kernel. (The CUDA backend has its own entry points in
+/// `vistok::cuda`, since its data lives on the device.)
+///
+/// ```
+/// assert_eq!(vistok::Backend::default(), vistok::Backend::Cpu);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// The scalar oracle: naive loops, the specification.
+    Reference,
+    /// SIMD + threads, with the instruction set detected once (overridable with the
+    /// `VISTOK_ISA` environment variable: `scalar`, `v3` (AVX2+FMA) or `v4` (AVX-512)).
+    #[default]
+    Cpu,
+    /// SIMD + threads with a forced instruction set (an error if this CPU lacks it).
+    CpuIsa(Isa),
+}

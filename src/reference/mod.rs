@@ -1,0 +1,4 @@
+//! The scalar oracle: one file per kernel family, naive on purpose, sharing no code with the
+//! fast paths. It is the specification the other backends are tested against.
+
+pub mod patchify;
