@@ -18,6 +18,11 @@ use crate::dtype::{Element, Float};
 use crate::error::Result;
 use crate::patchify::{Geometry, Layout, PatchOrder, Patchify, Strides};
 
+/// Outputs at least this large are written with streaming stores: they would not stay in
+/// cache anyway, and skipping the read-for-ownership of each line is most of the win of a
+/// memory-bound permutation.
+const STREAMING_BYTES: usize = 8 << 20;
+
 /// What every chunk needs: geometry, strides and coefficients, the latter also repeated
 /// `pw` times (`rep_*[dw·C + c] = coef[c]`) for runs that span channels.
 struct Ctx<'a> {
@@ -27,13 +32,15 @@ struct Ctx<'a> {
     b: &'a [f32],
     rep_a: Vec<f32>,
     rep_b: Vec<f32>,
+    /// Write the output with cache-bypassing stores (it is far larger than the caches).
+    streaming: bool,
 }
 
 impl<'a> Ctx<'a> {
-    fn new(g: &'a Geometry, a: &'a [f32], b: &'a [f32]) -> Self {
+    fn new(g: &'a Geometry, a: &'a [f32], b: &'a [f32], out_bytes: usize) -> Self {
         let pw = g.patch[2];
         let rep = |v: &[f32]| v.iter().copied().cycle().take(pw * v.len()).collect();
-        Ctx { g, s: g.strides(), a, b, rep_a: rep(a), rep_b: rep(b) }
+        Ctx { g, s: g.strides(), a, b, rep_a: rep(a), rep_b: rep(b), streaming: out_bytes >= STREAMING_BYTES }
     }
 }
 
@@ -41,18 +48,26 @@ impl<'a> Ctx<'a> {
 pub(crate) fn forward<I: Element, O: Float>(p: &Patchify, isa: Isa, image: &[I], tokens: &mut [O]) -> Result<()> {
     let g = p.geometry();
     let k = p.coefficients();
-    let ctx = Ctx::new(g, &k.a, &k.b);
-    let per_chunk = units_per_chunk(g.patch_len * std::mem::size_of::<O>());
-    for_each_chunk(tokens, per_chunk * g.patch_len, |i, out| {
-        dispatch(isa, ForwardChunk { ctx: &ctx, image, first: i * per_chunk, out });
+    let ctx = Ctx::new(g, &k.a, &k.b, std::mem::size_of_val(tokens));
+    // Threads take whole token rows (gw tokens: one (b, t, h) band of patches).
+    let row_len = g.grid[2] * g.patch_len;
+    let per_chunk = units_per_chunk(row_len * std::mem::size_of::<O>());
+    for_each_chunk(tokens, per_chunk * row_len, |i, out| {
+        dispatch(isa, ForwardChunk { ctx: &ctx, image, first_row: i * per_chunk, out });
     });
     Ok(())
+}
+
+/// Tokens built per block: about 16 KiB of output, so a block stays in L1 while it is
+/// assembled and then streamed out.
+fn block_tokens<O>(patch_len: usize) -> usize {
+    (16 * 1024 / (patch_len * std::mem::size_of::<O>()).max(1)).max(1)
 }
 
 struct ForwardChunk<'a, 'b, I, O> {
     ctx: &'b Ctx<'a>,
     image: &'b [I],
-    first: usize,
+    first_row: usize,
     out: &'b mut [O],
 }
 
@@ -61,12 +76,79 @@ impl<I: Element, O: Float> KernelOp for ForwardChunk<'_, '_, I, O> {
 
     #[inline(always)]
     fn run<K: RunKernel>(self, k: K) {
-        let ForwardChunk { ctx, image, first, out } = self;
+        let ForwardChunk { ctx, image, first_row, out } = self;
         let g = ctx.g;
+        let (p_len, gw) = (g.patch_len, g.grid[2]);
+        let nb = block_tokens::<O>(p_len);
+        let streaming = ctx.streaming && K::STREAMS;
         let mut tmp = vec![0.0f32; g.patch[2] * g.channels];
-        for (i, token) in out.chunks_exact_mut(g.patch_len).enumerate() {
-            forward_token(k, ctx, image, first + i, token, &mut tmp);
+        let mut stage = vec![O::from_f32(0.0); if streaming { nb * p_len } else { 0 }];
+        for (r, row) in out.chunks_exact_mut(gw * p_len).enumerate() {
+            for (bi, block) in row.chunks_mut(nb * p_len).enumerate() {
+                let first = (first_row + r) * gw + bi * nb;
+                if streaming {
+                    let staged = &mut stage[..block.len()];
+                    forward_block(k, ctx, image, first, staged, &mut tmp);
+                    k.copy_streaming(staged, block);
+                } else {
+                    forward_block(k, ctx, image, first, block, &mut tmp);
+                }
+            }
         }
+        if streaming {
+            k.fence();
+        }
+    }
+}
+
+/// Consecutive tokens `first..` of one token row into `out` (whole tokens). Where image and
+/// token are both contiguous along the patch row, one image row segment feeds all tokens of
+/// the block in one micro-kernel call; other layouts go token by token.
+#[inline(always)]
+fn forward_block<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image: &[I], first: usize, out: &mut [O], tmp: &mut [f32]) {
+    let (g, s) = (ctx.g, ctx.s);
+    let [pt, ph, pw] = g.patch;
+    let [_, gh, gw] = g.grid;
+    let (c_n, p_len) = (g.channels, g.patch_len);
+    let n = out.len() / p_len;
+    let (b, l) = (first / g.tokens, first % g.tokens);
+    let (it, ih, iw) = (l / (gh * gw), l / gw % gh, l % gw);
+    let direct = matches!(
+        (g.layout, g.order),
+        (Layout::ChannelsFirst, PatchOrder::Cpq) | (Layout::ChannelsLast, PatchOrder::Pqc)
+    );
+    // The last token of a row may overhang the image width: it goes alone, below.
+    let full = if (iw + n) * pw > g.width { n - 1 } else { n };
+    if !direct || full == 0 {
+        for (i, token) in out.chunks_exact_mut(p_len).enumerate() {
+            forward_token(k, ctx, image, first + i, token, tmp);
+        }
+        return;
+    }
+    let (t0, h0) = (it * pt, ih * ph);
+    let (vt, vh) = (pt.min(g.frames - t0), ph.min(g.height - h0));
+    if (vt, vh) != (pt, ph) {
+        out[..full * p_len].fill(O::from_f32(0.0));
+    }
+    let origin = b * s.batch + t0 * s.t + h0 * s.h + iw * pw * s.w;
+    for dt in 0..vt {
+        for dh in 0..vh {
+            let row = origin + dt * s.t + dh * s.h;
+            if g.layout == Layout::ChannelsFirst {
+                for c in 0..c_n {
+                    let j = ((c * pt + dt) * ph + dh) * pw;
+                    let src = &image[row + c * s.c..][..full * pw];
+                    k.affine_runs(src, pw, ctx.a[c], ctx.b[c], &mut out[j..], p_len);
+                }
+            } else {
+                let (j, m) = ((dt * ph + dh) * pw * c_n, pw * c_n);
+                let src = &image[row..][..full * m];
+                k.affine_vec_runs(src, &ctx.rep_a, &ctx.rep_b, &mut out[j..], p_len);
+            }
+        }
+    }
+    if full < n {
+        forward_token(k, ctx, image, first + full, &mut out[full * p_len..], tmp);
     }
 }
 
@@ -127,7 +209,7 @@ fn forward_token<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image:
 pub(crate) fn inverse<I: Float, O: Element>(p: &Patchify, isa: Isa, tokens: &[I], image: &mut [O]) -> Result<()> {
     let g = p.geometry();
     let k = p.coefficients();
-    let ctx = Ctx::new(g, &k.inv_a, &k.inv_b);
+    let ctx = Ctx::new(g, &k.inv_a, &k.inv_b, std::mem::size_of_val(image));
     let row_len = match g.layout {
         Layout::ChannelsFirst => g.width,
         Layout::ChannelsLast => g.width * g.channels,
@@ -155,8 +237,17 @@ impl<I: Float, O: Element> KernelOp for InverseChunk<'_, '_, I, O> {
         let InverseChunk { ctx, tokens, first, row_len, out } = self;
         let g = ctx.g;
         let mut tmp = vec![I::from_f32(0.0); g.patch[2] * g.channels];
-        for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
-            inverse_row(k, ctx, tokens, first + i, row, &mut tmp);
+        if ctx.streaming && K::STREAMS {
+            let mut stage = vec![O::from_f32(0.0); row_len];
+            for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
+                inverse_row(k, ctx, tokens, first + i, &mut stage, &mut tmp);
+                k.copy_streaming(&stage, row);
+            }
+            k.fence();
+        } else {
+            for (i, row) in out.chunks_exact_mut(row_len).enumerate() {
+                inverse_row(k, ctx, tokens, first + i, row, &mut tmp);
+            }
         }
     }
 }

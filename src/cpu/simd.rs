@@ -16,10 +16,35 @@ use pulp::{f32x16, Simd, WithSimd};
 
 /// A run micro-kernel: `dst[i] = O::from_f32(fma(src[i].to_f32(), a, b))`.
 pub(crate) trait RunKernel: Copy {
+    /// Whether [`copy_streaming`](Self::copy_streaming) really bypasses the cache (otherwise
+    /// callers should write their output directly).
+    const STREAMS: bool;
     /// One `(a, b)` pair for the whole run. `src.len() == dst.len()`.
     fn affine<I: Element, O: Element>(self, src: &[I], a: f32, b: f32, dst: &mut [O]);
     /// Per-element `(a[i], b[i])`. All four slices have the same length.
     fn affine_vec<I: Element, O: Element>(self, src: &[I], a: &[f32], b: &[f32], dst: &mut [O]);
+    /// `n` runs of `run` elements: run `r` reads `src[r·run..][..run]` and writes
+    /// `dst[r·stride..][..run]` — one image row segment scattered to `n` consecutive tokens.
+    #[inline(always)]
+    fn affine_runs<I: Element, O: Element>(self, src: &[I], run: usize, a: f32, b: f32, dst: &mut [O], stride: usize) {
+        for (r, s) in src.chunks_exact(run).enumerate() {
+            self.affine(s, a, b, &mut dst[r * stride..][..run]);
+        }
+    }
+    /// [`affine_runs`](Self::affine_runs) with per-element coefficients `a[..run]`, `b[..run]`.
+    #[inline(always)]
+    fn affine_vec_runs<I: Element, O: Element>(self, src: &[I], a: &[f32], b: &[f32], dst: &mut [O], stride: usize) {
+        let run = a.len();
+        for (r, s) in src.chunks_exact(run).enumerate() {
+            self.affine_vec(s, a, b, &mut dst[r * stride..][..run]);
+        }
+    }
+    /// `dst.copy_from_slice(src)`, with non-temporal (cache-bypassing) stores where the kernel
+    /// has them: for outputs much larger than the caches, this saves the read-for-ownership of
+    /// every destination line. Call [`fence`](Self::fence) before the chunk ends.
+    fn copy_streaming<T: bytemuck::Pod>(self, src: &[T], dst: &mut [T]);
+    /// Orders earlier streaming stores before anything that follows.
+    fn fence(self);
 }
 
 /// Work to run with whichever [`RunKernel`] the ISA selects.
@@ -61,6 +86,15 @@ pub(crate) fn dispatch<Op: KernelOp>(isa: Isa, op: Op) -> Op::Output {
 pub(crate) struct Portable;
 
 impl RunKernel for Portable {
+    const STREAMS: bool = false;
+    #[inline(always)]
+    fn copy_streaming<T: bytemuck::Pod>(self, src: &[T], dst: &mut [T]) {
+        dst.copy_from_slice(src);
+    }
+
+    #[inline(always)]
+    fn fence(self) {}
+
     #[inline(always)]
     fn affine<I: Element, O: Element>(self, src: &[I], a: f32, b: f32, dst: &mut [O]) {
         for (d, s) in dst.iter_mut().zip(src) {
@@ -82,6 +116,17 @@ pub(crate) struct Avx512(pub(crate) V4);
 
 const LANES: usize = 16;
 
+/// Reads a `T` from the first `size_of::<T>()` bytes of `bytes`.
+///
+/// (bytemuck's `pod_read_unaligned` compiles to a byte-by-byte copy here.)
+#[inline(always)]
+fn read<T: bytemuck::Pod>(bytes: &[u8]) -> T {
+    assert!(bytes.len() >= size_of::<T>());
+    // SAFETY: the assert above keeps the read inside `bytes`; `T: Pod` accepts any bit
+    // pattern; `read_unaligned` has no alignment requirement.
+    unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
 impl Avx512 {
     /// Loads 16 elements (`src.len() == 16`) widened to f32.
     #[inline(always)]
@@ -90,16 +135,16 @@ impl Avx512 {
         let bytes: &[u8] = bytemuck::cast_slice(src);
         match I::DTYPE {
             DType::U8 => {
-                let v: pulp::u8x16 = bytemuck::pod_read_unaligned(bytes);
+                let v: pulp::u8x16 = read(bytes);
                 s.convert_i32x16_to_f32x16(s.convert_u8x16_to_i32x16(v))
             }
-            DType::F32 => bytemuck::pod_read_unaligned(bytes),
+            DType::F32 => read(bytes),
             DType::F16 => {
-                let v: pulp::u16x16 = bytemuck::pod_read_unaligned(bytes);
+                let v: pulp::u16x16 = read(bytes);
                 pulp::cast(s.avx512f._mm512_cvtph_ps(pulp::cast(v)))
             }
             DType::BF16 => {
-                let v: pulp::u16x16 = bytemuck::pod_read_unaligned(bytes);
+                let v: pulp::u16x16 = read(bytes);
                 pulp::cast(s.shl_const_u32x16::<16>(s.convert_u16x16_to_u32x16(v)))
             }
         }
@@ -148,6 +193,48 @@ impl Avx512 {
 }
 
 impl RunKernel for Avx512 {
+    const STREAMS: bool = true;
+    #[inline(always)]
+    fn copy_streaming<T: bytemuck::Pod>(self, src: &[T], dst: &mut [T]) {
+        const LINE: usize = 64;
+        let src: &[u8] = bytemuck::cast_slice(src);
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        let n = src.len().min(dst.len());
+        // Unaligned head and tail go through the cache; whole aligned lines bypass it.
+        let head = dst.as_ptr().align_offset(LINE).min(n);
+        let body = (n - head) / LINE * LINE;
+        dst[..head].copy_from_slice(&src[..head]);
+        for (d, s) in dst[head..head + body].chunks_exact_mut(LINE).zip(src[head..head + body].chunks_exact(LINE)) {
+            let v: core::arch::x86_64::__m512i = pulp::cast(read::<pulp::u8x64>(s));
+            // SAFETY: `d` is a 64-byte chunk of `dst` starting at a 64-byte aligned address
+            // (`head` aligned the first one and every chunk is 64 bytes long), so the aligned
+            // 64-byte store stays inside `dst`; AVX-512F is enabled (we hold a V4 token).
+            unsafe { self.0.avx512f._mm512_stream_si512(d.as_mut_ptr().cast(), v) };
+        }
+        dst[head + body..n].copy_from_slice(&src[head + body..n]);
+    }
+
+    #[inline(always)]
+    fn fence(self) {
+        // SAFETY: sfence has no preconditions; SSE is enabled (we hold a V4 token).
+        unsafe { core::arch::x86_64::_mm_sfence() };
+    }
+
+    #[inline(always)]
+    fn affine_runs<I: Element, O: Element>(self, src: &[I], run: usize, a: f32, b: f32, dst: &mut [O], stride: usize) {
+        if run == LANES {
+            // The common 16-wide patch: one vector per run, no loop setup per run.
+            let (va, vb) = (self.0.splat_f32x16(a), self.0.splat_f32x16(b));
+            for (r, s) in src.chunks_exact(LANES).enumerate() {
+                self.store(self.fma(self.load(s), va, vb), &mut dst[r * stride..][..LANES]);
+            }
+        } else {
+            for (r, s) in src.chunks_exact(run).enumerate() {
+                self.affine(s, a, b, &mut dst[r * stride..][..run]);
+            }
+        }
+    }
+
     #[inline(always)]
     fn affine<I: Element, O: Element>(self, src: &[I], a: f32, b: f32, dst: &mut [O]) {
         let (va, vb) = (self.0.splat_f32x16(a), self.0.splat_f32x16(b));
@@ -169,7 +256,7 @@ impl RunKernel for Avx512 {
     fn affine_vec<I: Element, O: Element>(self, src: &[I], a: &[f32], b: &[f32], dst: &mut [O]) {
         let n = src.len().min(dst.len()).min(a.len()).min(b.len());
         let full = n / LANES * LANES;
-        let coef = |c: &[f32]| -> f32x16 { bytemuck::pod_read_unaligned(bytemuck::cast_slice(c)) };
+        let coef = |c: &[f32]| -> f32x16 { read(bytemuck::cast_slice(c)) };
         for i in (0..full).step_by(LANES) {
             let r = i..i + LANES;
             let y = self.fma(self.load(&src[r.clone()]), coef(&a[r.clone()]), coef(&b[r.clone()]));
