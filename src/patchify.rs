@@ -362,16 +362,41 @@ impl Patchify {
     }
 
     /// The validated sizes.
+    ///
+    /// ```
+    /// use vistok::{Layout, PatchConfig, Patchify};
+    /// let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsLast, 16, 16).pad(true), &[2, 250, 256, 3])?;
+    /// let g = plan.geometry();
+    /// assert_eq!((g.grid, g.tokens, g.patch_len, g.padded), ([1, 16, 16], 256, 768, true));
+    /// assert_eq!(g.strides().h, 256 * 3);
+    /// # Ok::<(), vistok::Error>(())
+    /// ```
     pub fn geometry(&self) -> &Geometry {
         &self.geometry
     }
 
     /// The per-channel coefficients every backend uses.
+    ///
+    /// ```
+    /// use vistok::{Layout, Normalize, PatchConfig, Patchify};
+    /// let cfg = PatchConfig::image(Layout::ChannelsFirst, 8, 8).normalize(Normalize::new(2.0, vec![1.0], vec![4.0]));
+    /// let k = Patchify::new(&cfg, &[1, 1, 8, 8])?.coefficients().clone();
+    /// assert_eq!((k.a[0], k.b[0], k.inv_a[0], k.inv_b[0]), (0.5, -0.25, 2.0, 0.5));
+    /// # Ok::<(), vistok::Error>(())
+    /// ```
     pub fn coefficients(&self) -> &Coefficients {
         &self.coefficients
     }
 
     /// The image dims this plan was built for.
+    ///
+    /// ```
+    /// use vistok::{Layout, PatchConfig, Patchify};
+    /// let plan = Patchify::new(&PatchConfig::video(Layout::ChannelsFirst, 2, 4, 4), &[1, 3, 4, 8, 8])?;
+    /// assert_eq!(plan.image_dims(), &[1, 3, 4, 8, 8]);
+    /// assert_eq!(plan.tokens_dims(), [1, 2 * 2 * 2, 3 * 2 * 4 * 4]);
+    /// # Ok::<(), vistok::Error>(())
+    /// ```
     pub fn image_dims(&self) -> &[usize] {
         &self.geometry.image_dims
     }
@@ -390,7 +415,19 @@ impl Patchify {
     }
 
     /// Image → tokens on a host backend. `image` must have this plan's image dims, `tokens`
-    /// `[B, L, P]`; every token element is written.
+    /// `[B, L, P]`; every token element is written. Errors if the views' dims differ from the
+    /// plan's, or if a forced [`Backend::CpuIsa`] level is not available on this CPU.
+    ///
+    /// ```
+    /// use vistok::{bf16, Backend, Layout, PatchConfig, PatchOrder, Patchify, View, ViewMut};
+    /// // MAE order on an NHWC f32 image, bf16 tokens.
+    /// let image: Vec<f32> = (0..2 * 2 * 3).map(|i| i as f32).collect();
+    /// let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsLast, 2, 2).order(PatchOrder::Pqc), &[1, 2, 2, 3])?;
+    /// let mut tokens = vec![bf16::ZERO; 12];
+    /// plan.forward(Backend::Reference, View::new(&image, &[1, 2, 2, 3])?, ViewMut::new(&mut tokens, &[1, 1, 12])?)?;
+    /// assert_eq!(tokens[5].to_f32(), 5.0); // NHWC + pqc is a plain copy
+    /// # Ok::<(), vistok::Error>(())
+    /// ```
     pub fn forward<I: Element, O: Float>(&self, backend: Backend, image: View<'_, I>, mut tokens: ViewMut<'_, O>) -> Result<()> {
         Self::check_dims(Family::Patchify, "image", image.dims(), self.image_dims())?;
         Self::check_dims(Family::Patchify, "tokens", tokens.dims(), &self.tokens_dims())?;
@@ -405,7 +442,18 @@ impl Patchify {
     }
 
     /// Tokens → image on a host backend: the exact inverse of [`forward`](Self::forward) (padded
-    /// positions are dropped), de-normalising with the plan's coefficients.
+    /// positions are dropped), de-normalising with the plan's coefficients. Every image element
+    /// is written; a `u8` image rounds to nearest-even and clamps.
+    ///
+    /// ```
+    /// use vistok::{Backend, Layout, PatchConfig, Patchify, View, ViewMut};
+    /// let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsFirst, 2, 2), &[1, 1, 2, 2])?;
+    /// let tokens = [-3.0f32, 0.5, 1.5, 300.0];
+    /// let mut pixels = [0u8; 4];
+    /// plan.inverse(Backend::Cpu, View::new(&tokens, &[1, 1, 4])?, ViewMut::new(&mut pixels, &[1, 1, 2, 2])?)?;
+    /// assert_eq!(pixels, [0, 0, 2, 255]);
+    /// # Ok::<(), vistok::Error>(())
+    /// ```
     pub fn inverse<I: Float, O: Element>(&self, backend: Backend, tokens: View<'_, I>, mut image: ViewMut<'_, O>) -> Result<()> {
         Self::check_dims(Family::Unpatchify, "tokens", tokens.dims(), &self.tokens_dims())?;
         Self::check_dims(Family::Unpatchify, "image", image.dims(), self.image_dims())?;
