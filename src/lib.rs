@@ -39,6 +39,11 @@ pub use error::{Error, Family, Result};
 pub use patchify::{Layout, Normalize, PatchConfig, PatchOrder, Patchify};
 pub use view::{Shape, View, ViewMut};
 
+/// The README's examples, compiled and run as doc tests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Which host implementation runs a kernel. (The CUDA backend has its own entry points in
 /// `vistok::cuda`, since its data lives on the device.)
 ///
