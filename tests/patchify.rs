@@ -7,21 +7,28 @@ mod common;
 use common::{assert_bits_eq, poison, random_data};
 use proptest::prelude::*;
 use vistok::{
-    bf16, f16, Backend, Element, Error, Float, Isa, Layout, Normalize, PatchConfig, PatchOrder, Patchify, View,
-    ViewMut,
+    bf16, f16, Backend, Element, Error, Float, Isa, Layout, Normalize, PatchConfig, PatchOrder, Patchify, View, ViewMut,
 };
 
 fn forward<I: Element, O: Float>(plan: &Patchify, backend: Backend, image: &[I]) -> Vec<O> {
     let mut out = vec![poison::<O>(); plan.tokens_dims().iter().product()];
-    plan.forward(backend, View::new(image, plan.image_dims()).unwrap(), ViewMut::new(&mut out, &plan.tokens_dims()).unwrap())
-        .unwrap();
+    plan.forward(
+        backend,
+        View::new(image, plan.image_dims()).unwrap(),
+        ViewMut::new(&mut out, &plan.tokens_dims()).unwrap(),
+    )
+    .unwrap();
     out
 }
 
 fn inverse<I: Float, O: Element>(plan: &Patchify, backend: Backend, tokens: &[I]) -> Vec<O> {
     let mut out = vec![poison::<O>(); plan.image_dims().iter().product()];
-    plan.inverse(backend, View::new(tokens, &plan.tokens_dims()).unwrap(), ViewMut::new(&mut out, plan.image_dims()).unwrap())
-        .unwrap();
+    plan.inverse(
+        backend,
+        View::new(tokens, &plan.tokens_dims()).unwrap(),
+        ViewMut::new(&mut out, plan.image_dims()).unwrap(),
+    )
+    .unwrap();
     out
 }
 
@@ -165,12 +172,12 @@ fn bench_shapes_match_reference() {
 #[test]
 fn layouts_and_orders_by_hand() {
     // Pixel value = 100·c + 10·h + w, NCHW [1, 2, 2, 4], patches 2×2 → 2 tokens of 8.
-    let nchw: Vec<f32> = (0..2).flat_map(|c| (0..2).flat_map(move |h| (0..4).map(move |w| (100 * c + 10 * h + w) as f32))).collect();
-    let nhwc: Vec<f32> = (0..2).flat_map(|h| (0..4).flat_map(move |w| (0..2).map(move |c| (100 * c + 10 * h + w) as f32))).collect();
-    let cpq: Vec<f32> =
-        [0., 1., 10., 11., 100., 101., 110., 111., 2., 3., 12., 13., 102., 103., 112., 113.].to_vec();
-    let pqc: Vec<f32> =
-        [0., 100., 1., 101., 10., 110., 11., 111., 2., 102., 3., 103., 12., 112., 13., 113.].to_vec();
+    let nchw: Vec<f32> =
+        (0..2).flat_map(|c| (0..2).flat_map(move |h| (0..4).map(move |w| (100 * c + 10 * h + w) as f32))).collect();
+    let nhwc: Vec<f32> =
+        (0..2).flat_map(|h| (0..4).flat_map(move |w| (0..2).map(move |c| (100 * c + 10 * h + w) as f32))).collect();
+    let cpq: Vec<f32> = [0., 1., 10., 11., 100., 101., 110., 111., 2., 3., 12., 13., 102., 103., 112., 113.].to_vec();
+    let pqc: Vec<f32> = [0., 100., 1., 101., 10., 110., 11., 111., 2., 102., 3., 103., 12., 112., 13., 113.].to_vec();
     for be in [Backend::Reference, Backend::Cpu, Backend::CpuIsa(Isa::Scalar)] {
         for (layout, image, dims) in
             [(Layout::ChannelsFirst, &nchw, vec![1, 2, 2, 4]), (Layout::ChannelsLast, &nhwc, vec![1, 2, 4, 2])]
@@ -226,7 +233,12 @@ fn thread_count_does_not_change_results() {
     let image = random_data::<f32>(3 * 100 * 90 * 3, 4);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| (forward::<f32, bf16>(&plan, Backend::Cpu, &image), inverse::<f32, u8>(&plan, Backend::Cpu, &random_data::<f32>(plan.tokens_dims().iter().product(), 5))))
+        pool.install(|| {
+            (
+                forward::<f32, bf16>(&plan, Backend::Cpu, &image),
+                inverse::<f32, u8>(&plan, Backend::Cpu, &random_data::<f32>(plan.tokens_dims().iter().product(), 5)),
+            )
+        })
     };
     let one = run(1);
     for threads in [2, 3, 7] {
@@ -238,7 +250,9 @@ fn thread_count_does_not_change_results() {
 
 fn shape_error(config: &PatchConfig, dims: &[usize]) -> String {
     match Patchify::new(config, dims) {
-        Err(e @ (Error::Shape { .. } | Error::Overflow { .. } | Error::Length { .. } | Error::Invalid { .. })) => e.to_string(),
+        Err(e @ (Error::Shape { .. } | Error::Overflow { .. } | Error::Length { .. } | Error::Invalid { .. })) => {
+            e.to_string()
+        }
         other => panic!("expected a typed error for {dims:?}, got {other:?}"),
     }
 }
@@ -250,7 +264,9 @@ fn bad_input_is_a_typed_error() {
     assert!(shape_error(&img, &[1, 3, 0, 256]).contains("height is 0"));
     assert!(shape_error(&img, &[1, 3, 8, 256]).contains("larger than the image"));
     assert!(shape_error(&img, &[3, 256, 256]).contains("rank"));
-    assert!(shape_error(&PatchConfig::image(Layout::ChannelsFirst, 0, 16), &[1, 3, 16, 16]).contains("patch height is 0"));
+    assert!(
+        shape_error(&PatchConfig::image(Layout::ChannelsFirst, 0, 16), &[1, 3, 16, 16]).contains("patch height is 0")
+    );
     assert!(shape_error(&PatchConfig::video(Layout::ChannelsFirst, 2, 16, 16), &[1, 3, 16, 16]).contains("rank-5"));
     assert!(shape_error(&img, &[usize::MAX / 2, 3, 16, 16]).contains("overflow"));
     assert!(shape_error(&img.clone().pad(true), &[1 << 40, 1 << 20, 16, 16]).contains("overflow"));
@@ -278,7 +294,10 @@ fn bad_input_is_a_typed_error() {
         View::new(&image, &[1, 3, 32, 32]).unwrap(),
         ViewMut::new(&mut short, &[1, 3, 768]).unwrap(),
     );
-    assert!(wrong_tokens.unwrap_err().to_string().starts_with("patchify: tokens dims [1, 3, 768], expected [1, 4, 768]"));
+    assert!(wrong_tokens
+        .unwrap_err()
+        .to_string()
+        .starts_with("patchify: tokens dims [1, 3, 768], expected [1, 4, 768]"));
     let mut img_out = vec![0u8; 3 * 32 * 32];
     let wrong_inverse = plan.inverse(
         Backend::Cpu,

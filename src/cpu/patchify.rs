@@ -1,11 +1,13 @@
 //! CPU patchify / unpatchify.
 //!
 //! Loop nest (the micro-kernels are in [`crate::cpu::simd`]):
-//! - forward: threads take chunks of whole tokens (~64 KiB of output each); a token is built
-//!   row by row — one image row segment `(t, h, w0..w0+pw)` at a time. Where the segment is
-//!   contiguous in both image and token (NCHW + `cpq`: `pw` values per channel; NHWC + `pqc`:
-//!   `pw·C` values) the run kernel reads and writes it directly; the two transposing
-//!   combinations convert the segment into a small f32 buffer first and scatter from it.
+//! - forward: threads take chunks of whole token rows (the `gw` tokens of one `(b, t, h)` band
+//!   of patches); a row is built in blocks of ~16 KiB of tokens. For each patch row `(dt, dh)`
+//!   the image row segment under the block feeds all its tokens in one micro-kernel call: runs
+//!   of `pw` values per channel (`cpq`) or `pw·C` values (`pqc`), scattered at the token
+//!   stride. NCHW + `cpq` and NHWC + `pqc` read the image directly; the two transposing
+//!   combinations first gather the segment into token order (a scalar pass over the input
+//!   type, before the conversion). Large outputs are staged per block and streamed out.
 //! - inverse: threads take chunks of whole image rows (`(b, c, t, h)` for NCHW, `(b, t, h)` for
 //!   NHWC — contiguous in the image), and each row is filled token by token the same way.
 //!
@@ -81,7 +83,7 @@ impl<I: Element, O: Float> KernelOp for ForwardChunk<'_, '_, I, O> {
         let (p_len, gw) = (g.patch_len, g.grid[2]);
         let nb = block_tokens::<O>(p_len);
         let streaming = ctx.streaming && K::STREAMS;
-        let mut tmp = vec![0.0f32; g.patch[2] * g.channels];
+        let mut tmp = vec![I::from_f32(0.0); nb * g.patch[2] * g.channels];
         let mut stage = vec![O::from_f32(0.0); if streaming { nb * p_len } else { 0 }];
         for (r, row) in out.chunks_exact_mut(gw * p_len).enumerate() {
             for (bi, block) in row.chunks_mut(nb * p_len).enumerate() {
@@ -101,72 +103,57 @@ impl<I: Element, O: Float> KernelOp for ForwardChunk<'_, '_, I, O> {
     }
 }
 
-/// Consecutive tokens `first..` of one token row into `out` (whole tokens). Where image and
-/// token are both contiguous along the patch row, one image row segment feeds all tokens of
-/// the block in one micro-kernel call; other layouts go token by token.
+/// Consecutive tokens `first..` of one token row into `out` (whole tokens). For each patch
+/// row `(dt, dh)`, one image row segment feeds all tokens of the block in one micro-kernel
+/// call. Where the segment is not already in token order (NHWC + `cpq`, NCHW + `pqc`) it is
+/// first gathered into `tmp` in token order (a cheap scalar pass over the input type).
 #[inline(always)]
-fn forward_block<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image: &[I], first: usize, out: &mut [O], tmp: &mut [f32]) {
+fn forward_block<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image: &[I], first: usize, out: &mut [O], tmp: &mut [I]) {
+    let g = ctx.g;
+    let pw = g.patch[2];
+    let p_len = g.patch_len;
+    let n = out.len() / p_len;
+    let iw = first % g.tokens % g.grid[2];
+    // The last token of a row may overhang the image width: it goes alone, with its width.
+    if (iw + n) * pw > g.width {
+        let vw = g.width - (iw + n - 1) * pw;
+        let (full, last) = out.split_at_mut((n - 1) * p_len);
+        forward_runs(k, ctx, image, first, n - 1, pw, full, tmp);
+        forward_runs(k, ctx, image, first + n - 1, 1, vw, last, tmp);
+    } else {
+        forward_runs(k, ctx, image, first, n, pw, out, tmp);
+    }
+}
+
+/// `n` tokens from `first` whose in-image width is `vw` (`vw == pw` whenever `n > 1`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_runs<K: RunKernel, I: Element, O: Float>(
+    k: K,
+    ctx: &Ctx<'_>,
+    image: &[I],
+    first: usize,
+    n: usize,
+    vw: usize,
+    out: &mut [O],
+    tmp: &mut [I],
+) {
+    if n == 0 {
+        return;
+    }
     let (g, s) = (ctx.g, ctx.s);
     let [pt, ph, pw] = g.patch;
     let [_, gh, gw] = g.grid;
     let (c_n, p_len) = (g.channels, g.patch_len);
-    let n = out.len() / p_len;
     let (b, l) = (first / g.tokens, first % g.tokens);
     let (it, ih, iw) = (l / (gh * gw), l / gw % gh, l % gw);
-    let direct = matches!(
-        (g.layout, g.order),
-        (Layout::ChannelsFirst, PatchOrder::Cpq) | (Layout::ChannelsLast, PatchOrder::Pqc)
-    );
-    // The last token of a row may overhang the image width: it goes alone, below.
-    let full = if (iw + n) * pw > g.width { n - 1 } else { n };
-    if !direct || full == 0 {
-        for (i, token) in out.chunks_exact_mut(p_len).enumerate() {
-            forward_token(k, ctx, image, first + i, token, tmp);
-        }
-        return;
-    }
     let (t0, h0) = (it * pt, ih * ph);
     let (vt, vh) = (pt.min(g.frames - t0), ph.min(g.height - h0));
-    if (vt, vh) != (pt, ph) {
-        out[..full * p_len].fill(O::from_f32(0.0));
-    }
-    let origin = b * s.batch + t0 * s.t + h0 * s.h + iw * pw * s.w;
-    for dt in 0..vt {
-        for dh in 0..vh {
-            let row = origin + dt * s.t + dh * s.h;
-            if g.layout == Layout::ChannelsFirst {
-                for c in 0..c_n {
-                    let j = ((c * pt + dt) * ph + dh) * pw;
-                    let src = &image[row + c * s.c..][..full * pw];
-                    k.affine_runs(src, pw, ctx.a[c], ctx.b[c], &mut out[j..], p_len);
-                }
-            } else {
-                let (j, m) = ((dt * ph + dh) * pw * c_n, pw * c_n);
-                let src = &image[row..][..full * m];
-                k.affine_vec_runs(src, &ctx.rep_a, &ctx.rep_b, &mut out[j..], p_len);
-            }
-        }
-    }
-    if full < n {
-        forward_token(k, ctx, image, first + full, &mut out[full * p_len..], tmp);
-    }
-}
-
-#[inline(always)]
-fn forward_token<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image: &[I], tok: usize, out: &mut [O], tmp: &mut [f32]) {
-    let (g, s) = (ctx.g, ctx.s);
-    let [pt, ph, pw] = g.patch;
-    let [_, gh, gw] = g.grid;
-    let c_n = g.channels;
-    let (b, l) = (tok / g.tokens, tok % g.tokens);
-    let (it, ih, iw) = (l / (gh * gw), l / gw % gh, l % gw);
-    let (t0, h0, w0) = (it * pt, ih * ph, iw * pw);
-    // In-image extent of this token (smaller than the patch only where padding starts).
-    let (vt, vh, vw) = (pt.min(g.frames - t0), ph.min(g.height - h0), pw.min(g.width - w0));
     if (vt, vh, vw) != (pt, ph, pw) {
         out.fill(O::from_f32(0.0));
     }
-    let origin = b * s.batch + t0 * s.t + h0 * s.h + w0 * s.w;
+    let origin = b * s.batch + t0 * s.t + h0 * s.h + iw * pw * s.w;
+    let m = n * vw; // pixels per channel in this row segment
     for dt in 0..vt {
         for dh in 0..vh {
             let row = origin + dt * s.t + dh * s.h;
@@ -174,31 +161,32 @@ fn forward_token<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image:
                 (Layout::ChannelsFirst, PatchOrder::Cpq) => {
                     for c in 0..c_n {
                         let j = ((c * pt + dt) * ph + dh) * pw;
-                        k.affine(&image[row + c * s.c..][..vw], ctx.a[c], ctx.b[c], &mut out[j..j + vw]);
+                        k.affine_runs(&image[row + c * s.c..][..m], vw, ctx.a[c], ctx.b[c], &mut out[j..], p_len);
+                    }
+                }
+                (Layout::ChannelsLast, PatchOrder::Cpq) => {
+                    let seg = &image[row..][..m * c_n];
+                    for c in 0..c_n {
+                        for (x, y) in tmp[..m].iter_mut().zip(seg[c..].iter().step_by(c_n)) {
+                            *x = *y;
+                        }
+                        let j = ((c * pt + dt) * ph + dh) * pw;
+                        k.affine_runs(&tmp[..m], vw, ctx.a[c], ctx.b[c], &mut out[j..], p_len);
                     }
                 }
                 (Layout::ChannelsLast, PatchOrder::Pqc) => {
-                    let (j, n) = ((dt * ph + dh) * pw * c_n, vw * c_n);
-                    k.affine_vec(&image[row..][..n], &ctx.rep_a[..n], &ctx.rep_b[..n], &mut out[j..j + n]);
-                }
-                (Layout::ChannelsLast, PatchOrder::Cpq) => {
-                    let n = vw * c_n;
-                    k.affine_vec(&image[row..][..n], &ctx.rep_a[..n], &ctx.rep_b[..n], &mut tmp[..n]);
-                    for c in 0..c_n {
-                        let j = ((c * pt + dt) * ph + dh) * pw;
-                        for (dw, o) in out[j..j + vw].iter_mut().enumerate() {
-                            *o = O::from_f32(tmp[dw * c_n + c]);
-                        }
-                    }
+                    let (j, r) = ((dt * ph + dh) * pw * c_n, vw * c_n);
+                    k.affine_vec_runs(&image[row..][..m * c_n], &ctx.rep_a[..r], &ctx.rep_b[..r], &mut out[j..], p_len);
                 }
                 (Layout::ChannelsFirst, PatchOrder::Pqc) => {
                     for c in 0..c_n {
-                        k.affine(&image[row + c * s.c..][..vw], ctx.a[c], ctx.b[c], &mut tmp[c * vw..][..vw]);
+                        let plane = &image[row + c * s.c..][..m];
+                        for (x, y) in tmp[c..m * c_n].iter_mut().step_by(c_n).zip(plane) {
+                            *x = *y;
+                        }
                     }
-                    let j = (dt * ph + dh) * pw * c_n;
-                    for (i, o) in out[j..j + vw * c_n].iter_mut().enumerate() {
-                        *o = O::from_f32(tmp[(i % c_n) * vw + i / c_n]);
-                    }
+                    let (j, r) = ((dt * ph + dh) * pw * c_n, vw * c_n);
+                    k.affine_vec_runs(&tmp[..m * c_n], &ctx.rep_a[..r], &ctx.rep_b[..r], &mut out[j..], p_len);
                 }
             }
         }
