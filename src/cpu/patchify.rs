@@ -165,13 +165,10 @@ fn forward_runs<K: RunKernel, I: Element, O: Float>(
                     }
                 }
                 (Layout::ChannelsLast, PatchOrder::Cpq) => {
-                    let seg = &image[row..][..m * c_n];
+                    split_channels(&image[row..][..m * c_n], c_n, &mut tmp[..m * c_n]);
                     for c in 0..c_n {
-                        for (x, y) in tmp[..m].iter_mut().zip(seg[c..].iter().step_by(c_n)) {
-                            *x = *y;
-                        }
                         let j = ((c * pt + dt) * ph + dh) * pw;
-                        k.affine_runs(&tmp[..m], vw, ctx.a[c], ctx.b[c], &mut out[j..], p_len);
+                        k.affine_runs(&tmp[c * m..][..m], vw, ctx.a[c], ctx.b[c], &mut out[j..], p_len);
                     }
                 }
                 (Layout::ChannelsLast, PatchOrder::Pqc) => {
@@ -187,6 +184,33 @@ fn forward_runs<K: RunKernel, I: Element, O: Float>(
                     }
                     let (j, r) = ((dt * ph + dh) * pw * c_n, vw * c_n);
                     k.affine_vec_runs(&tmp[..m * c_n], &ctx.rep_a[..r], &ctx.rep_b[..r], &mut out[j..], p_len);
+                }
+            }
+        }
+    }
+}
+
+/// Splits pixels `(i, c)` of `seg` into planes: `planes[c·m + i] = seg[i·C + c]`, in one
+/// sequential pass (unrolled for RGB).
+#[inline(always)]
+fn split_channels<T: Copy>(seg: &[T], c_n: usize, planes: &mut [T]) {
+    #[inline(always)]
+    fn split3<T: Copy>(seg: &[T], planes: &mut [T]) {
+        let m = seg.len() / 3;
+        let (p0, rest) = planes.split_at_mut(m);
+        let (p1, p2) = rest.split_at_mut(m);
+        for (((px, a), b), c) in seg.chunks_exact(3).zip(p0).zip(p1).zip(p2) {
+            (*a, *b, *c) = (px[0], px[1], px[2]);
+        }
+    }
+    match c_n {
+        1 => planes.copy_from_slice(seg),
+        3 => split3(seg, planes),
+        _ => {
+            let m = seg.len() / c_n;
+            for (i, px) in seg.chunks_exact(c_n).enumerate() {
+                for (c, &x) in px.iter().enumerate() {
+                    planes[c * m + i] = x;
                 }
             }
         }
