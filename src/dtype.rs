@@ -69,9 +69,7 @@ mod sealed {
 /// assert_eq!(<u8 as Element>::from_f32(-3.0), 0);     // clamped
 /// assert_eq!(bf16::from_f32(1.0).to_f32(), 1.0);
 /// ```
-pub trait Element:
-    sealed::Sealed + Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + 'static
-{
+pub trait Element: sealed::Sealed + Copy + Send + Sync + PartialEq + std::fmt::Debug + bytemuck::Pod + 'static {
     /// Runtime tag.
     const DTYPE: DType;
     /// Exact widening to f32.

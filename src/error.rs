@@ -139,8 +139,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Multiplies sizes, reporting overflow as a typed error naming `what`.
 pub(crate) fn checked_product(family: Family, what: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| Error::Overflow {
-        family,
-        what: format!("{what} {dims:?}"),
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Overflow { family, what: format!("{what} {dims:?}") })
 }

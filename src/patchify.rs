@@ -95,11 +95,7 @@ impl Normalize {
     /// assert_eq!(vistok::Normalize::imagenet_u8().std.len(), 3);
     /// ```
     pub fn imagenet_u8() -> Self {
-        Normalize {
-            scale: 1.0 / 255.0,
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
-        }
+        Normalize { scale: 1.0 / 255.0, mean: vec![0.485, 0.456, 0.406], std: vec![0.229, 0.224, 0.225] }
     }
 }
 
@@ -253,7 +249,10 @@ impl Coefficients {
             }
             let (a, b, ia, ib) = (n.scale / s, -(m / s), s / n.scale, m / n.scale);
             if ![a, b, ia, ib].iter().all(|v| v.is_finite()) {
-                return Err(inv(format!("channel {ch}: coefficients overflow f32 (scale {}, mean {m}, std {s})", n.scale)));
+                return Err(inv(format!(
+                    "channel {ch}: coefficients overflow f32 (scale {}, mean {m}, std {s})",
+                    n.scale
+                )));
             }
             c.a.push(a);
             c.b.push(b);
@@ -295,12 +294,8 @@ impl Patchify {
         let (b, c, t, h, w) = match (rank, config.layout) {
             (4, Layout::ChannelsFirst) => (image_dims[0], image_dims[1], 1, image_dims[2], image_dims[3]),
             (4, Layout::ChannelsLast) => (image_dims[0], image_dims[3], 1, image_dims[1], image_dims[2]),
-            (5, Layout::ChannelsFirst) => {
-                (image_dims[0], image_dims[1], image_dims[2], image_dims[3], image_dims[4])
-            }
-            (5, Layout::ChannelsLast) => {
-                (image_dims[0], image_dims[4], image_dims[1], image_dims[2], image_dims[3])
-            }
+            (5, Layout::ChannelsFirst) => (image_dims[0], image_dims[1], image_dims[2], image_dims[3], image_dims[4]),
+            (5, Layout::ChannelsLast) => (image_dims[0], image_dims[4], image_dims[1], image_dims[2], image_dims[3]),
             _ => {
                 return Err(shape_err(format!(
                     "image rank must be 4 (image) or 5 (video), got {rank} (dims {image_dims:?})"
@@ -428,7 +423,12 @@ impl Patchify {
     /// assert_eq!(tokens[5].to_f32(), 5.0); // NHWC + pqc is a plain copy
     /// # Ok::<(), vistok::Error>(())
     /// ```
-    pub fn forward<I: Element, O: Float>(&self, backend: Backend, image: View<'_, I>, mut tokens: ViewMut<'_, O>) -> Result<()> {
+    pub fn forward<I: Element, O: Float>(
+        &self,
+        backend: Backend,
+        image: View<'_, I>,
+        mut tokens: ViewMut<'_, O>,
+    ) -> Result<()> {
         Self::check_dims(Family::Patchify, "image", image.dims(), self.image_dims())?;
         Self::check_dims(Family::Patchify, "tokens", tokens.dims(), &self.tokens_dims())?;
         match backend {
@@ -436,7 +436,9 @@ impl Patchify {
                 crate::reference::patchify::forward(self, image.data(), tokens.data_mut());
                 Ok(())
             }
-            Backend::Cpu => crate::cpu::patchify::forward(self, crate::cpu::Isa::detect(), image.data(), tokens.data_mut()),
+            Backend::Cpu => {
+                crate::cpu::patchify::forward(self, crate::cpu::Isa::detect(), image.data(), tokens.data_mut())
+            }
             Backend::CpuIsa(isa) => crate::cpu::patchify::forward(self, isa.check()?, image.data(), tokens.data_mut()),
         }
     }
@@ -454,7 +456,12 @@ impl Patchify {
     /// assert_eq!(pixels, [0, 0, 2, 255]);
     /// # Ok::<(), vistok::Error>(())
     /// ```
-    pub fn inverse<I: Float, O: Element>(&self, backend: Backend, tokens: View<'_, I>, mut image: ViewMut<'_, O>) -> Result<()> {
+    pub fn inverse<I: Float, O: Element>(
+        &self,
+        backend: Backend,
+        tokens: View<'_, I>,
+        mut image: ViewMut<'_, O>,
+    ) -> Result<()> {
         Self::check_dims(Family::Unpatchify, "tokens", tokens.dims(), &self.tokens_dims())?;
         Self::check_dims(Family::Unpatchify, "image", image.dims(), self.image_dims())?;
         match backend {
@@ -462,7 +469,9 @@ impl Patchify {
                 crate::reference::patchify::inverse(self, tokens.data(), image.data_mut());
                 Ok(())
             }
-            Backend::Cpu => crate::cpu::patchify::inverse(self, crate::cpu::Isa::detect(), tokens.data(), image.data_mut()),
+            Backend::Cpu => {
+                crate::cpu::patchify::inverse(self, crate::cpu::Isa::detect(), tokens.data(), image.data_mut())
+            }
             Backend::CpuIsa(isa) => crate::cpu::patchify::inverse(self, isa.check()?, tokens.data(), image.data_mut()),
         }
     }

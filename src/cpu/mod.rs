@@ -62,7 +62,10 @@ impl Isa {
         if self.is_available() {
             Ok(self)
         } else {
-            Err(Error::Unsupported { family: Family::Patchify, msg: format!("this CPU lacks instruction set {self:?}") })
+            Err(Error::Unsupported {
+                family: Family::Patchify,
+                msg: format!("this CPU lacks instruction set {self:?}"),
+            })
         }
     }
 

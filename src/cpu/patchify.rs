@@ -108,7 +108,14 @@ impl<I: Element, O: Float> KernelOp for ForwardChunk<'_, '_, I, O> {
 /// call. Where the segment is not already in token order (NHWC + `cpq`, NCHW + `pqc`) it is
 /// first gathered into `tmp` in token order (a cheap scalar pass over the input type).
 #[inline(always)]
-fn forward_block<K: RunKernel, I: Element, O: Float>(k: K, ctx: &Ctx<'_>, image: &[I], first: usize, out: &mut [O], tmp: &mut [I]) {
+fn forward_block<K: RunKernel, I: Element, O: Float>(
+    k: K,
+    ctx: &Ctx<'_>,
+    image: &[I],
+    first: usize,
+    out: &mut [O],
+    tmp: &mut [I],
+) {
     let g = ctx.g;
     let pw = g.patch[2];
     let p_len = g.patch_len;
@@ -265,7 +272,14 @@ impl<I: Float, O: Element> KernelOp for InverseChunk<'_, '_, I, O> {
 }
 
 #[inline(always)]
-fn inverse_row<K: RunKernel, I: Float, O: Element>(k: K, ctx: &Ctx<'_>, tokens: &[I], r: usize, row: &mut [O], tmp: &mut [I]) {
+fn inverse_row<K: RunKernel, I: Float, O: Element>(
+    k: K,
+    ctx: &Ctx<'_>,
+    tokens: &[I],
+    r: usize,
+    row: &mut [O],
+    tmp: &mut [I],
+) {
     let g = ctx.g;
     let [pt, ph, pw] = g.patch;
     let [_, gh, gw] = g.grid;

@@ -140,6 +140,7 @@ impl Function {
 
 struct Inner {
     ctx: Arc<CudaContext>,
+    sm_count: u32,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<Module>>>,
     functions: Mutex<HashMap<(&'static str, String), Function>>,
@@ -176,10 +177,14 @@ impl Gpu {
             return Err(Error::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("creating a context", e))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver_error("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)", e))?;
         let stream = ctx.default_stream();
         Ok(Gpu {
             inner: Arc::new(Inner {
                 ctx,
+                sm_count: u32::try_from(sms).unwrap_or(1).max(1),
                 stream,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
@@ -190,6 +195,11 @@ impl Gpu {
     /// The device ordinal.
     pub fn ordinal(&self) -> usize {
         self.inner.ctx.ordinal()
+    }
+
+    /// Number of streaming multiprocessors (sizes the grids).
+    pub fn sm_count(&self) -> u32 {
+        self.inner.sm_count
     }
 
     /// The device context.
@@ -219,7 +229,7 @@ impl Gpu {
 
     /// The entry `name` of the PTX module `module` (source `ptx`), loading the module on first
     /// use: each module is JIT-compiled at most once per context (while any `Gpu` using it
-    /// lives).
+    /// lives). The module name identifies the PTX: one name, one source.
     ///
     /// Errors: [`Error::MissingKernel`] if the module has no such entry, [`Error::Driver`] if the
     /// driver rejects the PTX.

@@ -13,7 +13,8 @@
 //! the output pointer allow it, else one element; it reads its inputs with one vector load
 //! when they are contiguous and aligned, else one load per lane. Index math is 32-bit with
 //! host-computed magic-number division ([`FastDiv`]); sample bases are 64-bit. Grid:
-//! `x` covers one sample's output, `y` walks the batch. kernels/README.md has the details.
+//! `x` covers one sample's output, `y` walks the batch, each thread looping over samples
+//! `gridDim.y` apart ([`GridShape`]). kernels/README.md has the details.
 //!
 //! ```no_run
 //! use vistok::cuda::{Gpu, PatchifyKernel};
@@ -52,6 +53,11 @@ pub const PTX: &str = include_str!("../../kernels/patchify.ptx");
 pub const BLOCK: u32 = 256;
 /// Largest grid `y` (batch) dimension; larger batches loop inside the kernel.
 pub const MAX_GRID_Y: u32 = 65535;
+/// Resident blocks per SM at full occupancy (2048 threads / [`BLOCK`]).
+pub const CTAS_PER_SM: u32 = 2048 / BLOCK;
+/// Waves of blocks a launch aims at: beyond that, threads loop over several samples, which
+/// amortises their index math (the per-thread header costs about as much as 3 samples).
+pub const WAVES: u32 = 2;
 /// Largest per-sample element count (image or tokens) and batch size: the kernels index a
 /// sample with 32-bit integers and divide with [`FastDiv`], valid below 2^31.
 pub const MAX_INDEX: usize = i32::MAX as usize;
@@ -146,7 +152,7 @@ impl FastDiv {
         }
         let l = 32 - (d - 1).leading_zeros(); // ceil(log2 d); 0 for d = 1
         let s = 31 + l;
-        let m = ((1u64 << s) + u64::from(d) - 1) / u64::from(d);
+        let m = (1u64 << s).div_ceil(u64::from(d));
         Some(FastDiv { d, m: u32::try_from(m).ok()?, s, pad: 0 })
     }
 
@@ -314,9 +320,14 @@ fn sample_sizes(g: &Geometry, family: Family) -> Result<(u32, u32)> {
     // Products cannot overflow: Patchify::new checked the image, token and padded sizes.
     let image = g.channels * g.frames * g.height * g.width;
     let tokens = g.tokens * g.patch_len;
-    for (what, n) in [("image elements per sample", image), ("token elements per sample", tokens), ("batch size", g.batch)] {
+    for (what, n) in
+        [("image elements per sample", image), ("token elements per sample", tokens), ("batch size", g.batch)]
+    {
         if n > MAX_INDEX {
-            return Err(unsupported(family, format!("{what} {n} exceed the CUDA kernels' 32-bit index range ({MAX_INDEX})")));
+            return Err(unsupported(
+                family,
+                format!("{what} {n} exceed the CUDA kernels' 32-bit index range ({MAX_INDEX})"),
+            ));
         }
     }
     Ok((image as u32, tokens as u32))
@@ -348,27 +359,56 @@ fn divs(family: Family, ds: [usize; 6]) -> Result<[FastDiv; 6]> {
     Ok(out)
 }
 
-fn grid(per_sample_threads: u32, batch: usize, max_grid_y: u32) -> ((u32, u32, u32), (u32, u32, u32)) {
-    let x = per_sample_threads.div_ceil(BLOCK);
-    let y = (batch as u32).min(max_grid_y.clamp(1, MAX_GRID_Y));
-    ((x, y, 1), (BLOCK, 1, 1))
+/// How the grid's batch dimension `y` is sized: `y = min(B, max_y, ceil(target_blocks / x))`
+/// (at least 1), where `x` covers one sample. Threads loop over samples `y` apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GridShape {
+    /// Upper bound on `y` (clamped to 1..=[`MAX_GRID_Y`]).
+    pub max_y: u32,
+    /// Blocks to aim at; `u32::MAX` gives one sample per thread (up to `max_y`).
+    pub target_blocks: u32,
 }
 
-/// The `patchify_{input}_{output}` launch for `plan` with these device addresses.
-/// `max_grid_y` caps the batch dimension of the grid (the kernel loops over the rest).
+impl GridShape {
+    /// One sample per thread (as far as [`MAX_GRID_Y`] allows).
+    pub const ONE_SAMPLE_PER_THREAD: GridShape = GridShape { max_y: MAX_GRID_Y, target_blocks: u32::MAX };
+
+    /// [`WAVES`] waves of [`CTAS_PER_SM`] blocks on `sms` multiprocessors.
+    pub fn for_sms(sms: u32) -> GridShape {
+        GridShape { max_y: MAX_GRID_Y, target_blocks: sms.max(1).saturating_mul(CTAS_PER_SM * WAVES) }
+    }
+
+    fn dims(self, per_sample_threads: u32, batch: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+        let x = per_sample_threads.div_ceil(BLOCK);
+        let y = (batch as u32).min(self.max_y.clamp(1, MAX_GRID_Y)).min(self.target_blocks.div_ceil(x).max(1));
+        ((x, y, 1), (BLOCK, 1, 1))
+    }
+}
+
+/// The `patchify_{input}_{output}` launch for `plan` with these device addresses, its batch
+/// dimension sized by `shape`.
 ///
 /// ```
-/// use vistok::cuda::patchify::{plan_forward, Pointers, FLAG_VLOAD};
+/// use vistok::cuda::patchify::{plan_forward, GridShape, Pointers, FLAG_VLOAD};
 /// use vistok::{DType, Layout, PatchConfig, Patchify};
 /// let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsFirst, 16, 16), &[32, 3, 256, 256])?;
 /// let ptrs = Pointers { src: 1 << 20, dst: 1 << 30, coef: 1 << 12 };
-/// let l = plan_forward(&plan, DType::U8, DType::F32, ptrs, 65535)?;
+/// let l = plan_forward(&plan, DType::U8, DType::F32, ptrs, GridShape::ONE_SAMPLE_PER_THREAD)?;
 /// assert_eq!(l.name, "patchify_u8_f32");
 /// assert_eq!((l.params.common.lanes, l.params.common.flags & FLAG_VLOAD), (4, FLAG_VLOAD));
 /// assert_eq!(l.grid, (192, 32, 1)); // 256·768/4 threads per sample, in blocks of 256
+/// // On 132 SMs: 2 waves of 8 blocks = 2112 blocks, so 11 rows: 3 samples per thread.
+/// let l = plan_forward(&plan, DType::U8, DType::F32, ptrs, GridShape::for_sms(132))?;
+/// assert_eq!(l.grid, (192, 11, 1));
 /// # Ok::<(), vistok::Error>(())
 /// ```
-pub fn plan_forward(plan: &Patchify, input: DType, output: DType, ptrs: Pointers, max_grid_y: u32) -> Result<Launch<PatchifyParams>> {
+pub fn plan_forward(
+    plan: &Patchify,
+    input: DType,
+    output: DType,
+    ptrs: Pointers,
+    shape: GridShape,
+) -> Result<Launch<PatchifyParams>> {
     let family = Family::Patchify;
     check_dtypes(family, input, output)?;
     let g = plan.geometry();
@@ -389,7 +429,7 @@ pub fn plan_forward(plan: &Patchify, input: DType, output: DType, ptrs: Pointers
     let lanes = if vector { v as u32 } else { 1 };
     let flags = if vload { FLAG_VLOAD } else { 0 } | if pqc { FLAG_ROLE } else { 0 };
     let n_vec = tokens / lanes;
-    let (grid, block) = grid(n_vec, g.batch, max_grid_y);
+    let (grid, block) = shape.dims(n_vec, g.batch);
     let u = |x: usize| x as u32; // every size here is at most MAX_INDEX (sample_sizes)
     Ok(Launch {
         name: kernel_name("patchify", input, output),
@@ -419,16 +459,22 @@ pub fn plan_forward(plan: &Patchify, input: DType, output: DType, ptrs: Pointers
 /// is the start of the [`coefficient_table`]; the launch points past the forward half).
 ///
 /// ```
-/// use vistok::cuda::patchify::{plan_inverse, Pointers};
+/// use vistok::cuda::patchify::{plan_inverse, GridShape, Pointers};
 /// use vistok::{DType, Layout, PatchConfig, Patchify};
 /// let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsFirst, 16, 16), &[32, 3, 256, 256])?;
 /// let ptrs = Pointers { src: 1 << 30, dst: 1 << 20, coef: 1 << 12 };
-/// let l = plan_inverse(&plan, DType::F32, DType::U8, ptrs, 65535)?;
+/// let l = plan_inverse(&plan, DType::F32, DType::U8, ptrs, GridShape::ONE_SAMPLE_PER_THREAD)?;
 /// assert_eq!((l.name.as_str(), l.params.common.lanes), ("unpatchify_f32_u8", 4));
 /// assert_eq!(l.params.common.coef, (1 << 12) + 8 * 3);
 /// # Ok::<(), vistok::Error>(())
 /// ```
-pub fn plan_inverse(plan: &Patchify, input: DType, output: DType, ptrs: Pointers, max_grid_y: u32) -> Result<Launch<UnpatchifyParams>> {
+pub fn plan_inverse(
+    plan: &Patchify,
+    input: DType,
+    output: DType,
+    ptrs: Pointers,
+    shape: GridShape,
+) -> Result<Launch<UnpatchifyParams>> {
     let family = Family::Unpatchify;
     check_dtypes(family, input, output)?;
     let g = plan.geometry();
@@ -454,7 +500,7 @@ pub fn plan_inverse(plan: &Patchify, input: DType, output: DType, ptrs: Pointers
     let lanes = if vector { v as u32 } else { 1 };
     let flags = if vload { FLAG_VLOAD } else { 0 } | if cl { FLAG_ROLE } else { 0 };
     let n_vec = image / lanes;
-    let (grid, block) = grid(n_vec, g.batch, max_grid_y);
+    let (grid, block) = shape.dims(n_vec, g.batch);
     let u = |x: usize| x as u32; // every size here is at most MAX_INDEX (sample_sizes)
     Ok(Launch {
         name: kernel_name("unpatchify", input, output),
@@ -501,7 +547,7 @@ pub struct PatchifyKernel {
     gpu: Gpu,
     plan: Patchify,
     coef: CudaSlice<f32>,
-    max_grid_y: u32,
+    shape: GridShape,
 }
 
 impl std::fmt::Debug for PatchifyKernel {
@@ -522,14 +568,14 @@ impl PatchifyKernel {
             .stream()
             .clone_htod(&coefficient_table(plan))
             .map_err(|e| driver_error("uploading patchify coefficients", e))?;
-        Ok(PatchifyKernel { gpu: gpu.clone(), plan: plan.clone(), coef, max_grid_y: MAX_GRID_Y })
+        Ok(PatchifyKernel { gpu: gpu.clone(), plan: plan.clone(), coef, shape: GridShape::for_sms(gpu.sm_count()) })
     }
 
-    /// Caps the grid's batch dimension, so that each thread loops over several samples (for
-    /// tests of that loop; any value works, 0 counts as 1).
+    /// Sizes the grids of this kernel's launches with `shape` instead of
+    /// [`GridShape::for_sms`] (for tests of the batch loop and for tuning).
     #[doc(hidden)]
-    pub fn with_max_grid_y(mut self, max_grid_y: u32) -> Self {
-        self.max_grid_y = max_grid_y.clamp(1, MAX_GRID_Y);
+    pub fn with_grid_shape(mut self, shape: GridShape) -> Self {
+        self.shape = shape;
         self
     }
 
@@ -554,7 +600,10 @@ impl PatchifyKernel {
         let ctx = self.gpu.context();
         for (what, s) in ["stream", "input buffer", "output buffer"].into_iter().zip(streams) {
             if s.context() != ctx {
-                return Err(Error::Invalid { family, msg: format!("{what} belongs to another CUDA context than the kernel") });
+                return Err(Error::Invalid {
+                    family,
+                    msg: format!("{what} belongs to another CUDA context than the kernel"),
+                });
             }
         }
         Ok(())
@@ -574,7 +623,12 @@ impl PatchifyKernel {
     /// Errors (before any launch): [`Error::Length`] for a wrong buffer length,
     /// [`Error::Invalid`] for a stream or buffer of another context, [`Error::Unsupported`] /
     /// [`Error::MissingKernel`] / [`Error::Driver`] otherwise.
-    pub fn forward<I: Element, O: Float>(&self, stream: &Arc<CudaStream>, image: &impl DevicePtr<I>, tokens: &mut impl DevicePtrMut<O>) -> Result<()> {
+    pub fn forward<I: Element, O: Float>(
+        &self,
+        stream: &Arc<CudaStream>,
+        image: &impl DevicePtr<I>,
+        tokens: &mut impl DevicePtrMut<O>,
+    ) -> Result<()> {
         let family = Family::Patchify;
         Self::check_len(family, "image", self.image_len(), image.len())?;
         Self::check_len(family, "tokens", self.tokens_len(), tokens.len())?;
@@ -583,7 +637,7 @@ impl PatchifyKernel {
         let (src, _read) = image.device_ptr(stream);
         let (dst, _write) = tokens.device_ptr_mut(stream);
         let (coef, _coef) = self.coef.device_ptr(stream);
-        let l = plan_forward(&self.plan, I::DTYPE, O::DTYPE, Pointers { src, dst, coef }, self.max_grid_y)?;
+        let l = plan_forward(&self.plan, I::DTYPE, O::DTYPE, Pointers { src, dst, coef }, self.shape)?;
         // SAFETY: the entry's parameter block is PatchifyParams (tests/ptx_abi.rs checks the
         // size and every offset against the PTX). The launch reads image elements
         // [0, B·C·T·H·W) and writes token elements [0, B·L·P), exactly the lengths checked above,
@@ -596,7 +650,12 @@ impl PatchifyKernel {
     /// Tokens → image on `stream`, asynchronously: the exact inverse of
     /// [`forward`](Self::forward) (padded token positions are ignored); every image element is
     /// written. Errors as for `forward`.
-    pub fn inverse<I: Float, O: Element>(&self, stream: &Arc<CudaStream>, tokens: &impl DevicePtr<I>, image: &mut impl DevicePtrMut<O>) -> Result<()> {
+    pub fn inverse<I: Float, O: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        tokens: &impl DevicePtr<I>,
+        image: &mut impl DevicePtrMut<O>,
+    ) -> Result<()> {
         let family = Family::Unpatchify;
         Self::check_len(family, "tokens", self.tokens_len(), tokens.len())?;
         Self::check_len(family, "image", self.image_len(), image.len())?;
@@ -605,7 +664,7 @@ impl PatchifyKernel {
         let (src, _read) = tokens.device_ptr(stream);
         let (dst, _write) = image.device_ptr_mut(stream);
         let (coef, _coef) = self.coef.device_ptr(stream);
-        let l = plan_inverse(&self.plan, I::DTYPE, O::DTYPE, Pointers { src, dst, coef }, self.max_grid_y)?;
+        let l = plan_inverse(&self.plan, I::DTYPE, O::DTYPE, Pointers { src, dst, coef }, self.shape)?;
         // SAFETY: the entry's parameter block is UnpatchifyParams (checked by tests/ptx_abi.rs).
         // The launch reads token elements [0, B·L·P) and writes image elements [0, B·C·T·H·W),
         // the lengths checked above, and reads the 2·C inverse coefficients of the 4·C

@@ -1,0 +1,652 @@
+#!/usr/bin/env python3
+"""Generates kernels/patchify.ptx: the patchify / unpatchify PTX entries, one per dtype pair.
+
+Python 3 standard library only. Usage:
+
+    python3 kernels/gen_patchify.py            # (re)write kernels/patchify.ptx
+    python3 kernels/gen_patchify.py --check    # exit 1 if kernels/patchify.ptx is stale
+    python3 kernels/gen_patchify.py --list     # print "<entry> <param bytes>" per entry
+    python3 kernels/gen_patchify.py --stdout   # print the PTX
+
+Candle-style: one template per direction, stamped once per (input dtype, output dtype). The
+kernel design (thread mapping, fast division, vector widths) is described in kernels/README.md;
+the parameter struct layouts below are the ABI shared with src/cuda/patchify.rs (the Rust side
+asserts the same offsets, and tests/ptx_abi.rs compares them with the `// abi` lines written
+into the PTX header).
+"""
+
+import argparse
+import os
+import sys
+
+PTX_VERSION = "8.0"  # CUDA 12.0 drivers JIT PTX ISA 8.0
+TARGET = "sm_80"  # cvt.rn.bf16.f32 needs sm_80
+BLOCK = 256  # threads per block; .maxntid of every entry, BLOCK in src/cuda/patchify.rs
+# .minnctapersm for entries that fit in 32 registers without spilling (full occupancy: 8 blocks
+# of 256 threads per SM); scripts/ptx-check.sh fails on any spill, so a wrong entry here shows.
+MIN_CTAS_PER_SM = 2048 // BLOCK
+
+# name -> size in bytes
+DTYPES = {"u8": 1, "f32": 4, "f16": 2, "bf16": 2}
+IMAGE_DTYPES = ["u8", "f32", "f16", "bf16"]
+TOKEN_DTYPES = ["f32", "f16", "bf16"]
+
+# flags (bit values), shared by both directions
+FLAG_VLOAD = 1  # vector path: the lanes' sources are contiguous and aligned: one vector load
+FLAG_ROLE = 2  # patchify: order is Pqc; unpatchify: layout is channels-last
+
+
+# --------------------------------------------------------------------------------------------
+# ABI: the parameter structs (#[repr(C)] on the Rust side, `.param .align 8 .b8 p[N]` here).
+# A FastDiv is {d, m, s, pad}: q = (n * m) >> s for n < 2^31 (see fastdiv below).
+# --------------------------------------------------------------------------------------------
+COMMON = [
+    ("src", "u64", 1),  # input base address (image / tokens)
+    ("dst", "u64", 1),  # output base address (tokens / image)
+    ("coef", "u64", 1),  # (a, b) f32 pairs, one per channel
+    ("src_batch", "u64", 1),  # input elements per sample
+    ("dst_batch", "u64", 1),  # output elements per sample
+    ("batch", "u32", 1),  # B
+    ("n_vec", "u32", 1),  # threads per sample = output elements per sample / lanes
+    ("lanes", "u32", 1),  # output elements per thread: V (vector path) or 1 (scalar path)
+    ("flags", "u32", 1),  # FLAG_VLOAD | FLAG_ROLE
+]
+PATCHIFY_FIELDS = COMMON + [
+    ("div", "fastdiv", 6),  # P, gw, gh, n0, n1, n2 (token-element digits, innermost first)
+    ("patch", "u32", 3),  # pt, ph, pw
+    ("extent", "u32", 3),  # T, H, W
+    ("stride", "u32", 4),  # image element strides of c, t, h, w
+]
+UNPATCHIFY_FIELDS = COMMON + [
+    ("div", "fastdiv", 6),  # n0, n1, n2 (image digits, innermost first), pt, ph, pw
+    ("grid", "u32", 3),  # gh, gw, P
+    ("tstride", "u32", 4),  # token element strides of c, dt, dh, dw
+    ("pad", "u32", 1),
+]
+SIZES = {"u64": 8, "u32": 4, "fastdiv": 16}
+
+
+def layout(fields):
+    """Field offsets (C layout, every field naturally aligned) and the total size."""
+    offsets, off = {}, 0
+    for name, ty, count in fields:
+        align = 8 if ty == "u64" else 4
+        off = (off + align - 1) // align * align
+        offsets[name] = off
+        off += SIZES[ty] * count
+    return offsets, (off + 7) // 8 * 8
+
+
+PATCHIFY_OFF, PATCHIFY_SIZE = layout(PATCHIFY_FIELDS)
+UNPATCHIFY_OFF, UNPATCHIFY_SIZE = layout(UNPATCHIFY_FIELDS)
+
+
+def entries():
+    """(name, direction, in dtype, out dtype, param bytes) for every entry, in file order."""
+    out = []
+    for i in IMAGE_DTYPES:
+        for o in TOKEN_DTYPES:
+            out.append((f"patchify_{i}_{o}", "patchify", i, o, PATCHIFY_SIZE))
+    for i in TOKEN_DTYPES:
+        for o in IMAGE_DTYPES:
+            out.append((f"unpatchify_{i}_{o}", "unpatchify", i, o, UNPATCHIFY_SIZE))
+    return out
+
+
+def lanes_for(i, o):
+    """Elements per thread in the vector path: no access wider than 16 bytes."""
+    return 16 // max(DTYPES[i], DTYPES[o])
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny emitter: named virtual registers, declared per entry.
+# --------------------------------------------------------------------------------------------
+PREFIX = {"u32": "%r_", "u64": "%rd_", "f32": "%f_", "b16": "%h_", "pred": "%p_"}
+
+
+class Entry:
+    def __init__(self, name, offsets):
+        self.name = name
+        self.off = offsets
+        self.body = []
+        self.regs = {}
+
+    def reg(self, ty, name):
+        full = PREFIX[ty] + name
+        prev = self.regs.setdefault(full, ty)
+        assert prev == ty, full
+        return full
+
+    def u32(self, name):
+        return self.reg("u32", name)
+
+    def u64(self, name):
+        return self.reg("u64", name)
+
+    def f32(self, name):
+        return self.reg("f32", name)
+
+    def b16(self, name):
+        return self.reg("b16", name)
+
+    def pred(self, name):
+        return self.reg("pred", name)
+
+    def op(self, text, comment=None):
+        line = "    " + text + ";"
+        if comment:
+            line = line.ljust(60) + " // " + comment
+        self.body.append(line)
+
+    def label(self, name):
+        self.body.append(f"{name}:")
+
+    def comment(self, text):
+        self.body.append("")
+        self.body.append(f"    // {text}")
+
+    def param(self, ty, field, index=0, name=None, elem=None):
+        """Loads param field[index] (elem: byte offset inside a FastDiv) into a register."""
+        off = self.off[field]
+        if elem is not None:
+            off += 16 * index + elem
+        else:
+            off += (8 if ty == "u64" else 4) * index
+        reg = self.reg(ty, name or f"{field}{index}")
+        self.op(f"ld.param.{ty} {reg}, [p+{off}]")
+        return reg
+
+    def fastdiv(self, n, slot, q, r):
+        """q = n / d, r = n % d with d = div[slot], for n < 2^31 (host-checked).
+
+        The host stores m = ceil(2^s / d) with s = 31 + ceil(log2 d); then
+        floor(n * m / 2^s) = floor(n / d) for all 0 <= n < 2^31 (Granlund-Montgomery), and m
+        fits in 32 bits. d = 1 gives m = 2^31, s = 31: q = n."""
+        assert n not in (q, r) and q != r
+        d = self.param("u32", "div", slot, name="dd", elem=0)
+        m = self.param("u32", "div", slot, name="dm", elem=4)
+        s = self.param("u32", "div", slot, name="ds", elem=8)
+        wide = self.u64("wide")
+        self.op(f"mul.wide.u32 {wide}, {n}, {m}")
+        self.op(f"shr.u64 {wide}, {wide}, {s}")
+        self.op(f"cvt.u32.u64 {q}, {wide}")
+        t = self.u32("qd")
+        self.op(f"mul.lo.u32 {t}, {q}, {d}")
+        self.op(f"sub.u32 {r}, {n}, {t}")
+
+    def render(self, size, doc, min_ctas):
+        decl = {}
+        for full, ty in sorted(self.regs.items()):
+            decl.setdefault(ty, []).append(full)
+        lines = [f"// {line}" if line else "//" for line in doc]
+        lines.append(f".visible .entry {self.name}(")
+        lines.append(f"    .param .align 8 .b8 p[{size}]")
+        lines.append(")")
+        lines.append(f".maxntid {BLOCK}, 1, 1")
+        if min_ctas:
+            lines.append(f".minnctapersm {min_ctas}")
+        lines.append("{")
+        for ty in ["pred", "b16", "u32", "u64", "f32"]:
+            names = decl.get(ty, [])
+            for k in range(0, len(names), 8):
+                lines.append(f"    .reg .{ty} " + ", ".join(names[k:k + 8]) + ";")
+        lines.extend(self.body)
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Headers: thread -> (first output element e0, source offset o of lane 0, lane stride ls,
+# channel c of lane 0, channel step cs per lane, number of valid lanes nv).
+# --------------------------------------------------------------------------------------------
+def prologue(k):
+    k.comment("Thread -> first output element e0 = i * lanes of its run, inside one sample.")
+    tid, ctaid, ntid, i = k.u32("tid"), k.u32("ctaid"), k.u32("ntid"), k.u32("i")
+    k.op(f"mov.u32 {tid}, %tid.x")
+    k.op(f"mov.u32 {ctaid}, %ctaid.x")
+    k.op(f"mov.u32 {ntid}, %ntid.x")
+    k.op(f"mad.lo.u32 {i}, {ctaid}, {ntid}, {tid}")
+    nvec = k.param("u32", "n_vec", name="nvec")
+    done = k.pred("done")
+    k.op(f"setp.ge.u32 {done}, {i}, {nvec}")
+    k.op(f"@{done} bra $L_done", "past the end of the sample")
+    lanes = k.param("u32", "lanes", name="lanes")
+    e0 = k.u32("e0")
+    k.op(f"mul.lo.u32 {e0}, {i}, {lanes}", "< 2^31 (host-checked)")
+    flags = k.param("u32", "flags", name="flags")
+    role = k.pred("role")
+    t = k.u32("t")
+    k.op(f"and.b32 {t}, {flags}, {FLAG_ROLE}")
+    k.op(f"setp.ne.u32 {role}, {t}, 0")
+    return e0, lanes, flags, role
+
+
+def digits(k, n, first_slot):
+    """n -> (d0, d1, d2, d3) with radices div[first_slot .. first_slot+2], d0 innermost."""
+    d0, d1, d2, d3 = (k.u32(f"d{j}") for j in range(4))
+    q0, q1 = k.u32("q0"), k.u32("q1")
+    k.fastdiv(n, first_slot, q0, d0)
+    k.fastdiv(q0, first_slot + 1, q1, d1)
+    k.fastdiv(q1, first_slot + 2, d3, d2)
+    return d0, d1, d2, d3
+
+
+def header_patchify(k):
+    e0, lanes, flags, role = prologue(k)
+
+    k.comment("e0 -> token l and element j0 inside it; l -> grid position (it, ih, iw).")
+    l, j0 = k.u32("l"), k.u32("j0")
+    k.fastdiv(e0, 0, l, j0)
+    lq, iw, ih, it = k.u32("lq"), k.u32("iw"), k.u32("ih"), k.u32("it")
+    k.fastdiv(l, 1, lq, iw)
+    k.fastdiv(lq, 2, it, ih)
+
+    k.comment("j0 -> digits: Cpq (dw, dh, dt, c), Pqc (c, dw, dh, dt), innermost first.")
+    d0, d1, d2, d3 = digits(k, j0, 3)
+    c, dw, dh, dt = k.u32("c"), k.u32("dw"), k.u32("dh"), k.u32("dt")
+    k.op(f"selp.u32 {c}, {d0}, {d3}, {role}")
+    k.op(f"selp.u32 {dw}, {d1}, {d0}, {role}")
+    k.op(f"selp.u32 {dh}, {d2}, {d1}, {role}")
+    k.op(f"selp.u32 {dt}, {d3}, {d2}, {role}")
+
+    k.comment("Image coordinates of lane 0; inside the image unless padding.")
+    pt = k.param("u32", "patch", 0, name="pt")
+    ph = k.param("u32", "patch", 1, name="ph")
+    pw = k.param("u32", "patch", 2, name="pw")
+    tt, h, w = k.u32("tt"), k.u32("h"), k.u32("w")
+    k.op(f"mad.lo.u32 {tt}, {it}, {pt}, {dt}")
+    k.op(f"mad.lo.u32 {h}, {ih}, {ph}, {dh}")
+    k.op(f"mad.lo.u32 {w}, {iw}, {pw}, {dw}")
+    T = k.param("u32", "extent", 0, name="T")
+    H = k.param("u32", "extent", 1, name="H")
+    W = k.param("u32", "extent", 2, name="W")
+    inb = k.pred("inb")
+    k.op(f"setp.lt.u32 {inb}, {tt}, {T}")
+    k.op(f"setp.lt.and.u32 {inb}, {h}, {H}, {inb}")
+    k.op(f"setp.lt.and.u32 {inb}, {w}, {W}, {inb}", "lane 0 is inside the image")
+
+    k.comment("Valid lanes nv: Cpq lanes walk along w (stop at the right edge), Pqc lanes")
+    k.body.append("    // share the pixel (all or none). Padded lanes are +0.0.")
+    nv = k.u32("nv")
+    k.op(f"sub.u32 {nv}, {W}, {w}", "meaningful when w < W")
+    k.op(f"min.u32 {nv}, {nv}, {lanes}")
+    k.op(f"selp.u32 {nv}, {lanes}, {nv}, {role}")
+    k.op(f"selp.u32 {nv}, {nv}, 0, {inb}")
+
+    k.comment("Image offset of lane 0 (garbage when padded: never dereferenced).")
+    sc = k.param("u32", "stride", 0, name="sc")
+    st = k.param("u32", "stride", 1, name="st")
+    sh = k.param("u32", "stride", 2, name="sh")
+    sw = k.param("u32", "stride", 3, name="sw")
+    o = k.u32("o")
+    k.op(f"mul.lo.u32 {o}, {c}, {sc}")
+    k.op(f"mad.lo.u32 {o}, {tt}, {st}, {o}")
+    k.op(f"mad.lo.u32 {o}, {h}, {sh}, {o}")
+    k.op(f"mad.lo.u32 {o}, {w}, {sw}, {o}")
+    ls, cs = k.u32("ls"), k.u32("cs")
+    k.op(f"selp.u32 {ls}, {sc}, {sw}, {role}", "source elements between lanes")
+    k.op(f"selp.u32 {cs}, 1, 0, {role}", "channel step between lanes")
+    return dict(e0=e0, lanes=lanes, flags=flags, o=o, ls=ls, c=c, cs=cs, nv=nv)
+
+
+def header_unpatchify(k):
+    e0, lanes, flags, role = prologue(k)
+
+    k.comment("e0 -> image digits: NCHW (w, h, t, c), NHWC (c, w, h, t), innermost first.")
+    d0, d1, d2, d3 = digits(k, e0, 0)
+    c, w, h, tt = k.u32("c"), k.u32("w"), k.u32("h"), k.u32("tt")
+    k.op(f"selp.u32 {c}, {d0}, {d3}, {role}")
+    k.op(f"selp.u32 {w}, {d1}, {d0}, {role}")
+    k.op(f"selp.u32 {h}, {d2}, {d1}, {role}")
+    k.op(f"selp.u32 {tt}, {d3}, {d2}, {role}")
+
+    k.comment("Pixel -> grid position (it, ih, iw) and offset (dt, dh, dw) inside the patch.")
+    it, ih, iw = k.u32("it"), k.u32("ih"), k.u32("iw")
+    dt, dh, dw = k.u32("dt"), k.u32("dh"), k.u32("dw")
+    k.fastdiv(tt, 3, it, dt)
+    k.fastdiv(h, 4, ih, dh)
+    k.fastdiv(w, 5, iw, dw)
+
+    k.comment("Token element of lane 0: l * P + c*jc + dt*jt + dh*jh + dw*jw (< 2^31).")
+    gh = k.param("u32", "grid", 0, name="gh")
+    gw = k.param("u32", "grid", 1, name="gw")
+    P = k.param("u32", "grid", 2, name="P")
+    l = k.u32("l")
+    k.op(f"mad.lo.u32 {l}, {it}, {gh}, {ih}")
+    k.op(f"mad.lo.u32 {l}, {l}, {gw}, {iw}")
+    jc = k.param("u32", "tstride", 0, name="jc")
+    jt = k.param("u32", "tstride", 1, name="jt")
+    jh = k.param("u32", "tstride", 2, name="jh")
+    jw = k.param("u32", "tstride", 3, name="jw")
+    o = k.u32("o")
+    k.op(f"mul.lo.u32 {o}, {l}, {P}")
+    k.op(f"mad.lo.u32 {o}, {c}, {jc}, {o}")
+    k.op(f"mad.lo.u32 {o}, {dt}, {jt}, {o}")
+    k.op(f"mad.lo.u32 {o}, {dh}, {jh}, {o}")
+    k.op(f"mad.lo.u32 {o}, {dw}, {jw}, {o}")
+    ls, cs = k.u32("ls"), k.u32("cs")
+    k.op(f"selp.u32 {ls}, {jc}, {jw}, {role}", "NHWC lanes walk c, NCHW lanes walk w")
+    k.op(f"selp.u32 {cs}, 1, 0, {role}", "channel step between lanes")
+    return dict(e0=e0, lanes=lanes, flags=flags, o=o, ls=ls, c=c, cs=cs, nv=lanes)
+
+
+# --------------------------------------------------------------------------------------------
+# Element conversions.
+# --------------------------------------------------------------------------------------------
+F32_ZERO = "0f00000000"  # +0.0
+
+
+def load_scalar(k, ty, addr, pred, x):
+    """x (f32) = source element at addr as f32 if pred, else 0 (exact widening)."""
+    f = k.f32(f"x{x}")
+    if ty == "f32":
+        k.op(f"mov.f32 {f}, {F32_ZERO}")
+        k.op(f"@{pred} ld.global.nc.f32 {f}, [{addr}]")
+    elif ty == "u8":
+        r = k.u32(f"x{x}")
+        k.op(f"mov.u32 {r}, 0")
+        k.op(f"@{pred} ld.global.nc.u8 {r}, [{addr}]")
+        k.op(f"and.b32 {r}, {r}, 255")
+        k.op(f"cvt.rn.f32.u32 {f}, {r}", "exact")
+    elif ty == "f16":
+        hreg = k.b16(f"x{x}")
+        k.op(f"mov.b16 {hreg}, 0")
+        k.op(f"@{pred} ld.global.nc.b16 {hreg}, [{addr}]")
+        k.op(f"cvt.f32.f16 {f}, {hreg}", "exact")
+    elif ty == "bf16":
+        r = k.u32(f"x{x}")
+        k.op(f"mov.u32 {r}, 0")
+        k.op(f"@{pred} ld.global.nc.u16 {r}, [{addr}]")
+        k.op(f"shl.b32 {r}, {r}, 16", "bf16 bits are the high half of f32")
+        k.op(f"mov.b32 {f}, {r}")
+    else:
+        raise ValueError(ty)
+    return f
+
+
+def load_vector(k, ty, lanes, addr):
+    """lanes contiguous source elements at addr (aligned to lanes * size) as f32 registers."""
+    xs = [k.f32(f"x{j}") for j in range(lanes)]
+    nbytes = lanes * DTYPES[ty]
+    if ty == "f32":
+        assert lanes == 4
+        k.op(f"ld.global.nc.v4.f32 {{{', '.join(xs)}}}, [{addr}]")
+        return xs
+    words = [k.u32(f"w{j}") for j in range(nbytes // 4)]
+    vec = {1: "", 2: ".v2", 4: ".v4"}[len(words)]
+    dst = words[0] if len(words) == 1 else "{" + ", ".join(words) + "}"
+    k.op(f"ld.global.nc{vec}.u32 {dst}, [{addr}]", f"{nbytes} bytes")
+    if ty == "u8":
+        for j, f in enumerate(xs):
+            r = k.u32(f"x{j}")
+            k.op(f"bfe.u32 {r}, {words[j // 4]}, {8 * (j % 4)}, 8", f"byte {j} of the run")
+            k.op(f"cvt.rn.f32.u32 {f}, {r}", "exact")
+    elif ty == "f16":
+        for wi, word in enumerate(words):
+            lo, hi = k.b16(f"x{2 * wi}"), k.b16(f"x{2 * wi + 1}")
+            k.op(f"mov.b32 {{{lo}, {hi}}}, {word}", "low half is the lower address")
+            k.op(f"cvt.f32.f16 {xs[2 * wi]}, {lo}")
+            k.op(f"cvt.f32.f16 {xs[2 * wi + 1]}, {hi}")
+    elif ty == "bf16":
+        for wi, word in enumerate(words):
+            lo, hi = k.u32(f"x{2 * wi}"), k.u32(f"x{2 * wi + 1}")
+            k.op(f"shl.b32 {lo}, {word}, 16", "low half -> f32 bits")
+            k.op(f"and.b32 {hi}, {word}, 0xFFFF0000", "high half -> f32 bits")
+            k.op(f"mov.b32 {xs[2 * wi]}, {lo}")
+            k.op(f"mov.b32 {xs[2 * wi + 1]}, {hi}")
+    else:
+        raise ValueError(ty)
+    return xs
+
+
+def to_u8(k, y, j):
+    """Round half to even, clamp to [0, 255], NaN -> 0 (cvt float-to-int saturates, NaN -> 0)."""
+    r = k.u32(f"y{j}")
+    k.op(f"cvt.rni.u32.f32 {r}, {y}", "ties to even; < 0 and NaN -> 0")
+    k.op(f"min.u32 {r}, {r}, 255")
+    return r
+
+
+def to_half(k, ty, y, j):
+    hreg = k.b16(f"y{j}")
+    k.op(f"cvt.rn.{ty}.f32 {hreg}, {y}", "nearest, ties to even")
+    return hreg
+
+
+def store_scalar(k, ty, addr, y):
+    if ty == "f32":
+        k.op(f"st.global.f32 [{addr}], {y}")
+    elif ty in ("f16", "bf16"):
+        k.op(f"st.global.b16 [{addr}], {to_half(k, ty, y, 0)}")
+    elif ty == "u8":
+        k.op(f"st.global.u8 [{addr}], {to_u8(k, y, 0)}")
+    else:
+        raise ValueError(ty)
+
+
+def store_vector(k, ty, lanes, addr, ys):
+    """Stores lanes values (f32 registers) as contiguous ty elements at addr (aligned)."""
+    if ty == "f32":
+        assert lanes == 4
+        k.op(f"st.global.v4.f32 [{addr}], {{{', '.join(ys)}}}")
+        return
+    words = [k.u32(f"ow{j}") for j in range(lanes * DTYPES[ty] // 4)]
+    if ty in ("f16", "bf16"):
+        hs = [to_half(k, ty, y, j) for j, y in enumerate(ys)]
+        for wi, word in enumerate(words):
+            k.op(f"mov.b32 {word}, {{{hs[2 * wi]}, {hs[2 * wi + 1]}}}", "first is the low half")
+    elif ty == "u8":
+        bs = [to_u8(k, y, j) for j, y in enumerate(ys)]
+        for wi, word in enumerate(words):
+            k.op(f"mov.b32 {word}, {bs[4 * wi]}")
+            for b in range(1, 4):
+                k.op(f"bfi.b32 {word}, {bs[4 * wi + b]}, {word}, {8 * b}, 8")
+    else:
+        raise ValueError(ty)
+    vec = {1: "", 2: ".v2", 4: ".v4"}[len(words)]
+    src = words[0] if len(words) == 1 else "{" + ", ".join(words) + "}"
+    k.op(f"st.global{vec}.u32 [{addr}], {src}")
+
+
+# --------------------------------------------------------------------------------------------
+# The body shared by both directions: coefficients, batch loop, vector and scalar paths.
+# --------------------------------------------------------------------------------------------
+def body(k, h, src_ty, dst_ty, V):
+    si, so = DTYPES[src_ty], DTYPES[dst_ty]
+    e0, lanes, flags, o, ls, c, cs, nv = (h[x] for x in
+                                          ("e0", "lanes", "flags", "o", "ls", "c", "cs", "nv"))
+
+    k.comment("Batch loop setup: b = ctaid.y, step nctaid.y; 64-bit sample bases.")
+    b, B = k.u32("b"), k.param("u32", "batch", name="B")
+    k.op(f"mov.u32 {b}, %ctaid.y")
+    out = k.pred("out")
+    k.op(f"setp.ge.u32 {out}, {b}, {B}")
+    k.op(f"@{out} bra $L_done")
+    gy = k.u32("gy")
+    k.op(f"mov.u32 {gy}, %nctaid.y")
+    src, dst = k.param("u64", "src", name="src"), k.param("u64", "dst", name="dst")
+    sb, db = k.param("u64", "src_batch", name="sb"), k.param("u64", "dst_batch", name="db")
+    b64, gy64, t64 = k.u64("b"), k.u64("gy"), k.u64("t")
+    sstep, dstep = k.u64("sstep"), k.u64("dstep")
+    k.op(f"cvt.u64.u32 {b64}, {b}")
+    k.op(f"cvt.u64.u32 {gy64}, {gy}")
+    k.op(f"mul.lo.u64 {t64}, {b64}, {sb}")
+    k.op(f"mad.lo.u64 {src}, {t64}, {si}, {src}", "src = input sample b")
+    k.op(f"mul.lo.u64 {t64}, {b64}, {db}")
+    k.op(f"mad.lo.u64 {dst}, {t64}, {so}, {dst}")
+    k.op(f"mad.wide.u32 {dst}, {e0}, {so}, {dst}", "dst = output element e0 of sample b")
+    k.op(f"mul.lo.u64 {sstep}, {gy64}, {sb}")
+    k.op(f"mul.lo.u64 {sstep}, {sstep}, {si}", "input bytes between iterations")
+    k.op(f"mul.lo.u64 {dstep}, {gy64}, {db}")
+    k.op(f"mul.lo.u64 {dstep}, {dstep}, {so}", "output bytes between iterations")
+    coef = k.param("u64", "coef", name="coef")
+    scalar = k.pred("scalar")
+    k.op(f"setp.eq.u32 {scalar}, {lanes}, 1")
+    k.op(f"@{scalar} bra $L_scalar")
+
+    # ---- vector path: V lanes per thread ----
+    k.comment(f"Vector path: {V} lanes; lane k has channel c + k*cs and source o + k*ls.")
+    a_s, b_s = [], []
+    ck, ca = k.u32("ck"), k.u64("ca")
+    for j in range(V):
+        a, bb = k.f32(f"a{j}"), k.f32(f"b{j}")
+        k.op(f"mad.lo.u32 {ck}, {cs}, {j}, {c}")
+        k.op(f"mad.wide.u32 {ca}, {ck}, 8, {coef}")
+        k.op(f"ld.global.nc.v2.f32 {{{a}, {bb}}}, [{ca}]", f"(a, b) of lane {j}")
+        a_s.append(a)
+        b_s.append(bb)
+    vload = k.pred("vload")
+    t = k.u32("t")
+    k.op(f"and.b32 {t}, {flags}, {FLAG_VLOAD}")
+    k.op(f"setp.ne.u32 {vload}, {t}, 0")
+    k.op(f"setp.eq.and.u32 {vload}, {nv}, {V}, {vload}", "all lanes valid")
+    addr = k.u64("addr")
+    ys = [k.f32(f"y{j}") for j in range(V)]
+    k.label("$L_vloop")
+    k.op(f"@!{vload} bra $L_vgather")
+    k.comment(f"One {V * si}-byte load of {V} contiguous {src_ty} values.")
+    k.op(f"mad.wide.u32 {addr}, {o}, {si}, {src}")
+    xs = load_vector(k, src_ty, V, addr)
+    for j in range(V):
+        k.op(f"fma.rn.f32 {ys[j]}, {xs[j]}, {a_s[j]}, {b_s[j]}", "one rounding")
+    k.op("bra.uni $L_vstore")
+    k.label("$L_vgather")
+    k.comment("Gather: one predicated load per lane; invalid (padded) lanes are +0.0.")
+    lp, ok = k.pred("lane"), k.u32("ok")
+    for j in range(V):
+        k.op(f"setp.gt.u32 {lp}, {nv}, {j}", f"lane {j} valid")
+        k.op(f"mad.lo.u32 {ok}, {ls}, {j}, {o}")
+        k.op(f"mad.wide.u32 {addr}, {ok}, {si}, {src}")
+        x = load_scalar(k, src_ty, addr, lp, j)
+        k.op(f"fma.rn.f32 {ys[j]}, {x}, {a_s[j]}, {b_s[j]}")
+        k.op(f"selp.f32 {ys[j]}, {ys[j]}, {F32_ZERO}, {lp}")
+    k.label("$L_vstore")
+    k.comment(f"One {V * so}-byte store of {V} {dst_ty} values; next sample.")
+    store_vector(k, dst_ty, V, dst, ys)
+    more = k.pred("more")
+    k.op(f"add.u32 {b}, {b}, {gy}")
+    k.op(f"add.u64 {src}, {src}, {sstep}")
+    k.op(f"add.u64 {dst}, {dst}, {dstep}")
+    k.op(f"setp.lt.u32 {more}, {b}, {B}")
+    k.op(f"@{more} bra $L_vloop")
+    k.op("bra.uni $L_done")
+
+    # ---- scalar path: one element per thread ----
+    k.label("$L_scalar")
+    k.comment("Scalar path: one element per thread (unaligned or non-divisible shapes).")
+    a, bb = k.f32("a0"), k.f32("b0")
+    k.op(f"mad.wide.u32 {ca}, {c}, 8, {coef}")
+    k.op(f"ld.global.nc.v2.f32 {{{a}, {bb}}}, [{ca}]")
+    k.op(f"setp.ne.u32 {lp}, {nv}, 0", "not padded")
+    k.label("$L_sloop")
+    k.op(f"mad.wide.u32 {addr}, {o}, {si}, {src}")
+    x = load_scalar(k, src_ty, addr, lp, 0)
+    y = ys[0]
+    k.op(f"fma.rn.f32 {y}, {x}, {a}, {bb}")
+    k.op(f"selp.f32 {y}, {y}, {F32_ZERO}, {lp}")
+    store_scalar(k, dst_ty, dst, y)
+    k.op(f"add.u32 {b}, {b}, {gy}")
+    k.op(f"add.u64 {src}, {src}, {sstep}")
+    k.op(f"add.u64 {dst}, {dst}, {dstep}")
+    k.op(f"setp.lt.u32 {more}, {b}, {B}")
+    k.op(f"@{more} bra $L_sloop")
+    k.label("$L_done")
+    k.op("ret")
+
+
+def gen_entry(name, direction, i, o):
+    V = lanes_for(i, o)
+    if direction == "patchify":
+        k = Entry(name, PATCHIFY_OFF)
+        h = header_patchify(k)
+        doc = [
+            f"{name}: image {i} -> tokens {o}; vector path {V} lanes "
+            f"({V * DTYPES[i]}-byte loads, {V * DTYPES[o]}-byte stores).",
+            "Thread i of grid row ctaid.y writes token elements [i*lanes, i*lanes + lanes) of",
+            "samples ctaid.y, ctaid.y + nctaid.y, ...",
+        ]
+        size = PATCHIFY_SIZE
+    else:
+        k = Entry(name, UNPATCHIFY_OFF)
+        h = header_unpatchify(k)
+        doc = [
+            f"{name}: tokens {i} -> image {o}; vector path {V} lanes "
+            f"({V * DTYPES[i]}-byte loads, {V * DTYPES[o]}-byte stores).",
+            "Thread i of grid row ctaid.y writes image elements [i*lanes, i*lanes + lanes) of",
+            "samples ctaid.y, ctaid.y + nctaid.y, ...",
+        ]
+        size = UNPATCHIFY_SIZE
+    body(k, h, i, o, V)
+    # The 8-lane patchify entries hold 16 coefficient registers across the loop: they would
+    # spill at 32 registers, so they run at 40 registers (6 blocks per SM) instead.
+    min_ctas = None if (direction == "patchify" and V == 8) else MIN_CTAS_PER_SM
+    return k.render(size, doc, min_ctas)
+
+
+def abi_lines():
+    lines = [f"// abi block {BLOCK}", f"// abi flag vload {FLAG_VLOAD}", f"// abi flag role {FLAG_ROLE}"]
+    for family, offs, size in (("patchify", PATCHIFY_OFF, PATCHIFY_SIZE),
+                               ("unpatchify", UNPATCHIFY_OFF, UNPATCHIFY_SIZE)):
+        lines.append(f"// abi {family} size {size}")
+        for field, off in offs.items():
+            lines.append(f"// abi {family} {field} {off}")
+    return lines
+
+
+def generate():
+    head = [
+        "// GENERATED by kernels/gen_patchify.py -- do not edit; run",
+        "//     python3 kernels/gen_patchify.py",
+        "// and commit the result. Design and ABI: kernels/README.md.",
+        "//",
+        "// patchify_{in}_{out}:   image {u8,f32,f16,bf16} -> tokens {f32,f16,bf16}",
+        "// unpatchify_{in}_{out}: tokens {f32,f16,bf16} -> image {u8,f32,f16,bf16}",
+        "// y = fma.rn.f32(x, a[c], b[c]), then round to the output dtype (ties to even).",
+        "//",
+    ] + abi_lines() + [
+        "",
+        f".version {PTX_VERSION}",
+        f".target {TARGET}",
+        ".address_size 64",
+        "",
+    ]
+    parts = ["\n".join(head)]
+    for name, direction, i, o, _ in entries():
+        parts.append(gen_entry(name, direction, i, o))
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the committed PTX is stale")
+    ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
+    ap.add_argument("--stdout", action="store_true", help="print the PTX instead of writing it")
+    args = ap.parse_args()
+    if args.list:
+        for name, _, _, _, size in entries():
+            print(name, size)
+        return 0
+    text = generate()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patchify.ptx")
+    if args.check:
+        try:
+            with open(path, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            print(f"{path} is stale: run python3 kernels/gen_patchify.py", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

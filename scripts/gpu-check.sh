@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# GPU check in two halves, for a GPU machine without a Rust toolchain or network:
+#
+#   scripts/gpu-check.sh build   here: builds every test executable (release, --features cuda)
+#                                and the patchify_cuda bench, copies them into gpu-bin/
+#                                (git-ignored; carry it to the GPU machine).
+#   scripts/gpu-check.sh run     there, from the repository root: runs every test executable
+#                                with VISTOK_REQUIRE_GPU=1 (no silent skips), then the bench;
+#                                prints a summary; exits non-zero if anything failed.
+#   scripts/gpu-check.sh         build if cargo exists, then run.
+#
+# The binaries load libcuda at run time and embed the PTX; they need nothing from the tree
+# except kernels/ (the PTX-generator check reads it; it is part of the checkout anyway).
+# When $OUT is a directory, the log is also written to $OUT/gpu-check.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN=gpu-bin
+TEST_TIMEOUT="${TEST_TIMEOUT:-240}"  # seconds per test executable
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+
+build() {
+    command -v cargo >/dev/null || { echo "gpu-check build: cargo not found" >&2; exit 1; }
+    rm -rf "$BIN"
+    mkdir -p "$BIN"
+    echo "== building tests (release, --features cuda)"
+    cargo test --release --features cuda --no-run --message-format=json-render-diagnostics >"$BIN/.tests.json"
+    echo "== building the patchify_cuda bench"
+    cargo bench --features cuda --bench patchify_cuda --no-run --message-format=json-render-diagnostics >"$BIN/.bench.json"
+    python3 - "$BIN" <<'EOF'
+import json, shutil, sys, os
+out = sys.argv[1]
+copied = []
+for src, want in ((".tests.json", "test"), (".bench.json", "bench")):
+    for line in open(os.path.join(out, src), encoding="utf-8"):
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+            continue
+        kinds, name = msg["target"]["kind"], msg["target"]["name"]
+        if want == "test" and msg["profile"]["test"] and "bench" not in kinds:
+            prefix = "lib" if ("lib" in kinds or "rlib" in kinds) else "test"
+            dst = f"test-{prefix}-{name}" if prefix == "lib" else f"test-{name}"
+        elif want == "bench" and "bench" in kinds and name == "patchify_cuda":
+            dst = f"bench-{name}"
+        else:
+            continue
+        shutil.copy2(msg["executable"], os.path.join(out, dst))
+        copied.append(dst)
+if not any(c.startswith("bench-") for c in copied) or not any(c.startswith("test-") for c in copied):
+    sys.exit(f"gpu-check build: missing executables (got {copied})")
+print("\n".join(sorted(copied)))
+EOF
+    rm -f "$BIN"/.tests.json "$BIN"/.bench.json
+    if command -v strip >/dev/null; then
+        strip --strip-debug "$BIN"/test-* "$BIN"/bench-*
+    fi
+    {
+        echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(uname -m)"
+        if command -v objdump >/dev/null; then
+            echo "newest glibc symbol needed: $(objdump -T "$BIN"/test-* "$BIN"/bench-* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)"
+        fi
+    } >"$BIN/MANIFEST"
+    cat "$BIN/MANIFEST"
+    du -sh "$BIN"
+}
+
+find_libcuda() {
+    if ldconfig -p 2>/dev/null | grep -q 'libcuda\.so'; then
+        return
+    fi
+    for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/local/cuda/compat; do
+        if [ -e "$d/libcuda.so.1" ] || [ -e "$d/libcuda.so" ]; then
+            export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+            echo "using libcuda from $d"
+            return
+        fi
+    done
+    echo "warning: libcuda not found by ldconfig nor in the usual folders" >&2
+}
+
+run() {
+    [ -d "$BIN" ] || { echo "gpu-check run: no $BIN/ (run 'scripts/gpu-check.sh build' first)" >&2; exit 1; }
+    [ -f "$BIN/MANIFEST" ] && cat "$BIN/MANIFEST"
+    find_libcuda
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    export VISTOK_REQUIRE_GPU=1 RUST_BACKTRACE=1
+    export CRITERION_HOME="${TMPDIR:-/tmp}/vistok-criterion"
+    local failed=() summary=() start t rc
+    start=$(date +%s)
+    for exe in "$BIN"/test-*; do
+        echo
+        echo "=== $exe"
+        t=$(date +%s)
+        rc=0
+        timeout "$TEST_TIMEOUT" "$exe" --color never || rc=$?
+        summary+=("$(printf '%-40s %s %4ss' "$(basename "$exe")" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
+        [ $rc -eq 0 ] || failed+=("$(basename "$exe")")
+    done
+    for exe in "$BIN"/bench-*; do
+        echo
+        echo "=== $exe --bench"
+        t=$(date +%s)
+        rc=0
+        timeout "$BENCH_TIMEOUT" "$exe" --bench --noplot || rc=$?
+        summary+=("$(printf '%-40s %s %4ss' "$(basename "$exe")" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
+        [ $rc -eq 0 ] || failed+=("$(basename "$exe")")
+    done
+    echo
+    echo "=== summary ($(($(date +%s) - start)) s)"
+    printf '%s\n' "${summary[@]}"
+    if [ ${#failed[@]} -ne 0 ]; then
+        echo "gpu-check: FAILED: ${failed[*]}"
+        return 1
+    fi
+    echo "gpu-check: OK"
+}
+
+main() {
+    case "${1:-all}" in
+        build) build ;;
+        run) run ;;
+        all)
+            if command -v cargo >/dev/null; then build; fi
+            run
+            ;;
+        *) echo "usage: $0 [build|run]" >&2; exit 64 ;;
+    esac
+}
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && [ -w "${OUT:-}" ]; then
+    set -o pipefail
+    main "$@" 2>&1 | tee "$OUT/gpu-check.log"
+else
+    main "$@"
+fi
