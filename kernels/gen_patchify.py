@@ -34,6 +34,7 @@ TOKEN_DTYPES = ["f32", "f16", "bf16"]
 # flags (bit values), shared by both directions
 FLAG_VLOAD = 1  # vector path: the lanes' sources are contiguous and aligned: one vector load
 FLAG_ROLE = 2  # patchify: order is Pqc; unpatchify: layout is channels-last
+FLAG_ROWS = 4  # patchify: row-run thread mapping (see header_patchify_rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,10 +50,12 @@ COMMON = [
     ("batch", "u32", 1),  # B
     ("n_vec", "u32", 1),  # threads per sample = output elements per sample / lanes
     ("lanes", "u32", 1),  # output elements per thread: V (vector path) or 1 (scalar path)
-    ("flags", "u32", 1),  # FLAG_VLOAD | FLAG_ROLE
+    ("flags", "u32", 1),  # FLAG_VLOAD | FLAG_ROLE | FLAG_ROWS
 ]
 PATCHIFY_FIELDS = COMMON + [
-    ("div", "fastdiv", 6),  # P, gw, gh, n0, n1, n2 (token-element digits, innermost first)
+    # flat mapping: P, gw, gh, n0, n1, n2 (token-element digits, innermost first);
+    # row-run mapping (FLAG_ROWS): nq, gw, gh, nr, ph, pt (Cpq) or C (Pqc)
+    ("div", "fastdiv", 6),
     ("patch", "u32", 3),  # pt, ph, pw
     ("extent", "u32", 3),  # T, H, W
     ("stride", "u32", 4),  # image element strides of c, t, h, w
@@ -233,8 +236,22 @@ def digits(k, n, first_slot):
 
 def header_patchify(k):
     e0, lanes, flags, role = prologue(k)
+    rows, t = k.pred("rows"), k.u32("t")
+    k.op(f"and.b32 {t}, {flags}, {FLAG_ROWS}")
+    k.op(f"setp.ne.u32 {rows}, {t}, 0")
+    k.op(f"@{rows} bra $L_rows", "uniform: the host picks the mapping")
+    h = header_patchify_flat(k, e0, lanes, role)
+    k.op("bra.uni $L_body")
+    k.label("$L_rows")
+    h2 = header_patchify_rows(k, e0, lanes, role)
+    assert h == h2, "both mappings must leave their results in the same registers"
+    k.label("$L_body")
+    return dict(h, lanes=lanes, flags=flags)
 
-    k.comment("e0 -> token l and element j0 inside it; l -> grid position (it, ih, iw).")
+
+def header_patchify_flat(k, e0, lanes, role):
+    """Flat mapping: thread i writes token elements [i*lanes, i*lanes + lanes) of a sample."""
+    k.comment("Flat mapping. e0 -> token l and element j0 inside it; l -> grid position.")
     l, j0 = k.u32("l"), k.u32("j0")
     k.fastdiv(e0, 0, l, j0)
     lq, iw, ih, it = k.u32("lq"), k.u32("iw"), k.u32("ih"), k.u32("it")
@@ -283,10 +300,98 @@ def header_patchify(k):
     k.op(f"mad.lo.u32 {o}, {tt}, {st}, {o}")
     k.op(f"mad.lo.u32 {o}, {h}, {sh}, {o}")
     k.op(f"mad.lo.u32 {o}, {w}, {sw}, {o}")
-    ls, cs = k.u32("ls"), k.u32("cs")
+    ls, cs, cw = k.u32("ls"), k.u32("cs"), k.u32("cw")
     k.op(f"selp.u32 {ls}, {sc}, {sw}, {role}", "source elements between lanes")
     k.op(f"selp.u32 {cs}, 1, 0, {role}", "channel step between lanes")
-    return dict(e0=e0, lanes=lanes, flags=flags, o=o, ls=ls, c=c, cs=cs, nv=nv)
+    C = k.param("u32", "div", 3, name="C", elem=0)
+    k.op(f"selp.u32 {cw}, {C}, 0xFFFFFFFF, {role}", "Pqc: n0 = C (lanes never wrap here)")
+    return dict(e0=e0, o=o, ls=ls, c=c, cs=cs, cw=cw, nv=nv)
+
+
+def header_patchify_rows(k, e0, lanes, role):
+    """Row-run mapping, for images whose token runs are contiguous: a run is the R = nq * lanes
+    elements of one token that lie in one image row (Cpq: pw pixels of one channel, NCHW;
+    Pqc: pw pixels of all C channels, NHWC). Thread i of a sample is
+    i = q + nq * (iw + gw * (r + nr * (ih + gh * it))): nq threads share a run, the next nq
+    take the next token along the same row. A warp then reads one contiguous span of a row
+    and writes whole runs (full 32-byte sectors on both sides)."""
+    k.comment("Row-run mapping. i -> (q, iw, r, ih, it): vector q of run r of token (it, ih, iw).")
+    i = k.u32("i")
+    q, a, iw, a2 = k.u32("q"), k.u32("ra"), k.u32("iw"), k.u32("ra2")
+    k.fastdiv(i, 0, a, q)
+    k.fastdiv(a, 1, a2, iw)
+    r, lt, ih, it = k.u32("r"), k.u32("lt"), k.u32("ih"), k.u32("it")
+    k.fastdiv(a2, 3, lt, r)
+    k.fastdiv(lt, 2, it, ih)
+
+    k.comment("Run r -> Cpq (dh, dt, c) with radices (ph, pt); Pqc (dh, dt), c0 = q*lanes mod C.")
+    dh, r2 = k.u32("dh"), k.u32("r2")
+    k.fastdiv(r, 4, r2, dh)
+    qv, n5, q5, m5 = k.u32("qv"), k.u32("n5"), k.u32("q5"), k.u32("m5")
+    k.op(f"mul.lo.u32 {qv}, {q}, {lanes}", "element of lane 0 inside the run")
+    k.op(f"selp.u32 {n5}, {qv}, {r2}, {role}")
+    k.fastdiv(n5, 5, q5, m5)
+    c, dt = k.u32("c"), k.u32("dt")
+    k.op(f"selp.u32 {dt}, {r2}, {m5}, {role}")
+    k.op(f"selp.u32 {c}, {m5}, {q5}, {role}", "channel of lane 0")
+
+    k.comment("Output element of lane 0: e0 = (((it*gh + ih)*gw + iw)*nr + r)*nq + q) * lanes.")
+    gw = k.param("u32", "div", 1, name="gw", elem=0)
+    nr = k.param("u32", "div", 3, name="nr", elem=0)
+    nq = k.param("u32", "div", 0, name="nq", elem=0)
+    k.op(f"mad.lo.u32 {e0}, {lt}, {gw}, {iw}", "token l")
+    k.op(f"mad.lo.u32 {e0}, {e0}, {nr}, {r}")
+    k.op(f"mad.lo.u32 {e0}, {e0}, {nq}, {q}")
+    k.op(f"mul.lo.u32 {e0}, {e0}, {lanes}")
+
+    k.comment("Image coordinates of the run's start; its valid elements are a prefix.")
+    pt = k.param("u32", "patch", 0, name="pt")
+    ph = k.param("u32", "patch", 1, name="ph")
+    pw = k.param("u32", "patch", 2, name="pw")
+    tt, h, w = k.u32("tt"), k.u32("h"), k.u32("w")
+    k.op(f"mad.lo.u32 {tt}, {it}, {pt}, {dt}")
+    k.op(f"mad.lo.u32 {h}, {ih}, {ph}, {dh}")
+    k.op(f"mul.lo.u32 {w}, {iw}, {pw}")
+    T = k.param("u32", "extent", 0, name="T")
+    H = k.param("u32", "extent", 1, name="H")
+    W = k.param("u32", "extent", 2, name="W")
+    inb = k.pred("inb")
+    k.op(f"setp.lt.u32 {inb}, {tt}, {T}")
+    k.op(f"setp.lt.and.u32 {inb}, {h}, {H}, {inb}")
+    k.op(f"setp.lt.and.u32 {inb}, {w}, {W}, {inb}", "the run starts inside the image")
+
+    k.comment("Valid lanes nv = clamp((W - w) * (Pqc ? C : 1) - q*lanes, 0, lanes): the image")
+    k.body.append("    // elements of a run are a prefix of it. Padded lanes are +0.0.")
+    Cr = k.param("u32", "div", 5, name="C", elem=0)
+    nv, t = k.u32("nv"), k.u32("t")
+    k.op(f"selp.u32 {t}, {Cr}, 1, {role}", "elements per pixel in the run")
+    k.op(f"sub.u32 {nv}, {W}, {w}", "meaningful when w < W")
+    k.op(f"mul.lo.u32 {nv}, {nv}, {t}", "<= W*C < 2^31; past the run end is capped below")
+    more = k.pred("nvq")
+    k.op(f"setp.gt.u32 {more}, {nv}, {qv}")
+    k.op(f"sub.u32 {nv}, {nv}, {qv}")
+    k.op(f"min.u32 {nv}, {nv}, {lanes}")
+    k.op(f"selp.u32 {nv}, {nv}, 0, {more}")
+    k.op(f"selp.u32 {nv}, {nv}, 0, {inb}")
+
+    k.comment("Image offset of lane 0 (garbage when padded: never dereferenced); lanes are")
+    k.body.append("    // contiguous (Cpq: along w, Pqc: along (w, c)).")
+    sc = k.param("u32", "stride", 0, name="sc")
+    st = k.param("u32", "stride", 1, name="st")
+    sh = k.param("u32", "stride", 2, name="sh")
+    sw = k.param("u32", "stride", 3, name="sw")
+    o = k.u32("o")
+    k.op(f"mul.lo.u32 {o}, {c}, {sc}")
+    k.op(f"selp.u32 {o}, 0, {o}, {role}", "Pqc: the channel is part of the run")
+    k.op(f"mad.lo.u32 {o}, {tt}, {st}, {o}")
+    k.op(f"mad.lo.u32 {o}, {h}, {sh}, {o}")
+    k.op(f"mad.lo.u32 {o}, {w}, {sw}, {o}")
+    k.op(f"add.u32 {o}, {o}, {qv}")
+    ls, cs, cw = k.u32("ls"), k.u32("cs"), k.u32("cw")
+    k.op(f"mov.u32 {ls}, 1", "source elements between lanes")
+    k.op(f"selp.u32 {cs}, 1, 0, {role}", "channel step between lanes")
+    k.op(f"selp.u32 {cw}, {Cr}, 0xFFFFFFFF, {role}", "Pqc lanes wrap to channel 0 at C")
+    return dict(e0=e0, o=o, ls=ls, c=c, cs=cs, cw=cw, nv=nv)
 
 
 def header_unpatchify(k):
@@ -327,7 +432,9 @@ def header_unpatchify(k):
     ls, cs = k.u32("ls"), k.u32("cs")
     k.op(f"selp.u32 {ls}, {jc}, {jw}, {role}", "NHWC lanes walk c, NCHW lanes walk w")
     k.op(f"selp.u32 {cs}, 1, 0, {role}", "channel step between lanes")
-    return dict(e0=e0, lanes=lanes, flags=flags, o=o, ls=ls, c=c, cs=cs, nv=lanes)
+    cw = k.u32("cw")
+    k.op(f"mov.u32 {cw}, 0xFFFFFFFF", "NHWC lanes stay inside one pixel: no wrap")
+    return dict(e0=e0, lanes=lanes, flags=flags, o=o, ls=ls, c=c, cs=cs, cw=cw, nv=lanes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,8 +560,8 @@ def store_vector(k, ty, lanes, addr, ys):
 # --------------------------------------------------------------------------------------------
 def body(k, h, src_ty, dst_ty, V):
     si, so = DTYPES[src_ty], DTYPES[dst_ty]
-    e0, lanes, flags, o, ls, c, cs, nv = (h[x] for x in
-                                          ("e0", "lanes", "flags", "o", "ls", "c", "cs", "nv"))
+    e0, lanes, flags, o, ls, c, cs, cw, nv = (
+        h[x] for x in ("e0", "lanes", "flags", "o", "ls", "c", "cs", "cw", "nv"))
 
     k.comment("Batch loop setup: b = ctaid.y, step nctaid.y; 64-bit sample bases.")
     b, B = k.u32("b"), k.param("u32", "batch", name="B")
@@ -485,12 +592,19 @@ def body(k, h, src_ty, dst_ty, V):
     k.op(f"@{scalar} bra $L_scalar")
 
     # ---- vector path: V lanes per thread ----
-    k.comment(f"Vector path: {V} lanes; lane k has channel c + k*cs and source o + k*ls.")
+    k.comment(f"Vector path: {V} lanes; lane k has source o + k*ls and channel c + k*cs,")
+    k.body.append("    // wrapping to 0 at cw (row-run Pqc with C not a multiple of the lanes).")
     a_s, b_s = [], []
-    ck, ca = k.u32("ck"), k.u64("ca")
+    ck, ca, ct = k.u32("ck"), k.u64("ca"), k.u32("ct")
+    wrap = k.pred("wrap")
+    k.op(f"mov.u32 {ck}, {c}")
     for j in range(V):
         a, bb = k.f32(f"a{j}"), k.f32(f"b{j}")
-        k.op(f"mad.lo.u32 {ck}, {cs}, {j}, {c}")
+        if j:
+            k.op(f"add.u32 {ck}, {ck}, {cs}")
+            k.op(f"setp.ge.u32 {wrap}, {ck}, {cw}")
+            k.op(f"sub.u32 {ct}, {ck}, {cw}")
+            k.op(f"selp.u32 {ck}, {ct}, {ck}, {wrap}", "ck < cw again: it grows by at most 1")
         k.op(f"mad.wide.u32 {ca}, {ck}, 8, {coef}")
         k.op(f"ld.global.nc.v2.f32 {{{a}, {bb}}}, [{ca}]", f"(a, b) of lane {j}")
         a_s.append(a)
@@ -584,7 +698,8 @@ def gen_entry(name, direction, i, o):
 
 
 def abi_lines():
-    lines = [f"// abi block {BLOCK}", f"// abi flag vload {FLAG_VLOAD}", f"// abi flag role {FLAG_ROLE}"]
+    lines = [f"// abi block {BLOCK}", f"// abi flag vload {FLAG_VLOAD}", f"// abi flag role {FLAG_ROLE}",
+             f"// abi flag rows {FLAG_ROWS}"]
     for family, offs, size in (("patchify", PATCHIFY_OFF, PATCHIFY_SIZE),
                                ("unpatchify", UNPATCHIFY_OFF, UNPATCHIFY_SIZE)):
         lines.append(f"// abi {family} size {size}")

@@ -11,7 +11,14 @@ fn skipped_without_cuda_feature() {
     if std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1") {
         panic!("VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
     }
-    println!("skipped: built without the cuda feature");
+    say_skipped("built without the cuda feature");
+}
+
+/// Says a test was skipped where a person sees it: straight to the process's stderr, which
+/// the test harness does not capture (it captures only the print macros).
+fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }
 
 #[cfg(feature = "cuda")]
@@ -23,7 +30,7 @@ mod cuda {
 
     use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
     use proptest::prelude::*;
-    use vistok::cuda::patchify::{self as cp, GridShape, Pointers, MAX_GRID_Y};
+    use vistok::cuda::patchify::{self as cp, GridShape, Mapping, Pointers, MAX_GRID_Y};
     use vistok::cuda::{Gpu, PatchifyKernel};
     use vistok::{
         bf16, f16, Backend, DType, Element, Error, Family, Float, Layout, Normalize, PatchConfig, PatchOrder, Patchify,
@@ -45,7 +52,7 @@ mod cuda {
                 // NoCudaDriver / NoDevice on machines without a GPU; a driver error (e.g. a
                 // driver too old) skips too, unless the GPU is required.
                 assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but no usable CUDA device: {e}");
-                println!("skipped: no CUDA device ({e})");
+                super::say_skipped(&format!("no CUDA device ({e})"));
                 None
             }
         }
@@ -66,7 +73,7 @@ mod cuda {
             ok.then_some(sim)
         });
         if sim.is_none() {
-            println!("skipped: python3 or kernels/ptx_sim.py not found");
+            super::say_skipped("python3 or kernels/ptx_sim.py not found");
         }
         sim.as_deref()
     }
@@ -79,18 +86,19 @@ mod cuda {
 
     /// How a launch is set up: element offsets of the buffers from an aligned base (to reach
     /// the unaligned paths), the grid's batch cap (to reach the batch loop; `MAX_GRID_Y` means
-    /// the library's own sizing for this device), the poison byte.
+    /// the library's own sizing for this device), the poison byte, the patchify thread mapping.
     #[derive(Clone, Copy, Debug)]
     struct Opts {
         src_offset: usize,
         dst_offset: usize,
         max_grid_y: u32,
         poison: u8,
+        mapping: Mapping,
     }
 
     /// The grid shape for a cap: samples `max_y` apart per thread.
     fn cap(max_y: u32) -> GridShape {
-        GridShape { max_y, target_blocks: u32::MAX }
+        GridShape::max_rows(max_y)
     }
 
     /// A kernel with the test's cap, or the library's own sizing when there is none.
@@ -102,7 +110,9 @@ mod cuda {
         }
     }
 
-    const PLAIN: Opts = Opts { src_offset: 0, dst_offset: 0, max_grid_y: MAX_GRID_Y, poison: 0xFF };
+    const PLAIN: Opts =
+        Opts { src_offset: 0, dst_offset: 0, max_grid_y: MAX_GRID_Y, poison: 0xFF, mapping: Mapping::RowRuns };
+    const FLAT: Opts = Opts { mapping: Mapping::Flat, ..PLAIN };
 
     fn from_bytes<T: Element>(bytes: &[u8]) -> Vec<T> {
         let mut v = vec![<T as bytemuck::Zeroable>::zeroed(); bytes.len() / std::mem::size_of::<T>()];
@@ -180,7 +190,7 @@ mod cuda {
             coef: 0x4000,
         };
         let (name, grid, block, params) = if forward {
-            let l = cp::plan_forward(plan, I::DTYPE, O::DTYPE, ptrs, cap(o.max_grid_y)).unwrap();
+            let l = cp::plan_forward_mapped(plan, I::DTYPE, O::DTYPE, ptrs, cap(o.max_grid_y), o.mapping).unwrap();
             (l.name, l.grid, l.block, bytemuck::bytes_of(&l.params).to_vec())
         } else {
             let l = cp::plan_inverse(plan, I::DTYPE, O::DTYPE, ptrs, cap(o.max_grid_y)).unwrap();
@@ -288,7 +298,7 @@ mod cuda {
         .unwrap();
         let got = match dev {
             Device::Gpu(g) => {
-                let k = with_cap(PatchifyKernel::new(g, plan).unwrap(), o.max_grid_y);
+                let k = with_cap(PatchifyKernel::new(g, plan).unwrap(), o.max_grid_y).with_mapping(o.mapping);
                 gpu_run(g, &image, n, o, |s, src, dst| k.forward(s, src, dst))
             }
             Device::Sim => sim_run::<I, O>(plan, true, &image, n, o),
@@ -356,10 +366,11 @@ mod cuda {
     use PatchOrder::{Cpq, Pqc};
 
     /// Small shapes that reach every path: vector + vector load, vector + gather, scalar,
-    /// padding (whole and partial vectors), video, the batch loop, unaligned buffers.
+    /// padding (whole and partial vectors), video, the batch loop, unaligned buffers; patchify
+    /// in both thread mappings (row runs: NCHW Cpq and NHWC Pqc, also with C = 3 and odd W).
     fn small_cases() -> Vec<(Patchify, Opts)> {
         let o = PLAIN;
-        vec![
+        let mut cases = vec![
             (plan(Nchw, Cpq, false, true, [1, 4, 8], &[2, 3, 8, 16]), o),
             (plan(Nhwc, Cpq, false, false, [1, 4, 8], &[2, 8, 8, 3]), o),
             (plan(Nchw, Pqc, false, true, [1, 2, 2], &[1, 8, 4, 6]), o),
@@ -373,7 +384,29 @@ mod cuda {
             (plan(Nchw, Cpq, false, true, [1, 4, 8], &[2, 3, 4, 16]), Opts { src_offset: 1, ..o }),
             (plan(Nchw, Cpq, false, true, [1, 4, 8], &[2, 3, 4, 16]), Opts { dst_offset: 1, poison: 0x00, ..o }),
             (plan(Nchw, Cpq, false, false, [1, 1, 1], &[1, 1, 1, 1]), o),
-        ]
+            // Row runs of pw·C values: C = 3 wraps lane channels, padding cuts runs mid-vector.
+            (plan(Nhwc, Pqc, false, true, [1, 2, 4], &[2, 4, 8, 3]), o),
+            (plan(Nhwc, Pqc, true, true, [1, 3, 8], &[1, 4, 11, 3]), o),
+            (plan(Nhwc, Pqc, true, true, [2, 2, 4], &[1, 3, 3, 7, 5]), Opts { max_grid_y: 1, ..o }),
+            (plan(Nhwc, Pqc, false, true, [1, 2, 4], &[3, 2, 8, 3]), Opts { src_offset: 2, max_grid_y: 2, ..o }),
+            (plan(Nchw, Cpq, true, true, [1, 2, 8], &[3, 2, 5, 19]), Opts { src_offset: 1, max_grid_y: 2, ..o }),
+            (plan(Nchw, Cpq, false, true, [1, 2, 16], &[1, 3, 4, 64]), o),
+        ];
+        // The flat mapping on the cases the row runs took over.
+        let flat: Vec<_> = cases
+            .iter()
+            .filter(|(p, _)| takes_row_runs(p))
+            .map(|(p, o)| (p.clone(), Opts { mapping: Mapping::Flat, ..*o }))
+            .collect();
+        cases.extend(flat);
+        cases
+    }
+
+    /// Whether u8 -> f32 patchify of `p` (aligned buffers) takes the row-run mapping.
+    fn takes_row_runs(p: &Patchify) -> bool {
+        let ptrs = Pointers { src: 0x1000, dst: 0x2000, coef: 0x3000 };
+        let l = cp::plan_forward(p, DType::U8, DType::F32, ptrs, GridShape::ONE_SAMPLE_PER_THREAD).unwrap();
+        l.params.common.flags & cp::FLAG_ROWS != 0
     }
 
     // ---------------------------------------------------------------- emulated (no GPU needed)
@@ -393,6 +426,28 @@ mod cuda {
                 check_pair(Device::Sim, p, k, (i * 24 + k) as u64, *o);
             }
         }
+    }
+
+    #[test]
+    fn emulated_row_runs_every_patchify_pair() {
+        if simulator().is_none() {
+            return;
+        }
+        // Every patchify pair (4- and 8-lane entries) on row runs with C = 3 lane-channel wrap,
+        // padding and the batch loop, then NCHW Cpq runs cut by the right edge, misaligned.
+        let p = plan(Nhwc, Pqc, true, true, [1, 2, 8], &[2, 3, 10, 3]);
+        assert!(takes_row_runs(&p));
+        for k in 0..12 {
+            check_pair(Device::Sim, &p, k, 300 + k as u64, Opts { max_grid_y: 1, ..PLAIN });
+        }
+        let p = plan(Nchw, Cpq, true, true, [1, 2, 8], &[2, 2, 3, 21]);
+        assert!(takes_row_runs(&p));
+        for k in [0, 2, 4, 7, 9] {
+            check_pair(Device::Sim, &p, k, 400 + k as u64, PLAIN);
+            check_pair(Device::Sim, &p, k, 500 + k as u64, Opts { src_offset: 1, ..PLAIN });
+        }
+        check_pair(Device::Sim, &p, 0, 600, Opts { dst_offset: 1, ..PLAIN }); // scalar fallback
+        check_pair(Device::Sim, &p, 1, 601, FLAT);
     }
 
     #[test]
@@ -420,25 +475,44 @@ mod cuda {
             } else {
                 cp::plan_inverse(p, i, o, ptrs, GridShape::ONE_SAMPLE_PER_THREAD).unwrap().params.common
             };
-            (c.lanes, c.flags & cp::FLAG_VLOAD != 0)
+            (c.lanes, c.flags & cp::FLAG_VLOAD != 0, c.flags & cp::FLAG_ROWS != 0)
         };
         let bench = plan(Nchw, Cpq, false, false, [1, 16, 16], &[32, 3, 256, 256]);
-        assert_eq!(path(&bench, true, DType::U8, DType::F32, ptrs), (4, true));
-        assert_eq!(path(&bench, false, DType::F32, DType::U8, ptrs), (4, true));
-        assert_eq!(path(&bench, true, DType::U8, DType::F32, Pointers { src: 0x1001, ..ptrs }), (4, false));
-        assert_eq!(path(&bench, true, DType::U8, DType::F32, Pointers { dst: 0x2004, ..ptrs }), (1, false));
+        assert_eq!(path(&bench, true, DType::U8, DType::F32, ptrs), (4, true, true));
+        assert_eq!(path(&bench, false, DType::F32, DType::U8, ptrs), (4, true, false));
+        assert_eq!(path(&bench, true, DType::U8, DType::F32, Pointers { src: 0x1001, ..ptrs }), (4, false, true));
+        assert_eq!(path(&bench, true, DType::U8, DType::F32, Pointers { dst: 0x2004, ..ptrs }), (1, false, false));
         let nhwc = plan(Nhwc, Cpq, false, false, [1, 16, 16], &[8, 512, 512, 3]);
-        assert_eq!(path(&nhwc, true, DType::F32, DType::BF16, ptrs), (4, false));
+        assert_eq!(path(&nhwc, true, DType::F32, DType::BF16, ptrs), (4, false, false));
         let mae = plan(Nhwc, Pqc, false, false, [1, 16, 16], &[8, 224, 224, 3]);
-        assert_eq!(path(&mae, true, DType::U8, DType::F32, ptrs), (1, false));
+        assert_eq!(path(&mae, true, DType::U8, DType::F32, ptrs), (4, true, true));
+        assert_eq!(path(&mae, true, DType::U8, DType::BF16, ptrs), (8, true, true));
         let video = plan(Nchw, Cpq, false, false, [2, 16, 16], &[4, 3, 16, 224, 224]);
-        assert_eq!(path(&video, true, DType::U8, DType::F32, ptrs), (4, true));
+        assert_eq!(path(&video, true, DType::U8, DType::F32, ptrs), (4, true, true));
+        let odd = plan(Nhwc, Pqc, false, false, [1, 2, 3], &[1, 4, 6, 3]); // run of 9 values
+        assert_eq!(path(&odd, true, DType::U8, DType::F32, ptrs), (1, false, false));
+        let flat = |p: &Patchify| {
+            let l = cp::plan_forward_mapped(p, DType::U8, DType::F32, ptrs, cap(32), Mapping::Flat).unwrap();
+            (l.params.common.lanes, l.params.common.flags)
+        };
+        assert_eq!(flat(&bench), (4, cp::FLAG_VLOAD));
+        assert_eq!(flat(&mae), (1, cp::FLAG_ROLE));
         let l = cp::plan_forward(&bench, DType::U8, DType::F32, ptrs, GridShape::ONE_SAMPLE_PER_THREAD).unwrap();
         assert_eq!((l.grid, l.block), ((192, 32, 1), (256, 1, 1)));
         let l = cp::plan_forward(&bench, DType::U8, DType::F32, ptrs, cap(5)).unwrap();
         assert_eq!(l.grid, (192, 5, 1));
+        // One wave on 132 SMs: 1056 / 192 = 5 rows (7 or 6 samples per thread).
         let l = cp::plan_forward(&bench, DType::U8, DType::F32, ptrs, GridShape::for_sms(132)).unwrap();
+        assert_eq!(l.grid, (192, 5, 1));
+        // Rows are lowered to balance the samples per thread: 32 in 12 rows is 3 per thread,
+        // 11 rows give the same.
+        let l = cp::plan_forward(&bench, DType::U8, DType::F32, ptrs, cap(12)).unwrap();
         assert_eq!(l.grid, (192, 11, 1));
+        let big = plan(Nchw, Cpq, false, false, [1, 16, 16], &[256, 3, 256, 256]);
+        let l = cp::plan_forward(&big, DType::U8, DType::F32, ptrs, GridShape::for_sms(132)).unwrap();
+        assert_eq!(l.grid, (192, 5, 1)); // 52 or 51 samples per thread
+        let l = cp::plan_forward(&big, DType::U8, DType::F32, ptrs, GridShape::for_sms(1)).unwrap();
+        assert_eq!(l.grid, (192, 1, 1)); // the sample alone is more than a wave
     }
 
     #[test]
@@ -669,10 +743,11 @@ mod cuda {
                 0usize..3,
                 prop::sample::select(&[1u32, 2, MAX_GRID_Y][..]),
                 any::<u8>(),
+                any::<bool>(),
             ),
         )
             .prop_map(
-                |((video, cl, pqc, norm, pad), (b, c), (at, ah, aw), (pair, seed, so, dso, gy, poison))| {
+                |((video, cl, pqc, norm, pad), (b, c), (at, ah, aw), (pair, seed, so, dso, gy, poison, flat))| {
                     let extent = |(p, g, r): (usize, usize, usize)| if pad { g * p + r } else { g * p };
                     let (pt, t) = if video { (at.0, extent(at)) } else { (1, 1) };
                     let (h, w) = (extent(ah), extent(aw));
@@ -692,7 +767,13 @@ mod cuda {
                         patch: [pt, ah.0, aw.0],
                         pair,
                         seed,
-                        opts: Opts { src_offset: so, dst_offset: dso, max_grid_y: gy, poison },
+                        opts: Opts {
+                            src_offset: so,
+                            dst_offset: dso,
+                            max_grid_y: gy,
+                            poison,
+                            mapping: if flat { Mapping::Flat } else { Mapping::RowRuns },
+                        },
                     }
                 },
             )

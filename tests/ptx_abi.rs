@@ -124,7 +124,7 @@ fn committed_ptx_is_what_the_generator_writes() {
     // Found at run time: the test binary may run from a copy of the tree at another path.
     let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
     let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_patchify.py")).find(|p| p.is_file()) else {
-        println!("skipped: kernels/gen_patchify.py not found (run from the crate root)");
+        say_skipped("kernels/gen_patchify.py not found (run from the crate root)");
         return;
     };
     match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
@@ -133,7 +133,7 @@ fn committed_ptx_is_what_the_generator_writes() {
             assert!(out.stdout == PTX.as_bytes(), "kernels/patchify.ptx is stale: run python3 kernels/gen_patchify.py")
         }
         Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
-        Err(e) => println!("skipped: python3 not available ({e})"),
+        Err(e) => say_skipped(&format!("python3 not available ({e})")),
     }
 }
 
@@ -175,4 +175,11 @@ fn rust_launcher_agrees_with_the_ptx() {
         };
         assert_eq!(cp::kernel_name(family, dtype(i), dtype(o)), name);
     }
+}
+
+/// Says a test was skipped where a person sees it: straight to the process's stderr, which
+/// the test harness does not capture (it captures only the print macros).
+fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }
