@@ -28,12 +28,13 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             Ok(())
         }
-        _ => Err(format!("unknown command {cmd:?}\n{USAGE}")),
+        _ => Err(format!("{}: unknown command\n{USAGE}", cmd.to_string_lossy())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("vistok: {msg}");
+            // Every command's errors start with its own name: "vistok run patchify: …".
+            eprintln!("vistok {msg}");
             ExitCode::FAILURE
         }
     }
