@@ -1,7 +1,62 @@
-//! `vistok run <family>` on .npy files (placeholder until the runner lands).
+//! `vistok run <family> ...`: runs a kernel family on .npy files, so that scripts in other
+//! languages (Python above all) can check and use vistok without writing Rust.
+//!
+//! One file per job: `args` (shared flags), `npy` (the file format), `buf` (typed buffers and
+//! their .npy mapping), `exec` (backend and dtype dispatch), `gpu` (the CUDA path),
+//! `output` (write-then-rename), and one file per subcommand.
+
+mod args;
+mod buf;
+mod exec;
+mod gpu;
+mod npy;
+mod output;
+mod patchify;
+mod unpatchify;
 
 use std::ffi::OsString;
 
-pub fn main(_args: Vec<OsString>) -> Result<(), String> {
-    Err("run: not implemented yet".into())
+/// Families that can run now.
+const FAMILIES: &[&str] = &["patchify", "unpatchify"];
+/// Families the issues plan but vistok does not have yet.
+const PENDING: &[&str] = &["argmin", "lfq", "fsq", "attention", "merge"];
+
+const HELP: &str = "\
+vistok run: run a kernel family on .npy files
+
+usage: vistok run <family> [options] IN.npy OUT.npy      (vistok run <family> --help for more)
+
+families:
+  patchify     image / video -> patch tokens [B, L, P]
+  unpatchify   patch tokens -> image / video
+not in vistok yet: argmin, lfq, fsq, attention, merge
+
+Common flags: --backend reference|cpu|cuda (default cpu), --dtype f32|f16|bf16.
+.npy files: format 1.0 / 2.0 / 3.0, little-endian, C order; dtypes |u1, <f2, <f4 (and <i4,
+<i8, <u4 where a family takes indices). numpy has no bf16: bf16 results are written as <f4
+holding the bf16 values exactly. Errors: a non-zero exit, one line on stderr, no output file.
+";
+
+pub fn main(args: Vec<OsString>) -> Result<(), String> {
+    let mut args = args.into_iter();
+    let Some(family) = args.next() else {
+        return Err(format!("run: which family? one of {} (see vistok run --help)", FAMILIES.join(", ")));
+    };
+    let rest: Vec<OsString> = args.collect();
+    match family.to_str() {
+        Some("patchify") => patchify::main(rest),
+        Some("unpatchify") => unpatchify::main(rest),
+        Some("-h" | "--help" | "help") => {
+            print!("{HELP}");
+            Ok(())
+        }
+        Some(f) if PENDING.contains(&f) => {
+            Err(format!("run {f}: the {f} family is not in vistok yet (see the issues)"))
+        }
+        _ => Err(format!(
+            "run: unknown family {family:?}; available: {} (not in vistok yet: {})",
+            FAMILIES.join(", "),
+            PENDING.join(", ")
+        )),
+    }
 }
