@@ -27,6 +27,9 @@ build() {
     cargo test --release --features cuda --no-run --message-format=json-render-diagnostics >"$BIN/.tests.json"
     echo "== building the patchify_cuda bench"
     cargo bench --features cuda --bench patchify_cuda --no-run --message-format=json-render-diagnostics >"$BIN/.bench.json"
+    echo "== building the vistok command (release, --features cuda)"
+    cargo build --release --features cuda --bin vistok
+    cp "${CARGO_TARGET_DIR:-target}/release/vistok" "$BIN/vistok"
     python3 - "$BIN" <<'EOF'
 import json, shutil, sys, os
 out = sys.argv[1]
@@ -40,6 +43,10 @@ for src, want in ((".tests.json", "test"), (".bench.json", "bench")):
         if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
             continue
         kinds, name = msg["target"]["kind"], msg["target"]["name"]
+        # The CLI tests start the vistok binary by its path on the build machine; they need
+        # no GPU and run in CI, so they stay here.
+        if want == "test" and name.startswith("cli_"):
+            continue
         if want == "test" and msg["profile"]["test"] and "bench" not in kinds:
             prefix = "lib" if ("lib" in kinds or "rlib" in kinds) else "test"
             dst = f"test-{prefix}-{name}" if prefix == "lib" else f"test-{name}"
@@ -55,7 +62,7 @@ print("\n".join(sorted(copied)))
 EOF
     rm -f "$BIN"/.tests.json "$BIN"/.bench.json
     if command -v strip >/dev/null; then
-        strip --strip-debug "$BIN"/test-* "$BIN"/bench-*
+        strip --strip-debug "$BIN"/test-* "$BIN"/bench-* "$BIN"/vistok
     fi
     {
         echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) from $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(uname -m)"
@@ -108,6 +115,19 @@ run() {
         summary+=("$(printf '%-40s %s %4ss' "$(basename "$exe")" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
         [ $rc -eq 0 ] || failed+=("$(basename "$exe")")
     done
+    if [ -x "$BIN/vistok" ]; then
+        echo
+        echo "=== vistok bench --quick --filter cuda (the harness, on the GPU)"
+        t=$(date +%s)
+        rc=0
+        local extra=()
+        if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+            extra=(--json "$OUT/bench-gpu.json" --plot "$OUT/roofline-gpu.svg")
+        fi
+        timeout "$BENCH_TIMEOUT" "$BIN/vistok" bench --quick --filter cuda "${extra[@]}" || rc=$?
+        summary+=("$(printf '%-40s %s %4ss' "vistok bench (cuda)" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
+        [ $rc -eq 0 ] || failed+=("vistok-bench")
+    fi
     echo
     echo "=== summary ($(($(date +%s) - start)) s)"
     printf '%s\n' "${summary[@]}"
