@@ -500,8 +500,8 @@ pub fn plan_forward_mapped(
     let v = lanes(input, output) as usize;
     let pqc = g.order == PatchOrder::Pqc;
     let c = g.channels;
-    let dst_aligned = ptrs.dst % (v * output.size()) as u64 == 0;
-    let src_aligned = ptrs.src % (v * input.size()) as u64 == 0;
+    let dst_aligned = ptrs.dst.is_multiple_of((v * output.size()) as u64);
+    let src_aligned = ptrs.src.is_multiple_of((v * input.size()) as u64);
     // The elements of one token in one image row, when they are contiguous in the image.
     let run = match g.order {
         PatchOrder::Cpq if s.w == 1 => Some(pw),
@@ -592,11 +592,11 @@ pub fn plan_inverse(
     };
     let (lane_stride, others) = if cl { (jc, [jt, jh, jw]) } else { (jw, [jc, jt, jh]) };
     // NCHW lanes must also stay inside one patch (pw % v) to share a token.
-    let vector = n0 % v == 0 && (cl || pw % v == 0) && ptrs.dst % (v * output.size()) as u64 == 0;
+    let vector = n0 % v == 0 && (cl || pw % v == 0) && ptrs.dst.is_multiple_of((v * output.size()) as u64);
     let vload = vector
         && lane_stride == 1
         && others.iter().chain([&g.patch_len]).all(|x| x % v == 0)
-        && ptrs.src % (v * input.size()) as u64 == 0;
+        && ptrs.src.is_multiple_of((v * input.size()) as u64);
     let lanes = if vector { v as u32 } else { 1 };
     let flags = if vload { FLAG_VLOAD } else { 0 } | if cl { FLAG_ROLE } else { 0 };
     let n_vec = image / lanes;

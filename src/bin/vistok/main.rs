@@ -7,6 +7,7 @@
 //! ```
 
 mod bench;
+mod dev;
 mod run;
 
 use std::process::ExitCode;

@@ -4,16 +4,7 @@
 
 use vistok::{Element, Float, Patchify};
 
-/// What the CUDA host helpers need of an element type. Empty without the `cuda` feature, so
-/// the runner has one generic path for every backend.
-#[cfg(feature = "cuda")]
-pub trait Dev: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
-#[cfg(feature = "cuda")]
-impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Dev for T {}
-#[cfg(not(feature = "cuda"))]
-pub trait Dev {}
-#[cfg(not(feature = "cuda"))]
-impl<T> Dev for T {}
+pub use crate::dev::Dev;
 
 #[cfg(feature = "cuda")]
 fn kernel(plan: &Patchify) -> Result<vistok::cuda::PatchifyKernel, String> {

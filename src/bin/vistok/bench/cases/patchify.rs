@@ -103,15 +103,7 @@ impl<I: Float + Dev, O: Element + Dev> Ops<I, O> {
     }
 }
 
-/// Element types the device backend can hold (every type, without the `cuda` feature).
-#[cfg(feature = "cuda")]
-pub trait Dev: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
-#[cfg(feature = "cuda")]
-impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Dev for T {}
-#[cfg(not(feature = "cuda"))]
-pub trait Dev {}
-#[cfg(not(feature = "cuda"))]
-impl<T> Dev for T {}
+pub use crate::dev::Dev;
 
 /// What the backends of one (shape, direction) share: the plan, the input (made once) and the
 /// reference output (made once; every backend's check compares with it).
