@@ -13,10 +13,16 @@ pub enum Family {
     Patchify,
     /// Patch tokens → image / video.
     Unpatchify,
+    /// Lookup-free quantization (LFQ, group-wise LFQ, BSQ).
+    Lfq,
+    /// Finite scalar quantization.
+    Fsq,
     /// Tensor views, before any kernel runs.
     View,
     /// The CUDA runtime layer (context, modules, launches).
     Cuda,
+    /// The CPU backend itself (e.g. a forced instruction set this CPU lacks).
+    Cpu,
 }
 
 impl fmt::Display for Family {
@@ -24,8 +30,11 @@ impl fmt::Display for Family {
         f.write_str(match self {
             Family::Patchify => "patchify",
             Family::Unpatchify => "unpatchify",
+            Family::Lfq => "lfq",
+            Family::Fsq => "fsq",
             Family::View => "view",
             Family::Cuda => "cuda",
+            Family::Cpu => "cpu",
         })
     }
 }

@@ -7,6 +7,8 @@
 //! | family | module | status |
 //! |---|---|---|
 //! | patchify / unpatchify | [`patchify`] | reference, cpu, cuda |
+//! | finite scalar quantization (FSQ) | [`fsq`] | reference, cpu |
+//! | LFQ / group-wise LFQ / BSQ (sign → token ids) | [`lfq`] | reference, cpu |
 //!
 //! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
 //! [`Error`]s, never panics.
@@ -29,6 +31,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod fsq;
+pub mod lfq;
 pub mod patchify;
 pub mod reference;
 pub mod view;
@@ -36,6 +40,8 @@ pub mod view;
 pub use cpu::Isa;
 pub use dtype::{bf16, f16, DType, Element, Float};
 pub use error::{Error, Family, Result};
+pub use fsq::{Fsq, FsqDim};
+pub use lfq::{BitOrder, Lfq, LfqConfig, LfqStats};
 pub use patchify::{Layout, Normalize, PatchConfig, PatchOrder, Patchify};
 pub use view::{Shape, View, ViewMut};
 

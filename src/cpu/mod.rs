@@ -2,6 +2,8 @@
 //! through `rayon` (when the `rayon` feature is on). One file per kernel family; the shared
 //! element-run micro-kernels live in [`simd`].
 
+pub(crate) mod fsq;
+pub(crate) mod lfq;
 pub(crate) mod par;
 pub(crate) mod patchify;
 pub(crate) mod simd;
@@ -62,10 +64,7 @@ impl Isa {
         if self.is_available() {
             Ok(self)
         } else {
-            Err(Error::Unsupported {
-                family: Family::Patchify,
-                msg: format!("this CPU lacks instruction set {self:?}"),
-            })
+            Err(Error::Unsupported { family: Family::Cpu, msg: format!("this CPU lacks instruction set {self:?}") })
         }
     }
 

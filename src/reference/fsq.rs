@@ -1,0 +1,67 @@
+//! Reference FSQ: vector-quantize-pytorch's formula evaluated in f64 with `f64::tanh`, one
+//! element at a time. Naive on purpose; it uses only the plan's levels (never the f32
+//! constants of the fast paths).
+
+use crate::dtype::Float;
+use crate::error::{Error, Family, Result};
+use crate::fsq::{Fsq, EPS};
+
+/// The pre-rounding value `tanh(z + atanh(offset/half_l))·half_l − offset` of one element in f64,
+/// for a dimension with `levels` levels. Its rounding (half to even) plus `⌊L/2⌋` is the level.
+pub fn bound(levels: u32, z: f64) -> f64 {
+    let half_l = (levels as f64 - 1.0) * (1.0 + EPS) / 2.0;
+    let offset = if levels.is_multiple_of(2) { 0.5 } else { 0.0 };
+    let shift = (offset / half_l).atanh();
+    (z + shift).tanh() * half_l - offset
+}
+
+/// The level of `z` (not NaN) in a dimension with `levels` levels, clamped to `[0, L−1]`.
+pub fn level(levels: u32, z: f64) -> u64 {
+    let half_width = (levels / 2) as f64;
+    let q = bound(levels, z).round_ties_even() + half_width;
+    q.clamp(0.0, (levels - 1) as f64) as u64
+}
+
+/// `z` `[N, D]` → ids `[N]`. Errors on the first NaN (row-major order).
+pub fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
+    let levels = plan.levels();
+    let d = levels.len();
+    for (n, id) in ids.iter_mut().enumerate() {
+        let mut sum = 0u64;
+        let mut basis = 1u64;
+        for (i, &l) in levels.iter().enumerate() {
+            let x = z[n * d + i].to_f32();
+            if x.is_nan() {
+                return Err(Error::Invalid { family: Family::Fsq, msg: format!("z[{n}, {i}] is NaN") });
+            }
+            sum += level(l, x as f64) * basis;
+            basis *= l as u64;
+        }
+        *id = sum as u32;
+    }
+    Ok(())
+}
+
+/// ids `[N]` → codes `[N, D]`: `(level − ⌊L/2⌋)/⌊L/2⌋` rounded to f32, then to `O`. Errors on
+/// the first id `≥ Π L`.
+pub fn decode<O: Float>(plan: &Fsq, ids: &[u32], codes: &mut [O]) -> Result<()> {
+    let levels = plan.levels();
+    let d = levels.len();
+    let size: u64 = levels.iter().map(|&l| l as u64).product();
+    for (n, &id) in ids.iter().enumerate() {
+        if id as u64 >= size {
+            return Err(Error::Invalid {
+                family: Family::Fsq,
+                msg: format!("ids[{n}] = {id} is not below the codebook size {size}"),
+            });
+        }
+        let mut basis = 1u64;
+        for (i, &l) in levels.iter().enumerate() {
+            let lv = (id as u64 / basis) % l as u64;
+            let hw = (l / 2) as f64;
+            codes[n * d + i] = O::from_f32(((lv as f64 - hw) / hw) as f32);
+            basis *= l as u64;
+        }
+    }
+    Ok(())
+}
