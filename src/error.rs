@@ -17,6 +17,12 @@ pub enum Family {
     Lfq,
     /// Finite scalar quantization.
     Fsq,
+    /// Codebook nearest-entry search (vector quantization) and code lookup.
+    Argmin,
+    /// Fused (flash-style) attention.
+    Attention,
+    /// Token merging (ToMe) and token pruning.
+    Merge,
     /// Tensor views, before any kernel runs.
     View,
     /// The CUDA runtime layer (context, modules, launches).
@@ -32,6 +38,9 @@ impl fmt::Display for Family {
             Family::Unpatchify => "unpatchify",
             Family::Lfq => "lfq",
             Family::Fsq => "fsq",
+            Family::Argmin => "argmin",
+            Family::Attention => "attention",
+            Family::Merge => "merge",
             Family::View => "view",
             Family::Cuda => "cuda",
             Family::Cpu => "cpu",
@@ -90,6 +99,13 @@ pub enum Error {
         /// Required alignment in bytes.
         required: usize,
     },
+    /// An input holds a value the kernel defines no result for (NaN, or ±∞ where that matters).
+    NonFinite {
+        /// Kernel family.
+        family: Family,
+        /// Which buffer and where, e.g. `x[3, 7]`: the first offending element in flat order.
+        what: String,
+    },
     /// The combination of dtype / shape / option is not supported by this backend.
     Unsupported {
         /// Kernel family.
@@ -128,6 +144,7 @@ impl fmt::Display for Error {
             Error::Alignment { family, what, required } => {
                 write!(f, "{family}: {what} must be aligned to {required} bytes")
             }
+            Error::NonFinite { family, what } => write!(f, "{family}: {what} is not finite"),
             Error::Unsupported { family, msg } => write!(f, "{family}: unsupported: {msg}"),
             Error::NoCudaDriver => f.write_str("cuda: no CUDA driver (libcuda could not be loaded)"),
             Error::NoDevice { ordinal, count } => {

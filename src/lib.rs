@@ -26,6 +26,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod argmin;
+pub mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -33,6 +35,7 @@ pub mod dtype;
 pub mod error;
 pub mod fsq;
 pub mod lfq;
+pub mod merge;
 pub mod patchify;
 pub mod reference;
 pub mod view;

@@ -2,8 +2,11 @@
 //! through `rayon` (when the `rayon` feature is on). One file per kernel family; the shared
 //! element-run micro-kernels live in [`simd`].
 
+pub(crate) mod argmin;
+pub(crate) mod attention;
 pub(crate) mod fsq;
 pub(crate) mod lfq;
+pub(crate) mod merge;
 pub(crate) mod par;
 pub(crate) mod patchify;
 pub(crate) mod simd;

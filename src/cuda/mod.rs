@@ -22,6 +22,8 @@
 //! # Ok::<(), vistok::Error>(())
 //! ```
 
+pub mod fsq;
+pub mod lfq;
 pub mod patchify;
 
 pub use patchify::PatchifyKernel;

@@ -5,10 +5,15 @@
 //! their .npy mapping), `exec` (backend and dtype dispatch), `gpu` (the CUDA path),
 //! `output` (write-then-rename), and one file per subcommand.
 
+mod argmin;
 mod args;
+mod attention;
 mod buf;
 mod exec;
+mod fsq;
 mod gpu;
+mod lfq;
+mod merge;
 mod npy;
 mod output;
 mod patchify;
@@ -46,6 +51,13 @@ pub fn main(args: Vec<OsString>) -> Result<(), String> {
     match family.to_str() {
         Some("patchify") => patchify::main(rest),
         Some("unpatchify") => unpatchify::main(rest),
+        // Families in progress: each file says so until its family lands, and moves from
+        // PENDING to FAMILIES when it does.
+        Some("lfq") => lfq::main(rest),
+        Some("fsq") => fsq::main(rest),
+        Some("argmin") => argmin::main(rest),
+        Some("attention") => attention::main(rest),
+        Some("merge") => merge::main(rest),
         Some("-h" | "--help" | "help") => {
             print!("{HELP}");
             Ok(())

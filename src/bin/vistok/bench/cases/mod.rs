@@ -5,6 +5,11 @@
 //! is cheap to describe (id, bytes, flops) and expensive to prepare, so preparation is deferred
 //! to [`Case::setup`] and only happens for cases that pass `--filter`.
 
+mod argmin;
+mod attention;
+mod fsq;
+mod lfq;
+mod merge;
 mod patchify;
 
 use std::cell::OnceCell;
@@ -14,7 +19,7 @@ use vistok::Element;
 
 /// Every family's case list, in the order the table shows them. Adding a family: one file
 /// under `cases/` and one entry here.
-const FAMILIES: &[Family] = &[patchify::cases];
+const FAMILIES: &[Family] = &[patchify::cases, lfq::cases, fsq::cases, argmin::cases, attention::cases, merge::cases];
 
 /// A family's case list (an error only if a built-in shape is invalid).
 type Family = fn(&Env) -> Result<Vec<Case>, String>;

@@ -1,0 +1,3 @@
+//! Criterion benches of the argmin family (none yet).
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! Criterion benches of the attention family (none yet).
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! Criterion benches of the fsq family (none yet).
+
+fn main() {}

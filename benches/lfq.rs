@@ -1,0 +1,3 @@
+//! Criterion benches of the lfq family (none yet).
+
+fn main() {}

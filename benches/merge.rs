@@ -1,0 +1,3 @@
+//! Criterion benches of the merge family (none yet).
+
+fn main() {}

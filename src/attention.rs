@@ -1,0 +1,1 @@
+//! Fused flash-style attention. (Issue 6: in progress.)

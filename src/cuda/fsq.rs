@@ -1,0 +1,1 @@
+//! FSQ on the device.

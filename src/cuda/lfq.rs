@@ -1,0 +1,1 @@
+//! LFQ / BSQ on the device.

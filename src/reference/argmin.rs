@@ -1,0 +1,1 @@
+//! Reference argmin (the oracle).

@@ -1,0 +1,1 @@
+//! Reference attention (the oracle).

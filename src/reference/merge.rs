@@ -1,0 +1,1 @@
+//! Reference merge (the oracle).
