@@ -1,5 +1,6 @@
 //! The flags `patchify` and `unpatchify` share (common and patch-geometry flags), and the
-//! parsers for flag values. Every parse error is one line naming the flag.
+//! parsers for flag values (the quantizer subcommands use the parsers with their own flag
+//! loops). Every parse error is one line naming the flag.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -135,6 +136,89 @@ impl PatchFlags {
     }
 }
 
+/// One argument of a subcommand that runs its own flag loop.
+pub enum Next {
+    /// `-h` / `--help`.
+    Help,
+    /// A positional argument.
+    Path(PathBuf),
+    /// A long flag, by name (its value, if any, is read with [`value`]).
+    Flag(String),
+}
+
+/// Reads the next argument; `None` at the end. Short flags other than `-h` are errors.
+pub fn next(p: &mut Parser) -> Result<Option<Next>, String> {
+    let Some(arg) = p.next().map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    Ok(Some(match arg {
+        Arg::Short('h') | Arg::Long("help") => Next::Help,
+        Arg::Value(v) => Next::Path(PathBuf::from(v)),
+        Arg::Short(c) => return Err(format!("unknown flag -{c} (see --help)")),
+        Arg::Long(name) => Next::Flag(name.to_owned()),
+    }))
+}
+
+/// The flags the quantizer subcommands (`lfq`, `fsq`) share.
+#[derive(Debug)]
+pub struct QuantFlags {
+    pub backend: BackendChoice,
+    /// Encode: the dtype `z` is rounded to before the kernel (and codes are written in);
+    /// decode: the codes' dtype. `None`: the file's own (encode), f32 (decode).
+    pub dtype: Option<FloatType>,
+    pub ids_dtype: IdsType,
+    pub decode: bool,
+    /// `--codes Q.npy`: encode also writes the quantized codes.
+    pub codes: Option<PathBuf>,
+    pub paths: Vec<PathBuf>,
+}
+
+impl QuantFlags {
+    pub fn new() -> Self {
+        QuantFlags {
+            backend: BackendChoice::Cpu,
+            dtype: None,
+            ids_dtype: IdsType::U4,
+            decode: false,
+            codes: None,
+            paths: vec![],
+        }
+    }
+
+    /// Takes the shared flag `--name` (reading its value from `p`); `false` if it is not one.
+    pub fn take(&mut self, p: &mut Parser, name: &str) -> Result<bool, String> {
+        match name {
+            "backend" => self.backend = parse_backend(&value(p, name)?)?,
+            "dtype" => self.dtype = Some(parse_float_type(name, &value(p, name)?)?),
+            "ids-dtype" => self.ids_dtype = parse_ids_type(name, &value(p, name)?)?,
+            "decode" => self.decode = true,
+            "codes" => self.codes = Some(PathBuf::from(value(p, name)?)),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// `IN OUT`, or just `IN` when `out_optional` (a run that only prints).
+    pub fn in_out(&self, out_optional: bool) -> Result<(PathBuf, Option<PathBuf>), String> {
+        match &self.paths[..] {
+            [i, o] => Ok((i.clone(), Some(o.clone()))),
+            [i] if out_optional => Ok((i.clone(), None)),
+            p => Err(format!("expected two paths, IN.npy OUT.npy, got {} (see --help)", p.len())),
+        }
+    }
+}
+
+/// Fails if two of the output paths are the same (the second rename would replace the first).
+pub fn distinct_outputs(outputs: &[(&str, Option<&PathBuf>)]) -> Result<(), String> {
+    let named: Vec<_> = outputs.iter().filter_map(|(what, p)| p.map(|p| (what, p))).collect();
+    for (i, (a, pa)) in named.iter().enumerate() {
+        if let Some((b, _)) = named[..i].iter().find(|(_, pb)| pb == pa) {
+            return Err(format!("{b} and {a} are the same file {}", pa.display()));
+        }
+    }
+    Ok(())
+}
+
 /// The value of `--name` as UTF-8 text.
 pub fn value(p: &mut Parser, name: &str) -> Result<String, String> {
     let v: OsString = p.value().map_err(|e| e.to_string())?;
@@ -159,7 +243,7 @@ fn parse_patch(s: &str) -> Result<[usize; 2], String> {
 
 /// A float, or a fraction `a/b` (so `--scale 1/255` needs no calculator). The fraction is
 /// divided in f32, as the library's `1.0 / 255.0` constants are.
-fn number(name: &str, s: &str) -> Result<f32, String> {
+pub fn number(name: &str, s: &str) -> Result<f32, String> {
     let parse = |t: &str| t.trim().parse::<f32>().map_err(|_| format!("--{name}: expected a number, got '{s}'"));
     match s.split_once('/') {
         None => parse(s),
@@ -172,7 +256,7 @@ fn list(name: &str, s: &str) -> Result<Vec<f32>, String> {
     s.split(',').map(|t| number(name, t)).collect()
 }
 
-fn parse_backend(s: &str) -> Result<BackendChoice, String> {
+pub fn parse_backend(s: &str) -> Result<BackendChoice, String> {
     match s {
         "reference" => Ok(BackendChoice::Reference),
         "cpu" => Ok(BackendChoice::Cpu),
@@ -188,6 +272,50 @@ pub fn parse_float_type(name: &str, s: &str) -> Result<FloatType, String> {
         "bf16" => Ok(FloatType::BF16),
         _ => Err(format!("--{name}: expected f32, f16 or bf16, got '{s}'")),
     }
+}
+
+/// How index outputs are stored (`--ids-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdsType {
+    /// `<u4`: the library's own `u32`, every id fits.
+    U4,
+    /// `<i4`: torch's `int32`; ids of codebooks above `2^31` do not fit.
+    I4,
+    /// `<i8`: torch's `int64` (what `torch.from_numpy` indexes with everywhere).
+    I8,
+}
+
+impl IdsType {
+    /// The largest codebook size whose ids all fit.
+    pub fn max_codebook(self) -> u64 {
+        match self {
+            IdsType::U4 | IdsType::I8 => 1 << 32,
+            IdsType::I4 => 1 << 31,
+        }
+    }
+}
+
+pub fn parse_ids_type(name: &str, s: &str) -> Result<IdsType, String> {
+    match s {
+        "u4" | "<u4" | "uint32" => Ok(IdsType::U4),
+        "i4" | "<i4" | "int32" => Ok(IdsType::I4),
+        "i8" | "<i8" | "int64" => Ok(IdsType::I8),
+        _ => Err(format!("--{name}: expected u4, i4 or i8, got '{s}'")),
+    }
+}
+
+/// A comma-separated list of positive integers, e.g. FSQ's `--levels 8,8,8,5,5,5` (the
+/// library checks the values themselves).
+pub fn parse_u32_list(name: &str, s: &str) -> Result<Vec<u32>, String> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| format!("--{name}: expected comma-separated positive integers, got '{s}'"))
+        })
+        .collect()
 }
 
 fn parse_layout(s: &str) -> Result<Layout, String> {
@@ -218,6 +346,11 @@ mod tests {
         assert_eq!(number("scale", "1/255").unwrap(), 1.0f32 / 255.0);
         assert_eq!(list("mean", "0.5, 1,2").unwrap(), [0.5, 1.0, 2.0]);
         assert!(list("mean", "0.5,,1").is_err());
+        assert_eq!(parse_u32_list("levels", "8, 8,5").unwrap(), [8, 8, 5]);
+        assert!(parse_u32_list("levels", "8,,5").is_err() && parse_u32_list("levels", "8,-1").is_err());
+        assert!(parse_u32_list("levels", "0").is_err() && parse_u32_list("levels", "").is_err());
+        assert_eq!(parse_ids_type("ids-dtype", "i8").unwrap(), IdsType::I8);
+        assert!(parse_ids_type("ids-dtype", "u8").is_err());
     }
 
     #[test]

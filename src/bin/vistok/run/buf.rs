@@ -9,7 +9,7 @@ use std::io::{self, Write};
 
 use vistok::{bf16, f16, Element};
 
-use super::args::FloatType;
+use super::args::{FloatType, IdsType};
 use super::npy::{self, NpyData};
 
 /// One buffer of kernel input or output.
@@ -48,6 +48,15 @@ impl Buf {
         })
     }
 
+    /// The float type of a token buffer (f32 for u8, which is never a token buffer).
+    pub fn float_type(&self) -> FloatType {
+        match self {
+            Buf::F16(_) => FloatType::F16,
+            Buf::BF16(_) => FloatType::BF16,
+            Buf::F32(_) | Buf::U8(_) => FloatType::F32,
+        }
+    }
+
     /// Every element converted to `T`, through f32: widening to f32 is exact, so there is a
     /// single rounding.
     fn convert<T: Element>(self) -> Vec<T> {
@@ -71,6 +80,48 @@ impl Buf {
             Buf::BF16(v) => npy::write_bf16_as_f32(w, shape, v),
         }
     }
+}
+
+/// Codebook ids from a .npy file (`<u4`, `<i4` or `<i8`) as the library's `u32`. A negative
+/// id or one above `u32::MAX` is an error naming its flat index (the kernels check the upper
+/// bound, the codebook size, themselves).
+pub fn ids(data: NpyData) -> Result<Vec<u32>, String> {
+    fn narrow<T: Copy + std::fmt::Display>(v: Vec<T>, f: impl Fn(T) -> Option<u32>) -> Result<Vec<u32>, String> {
+        v.iter().enumerate().map(|(i, &x)| f(x).ok_or_else(|| format!("ids[{i}] = {x} is not a valid id"))).collect()
+    }
+    match data {
+        NpyData::U32(v) => Ok(v),
+        NpyData::I32(v) => narrow(v, |x| u32::try_from(x).ok()),
+        NpyData::I64(v) => narrow(v, |x| u32::try_from(x).ok()),
+        d => Err(format!("input dtype {} is not an index dtype (expected <u4, <i4 or <i8)", d.descr())),
+    }
+}
+
+/// Writes ids as a .npy file of `ty`. The caller checked that every id fits `ty`
+/// ([`IdsType::max_codebook`]).
+pub fn write_ids(w: &mut impl Write, shape: &[usize], ids: &[u32], ty: IdsType) -> io::Result<()> {
+    match ty {
+        IdsType::U4 => npy::write(w, shape, ids),
+        IdsType::I4 => {
+            npy::write_header(w, "<i4", shape)?;
+            write_chunked(w, ids, |x| (x as i32).to_le_bytes())
+        }
+        IdsType::I8 => {
+            npy::write_header(w, "<i8", shape)?;
+            write_chunked(w, ids, |x| i64::from(x).to_le_bytes())
+        }
+    }
+}
+
+/// Writes the little-endian bytes of each converted element, a few thousand at a time.
+fn write_chunked<const B: usize>(w: &mut impl Write, ids: &[u32], f: impl Fn(u32) -> [u8; B]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(B * 4096);
+    for chunk in ids.chunks(4096) {
+        buf.clear();
+        buf.extend(chunk.iter().flat_map(|&x| f(x)));
+        w.write_all(&buf)?;
+    }
+    Ok(())
 }
 
 /// A zero-filled vector of `n` elements, or an error instead of an abort when memory is short.

@@ -10,12 +10,25 @@ use super::gpu::{self, Dev};
 /// A library error as one line without its family prefix (the subcommand adds its own).
 pub fn lib_err(e: vistok::Error) -> String {
     let s = e.to_string();
-    for family in ["patchify: ", "unpatchify: "] {
+    for family in ["patchify: ", "unpatchify: ", "lfq: ", "fsq: "] {
         if let Some(rest) = s.strip_prefix(family) {
             return rest.to_string();
         }
     }
     s
+}
+
+/// The host backend for `--backend`, for families without a CUDA path in the runner yet.
+pub fn host_only(backend: BackendChoice, family: &str) -> Result<Backend, String> {
+    match backend {
+        BackendChoice::Reference => Ok(Backend::Reference),
+        BackendChoice::Cpu => Ok(Backend::Cpu),
+        // The CUDA kernels of these families are not built / available yet; when they land,
+        // this becomes a call into `gpu` as for patchify.
+        BackendChoice::Cuda => Err(format!(
+            "--backend cuda: the {family} family has no CUDA kernel built or available yet (use cpu or reference)"
+        )),
+    }
 }
 
 /// Image → tokens of type `out`.

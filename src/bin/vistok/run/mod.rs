@@ -22,9 +22,9 @@ mod unpatchify;
 use std::ffi::OsString;
 
 /// Families that can run now.
-const FAMILIES: &[&str] = &["patchify", "unpatchify"];
+const FAMILIES: &[&str] = &["patchify", "unpatchify", "lfq", "fsq"];
 /// Families the issues plan but vistok does not have yet.
-const PENDING: &[&str] = &["argmin", "lfq", "fsq", "attention", "merge"];
+const PENDING: &[&str] = &["argmin", "attention", "merge"];
 
 const HELP: &str = "\
 vistok run: run a kernel family on .npy files
@@ -34,12 +34,15 @@ usage: vistok run <family> [options] IN.npy OUT.npy      (vistok run <family> --
 families:
   patchify     image / video -> patch tokens [B, L, P]
   unpatchify   patch tokens -> image / video
-not in vistok yet: argmin, lfq, fsq, attention, merge
+  lfq          tokens [..., G*D] -> LFQ / group-wise LFQ / BSQ ids [..., G] (--decode: back)
+  fsq          tokens [..., D] -> FSQ ids [...] (--decode: ids -> codes)
+not in vistok yet: argmin, attention, merge
 
 Common flags: --backend reference|cpu|cuda (default cpu), --dtype f32|f16|bf16.
 .npy files: format 1.0 / 2.0 / 3.0, little-endian, C order; dtypes |u1, <f2, <f4 (and <i4,
-<i8, <u4 where a family takes indices). numpy has no bf16: bf16 results are written as <f4
-holding the bf16 values exactly. Errors: a non-zero exit, one line on stderr, no output file.
+<i8, <u4 where a family takes indices; lfq and fsq write ids as <u4, or as --ids-dtype says).
+numpy has no bf16: bf16 results are written as <f4 holding the bf16 values exactly.
+Errors: a non-zero exit, one line on stderr, no output file.
 ";
 
 pub fn main(args: Vec<OsString>) -> Result<(), String> {
@@ -51,10 +54,10 @@ pub fn main(args: Vec<OsString>) -> Result<(), String> {
     match family.to_str() {
         Some("patchify") => patchify::main(rest),
         Some("unpatchify") => unpatchify::main(rest),
-        // Families in progress: each file says so until its family lands, and moves from
-        // PENDING to FAMILIES when it does.
         Some("lfq") => lfq::main(rest),
         Some("fsq") => fsq::main(rest),
+        // Families in progress: each file says so until its family lands, and moves from
+        // PENDING to FAMILIES when it does.
         Some("argmin") => argmin::main(rest),
         Some("attention") => attention::main(rest),
         Some("merge") => merge::main(rest),
