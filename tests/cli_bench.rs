@@ -58,7 +58,7 @@ fn table_json_and_plot() {
         "--threads",
         "2",
         "--filter",
-        "*-ci",
+        "patchify/*-ci",
         "--json",
         json.to_str().unwrap(),
         "--plot",
