@@ -194,6 +194,7 @@ fn quantizer_entries_exist_with_one_param_block_of_the_right_size() {
 }
 
 /// The `(field, offset)` pairs of one `// abi {prefix} field offset` family, sorted.
+#[cfg(feature = "cuda")]
 fn abi_fields(ptx: &str, prefix: &str) -> Vec<(String, usize)> {
     let mut v: Vec<(String, usize)> = abi_of(ptx)
         .into_iter()
