@@ -715,25 +715,31 @@ mod cuda {
         lfq_decode_check::<f32>(dev, &p, ids.clone(), Opts { max_blocks: 1, ..PLAIN });
         lfq_decode_check::<bf16>(dev, &p, ids, PLAIN);
 
+        // FSQ, 300 tokens on one block: thread 5 meets token 261 (a later index) before
+        // thread 100 meets token 100, which must win.
         let fsq = Fsq::new(&[8, 5, 5, 5]).unwrap();
-        let mut z = fsq_data::<f32>(&fsq, 50, 3);
-        z[4 * 33 + 2] = f32::NAN;
-        z[4 * 40] = f32::NAN;
-        fsq_encode_check(dev, &fsq, z.clone(), PLAIN);
+        let one_block = Opts { max_blocks: 1, ..PLAIN };
+        let mut z = fsq_data::<f32>(&fsq, 300, 3);
+        z[4 * 261 + 1] = f32::NAN;
+        z[4 * 100 + 3] = f32::NAN;
+        fsq_encode_check(dev, &fsq, z.clone(), one_block);
         let zh: Vec<f16> = z.iter().map(|&x| f16::from_f32(x)).collect();
-        fsq_encode_check(dev, &fsq, zh, Opts { deferred: true, ..PLAIN });
-        let mut ids: Vec<u32> = (0..40).map(|i| i * 23).collect();
-        ids[30] = 1000;
-        ids[33] = u32::MAX;
-        fsq_decode_check::<f16>(dev, &fsq, ids, PLAIN);
+        fsq_encode_check(dev, &fsq, zh, Opts { deferred: true, ..one_block });
+        let mut ids: Vec<u32> = (0..300).map(|i| i * 3).collect();
+        ids[261] = 1000;
+        ids[100] = u32::MAX;
+        fsq_decode_check::<f16>(dev, &fsq, ids, one_block);
     }
 
-    /// Every id of small codebooks: decode then encode gives the ids back.
+    /// Every id of small codebooks: LFQ decode then encode gives the ids back (the device
+    /// equals the cpu, which equals the ids); FSQ decodes every id, and its codes encode, as
+    /// on the cpu.
     fn round_trips(dev: &mut Dev<'_>) {
         let p = lfq(1, 7, BitOrder::MsbFirst, true);
         let ids: Vec<u32> = (0..128).collect();
         lfq_decode_check::<f32>(dev, &p, ids.clone(), PLAIN);
         let codes = cpu_lfq_decode::<bf16>(&p, &ids).unwrap();
+        assert_eq!(cpu_lfq_encode(&p, &codes).unwrap(), ids);
         lfq_encode_check(dev, &p, codes, PLAIN);
         let fsq = Fsq::new(&[5, 4, 3]).unwrap();
         let ids: Vec<u32> = (0..60).collect();

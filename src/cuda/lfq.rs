@@ -78,9 +78,9 @@ pub const BLOCK: u32 = 256;
 pub const STEP_IDS: usize = 32;
 /// Warps per block.
 pub const WARPS_PER_BLOCK: u32 = BLOCK / 32;
-/// The grid is at most this many blocks per SM; warps loop over the remaining steps. Six to
-/// eight blocks of 256 threads are resident per SM at the kernels' 34–40 registers, so this is
-/// about one wave.
+/// The grid is at most this many blocks per SM; warps loop over the remaining steps. Six
+/// (encode, 29–40 registers) or eight (decode, 25–30) blocks of 256 threads are resident per
+/// SM, so this is one to one and a third waves.
 pub const BLOCKS_PER_SM: u32 = 8;
 /// Largest `M = N·G`: ids are indexed with 32-bit integers (and a bad id's index must fit the
 /// upper half of the status word).
@@ -377,7 +377,7 @@ impl DeferredCheck {
     }
 
     /// Zeroes the word on `stream` (ordered before the next launch there) and records what it
-    /// will report. Returns the word's device address, valid while `self` lives.
+    /// will report.
     pub(crate) fn arm(&mut self, stream: &Arc<CudaStream>, pending: Pending) -> Result<()> {
         if stream.context() != self.word.stream().context() {
             return Err(Error::Invalid {
