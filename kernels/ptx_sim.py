@@ -1,16 +1,29 @@
 #!/usr/bin/env python3
-"""A small, strict PTX interpreter for the subset kernels/gen_patchify.py emits.
+"""A small, strict PTX interpreter for the subset kernels/gen_patchify.py and
+kernels/gen_quant.py emit.
 
-It exists because the CUDA backend cannot be run on machines without a GPU: the Rust test
-`emulated_*` in tests/cuda_patchify.rs builds the real launch (parameter struct bytes, grid,
-buffers) with the crate's host code, runs the real PTX here, and compares the result with the
-reference backend bit for bit. Python 3 standard library only.
+It exists because the CUDA backend cannot be run on machines without a GPU: the Rust tests
+`emulated_*` in tests/cuda_patchify.rs and tests/cuda_quant.rs build the real launch (parameter
+struct bytes, grid, buffers) with the crate's host code, run the real PTX here, and compare the
+result with the reference / cpu backend bit for bit. Python 3 standard library only.
 
 Strict on purpose: reading an undefined register, touching memory outside every buffer,
-writing a read-only buffer, writing a byte twice, a misaligned access, or an instruction it does
-not know is an error (exit status 2). The semantics follow the PTX ISA: fma.rn.f32 rounds once,
-cvt.rn.{f16,bf16}.f32 round to nearest even, cvt.rni.u32.f32 rounds half to even and clamps
-(NaN -> 0), loads of narrow types into wider registers zero-extend.
+writing a read-only buffer, writing a byte twice (plain stores; `red` may update a byte many
+times), a misaligned access, a warp collective (`vote.sync`, `shfl.sync`, `bar.warp.sync`)
+reached by the lanes of a warp at different instructions or with a member mask other than the
+warp's live lanes, or an instruction it does not know is an error (exit status 2).
+
+Threads run one warp at a time; within a warp each lane runs until it reaches a collective
+(or exits), then the collective executes for all lanes at once, so warp-synchronous code
+(ballot, shuffle) sees exactly what the hardware's converged warp would. Warps of a grid never
+synchronise with each other (no bar.sync), and atomics (`red`) commute, so running the warps
+in order gives every result a GPU may give.
+
+The semantics follow the PTX ISA: add/sub/mul/div/fma .rn.f32 round once, to nearest even,
+with subnormals (no .ftz); min/max return the non-NaN operand; cvt.rn.{f16,bf16}.f32 round to
+nearest even; cvt.rni rounds half to even, cvt.rzi truncates, float-to-int conversions clamp
+(NaN -> 0); loads of narrow types into wider registers zero-extend; a NaN result is the
+canonical 0x7fffffff.
 
 Usage: python3 kernels/ptx_sim.py JOB.json     (the format is in run_job's docstring)
        python3 kernels/ptx_sim.py --self-test
@@ -108,7 +121,8 @@ def format_to_f32(bits, fmt):
     return round_to_format(v, *F32)
 
 
-def fma_f32(x, a, b):
+def fma_f32_fraction(x, a, b):
+    """fma.rn.f32 through Fractions: the slow, obvious version (the self-test compares)."""
     kx, sx, vx = decode(x, *F32)
     ka, sa, va = decode(a, *F32)
     kb, sb, vb = decode(b, *F32)
@@ -146,13 +160,201 @@ def cvt_rn_f32_u32(n):
     return 0 if n == 0 else round_to_format(Fraction(n), *F32)
 
 
+def f32_value(bits):
+    """Python float of f32 bits (exact)."""
+    return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+
+
+def f32_bits_of(x):
+    """f32 bits of a Python float that is exactly representable (or inf); NaN -> canonical."""
+    if x != x:
+        return F32_NAN
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def dyadic(bits):
+    """(kind, sign, m, e) of f32 bits: a finite value is (-1)^sign * m * 2^e, m an integer."""
+    sign = bits >> 31
+    exp = (bits >> 23) & 0xFF
+    man = bits & 0x7FFFFF
+    if exp == 0xFF:
+        return ("nan" if man else "inf", sign, 0, 0)
+    if exp == 0:
+        return ("fin", sign, man, -149)
+    return ("fin", sign, man | 0x800000, exp - 150)
+
+
+def round_dyadic(m, e, sticky=False):
+    """Bits of the f32 nearest to m * 2^e (m a non-zero integer), ties to even, subnormals,
+    overflow to infinity. `sticky`: the true value is a hair above |m| * 2^e (below half a unit
+    of m), for quotients."""
+    sign = 1 if m < 0 else 0
+    n = -m if sign else m
+    if sticky:
+        n, e = (n << 1) | 1, e - 1
+    top = n.bit_length() - 1 + e  # n * 2^e in [2^top, 2^(top+1))
+    q = max(top, -126) - 23  # the quantum of the result
+    shift = q - e
+    if shift <= 0:
+        r = n << -shift
+    else:
+        r = n >> shift
+        rem = n & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        if rem > half or (rem == half and r & 1):
+            r += 1
+    if r == 1 << 24:
+        r, q = r >> 1, q + 1
+    if r >= 1 << 23:
+        exp = q + 150
+        if exp >= 0xFF:
+            return (sign << 31) | 0x7F800000
+        return (sign << 31) | (exp << 23) | (r - (1 << 23))
+    return (sign << 31) | r  # subnormal
+
+
+def f32_arith(op, a, b):
+    """a op b for op in add, sub, mul, div: IEEE f32, round to nearest even, no ftz."""
+    if op == "sub":
+        b ^= 0x80000000
+        op = "add"
+    ka, sa, ma, ea = dyadic(a)
+    kb, sb, mb, eb = dyadic(b)
+    if ka == "nan" or kb == "nan":
+        return F32_NAN
+    if ka == "inf" or kb == "inf":
+        # Special cases are exact in double arithmetic.
+        fa, fb = f32_value(a), f32_value(b)
+        if op == "div" and fb == 0:
+            return ((sa ^ sb) << 31) | 0x7F800000
+        r = fa + fb if op == "add" else fa * fb if op == "mul" else fa / fb
+        return f32_bits_of(r)
+    if op == "add":
+        if ma == 0 and mb == 0:
+            return (sa & sb) << 31
+        lo = min(ea, eb)
+        m = (-ma if sa else ma) << (ea - lo)
+        m += (-mb if sb else mb) << (eb - lo)
+        return round_dyadic(m, lo) if m else 0  # exact cancellation: +0
+    if op == "mul":
+        if ma == 0 or mb == 0:
+            return (sa ^ sb) << 31
+        return round_dyadic(-ma * mb if sa ^ sb else ma * mb, ea + eb)
+    if op == "div":
+        if mb == 0:
+            return F32_NAN if ma == 0 else ((sa ^ sb) << 31) | 0x7F800000
+        if ma == 0:
+            return (sa ^ sb) << 31
+        k = max(0, 26 + mb.bit_length() - ma.bit_length()) + 2
+        qt, r = divmod(ma << k, mb)  # qt has >= 26 significant bits
+        return round_dyadic(-qt if sa ^ sb else qt, ea - eb - k, sticky=r != 0)
+    raise SimError(f"f32 {op}")
+
+
+def fma_f32(x, a, b):
+    """fma.rn.f32: x * a + b rounded once."""
+    kx, sx, mx, ex = dyadic(x)
+    ka, sa, ma, ea = dyadic(a)
+    kb, sb, mb, eb = dyadic(b)
+    if "nan" in (kx, ka, kb):
+        return F32_NAN
+    if "inf" in (kx, ka, kb):
+        r = f32_value(x) * f32_value(a) + f32_value(b)
+        return F32_NAN if r != r else f32_bits_of(r)
+    sp = sx ^ sa
+    mp, ep = mx * ma, ex + ea
+    if mp == 0 and mb == 0:
+        return (sp & sb) << 31
+    if mp == 0:
+        return b
+    lo = min(ep, eb)
+    m = (-mp if sp else mp) << (ep - lo)
+    m += (-mb if sb else mb) << (eb - lo)
+    return round_dyadic(m, lo) if m else 0
+
+
+def f32_minmax(op, a, b):
+    """min.f32 / max.f32: the non-NaN operand if one is NaN; -0 orders below +0."""
+    ka, sa, va = decode(a, *F32)
+    kb, sb, vb = decode(b, *F32)
+    if ka == "nan" and kb == "nan":
+        return F32_NAN
+    if ka == "nan":
+        return b
+    if kb == "nan":
+        return a
+
+    def key(k, s, v):
+        if k == "inf":
+            return (Fraction(-1 if s else 1) * 10 ** 400, 0)
+        return (v, -1 if s else 0)  # -0 < +0
+
+    first = key(ka, sa, va) <= key(kb, sb, vb)
+    if op == "min":
+        return a if first else b
+    return b if first else a
+
+
+UNORDERED = {"equ", "neu", "ltu", "leu", "gtu", "geu"}
+ORDERED_CMP = {"eq": lambda x, y: x == y, "ne": lambda x, y: x != y, "lt": lambda x, y: x < y,
+               "le": lambda x, y: x <= y, "gt": lambda x, y: x > y, "ge": lambda x, y: x >= y}
+
+
+def f32_compare(cmp, x, y):
+    """setp.<cmp> on two Python floats (f32 and f16 values convert exactly): ordered
+    comparisons are false when either operand is NaN, their u-suffixed (unordered) forms true;
+    ne is ordered too."""
+    unordered = x != x or y != y
+    if cmp == "nan":
+        return unordered
+    if cmp == "num":
+        return not unordered
+    if unordered:
+        return cmp in UNORDERED
+    return ORDERED_CMP[cmp[:2] if cmp in UNORDERED else cmp](x, y)
+
+
+def f16_value(bits):
+    return struct.unpack("<e", struct.pack("<H", bits & 0xFFFF))[0]
+
+
+def cvt_rni_f32_f32(x):
+    """Round to an integral value, half to even, keeping the sign (and NaN / inf)."""
+    kind, sign, v = decode(x, *F32)
+    if kind == "nan":
+        return F32_NAN
+    if kind == "inf" or v == 0:
+        return x
+    n = v.numerator // v.denominator
+    rem = v - n
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2 == 1):
+        n += 1
+    if n == 0:
+        return sign << 31
+    return round_to_format(Fraction(n), *F32)
+
+
+def cvt_rzi_u32_f32(x):
+    kind, sign, v = decode(x, *F32)
+    if kind == "nan":
+        return 0
+    if kind == "inf":
+        return 0 if sign else 0xFFFFFFFF
+    n = abs(v.numerator) // v.denominator
+    n = -n if v < 0 else n
+    return max(0, min(0xFFFFFFFF, n))
+
+
 # ------------------------------------------------------------------------------------------
 # Parsing.
 # ------------------------------------------------------------------------------------------
 WIDTH = {"u32": 32, "b32": 32, "s32": 32, "u64": 64, "b64": 64, "f32": 32, "b16": 16,
-         "u16": 16, "f16": 16, "u8": 8, "pred": 1}
+         "u16": 16, "f16": 16, "bf16": 16, "u8": 8, "pred": 1}
 SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x",
-           "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z"}
+           "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid"}
+# Warp collectives: executed for all lanes of a warp together.
+COLLECTIVE = {"vote", "shfl", "bar"}
+M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
 
 def strip_comments(text):
@@ -180,6 +382,7 @@ def split_operands(s):
 class Kernel:
     def __init__(self, name, params, regs, code, labels):
         self.name, self.params, self.regs, self.code, self.labels = name, params, regs, code, labels
+        self.consts = {}  # operand text -> immediate value (cache)
 
 
 def parse_module(text):
@@ -230,7 +433,10 @@ def parse_instr(stmt):
     parts = stmt.split(None, 1)
     opcode = parts[0]
     ops = split_operands(parts[1]) if len(parts) > 1 else []
-    return (guard, opcode, ops, stmt)
+    oparts = opcode.split(".")
+    if guard is not None and oparts[0] in COLLECTIVE:
+        raise SimError(f"guarded warp collective `{stmt}` is not supported")
+    return (guard, oparts, ops, stmt)
 
 
 # ------------------------------------------------------------------------------------------
@@ -257,107 +463,229 @@ class Memory:
         s, b, _, _, _ = self.find(addr, size)
         return bytes(b[addr - s:addr - s + size])
 
-    def write(self, addr, data):
+    def write(self, addr, data, once=True):
         s, b, w, cnt, n = self.find(addr, len(data))
         if not w:
             raise SimError(f"write to read-only buffer {n} at {addr:#x}")
-        for k in range(len(data)):
-            if cnt[addr - s + k]:
-                raise SimError(f"byte {addr - s + k} of {n} written twice")
-            cnt[addr - s + k] = 1
+        if once:
+            for k in range(len(data)):
+                if cnt[addr - s + k]:
+                    raise SimError(f"byte {addr - s + k} of {n} written twice")
+                cnt[addr - s + k] = 1
         b[addr - s:addr - s + len(data)] = data
 
 
 class Thread:
-    __slots__ = ("regs", "special")
+    __slots__ = ("regs", "special", "pc", "steps", "done", "lane")
 
 
-def run_kernel(kernel, grid, block, param_bytes, mem, stats):
-    pname, psize = kernel.params
-    if len(param_bytes) != psize:
-        raise SimError(f"{kernel.name}: param block is {len(param_bytes)} bytes, entry wants {psize}")
-    code, labels, decl = kernel.code, kernel.labels, kernel.regs
+class Ctx:
+    """What the instructions of one launch need."""
 
-    def operand(th, op):
-        if op in th.regs:
-            return th.regs[op]
-        if op in decl:
-            raise SimError(f"{kernel.name}: register {op} read before it is written")
+    def __init__(self, kernel, param_bytes, mem):
+        self.kernel, self.param_bytes, self.mem = kernel, param_bytes, mem
+        self.pname = kernel.params[0]
+        self.decl = kernel.regs
+
+    def operand(self, th, op):
+        regs = th.regs
+        if op in regs:
+            return regs[op]
+        if op in self.decl:
+            raise SimError(f"register {op} read before it is written")
         if op in th.special:
             return th.special[op]
+        cache = self.kernel.consts
+        if op in cache:
+            return cache[op]
         if re.fullmatch(r"0[fF][0-9a-fA-F]{8}", op):
-            return int(op[2:], 16)
-        if re.fullmatch(r"-?0[xX][0-9a-fA-F]+", op):
-            return int(op, 16) & 0xFFFFFFFFFFFFFFFF
-        if re.fullmatch(r"-?\d+", op):
-            return int(op) & 0xFFFFFFFFFFFFFFFF
-        raise SimError(f"{kernel.name}: unknown operand {op}")
+            v = int(op[2:], 16)
+        elif re.fullmatch(r"-?0[xX][0-9a-fA-F]+", op):
+            v = int(op, 16) & M64
+        elif re.fullmatch(r"-?\d+", op):
+            v = int(op) & M64
+        else:
+            raise SimError(f"unknown operand {op}")
+        cache[op] = v
+        return v
 
-    def setreg(th, r, v):
-        ty = decl.get(r)
+    def pred_operand(self, th, op):
+        if op.startswith("!"):
+            return not self.operand(th, op[1:])
+        return bool(self.operand(th, op))
+
+    def setreg(self, th, r, v):
+        ty = self.decl.get(r)
         if ty is None:
-            raise SimError(f"{kernel.name}: write to undeclared register {r}")
+            raise SimError(f"write to undeclared register {r}")
         if ty == "pred":
             th.regs[r] = bool(v)
         else:
             th.regs[r] = v & ((1 << WIDTH[ty]) - 1)
 
-    def address(th, op):
+    def address(self, th, op):
         m = re.fullmatch(r"\[\s*(%?\w+)\s*(?:\+\s*(-?\d+))?\s*\]", op)
         if not m:
             raise SimError(f"bad address {op}")
-        base, off = m.group(1), int(m.group(2) or 0)
-        return base, off
+        return m.group(1), int(m.group(2) or 0)
 
+
+def run_kernel(kernel, grid, block, param_bytes, mem, stats):
+    _, psize = kernel.params
+    if len(param_bytes) != psize:
+        raise SimError(f"{kernel.name}: param block is {len(param_bytes)} bytes, entry wants {psize}")
+    ctx = Ctx(kernel, param_bytes, mem)
     for bz in range(grid[2]):
         for by in range(grid[1]):
             for bx in range(grid[0]):
+                threads = []
                 for tz in range(block[2]):
                     for ty_ in range(block[1]):
                         for tx in range(block[0]):
                             th = Thread()
-                            th.regs = {}
+                            th.regs, th.pc, th.steps, th.done = {}, 0, 0, False
+                            th.lane = len(threads) % 32
                             th.special = {
                                 "%tid.x": tx, "%tid.y": ty_, "%tid.z": tz,
                                 "%ntid.x": block[0], "%ntid.y": block[1], "%ntid.z": block[2],
                                 "%ctaid.x": bx, "%ctaid.y": by, "%ctaid.z": bz,
                                 "%nctaid.x": grid[0], "%nctaid.y": grid[1], "%nctaid.z": grid[2],
+                                "%laneid": th.lane,
                             }
-                            execute(kernel, th, code, labels, param_bytes, pname, mem, operand,
-                                    setreg, address, stats)
+                            threads.append(th)
+                for w in range(0, len(threads), 32):
+                    try:
+                        run_warp(ctx, threads[w:w + 32], stats)
+                    except SimError as e:
+                        raise SimError(f"{kernel.name}: {e}") from None
 
 
-def execute(kernel, th, code, labels, param_bytes, pname, mem, operand, setreg, address, stats):
-    pc, steps = 0, 0
+def advance(ctx, th, stats):
+    """Runs `th` until it exits or reaches a warp collective (not executed yet)."""
+    code, labels = ctx.kernel.code, ctx.kernel.labels
     while True:
-        if pc >= len(code):
-            raise SimError(f"{kernel.name}: fell off the end")
-        guard, opcode, ops, text = code[pc]
-        pc += 1
-        steps += 1
-        if steps > 100000:
-            raise SimError(f"{kernel.name}: runaway thread")
+        if th.pc >= len(code):
+            raise SimError("fell off the end")
+        guard, parts, ops, text = code[th.pc]
+        if parts[0] in COLLECTIVE:
+            return
+        th.pc += 1
+        th.steps += 1
+        stats["instructions"] += 1
+        if th.steps > 2_000_000:
+            raise SimError("runaway thread")
         if guard is not None:
             neg, p = guard
-            v = operand(th, p)
-            if v == neg:
+            if ctx.operand(th, p) == neg:
                 continue
-        parts = opcode.split(".")
-        op = parts[0]
         try:
-            pc = step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operand,
-                      setreg, address)
+            pc = step(ctx, th, parts, ops, th.pc, labels)
         except SimError as e:
-            raise SimError(f"{kernel.name}: `{text}`: {e}") from None
+            raise SimError(f"`{text}`: {e}") from None
         if pc is None:
+            th.done = True
             stats["threads"] += 1
-            stats["instructions"] += steps
             return
+        th.pc = pc
 
 
-def step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operand, setreg, address):
-    M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+def run_warp(ctx, warp, stats):
+    code = ctx.kernel.code
+    while True:
+        for th in warp:
+            if not th.done:
+                advance(ctx, th, stats)
+        live = [th for th in warp if not th.done]
+        if not live:
+            return
+        pcs = {th.pc for th in live}
+        if len(pcs) != 1:
+            where = sorted(code[pc][3] for pc in pcs)
+            raise SimError(f"divergent warp: lanes wait at different collectives {where}")
+        _, parts, ops, text = code[live[0].pc]
+        try:
+            collective(ctx, live, parts, ops)
+        except SimError as e:
+            raise SimError(f"`{text}`: {e}") from None
+        for th in live:
+            th.pc += 1
+            th.steps += 1
+        stats["instructions"] += len(live)
+
+
+def collective(ctx, live, parts, ops):
+    """Executes a warp collective for the live lanes (which all reached it)."""
+    lanes = {th.lane: th for th in live}
+    live_mask = sum(1 << lane for lane in lanes)
+    mask = ctx.operand(live[0], ops[-1]) & M32
+    if any(ctx.operand(th, ops[-1]) & M32 != mask for th in live):
+        raise SimError("lanes disagree on the member mask")
+    if mask != live_mask:
+        raise SimError(f"member mask {mask:#010x} is not the warp's live lanes {live_mask:#010x}")
+    op = parts[0]
+    if op == "bar":
+        if parts[1:] != ["warp", "sync"]:
+            raise SimError("only bar.warp.sync is supported")
+        return
+    if op == "vote":
+        if parts[1] != "sync":
+            raise SimError("vote without .sync")
+        mode = parts[2]
+        d, a = ops[0], ops[1]
+        preds = {lane: ctx.pred_operand(th, a) for lane, th in lanes.items()}
+        if mode == "ballot":
+            r = sum(1 << lane for lane, p in preds.items() if p)
+        elif mode == "any":
+            r = any(preds.values())
+        elif mode == "all":
+            r = all(preds.values())
+        else:
+            raise SimError(f"vote.{mode}")
+        for th in live:
+            ctx.setreg(th, d, r)
+        return
+    if op == "shfl":
+        if parts[1] != "sync" or parts[-1] != "b32" or len(ops) != 5 or "|" in ops[0]:
+            raise SimError("unsupported shfl form")
+        mode = parts[2]
+        d, a, b, c = ops[0], ops[1], ops[2], ops[3]
+        values = {lane: ctx.operand(th, a) for lane, th in lanes.items()}
+        out = {}
+        for lane, th in lanes.items():
+            bval, cval = ctx.operand(th, b) & 31, ctx.operand(th, c)
+            segmask = (cval >> 8) & 31
+            clamp = cval & 31
+            max_lane = (lane & segmask) | (clamp & ~segmask & 31)
+            min_lane = lane & segmask
+            if mode == "idx":
+                j = min_lane | (bval & ~segmask & 31)
+                ok = j <= max_lane
+            elif mode == "up":
+                j = lane - bval
+                ok = j >= max_lane
+            elif mode == "down":
+                j = lane + bval
+                ok = j <= max_lane
+            elif mode == "bfly":
+                j = lane ^ bval
+                ok = j <= max_lane
+            else:
+                raise SimError(f"shfl.{mode}")
+            if not ok:
+                j = lane
+            if j not in values:
+                raise SimError(f"lane {lane} reads inactive lane {j}")
+            out[lane] = values[j]
+        for lane, th in lanes.items():
+            ctx.setreg(th, d, out[lane])
+        return
+    raise SimError(f"collective {op}")
+
+
+def step(ctx, th, parts, ops, pc, labels):
+    op = parts[0]
     ty = parts[-1]
+    operand, setreg = ctx.operand, ctx.setreg
     if op == "ret":
         return None
     if op == "bra":
@@ -385,22 +713,22 @@ def step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operan
     if op == "ld":
         d, a = ops
         space = parts[1]
-        base, off = address(th, a)
+        base, off = ctx.address(th, a)
         vec = 1
         if parts[-2] in ("v2", "v4"):
             vec = int(parts[-2][1])
         size = WIDTH[ty] // 8
         if space == "param":
-            if base != pname:
+            if base != ctx.pname:
                 raise SimError(f"param {base} unknown")
-            if off % size or off + size * vec > len(param_bytes):
+            if off % size or off + size * vec > len(ctx.param_bytes):
                 raise SimError(f"bad param access at {off}")
-            raw = param_bytes[off:off + size * vec]
+            raw = ctx.param_bytes[off:off + size * vec]
         elif space == "global":
             addr = (operand(th, base) + off) & M64
             if addr % (size * vec):
                 raise SimError(f"misaligned {size * vec}-byte load at {addr:#x}")
-            raw = mem.read(addr, size * vec)
+            raw = ctx.mem.read(addr, size * vec)
         else:
             raise SimError(f"state space {space}")
         vals = [int.from_bytes(raw[k * size:(k + 1) * size], "little") for k in range(vec)]
@@ -417,7 +745,7 @@ def step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operan
         a, s = ops
         if parts[1] != "global":
             raise SimError(f"store to {parts[1]}")
-        base, off = address(th, a)
+        base, off = ctx.address(th, a)
         addr = (operand(th, base) + off) & M64
         vec = 1
         if parts[-2] in ("v2", "v4"):
@@ -428,9 +756,43 @@ def step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operan
         names = [x.strip() for x in s[1:-1].split(",")] if vec > 1 else [s]
         raw = b"".join((operand(th, n) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                        for n in names)
-        mem.write(addr, raw)
+        ctx.mem.write(addr, raw)
         return pc
-    if op in ("add", "sub", "mul", "mad", "shr", "shl", "and", "min"):
+    if op == "red":
+        a, b = ops
+        if parts[1] != "global" or len(parts) != 4:
+            raise SimError("unsupported red form")
+        kind = parts[2]
+        base, off = ctx.address(th, a)
+        addr = (operand(th, base) + off) & M64
+        size = WIDTH[ty] // 8
+        if addr % size:
+            raise SimError(f"misaligned {size}-byte red at {addr:#x}")
+        old = int.from_bytes(ctx.mem.read(addr, size), "little")
+        v = operand(th, b) & ((1 << (8 * size)) - 1)
+        if kind == "max" and ty in ("u32", "u64"):
+            new = max(old, v)
+        elif kind == "min" and ty in ("u32", "u64"):
+            new = min(old, v)
+        elif kind == "add" and ty in ("u32", "u64"):
+            new = (old + v) & ((1 << (8 * size)) - 1)
+        else:
+            raise SimError(f"red.{kind}.{ty}")
+        ctx.mem.write(addr, new.to_bytes(size, "little"), once=False)
+        return pc
+    if ty == "f32" and op in ("add", "sub", "mul", "div"):
+        if len(parts) != 3 or parts[1] != "rn":
+            raise SimError(opcode_text(parts) + " (only the explicit .rn form)")
+        d, a, b = ops
+        setreg(th, d, f32_arith(op, operand(th, a) & M32, operand(th, b) & M32))
+        return pc
+    if ty == "f32" and op in ("min", "max"):
+        if len(parts) != 2:
+            raise SimError(opcode_text(parts))
+        d, a, b = ops
+        setreg(th, d, f32_minmax(op, operand(th, a) & M32, operand(th, b) & M32))
+        return pc
+    if op in ("add", "sub", "mul", "mad", "shr", "shl", "and", "or", "xor", "min", "max"):
         d = ops[0]
         vals = [operand(th, x) for x in ops[1:]]
         if op == "mul" and parts[1] == "wide":
@@ -446,24 +808,62 @@ def step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operan
             elif op == "sub":
                 r = a - (vals[1] & m)
             elif op == "mul":
-                if parts[1] != "lo":
+                if parts[1] == "lo":
+                    r = a * (vals[1] & m)
+                elif parts[1] == "hi" and ty in ("u32", "u64"):
+                    r = (a * (vals[1] & m)) >> w
+                else:
                     raise SimError(opcode_text(parts))
-                r = a * (vals[1] & m)
             elif op == "mad":
                 if parts[1] != "lo":
                     raise SimError(opcode_text(parts))
                 r = a * (vals[1] & m) + (vals[2] & m)
             elif op == "shr":
+                if ty.startswith("s"):
+                    raise SimError(opcode_text(parts))
                 r = a >> min(vals[1] & M32, w)
             elif op == "shl":
                 r = a << min(vals[1] & M32, w)
             elif op == "and":
                 r = a & vals[1]
-            else:  # min, unsigned
+            elif op == "or":
+                r = a | (vals[1] & m)
+            elif op == "xor":
+                r = a ^ (vals[1] & m)
+            else:  # min, max: unsigned only
                 if ty not in ("u32", "u64"):
                     raise SimError(opcode_text(parts))
-                r = min(a, vals[1] & m)
+                r = min(a, vals[1] & m) if op == "min" else max(a, vals[1] & m)
             r &= m
+        setreg(th, d, r)
+        return pc
+    if op == "not":
+        d, a = ops
+        setreg(th, d, ~operand(th, a) & ((1 << WIDTH[ty]) - 1))
+        return pc
+    if op == "brev":
+        d, a = ops
+        if ty != "b32":
+            raise SimError(opcode_text(parts))
+        v = operand(th, a) & M32
+        setreg(th, d, int(f"{v:032b}"[::-1], 2))
+        return pc
+    if op == "clz":
+        d, a = ops
+        if ty != "b32":
+            raise SimError(opcode_text(parts))
+        v = operand(th, a) & M32
+        setreg(th, d, 32 - v.bit_length())
+        return pc
+    if op == "shf":
+        d, a, b, c = ops
+        if parts[1] not in ("r", "l") or parts[2] not in ("clamp", "wrap") or ty != "b32":
+            raise SimError(opcode_text(parts))
+        lo, hi = operand(th, a) & M32, operand(th, b) & M32
+        n = operand(th, c) & M32
+        n = min(n, 32) if parts[2] == "clamp" else n & 31
+        both = (hi << 32) | lo
+        r = (both >> n) & M32 if parts[1] == "r" else ((both << n) >> 32) & M32
         setreg(th, d, r)
         return pc
     if op == "bfe":
@@ -490,41 +890,59 @@ def step(kernel, th, op, parts, ops, pc, labels, param_bytes, pname, mem, operan
     if op == "setp":
         cmp = parts[1]
         boolop = parts[2] if len(parts) == 4 else None
-        if ty not in ("u32", "u64"):
+        d, x, y = ops[0], operand(th, ops[1]), operand(th, ops[2])
+        if ty in ("u32", "u64", "b32"):
+            m = (1 << WIDTH[ty]) - 1
+            a, b = x & m, y & m
+            r = {"lt": a < b, "le": a <= b, "gt": a > b, "ge": a >= b, "eq": a == b,
+                 "ne": a != b}[cmp]
+        elif ty == "s32":
+            a, b = x & M32, y & M32
+            a, b = a - (1 << 32) if a >> 31 else a, b - (1 << 32) if b >> 31 else b
+            r = {"lt": a < b, "le": a <= b, "gt": a > b, "ge": a >= b, "eq": a == b,
+                 "ne": a != b}[cmp]
+        elif ty == "f32":
+            r = f32_compare(cmp, f32_value(x), f32_value(y))
+        elif ty == "f16":
+            r = f32_compare(cmp, f16_value(x), f16_value(y))
+        else:
             raise SimError(opcode_text(parts))
-        d, a, b = ops[0], operand(th, ops[1]), operand(th, ops[2])
-        r = {"lt": a < b, "le": a <= b, "gt": a > b, "ge": a >= b, "eq": a == b,
-             "ne": a != b}[cmp]
         if boolop:
-            c = ops[3]
-            cv = (not operand(th, c[1:])) if c.startswith("!") else operand(th, c)
-            r = (r and cv) if boolop == "and" else (r or cv) if boolop == "or" else None
-            if r is None:
+            cv = ctx.pred_operand(th, ops[3])
+            if boolop == "and":
+                r = r and cv
+            elif boolop == "or":
+                r = r or cv
+            elif boolop == "xor":
+                r = r != cv
+            else:
                 raise SimError(opcode_text(parts))
         setreg(th, d, r)
         return pc
     if op == "selp":
         d, a, b, c = ops
-        setreg(th, d, operand(th, a) if operand(th, c) else operand(th, b))
+        setreg(th, d, operand(th, a) if ctx.pred_operand(th, c) else operand(th, b))
         return pc
     if op == "fma":
         if parts[1] != "rn" or ty != "f32" or len(parts) != 3:
             raise SimError(opcode_text(parts))
         d, a, b, c = ops
-        setreg(th, d, fma_f32(operand(th, a), operand(th, b), operand(th, c)))
+        setreg(th, d, fma_f32(operand(th, a) & M32, operand(th, b) & M32, operand(th, c) & M32))
         return pc
     if op == "cvt":
         d, a = ops
         key = ".".join(parts[1:])
         v = operand(th, a)
-        if key == "u32.u64":
-            r = v & M32
-        elif key == "u64.u32":
+        if key in ("u32.u64", "u64.u32"):
             r = v & M32
         elif key == "rn.f32.u32":
             r = cvt_rn_f32_u32(v & M32)
         elif key == "rni.u32.f32":
             r = cvt_rni_u32_f32(v & M32)
+        elif key == "rzi.u32.f32":
+            r = cvt_rzi_u32_f32(v & M32)
+        elif key == "rni.f32.f32":
+            r = cvt_rni_f32_f32(v & M32)
         elif key == "rn.f16.f32":
             r = f32_to_format(v & M32, F16)
         elif key == "rn.bf16.f32":
@@ -545,20 +963,32 @@ def opcode_text(parts):
 # ------------------------------------------------------------------------------------------
 # Jobs.
 # ------------------------------------------------------------------------------------------
+_MODULES = {}
+
+
 def run_job(path):
     """JOB.json: {"ptx": path, "kernel": name, "grid": [x, y, z], "block": [x, y, z],
     "params": hex string, "buffers": [{"name", "addr", "file", "writable", "out"?,
-    "must_write"?}]}. Paths are relative to the job file. Buffers with "out" are saved there
-    after the run; "must_write" makes it an error if any of the buffer's bytes was not written."""
+    "must_write"?}]}, or {"jobs": [job, ...]} to run several launches in one process (each on
+    its own buffers). Paths are relative to the job file. Buffers with "out" are saved there
+    after the run; "must_write" makes it an error if any of the buffer's bytes was not written
+    by a plain store."""
     with open(path, encoding="utf-8") as f:
         job = json.load(f)
     root = os.path.dirname(os.path.abspath(path))
+    for one in job.get("jobs", [job]):
+        run_one(one, root)
 
+
+def run_one(job, root):
     def p(x):
         return x if os.path.isabs(x) else os.path.join(root, x)
 
-    with open(p(job["ptx"]), encoding="utf-8") as f:
-        kernels = parse_module(f.read())
+    ptx = p(job["ptx"])
+    if ptx not in _MODULES:
+        with open(ptx, encoding="utf-8") as f:
+            _MODULES[ptx] = parse_module(f.read())
+    kernels = _MODULES[ptx]
     if job["kernel"] not in kernels:
         raise SimError(f"entry {job['kernel']} not in the module")
     mem = Memory()
@@ -582,6 +1012,10 @@ def run_job(path):
     print(f"{job['kernel']}: {stats['threads']} threads, {stats['instructions']} instructions")
 
 
+def _f32(x):
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
 def self_test():
     # rounding helpers against struct's IEEE conversions and hand-checked values
     import random
@@ -602,9 +1036,9 @@ def self_test():
     assert f32_to_format(0x3F808000, BF16) == 0x3F80  # tie to even (down)
     assert f32_to_format(0x3F818000, BF16) == 0x3F82  # tie to even (up)
     assert f32_to_format(0x7F7FFFFF, BF16) == 0x7F80  # overflow to inf
-    assert cvt_rni_u32_f32(struct.unpack("<I", struct.pack("<f", 254.5))[0]) == 254
-    assert cvt_rni_u32_f32(struct.unpack("<I", struct.pack("<f", 255.5))[0]) == 256
-    assert cvt_rni_u32_f32(struct.unpack("<I", struct.pack("<f", -3.0))[0]) == 0
+    assert cvt_rni_u32_f32(_f32(254.5)) == 254
+    assert cvt_rni_u32_f32(_f32(255.5)) == 256
+    assert cvt_rni_u32_f32(_f32(-3.0)) == 0
     assert cvt_rni_u32_f32(0x7FC00000) == 0
     one, mone = 0x3F800000, 0xBF800000
     assert fma_f32(0x80000000, one, 0x80000000) == 0x80000000  # -0*1 + -0 = -0
@@ -613,6 +1047,127 @@ def self_test():
     # fma rounds once: (1 + 2^-23)^2 - 1 = 2^-22 + 2^-46 exactly; a rounded product loses 2^-46
     x = 0x3F800001
     assert fma_f32(x, x, mone) == round_to_format(Fraction(2) ** -22 + Fraction(2) ** -46, *F32)
+
+    # the fast fma against the Fraction one, on random and on nearby operands
+    for _ in range(3000):
+        x, a, c = rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(32)
+        if rng.random() < 0.5:  # make the sum cancel: c near -x*a
+            p = f32_value(x) * f32_value(a)
+            if p == p and abs(p) < 3e38:
+                c = f32_bits_of(-p) ^ rng.getrandbits(3)
+        got, want = fma_f32(x, a, c), fma_f32_fraction(x, a, c)
+        assert got == want or (got == F32_NAN and decode(want, *F32)[0] == "nan"), \
+            (hex(x), hex(a), hex(c), hex(got), hex(want))
+    # add / sub / mul / div .rn.f32: against numpy-free double arithmetic, which is exact for
+    # f32 add/sub/mul (24 + 24 bits fit 53) and correctly rounded to f32 after one more
+    # rounding only when no double rounding can occur, so compare with exact Fractions instead.
+    def ref(op, a, b):
+        fa, fb = f32_value(a), f32_value(b)
+        if op == "div" and fb == 0:
+            return None
+        exact = {"add": Fraction(fa) + Fraction(fb), "sub": Fraction(fa) - Fraction(fb),
+                 "mul": Fraction(fa) * Fraction(fb), "div": Fraction(fa) / Fraction(fb)
+                 if fb else None}[op]
+        return None if exact == 0 else round_to_format(exact, *F32)
+
+    for _ in range(4000):
+        a, b = rng.getrandbits(32), rng.getrandbits(32)
+        if rng.random() < 0.5:  # nearby exponents, so additions cancel and round
+            b = (a & 0xFF800000) ^ (rng.getrandbits(24) & 0x807FFFFF)
+        if decode(a, *F32)[0] != "fin" or decode(b, *F32)[0] != "fin":
+            continue
+        for op in ("add", "sub", "mul", "div"):
+            want = ref(op, a, b)
+            if want is not None:
+                assert f32_arith(op, a, b) == want, (op, hex(a), hex(b))
+    inf, ninf = 0x7F800000, 0xFF800000
+    assert f32_arith("add", inf, ninf) == F32_NAN
+    assert f32_arith("sub", 0x80000000, 0x80000000) == 0  # -0 - -0 = +0
+    assert f32_arith("add", 0x80000000, 0x80000000) == 0x80000000
+    assert f32_arith("mul", 0x80000000, one) == 0x80000000
+    assert f32_arith("div", one, 0x80000000) == ninf
+    assert f32_arith("div", 0, 0) == F32_NAN
+    assert f32_arith("div", one, inf) == 0
+    assert f32_arith("div", _f32(1.0), _f32(3.0)) == _f32(1.0 / 3.0)  # 0x3eaaaaab
+    assert f32_arith("mul", 0x00800000, _f32(0.5)) == 0x00400000  # subnormal result kept
+    assert f32_arith("add", 0x7F7FFFFF, 0x7F7FFFFF) == inf  # overflow
+    # min / max: NaN loses, -0 < +0
+    qnan = 0x7FC00000
+    assert f32_minmax("max", qnan, one) == one and f32_minmax("min", one, qnan) == one
+    assert f32_minmax("max", 0x80000000, 0) == 0 and f32_minmax("min", 0, 0x80000000) == 0x80000000
+    assert f32_minmax("max", ninf, mone) == mone and f32_minmax("min", inf, one) == one
+    # comparisons: ordered ones are false on NaN, unordered ones true
+    d = f32_value
+    assert f32_compare("gt", d(one), d(0)) and not f32_compare("gt", d(0x80000000), d(0))
+    assert not f32_compare("gt", d(qnan), d(0)) and f32_compare("gtu", d(qnan), d(0))
+    assert f32_compare("nan", d(qnan), d(qnan)) and not f32_compare("nan", d(one), d(one))
+    assert not f32_compare("ne", d(qnan), d(one)) and f32_compare("neu", d(qnan), d(one))
+    assert f32_compare("eq", d(0x80000000), d(0)) and f32_compare("lt", d(ninf), d(mone))
+    h = f16_value
+    assert f32_compare("gt", h(0x0001), h(0)) and not f32_compare("gt", h(0x8001), h(0))
+    assert not f32_compare("gt", h(0x7E00), h(0)) and f32_compare("nan", h(0x7C01), h(0x7C01))
+    # round to integral, truncation
+    assert cvt_rni_f32_f32(_f32(2.5)) == _f32(2.0) and cvt_rni_f32_f32(_f32(3.5)) == _f32(4.0)
+    assert cvt_rni_f32_f32(_f32(-0.5)) == 0x80000000 and cvt_rni_f32_f32(_f32(-1.5)) == _f32(-2.0)
+    assert cvt_rni_f32_f32(_f32(8388609.0)) == _f32(8388609.0) and cvt_rni_f32_f32(inf) == inf
+    assert cvt_rzi_u32_f32(_f32(6.99)) == 6 and cvt_rzi_u32_f32(_f32(-0.9)) == 0
+    assert cvt_rzi_u32_f32(_f32(5e9)) == M32 and cvt_rzi_u32_f32(qnan) == 0
+
+    # A warp-collective kernel: ballot, any, shuffle, funnel shift, brev/clz, red.max.
+    ptx = """
+    .visible .entry t(.param .align 8 .b8 p[8])
+    {
+        .reg .pred %a, %b; .reg .b32 %x, %y, %z, %w; .reg .u32 %l, %q; .reg .u64 %o, %k;
+        mov.u32 %l, %laneid;
+        and.b32 %x, %l, 5;
+        setp.ne.u32 %a, %x, 0;
+        vote.sync.ballot.b32 %y, %a, 0xffffffff;
+        vote.sync.any.pred %b, %a, 0xffffffff;
+        add.u32 %q, %l, 3;
+        shfl.sync.idx.b32 %z, %l, %q, 31, 0xffffffff;
+        shf.r.clamp.b32 %w, %y, %z, %l;
+        brev.b32 %x, %y;
+        clz.b32 %x, %x;
+        ld.param.u64 %o, [p+0];
+        mad.wide.u32 %k, %l, 16, %o;
+        st.global.v4.b32 [%k], {%y, %z, %w, %x};
+        @%b red.global.max.u64 [%o+512], %o;
+        ret;
+    }
+    """
+    kern = parse_module(ptx)["t"]
+    mem = Memory()
+    mem.add("out", 0x1000, bytes(520), True)
+    stats = {"threads": 0, "instructions": 0}
+    run_kernel(kern, [1, 1, 1], [32, 1, 1], (0x1000).to_bytes(8, "little"), mem, stats)
+    out = mem.read(0x1000, 512)
+    ballot = sum(1 << l for l in range(32) if l & 5)
+    for lane in range(32):
+        y, z, w, x = struct.unpack("<4I", out[16 * lane:16 * lane + 16])
+        assert y == ballot and z == (lane + 3) % 32, (lane, hex(y), z)
+        assert w == (((z << 32) | y) >> lane) & M32
+        assert x == (ballot & -ballot).bit_length() - 1  # count of trailing zeros
+    assert int.from_bytes(mem.read(0x1000 + 512, 8), "little") == 0x1000
+    # Divergence at a collective is an error.
+    bad = parse_module("""
+    .visible .entry t(.param .align 8 .b8 p[8])
+    {
+        .reg .pred %a; .reg .u32 %l; .reg .b32 %y;
+        mov.u32 %l, %laneid;
+        setp.lt.u32 %a, %l, 16;
+        @%a bra $L1;
+        vote.sync.ballot.b32 %y, %a, 0xffffffff;
+        ret;
+    $L1:
+        vote.sync.ballot.b32 %y, %a, 0xffffffff;
+        ret;
+    }
+    """)["t"]
+    try:
+        run_kernel(bad, [1, 1, 1], [32, 1, 1], bytes(8), Memory(), dict(stats))
+        raise AssertionError("divergent collectives were accepted")
+    except SimError as e:
+        assert "divergent" in str(e), e
     print("ptx_sim self-test passed")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks the committed PTX without a GPU:
-#   1. kernels/patchify.ptx is what kernels/gen_patchify.py writes (not stale);
+#   1. kernels/patchify.ptx is what kernels/gen_patchify.py writes, kernels/lfq.ptx and
+#      kernels/fsq.ptx what kernels/gen_quant.py writes (not stale);
 #   2. the PTX interpreter kernels/ptx_sim.py passes its self-test;
 #   3. every kernels/*.ptx declares .version <= 8.0 (JIT-able by CUDA 12.0 drivers);
 #   4. ptxas assembles each for sm_80 and sm_90 with -v, --warn-on-spills,
@@ -28,6 +29,7 @@ fi
 "$PTXAS" --version | tail -n 2
 
 python3 kernels/gen_patchify.py --check
+python3 kernels/gen_quant.py --check
 python3 kernels/ptx_sim.py --self-test
 
 shopt -s nullglob

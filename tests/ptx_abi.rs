@@ -1,13 +1,15 @@
-//! The ABI between kernels/patchify.ptx and the Rust launcher, checked without a GPU.
+//! The ABI between the PTX modules in kernels/ and the Rust launchers, checked without a GPU.
 //!
 //! Always compiled: the expected entries and parameter sizes are written here, checked
-//! against the PTX (and its `// abi` header lines, written by kernels/gen_patchify.py); with
-//! the `cuda` feature they are also checked against the Rust side's constants, struct sizes
-//! and field offsets.
+//! against the PTX (and its `// abi` header lines, written by kernels/gen_patchify.py and
+//! kernels/gen_quant.py); with the `cuda` feature they are also checked against the Rust
+//! side's constants, struct sizes and field offsets.
 
 use std::collections::BTreeMap;
 
 const PTX: &str = include_str!("../kernels/patchify.ptx");
+const LFQ_PTX: &str = include_str!("../kernels/lfq.ptx");
+const FSQ_PTX: &str = include_str!("../kernels/fsq.ptx");
 
 const PATCHIFY_BYTES: usize = 192;
 const UNPATCHIFY_BYTES: usize = 184;
@@ -39,7 +41,11 @@ struct EntryDecl {
 
 /// Every `.visible .entry name( ... )` with its parameter lines and `.maxntid` directive.
 fn entries() -> Vec<EntryDecl> {
-    let lines: Vec<&str> = PTX.lines().collect();
+    entries_of(PTX)
+}
+
+fn entries_of(ptx: &str) -> Vec<EntryDecl> {
+    let lines: Vec<&str> = ptx.lines().collect();
     let mut out = vec![];
     let mut i = 0;
     while i < lines.len() {
@@ -69,7 +75,11 @@ fn entries() -> Vec<EntryDecl> {
 
 /// The `// abi KEY... VALUE` header lines: "patchify size" -> 192, "patchify div" -> 56, ...
 fn abi() -> BTreeMap<String, usize> {
-    PTX.lines()
+    abi_of(PTX)
+}
+
+fn abi_of(ptx: &str) -> BTreeMap<String, usize> {
+    ptx.lines()
         .filter_map(|l| l.strip_prefix("// abi "))
         .map(|l| {
             let (key, value) = l.rsplit_once(' ').unwrap();
@@ -80,14 +90,16 @@ fn abi() -> BTreeMap<String, usize> {
 
 #[test]
 fn header_declares_a_jittable_version_and_target() {
-    let directive = |d: &str| PTX.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
-    let version = directive(".version ").expect(".version");
-    let (major, minor) = version.split_once('.').unwrap();
-    let v = (major.parse::<u32>().unwrap(), minor.parse::<u32>().unwrap());
-    assert!(v <= (8, 0), "PTX .version {version} is newer than CUDA 12.0 drivers can JIT (8.0)");
-    assert_eq!(directive(".target "), Some("sm_80"));
-    assert_eq!(directive(".address_size "), Some("64"));
-    assert!(PTX.is_ascii() && !PTX.contains('\0'));
+    for ptx in [PTX, LFQ_PTX, FSQ_PTX] {
+        let directive = |d: &str| ptx.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
+        let version = directive(".version ").expect(".version");
+        let (major, minor) = version.split_once('.').unwrap();
+        let v = (major.parse::<u32>().unwrap(), minor.parse::<u32>().unwrap());
+        assert!(v <= (8, 0), "PTX .version {version} is newer than CUDA 12.0 drivers can JIT (8.0)");
+        assert_eq!(directive(".target "), Some("sm_80"));
+        assert_eq!(directive(".address_size "), Some("64"));
+        assert!(ptx.is_ascii() && !ptx.contains('\0'));
+    }
 }
 
 #[test]
@@ -121,19 +133,124 @@ fn abi_header_matches_the_documented_sizes() {
 
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
+    check_generated("gen_patchify.py", &[], "patchify.ptx", PTX);
+    check_generated("gen_quant.py", &["lfq"], "lfq.ptx", LFQ_PTX);
+    check_generated("gen_quant.py", &["fsq"], "fsq.ptx", FSQ_PTX);
+}
+
+/// Runs `kernels/{generator} --stdout {args}` and compares with the PTX embedded in this
+/// binary (not the file next to the generator).
+fn check_generated(generator: &str, args: &[&str], file: &str, embedded: &str) {
     // Found at run time: the test binary may run from a copy of the tree at another path.
     let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_patchify.py")).find(|p| p.is_file()) else {
-        say_skipped("kernels/gen_patchify.py not found (run from the crate root)");
+    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels").join(generator)).find(|p| p.is_file()) else {
+        say_skipped(&format!("kernels/{generator} not found (run from the crate root)"));
         return;
     };
-    match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
-        // Compare with the PTX embedded in this binary, not the file next to the generator.
+    match std::process::Command::new("python3").arg(&gen).arg("--stdout").args(args).output() {
         Ok(out) if out.status.success() => {
-            assert!(out.stdout == PTX.as_bytes(), "kernels/patchify.ptx is stale: run python3 kernels/gen_patchify.py")
+            assert!(out.stdout == embedded.as_bytes(), "kernels/{file} is stale: run python3 kernels/{generator}")
         }
         Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
         Err(e) => say_skipped(&format!("python3 not available ({e})")),
+    }
+}
+
+// ---------------------------------------------------------------- LFQ / FSQ
+
+const LFQ_BYTES: usize = 56;
+const FSQ_BYTES: usize = 48;
+const FSQ_TABLE_BYTES: usize = 48;
+const FLOATS: [&str; 3] = ["f32", "f16", "bf16"];
+
+/// `(entry, parameter bytes)` of a quantizer module in file order: encode then decode, per dtype.
+fn quant_expected(module: &str, bytes: usize) -> Vec<(String, usize)> {
+    ["encode", "decode"].iter().flat_map(|d| FLOATS.iter().map(move |t| (format!("{module}_{d}_{t}"), bytes))).collect()
+}
+
+#[test]
+fn quantizer_entries_exist_with_one_param_block_of_the_right_size() {
+    for (ptx, module, bytes) in [(LFQ_PTX, "lfq", LFQ_BYTES), (FSQ_PTX, "fsq", FSQ_BYTES)] {
+        let found = entries_of(ptx);
+        let want = quant_expected(module, bytes);
+        let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, want.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), "{module}: entries and order");
+        for (e, (_, bytes)) in found.iter().zip(&want) {
+            assert_eq!(e.params, [format!(".param .align 8 .b8 p[{bytes}]")], "{}: parameter list", e.name);
+            assert_eq!(e.maxntid.as_deref(), Some(format!("{BLOCK}, 1, 1").as_str()), "{}: .maxntid", e.name);
+        }
+        let abi = abi_of(ptx);
+        assert_eq!(abi[&format!("{module} size")], bytes);
+        assert_eq!(abi["block"], BLOCK);
+        let offs: Vec<usize> = abi
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{module} ")) && !k.ends_with(" size"))
+            .map(|(_, &v)| v)
+            .collect();
+        assert!(offs.len() >= 8 && offs.iter().all(|&o| o < bytes), "{module}: offsets {offs:?}");
+    }
+    let abi = abi_of(FSQ_PTX);
+    assert_eq!(abi["table size"], FSQ_TABLE_BYTES);
+}
+
+/// The `(field, offset)` pairs of one `// abi {prefix} field offset` family, sorted.
+#[cfg(feature = "cuda")]
+fn abi_fields(ptx: &str, prefix: &str) -> Vec<(String, usize)> {
+    let mut v: Vec<(String, usize)> = abi_of(ptx)
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix(&format!("{prefix} ")).filter(|f| *f != "size").map(|f| (f.to_string(), v)))
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn quantizer_launchers_agree_with_the_ptx() {
+    use vistok::cuda::{fsq as cf, lfq as cl};
+    let lfq_names = quant_expected("lfq", LFQ_BYTES);
+    assert_eq!(cl::KERNEL_NAMES.to_vec(), lfq_names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>());
+    let fsq_names = quant_expected("fsq", FSQ_BYTES);
+    assert_eq!(cf::KERNEL_NAMES.to_vec(), fsq_names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>());
+    assert_eq!((cl::PARAM_BYTES, cf::PARAM_BYTES, cf::TABLE_BYTES), (LFQ_BYTES, FSQ_BYTES, FSQ_TABLE_BYTES));
+    assert_eq!((cl::BLOCK as usize, cf::BLOCK as usize), (BLOCK, BLOCK));
+    assert_eq!((cl::PTX, cf::PTX), (LFQ_PTX, FSQ_PTX));
+    let sorted = |v: Vec<(&str, usize)>| {
+        let mut v: Vec<(String, usize)> = v.into_iter().map(|(f, o)| (f.to_string(), o)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(cl::param_offsets()), abi_fields(LFQ_PTX, "lfq"), "lfq: field offsets, Rust vs PTX");
+    assert_eq!(sorted(cf::param_offsets()), abi_fields(FSQ_PTX, "fsq"), "fsq: field offsets, Rust vs PTX");
+    assert_eq!(sorted(cf::TABLE_OFFSETS.to_vec()), abi_fields(FSQ_PTX, "table"), "fsq: table layout, Rust vs PTX");
+}
+
+#[test]
+fn fsq_ptx_uses_the_tanh_coefficients_of_the_crate() {
+    // The generator rounds the decimal literals of src/fsq.rs itself; they must give exactly
+    // the f32 bits Rust gives them, and every one must appear in each encode entry.
+    use vistok::fsq::tanh_coef::*;
+    let abi = abi_of(FSQ_PTX);
+    let want = [
+        ("CLAMP", CLAMP),
+        ("A1", A1),
+        ("A3", A3),
+        ("A5", A5),
+        ("A7", A7),
+        ("A9", A9),
+        ("A11", A11),
+        ("A13", A13),
+        ("B0", B0),
+        ("B2", B2),
+        ("B4", B4),
+        ("B6", B6),
+    ];
+    for (name, value) in want {
+        let bits = abi[&format!("tanh {name}")];
+        assert_eq!(bits, value.to_bits() as usize, "tanh {name}: PTX {bits:#010x} vs Rust {:#010x}", value.to_bits());
+        let imm = format!("0f{:08X}", value.to_bits());
+        let uses = FSQ_PTX.matches(&imm).count();
+        assert!(uses >= 3, "{name} ({imm}) appears {uses} times, expected once per encode entry");
     }
 }
 
