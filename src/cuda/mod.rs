@@ -5,6 +5,9 @@
 //! - [`Gpu`]: one device context, its default stream, and a cache of loaded PTX modules (each
 //!   module is loaded at most once per context; functions are looked up by name).
 //! - [`PatchifyKernel`]: patchify / unpatchify on device buffers (see [`patchify`]).
+//! - [`LfqKernel`], [`FsqKernel`]: LFQ / BSQ and FSQ encode / decode on device buffers (see
+//!   [`lfq`], [`fsq`]), bit-identical to the cpu backend; [`DeferredCheck`] reads their NaN /
+//!   bad-id verdict later, so that back-to-back launches need no sync.
 //!
 //! Nothing here panics without a GPU: every entry point returns a [`Result`].
 //!
@@ -26,6 +29,8 @@ pub mod fsq;
 pub mod lfq;
 pub mod patchify;
 
+pub use fsq::FsqKernel;
+pub use lfq::{DeferredCheck, LfqKernel};
 pub use patchify::PatchifyKernel;
 
 use std::collections::HashMap;

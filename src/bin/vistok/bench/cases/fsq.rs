@@ -41,7 +41,7 @@ fn plan(levels: &[u32]) -> Result<Fsq, String> {
     Fsq::new(levels).map_err(|e| format!("built-in fsq levels {levels:?}: {e}"))
 }
 
-fn encode<T: Float>(env: &Env, levels: &[u32], n: usize, suffix: &str) -> Result<Vec<Case>, String> {
+fn encode<T: Float + crate::dev::Dev>(env: &Env, levels: &[u32], n: usize, suffix: &str) -> Result<Vec<Case>, String> {
     let plan = plan(levels)?;
     let d = plan.dim();
     Ok(host_cases(
@@ -58,6 +58,11 @@ fn encode<T: Float>(env: &Env, levels: &[u32], n: usize, suffix: &str) -> Result
             op: |p, b, z, ids| p.encode(b, View::new(z, &[ids.len(), p.dim()])?, ViewMut::new(ids, &[ids.len()])?),
             check: |p, z, got, want| Ok(near_ties(p, z, got, want)),
             poison: u32::MAX,
+            #[cfg(feature = "cuda")]
+            device: |gpu, p| {
+                let k = vistok::cuda::FsqKernel::new(gpu, p)?;
+                Ok(Box::new(move |s, z, ids, c| k.encode_deferred::<T>(s, z, ids, c)))
+            },
         },
     ))
 }
@@ -81,6 +86,11 @@ fn decode(env: &Env, levels: &[u32], n: usize, suffix: &str) -> Result<Vec<Case>
             },
             check: |_, _, got, want| compare(got, want, 0.0),
             poison: f32::NAN,
+            #[cfg(feature = "cuda")]
+            device: |gpu, p| {
+                let k = vistok::cuda::FsqKernel::new(gpu, p)?;
+                Ok(Box::new(move |s, ids, codes, c| k.decode_deferred::<f32>(s, ids, codes, c)))
+            },
         },
     ))
 }

@@ -24,6 +24,8 @@ use std::rc::Rc;
 
 use vistok::{bf16, BitOrder, Float, Lfq, LfqConfig, View, ViewMut};
 
+use crate::dev::Dev;
+
 use super::{compare, Backend, Case, Check, Env, Peak, Runner, Shared};
 
 pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
@@ -45,7 +47,7 @@ fn plan(config: LfqConfig) -> Result<Lfq, String> {
     Lfq::new(&config).map_err(|e| format!("built-in lfq shape {config:?}: {e}"))
 }
 
-fn encode<T: Float>(env: &Env, config: LfqConfig, n: usize, suffix: &str) -> Result<Vec<Case>, String> {
+fn encode<T: Float + Dev>(env: &Env, config: LfqConfig, n: usize, suffix: &str) -> Result<Vec<Case>, String> {
     let plan = plan(config)?;
     let (c, g) = (plan.channels(), plan.groups());
     Ok(host_cases(
@@ -65,6 +67,11 @@ fn encode<T: Float>(env: &Env, config: LfqConfig, n: usize, suffix: &str) -> Res
             },
             check: |_, _, got, want| Ok(compare_ids(got, want)),
             poison: u32::MAX,
+            #[cfg(feature = "cuda")]
+            device: |gpu, p| {
+                let k = vistok::cuda::LfqKernel::new(gpu, p)?;
+                Ok(Box::new(move |s, z, ids, c| k.encode_deferred::<T>(s, z, ids, c)))
+            },
         },
     ))
 }
@@ -89,6 +96,11 @@ fn decode(env: &Env, config: LfqConfig, n: usize, suffix: &str) -> Result<Vec<Ca
             },
             check: |_, _, got, want| compare(got, want, 0.0),
             poison: f32::NAN,
+            #[cfg(feature = "cuda")]
+            device: |gpu, p| {
+                let k = vistok::cuda::LfqKernel::new(gpu, p)?;
+                Ok(Box::new(move |s, ids, codes, c| k.decode_deferred::<f32>(s, ids, codes, c)))
+            },
         },
     ))
 }
@@ -150,6 +162,9 @@ pub(super) struct Quant<P, I, O> {
     pub check: CheckOp<P, I, O>,
     /// The value outputs start as, so that an element a kernel forgets to write shows up.
     pub poison: O,
+    /// Makes the device kernel of `plan` (the cuda row).
+    #[cfg(feature = "cuda")]
+    pub device: device::Make<P, I, O>,
 }
 
 /// What the backends of one [`Quant`] share: the plan, the input and the reference output
@@ -179,8 +194,13 @@ impl<P, I, O: Copy> Flow<P, I, O> {
 }
 
 /// The reference and cpu cases of `q`.
-pub(super) fn host_cases<P: 'static, I: 'static, O: Copy + 'static>(env: &Env, q: Quant<P, I, O>) -> Vec<Case> {
-    let Quant { family, dtype, shape, in_len, out_len, flops, plan, input, op, check, poison } = q;
+pub(super) fn host_cases<P: 'static, I: Dev + 'static, O: Dev + Copy + 'static>(
+    env: &Env,
+    q: Quant<P, I, O>,
+) -> Vec<Case> {
+    #[cfg(feature = "cuda")]
+    let make = q.device;
+    let Quant { family, dtype, shape, in_len, out_len, flops, plan, input, op, check, poison, .. } = q;
     let plan = Rc::new(plan);
     let input = Shared::new(move || Ok(input()));
     let oracle = {
@@ -192,25 +212,33 @@ pub(super) fn host_cases<P: 'static, I: 'static, O: Copy + 'static>(env: &Env, q
         })
     };
     let flow = Flow { plan, input, oracle, out_len, op, check, poison };
+    let case = |backend, setup| Case {
+        family,
+        backend,
+        dtype: dtype.clone(),
+        shape: shape.clone(),
+        bytes: (in_len * size_of::<I>() + out_len * size_of::<O>()) as u64,
+        flops,
+        peak: Peak::F32,
+        setup,
+    };
     let mut cases = vec![];
     for (backend, on) in [(Backend::Reference, vistok::Backend::Reference), (Backend::Cpu, vistok::Backend::Cpu)] {
         let flow = flow.share();
-        cases.push(Case {
-            family,
+        cases.push(case(
             backend,
-            dtype: dtype.clone(),
-            shape: shape.clone(),
-            bytes: (in_len * size_of::<I>() + out_len * size_of::<O>()) as u64,
-            flops,
-            peak: Peak::F32,
-            setup: Box::new(move || {
+            Box::new(move || {
                 let out = vec![flow.poison; flow.out_len];
                 Ok(Box::new(HostRunner { flow: flow.share(), backend: on, out }) as Box<dyn Runner>)
             }),
-        });
+        ));
     }
-    // The cuda rows go here (with `env.gpu`, as in cases/patchify.rs) once the LFQ / FSQ
-    // kernels land.
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = &env.gpu {
+        let (gpu, flow) = (gpu.clone(), flow.share());
+        cases.push(case(Backend::Cuda, Box::new(move || device::runner(&gpu, flow.share(), make))));
+    }
+    #[cfg(not(feature = "cuda"))]
     let _ = env;
     cases
 }
@@ -237,5 +265,64 @@ impl<P, I, O: Copy> Runner for HostRunner<P, I, O> {
             return Ok(Check::Oracle);
         }
         (self.flow.check)(&self.flow.plan, self.flow.input.get()?, &self.out, self.flow.oracle.get()?)
+    }
+}
+
+/// The CUDA rows: data stays on the device; `n` launches with the NaN / bad-id check deferred,
+/// then one wait (which also reads the check). The output is then compared as the host rows'.
+#[cfg(feature = "cuda")]
+pub(super) mod device {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream};
+    use vistok::cuda::{DeferredCheck, Gpu};
+
+    use super::{Check, Flow, Runner};
+    use crate::dev::Dev;
+
+    /// One launch: `(stream, input, output, check)`.
+    pub type Launch<I, O> =
+        Box<dyn Fn(&Arc<CudaStream>, &CudaSlice<I>, &mut CudaSlice<O>, &mut DeferredCheck) -> vistok::Result<()>>;
+
+    /// Makes the device kernel of a plan and returns its launch.
+    pub type Make<P, I, O> = fn(&Gpu, &P) -> vistok::Result<Launch<I, O>>;
+
+    struct DeviceRunner<P, I, O> {
+        flow: Flow<P, I, O>,
+        launch: Launch<I, O>,
+        stream: Arc<CudaStream>,
+        input: CudaSlice<I>,
+        out: CudaSlice<O>,
+        check: DeferredCheck,
+    }
+
+    pub(super) fn runner<P: 'static, I: Dev + 'static, O: Dev + Copy + 'static>(
+        gpu: &Gpu,
+        flow: Flow<P, I, O>,
+        make: Make<P, I, O>,
+    ) -> Result<Box<dyn Runner>, String> {
+        let launch = make(gpu, &flow.plan).map_err(|e| e.to_string())?;
+        let stream = gpu.stream().clone();
+        let input = stream.clone_htod(flow.input.get()?).map_err(|e| format!("copying the input to the GPU: {e}"))?;
+        let out = stream
+            .clone_htod(&vec![flow.poison; flow.out_len])
+            .map_err(|e| format!("allocating the output on the GPU: {e}"))?;
+        let check = DeferredCheck::new(&stream).map_err(|e| e.to_string())?;
+        Ok(Box::new(DeviceRunner { flow, launch, stream, input, out, check }))
+    }
+
+    impl<P, I: Dev, O: Dev + Copy> Runner for DeviceRunner<P, I, O> {
+        fn run(&mut self, n: u32) -> Result<(), String> {
+            for _ in 0..n {
+                (self.launch)(&self.stream, &self.input, &mut self.out, &mut self.check).map_err(|e| e.to_string())?;
+            }
+            self.check.result().map_err(|e| e.to_string())
+        }
+
+        fn check(self: Box<Self>) -> Result<Check, String> {
+            let got = self.stream.clone_dtoh(&self.out).map_err(|e| format!("copying the output to the host: {e}"))?;
+            self.stream.synchronize().map_err(|e| format!("cuStreamSynchronize: {e}"))?;
+            (self.flow.check)(&self.flow.plan, self.flow.input.get()?, &got, self.flow.oracle.get()?)
+        }
     }
 }
