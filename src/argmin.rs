@@ -225,7 +225,10 @@ impl<T: Float> Codebook<T> {
             return Err(shape_error(format!("codebook dims {dims:?}: K and D must be at least 1")));
         }
         if k as u64 > 1u64 << 32 {
-            return Err(Error::Overflow { family: Family::Argmin, what: format!("K = {k} codes do not fit u32 indices") });
+            return Err(Error::Overflow {
+                family: Family::Argmin,
+                what: format!("K = {k} codes do not fit u32 indices"),
+            });
         }
         let data = codebook.data();
         check_finite("codebook", data, d)?;

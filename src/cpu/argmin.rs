@@ -68,8 +68,11 @@ impl Lanes {
 /// How a metric turns the dot product `p` and the per-code constant into a score.
 pub(crate) trait Score {
     fn scalar(p: f32, bias: f32) -> f32;
-    fn v4(f: pulp::core_arch::x86::Avx512f, p: core::arch::x86_64::__m512, bias: core::arch::x86_64::__m512)
-        -> core::arch::x86_64::__m512;
+    fn v4(
+        f: pulp::core_arch::x86::Avx512f,
+        p: core::arch::x86_64::__m512,
+        bias: core::arch::x86_64::__m512,
+    ) -> core::arch::x86_64::__m512;
 }
 
 /// `s = h − p`.

@@ -59,7 +59,12 @@ pub(crate) fn lookup<O: Float>(p: &Prepared, indices: &[u32], out: &mut [O]) {
 }
 
 /// Residual quantization: the f64 search per stage, the residual and the sum in f32.
-pub(crate) fn residual<T: Float, O: Float>(stages: &[&Prepared], x: &[T], indices: &mut [u32], recon: Option<&mut [O]>) {
+pub(crate) fn residual<T: Float, O: Float>(
+    stages: &[&Prepared],
+    x: &[T],
+    indices: &mut [u32],
+    recon: Option<&mut [O]>,
+) {
     let (s_count, d) = (stages.len(), stages[0].d);
     let n = x.len() / d;
     let mut q = vec![0.0f32; n * d];
@@ -87,13 +92,13 @@ pub(crate) fn residual<T: Float, O: Float>(stages: &[&Prepared], x: &[T], indice
 pub(crate) fn residual_decode<O: Float>(stages: &[&Prepared], indices: &[u32], out: &mut [O]) {
     let (s_count, d) = (stages.len(), stages[0].d);
     for (ids, o) in indices.chunks_exact(s_count).zip(out.chunks_exact_mut(d)) {
-        for j in 0..d {
+        for (j, o) in o.iter_mut().enumerate() {
             let mut q = 0.0f32;
             for (s, p) in stages.iter().enumerate() {
                 let e = p.rows[ids[s] as usize * d + j];
                 q = if s == 0 { e } else { q + e };
             }
-            o[j] = O::from_f32(q);
+            *o = O::from_f32(q);
         }
     }
 }
