@@ -51,9 +51,11 @@
 //! `cos(x, e_k*) − cos(x, e_k̂) ≤ (3D + 8)·u` (cosine). bf16's flushes add at most `D·2⁻¹²⁵` per
 //! score, and `2⁻¹²⁶·|x_d|` for each subnormal `e_kd` (and the other way round). Distances
 //! written by the cpu backend are within `(D + 3)·u` (relative, L2) or `(2D + 6)·u` (absolute,
-//! cosine) of the exact distance of the chosen entry. Values whose squares overflow f32
-//! (`|v| ≳ 1.8e19`) give scores of ±∞ or NaN: the index is then valid and deterministic but
-//! not meaningful.
+//! cosine) of the exact distance of the chosen entry. The bounds assume no overflow or
+//! underflow: values whose squares overflow f32 (`|v| ≳ 1.8e19`) give scores of ±∞ or NaN
+//! (the index is then valid and deterministic but not meaningful), products below `2⁻¹²⁶`
+//! lose precision, and for cosine an entry whose squared norm underflows to 0 in f32 (every
+//! `|e_d| ≲ 1e-19`) is a zero vector.
 //!
 //! ```
 //! use vistok::argmin::{Codebook, Metric};
