@@ -18,11 +18,10 @@ pub(crate) struct Portable<const FLUSH: bool>;
 /// A subnormal becomes a zero of the same sign (zeros and normal values pass unchanged).
 #[inline(always)]
 fn flush(v: f32) -> f32 {
-    if v.abs() < f32::MIN_POSITIVE {
-        0.0f32.copysign(v)
-    } else {
-        v
-    }
+    // On the bits (keep the sign, clear the rest), which the compiler vectorises.
+    let b = v.to_bits();
+    let tiny = b & 0x7fff_ffff < f32::MIN_POSITIVE.to_bits();
+    f32::from_bits(if tiny { b & 0x8000_0000 } else { b })
 }
 
 impl<const FLUSH: bool> Kernel for Portable<FLUSH> {
@@ -56,25 +55,26 @@ impl<const FLUSH: bool> Kernel for Portable<FLUSH> {
             let valid = valid_mask(p.k, g);
             let base = (g * NR) as u32;
             for (xp, ln) in panel.chunks_exact(d * MR).zip(lanes.chunks_exact_mut(MR)) {
+                // Fixed-size arrays, so that the compiler sees 16-lane loops and vectorises them.
                 let mut acc = [[0.0f32; NR]; MR];
                 for (xs, es) in xp.chunks_exact(MR).zip(tile.chunks_exact(NR)) {
+                    let xs: &[f32; MR] = xs.try_into().unwrap();
+                    let es: &[f32; NR] = es.try_into().unwrap();
                     for (a, &x) in acc.iter_mut().zip(xs) {
-                        for (a, &e) in a.iter_mut().zip(es) {
-                            let e = if FLUSH { flush(e) } else { e };
-                            *a = x.mul_add(e, *a);
-                            if FLUSH {
-                                *a = flush(*a);
-                            }
+                        for l in 0..NR {
+                            let e = if FLUSH { flush(es[l]) } else { es[l] };
+                            let v = x.mul_add(e, a[l]);
+                            a[l] = if FLUSH { flush(v) } else { v };
                         }
                     }
                 }
+                let bias: &[f32; NR] = bias.try_into().unwrap();
                 for (a, l) in acc.iter().zip(ln.iter_mut()) {
-                    for (j, (&a, &b)) in a.iter().zip(bias).enumerate() {
-                        let s = S::scalar(a, b);
-                        if valid >> j & 1 != 0 && s < l.s[j] {
-                            l.s[j] = s;
-                            l.i[j] = base + j as u32;
-                        }
+                    for j in 0..NR {
+                        let s = S::scalar(a[j], bias[j]);
+                        let take = (valid >> j & 1 != 0) & (s < l.s[j]);
+                        l.s[j] = if take { s } else { l.s[j] };
+                        l.i[j] = if take { base + j as u32 } else { l.i[j] };
                     }
                 }
             }
