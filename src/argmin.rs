@@ -48,8 +48,8 @@
 //! `u = 2⁻²⁴`, the entry `k̂` chosen here and the exact best `k*` satisfy
 //! `‖x − e_k̂‖² − ‖x − e_k*‖² ≤ 2(D + 2)·u·(‖x‖² + ‖e_k̂‖² + ‖e_k*‖²)` (L2; each score is off by at
 //! most `(D + 1)·u·(‖x‖²/2 + ‖e_k‖²)` from an FMA chain of `D` steps plus the subtraction), and
-//! `cos(x, e_k*) − cos(x, e_k̂) ≤ (3D + 8)·u` (cosine). bf16's flushes add at most `D·2⁻¹²⁵` per
-//! score, and `2⁻¹²⁶·|x_d|` for each subnormal `e_kd` (and the other way round). Distances
+//! `cos(x, e_k*) − cos(x, e_k̂) ≤ (3D + 8)·u` (cosine). For bf16, each `p_k` may further move by
+//! `D·2⁻¹²⁶` (flushed partial sums) plus `|x_d·e_kd|` for every term with a subnormal factor. Distances
 //! written by the cpu backend are within `(D + 3)·u` (relative, L2) or `(2D + 6)·u` (absolute,
 //! cosine) of the exact distance of the chosen entry. The bounds assume no overflow or
 //! underflow: values whose squares overflow f32 (`|v| ≳ 1.8e19`) give scores of ±∞ or NaN

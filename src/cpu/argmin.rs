@@ -13,8 +13,8 @@
 //! 3. turn the accumulators into scores and fold them into a running (best, index) per row and
 //!    lane ([`Lanes`]): lane `l` sees codes `≡ l (mod 16)` in ascending order and keeps the first
 //!    strictly smaller score, so reducing the 16 lanes (least score, then least index) gives the
-//!    contract's "lowest index of the least score". A cheap test (any lane improved?) guards the
-//!    update, which after the first few tiles is rarely taken.
+//!    contract's "lowest index of the least score". The update is branch-free: a test "did any
+//!    lane improve?" mispredicts often enough to cost several times the update itself.
 //!
 //! Micro-kernels: [`avx512`] (pulp `V4`; f32 FMA, and `vdpbf16ps` for bf16 where the CPU has
 //! AVX-512 BF16) and [`portable`] (plain loops, vectorised by the compiler under V3, also the
