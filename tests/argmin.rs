@@ -650,3 +650,21 @@ fn unavailable_isa_is_an_error() {
         assert!(search(&cb, Backend::CpuIsa(isa), &[1.0f32, 1.0]).is_err());
     }
 }
+
+#[test]
+fn prepared_codebooks_are_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Codebook<f32>>();
+    send_sync::<Codebook<bf16>>();
+    send_sync::<ResidualCodebooks<f16>>();
+    // One codebook, searched from several threads at once, gives one answer.
+    let cb = codebook(&values::<f32>(300 * 12, 1), 12, Metric::L2);
+    let x: Vec<f32> = values(500 * 12, 2);
+    let want = search(&cb, Backend::Cpu, &x).unwrap();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3).map(|_| s.spawn(|| search(&cb, Backend::Cpu, &x).unwrap())).collect();
+        for h in hs {
+            assert_eq!(h.join().unwrap(), want);
+        }
+    });
+}
