@@ -1,8 +1,158 @@
-//! `vistok bench` cases of the argmin family.
+//! Codebook argmin cases: the shapes of the argmin issue (`<N>x<K>x<D>`, L2), cpu f32 and
+//! bf16 at full size; the reference (a naive f64 double loop, hours at full size) on the first
+//! [`REFERENCE_ROWS`] rows only, with that N in its shape name; plus one tiny `-smoke` shape
+//! (not `-ci`: `tests/cli_bench.rs` expects `--filter '*-ci'` to select patchify's two rows only).
+//!
+//! Flops: `2·N·K·D` (one multiply-add per row, code and dimension), as FAISS and the issue
+//! count them. Bytes: x, the codebook and the indices once each — far below the flops, so these
+//! rows are compute-bound; bf16 rows are held to the bf16 dot-product peak.
+//!
+//! Check: indices equal to the reference's on the rows it ran, except at near-ties; a
+//! differing row reports how much farther the chosen entry is than the best one, as a fraction
+//! of the documented bound for that row (`max_abs` is the worst fraction, `tol` is 1).
 
-use super::{Case, Env};
+use std::rc::Rc;
 
-/// The argmin cases (none yet).
+use vistok::argmin::{Codebook, Metric};
+use vistok::{bf16, Float, View, ViewMut};
+
+use super::{Backend, Case, Check, Env, Peak, Runner, Shared};
+
+/// Rows the reference runs (and every backend is checked on).
+const REFERENCE_ROWS: usize = 256;
+
+/// The issue's shapes `(N, K, D)`, and the `-smoke` one.
+const SHAPES: &[(usize, usize, usize, &str)] = &[
+    (65536, 16384, 8, ""),
+    (65536, 16384, 256, ""),
+    (65536, 1024, 256, ""),
+    (4096, 262144, 8, ""),
+    (96, 200, 8, "-smoke"),
+];
+
 pub fn cases(_env: &Env) -> Result<Vec<Case>, String> {
-    Ok(vec![])
+    let mut out = vec![];
+    for &(n, k, d, suffix) in SHAPES {
+        out.extend(shape::<f32>(n, k, d, suffix, Peak::F32));
+        out.extend(shape::<bf16>(n, k, d, suffix, Peak::Bf16));
+    }
+    Ok(out)
+}
+
+/// Deterministic values uniform in [-1, 1) (splitmix64): the same on every machine.
+fn data<T: Float>(len: usize, seed: u64) -> Vec<T> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            T::from_f32((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+/// What the backends of one shape and dtype share: the prepared codebook, the input, and the
+/// reference's indices on the first rows.
+struct Flow<T: Float> {
+    codebook: Rc<Shared<Codebook<T>>>,
+    x: Rc<Shared<Vec<T>>>,
+    oracle: Rc<Shared<Vec<u32>>>,
+    d: usize,
+}
+
+impl<T: Float> Flow<T> {
+    fn share(&self) -> Flow<T> {
+        Flow { codebook: self.codebook.clone(), x: self.x.clone(), oracle: self.oracle.clone(), d: self.d }
+    }
+}
+
+fn shape<T: Float>(n: usize, k: usize, d: usize, suffix: &str, peak: Peak) -> Vec<Case> {
+    let codebook = Shared::new(move || {
+        let e = data::<T>(k * d, 2);
+        let view = View::new(&e, &[k, d]).map_err(|e| e.to_string())?;
+        Codebook::new(view, Metric::L2).map_err(|e| e.to_string())
+    });
+    let x = Shared::new(move || Ok(data::<T>(n * d, 1)));
+    let ref_rows = REFERENCE_ROWS.min(n);
+    let oracle = {
+        let (codebook, x) = (codebook.clone(), x.clone());
+        Shared::new(move || {
+            let mut idx = vec![u32::MAX; ref_rows];
+            search(codebook.get()?, vistok::Backend::Reference, &x.get()?[..ref_rows * d], &mut idx)?;
+            Ok(idx)
+        })
+    };
+    let flow = Flow { codebook, x, oracle, d };
+    let mut cases = vec![];
+    for (backend, on, rows) in
+        [(Backend::Reference, vistok::Backend::Reference, ref_rows), (Backend::Cpu, vistok::Backend::Cpu, n)]
+    {
+        let flow = flow.share();
+        cases.push(Case {
+            family: "argmin",
+            backend,
+            dtype: T::DTYPE.name().to_string(),
+            shape: format!("{rows}x{k}x{d}{suffix}"),
+            bytes: ((rows + k) * d * size_of::<T>() + rows * size_of::<u32>()) as u64,
+            flops: 2 * (rows * k * d) as u64,
+            peak,
+            setup: Box::new(move || {
+                Ok(Box::new(HostRunner { flow: flow.share(), backend: on, idx: vec![u32::MAX; rows] })
+                    as Box<dyn Runner>)
+            }),
+        });
+    }
+    cases
+}
+
+fn search<T: Float>(cb: &Codebook<T>, backend: vistok::Backend, x: &[T], idx: &mut [u32]) -> Result<(), String> {
+    let (n, d) = (idx.len(), cb.dim());
+    let x = View::new(x, &[n, d]).map_err(|e| e.to_string())?;
+    let out = ViewMut::new(idx, &[n]).map_err(|e| e.to_string())?;
+    cb.argmin(backend, x, out, None).map_err(|e| e.to_string())
+}
+
+struct HostRunner<T: Float> {
+    flow: Flow<T>,
+    backend: vistok::Backend,
+    idx: Vec<u32>,
+}
+
+impl<T: Float> Runner for HostRunner<T> {
+    fn run(&mut self, n: u32) -> Result<(), String> {
+        let (cb, x) = (self.flow.codebook.get()?, self.flow.x.get()?);
+        let x = &x[..self.idx.len() * self.flow.d];
+        for _ in 0..n {
+            search(cb, self.backend, std::hint::black_box(x), &mut self.idx)?;
+        }
+        Ok(())
+    }
+
+    fn check(self: Box<Self>) -> Result<Check, String> {
+        if self.backend == vistok::Backend::Reference {
+            self.flow.oracle.offer(self.idx);
+            return Ok(Check::Oracle);
+        }
+        let want = self.flow.oracle.get()?;
+        let got = &self.idx[..want.len()];
+        if got == &want[..] {
+            return Ok(Check::Exact);
+        }
+        let (cb, x, d) = (self.flow.codebook.get()?, self.flow.x.get()?, self.flow.d);
+        let entry = |k: u32| cb.entries()[k as usize * d..][..d].iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let n2 = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
+        let mut worst = 0.0f64;
+        for (r, (&g, &w)) in got.iter().zip(want).enumerate().filter(|(_, (g, w))| g != w) {
+            let xr: Vec<f64> = x[r * d..][..d].iter().map(|v| v.to_f32() as f64).collect();
+            let dist = |e: &[f64]| xr.iter().zip(e).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+            let (eg, ew) = (entry(g), entry(w));
+            // The module docs' bound; bf16 flushes only matter for subnormal inputs (none here).
+            let tol = 2.0 * (d as f64 + 2.0) * 2f64.powi(-24) * (n2(&xr) + n2(&eg) + n2(&ew));
+            worst = worst.max((dist(&eg) - dist(&ew)) / tol);
+        }
+        Ok(Check::Differs { max_abs: worst, tol: 1.0 })
+    }
 }
