@@ -7,8 +7,9 @@
 //! | family | module | status |
 //! |---|---|---|
 //! | patchify / unpatchify | [`patchify`] | reference, cpu, cuda |
-//! | finite scalar quantization (FSQ) | [`fsq`] | reference, cpu |
-//! | LFQ / group-wise LFQ / BSQ (sign → token ids) | [`lfq`] | reference, cpu |
+//! | finite scalar quantization (FSQ) | [`fsq`] | reference, cpu, cuda |
+//! | LFQ / group-wise LFQ / BSQ (sign → token ids) | [`lfq`] | reference, cpu, cuda |
+//! | codebook argmin (L2 / cosine), lookup, residual VQ | [`argmin`] | reference, cpu |
 //!
 //! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
 //! [`Error`]s, never panics.
@@ -40,6 +41,7 @@ pub mod patchify;
 pub mod reference;
 pub mod view;
 
+pub use argmin::{Codebook, Metric, ResidualCodebooks};
 pub use cpu::Isa;
 pub use dtype::{bf16, f16, DType, Element, Float};
 pub use error::{Error, Family, Result};

@@ -1,6 +1,6 @@
 //! Codebook argmin cases: the shapes of the argmin issue (`<N>x<K>x<D>`, L2), cpu f32 and
 //! bf16 at full size; the reference (a naive f64 double loop, hours at full size) on the first
-//! [`REFERENCE_ROWS`] rows only, with that N in its shape name; plus one tiny `-smoke` shape
+//! [`REFERENCE_ROWS`] rows only, with that N in its shape name; plus one tiny `-ci` shape
 //! (not `-ci`: `tests/cli_bench.rs` expects `--filter '*-ci'` to select patchify's two rows only).
 //!
 //! Flops: `2·N·K·D` (one multiply-add per row, code and dimension), as FAISS and the issue
@@ -21,13 +21,13 @@ use super::{Backend, Case, Check, Env, Peak, Runner, Shared};
 /// Rows the reference runs (and every backend is checked on).
 const REFERENCE_ROWS: usize = 256;
 
-/// The issue's shapes `(N, K, D)`, and the `-smoke` one.
+/// The issue's shapes `(N, K, D)`, and the `-ci` one.
 const SHAPES: &[(usize, usize, usize, &str)] = &[
     (65536, 16384, 8, ""),
     (65536, 16384, 256, ""),
     (65536, 1024, 256, ""),
     (4096, 262144, 8, ""),
-    (96, 200, 8, "-smoke"),
+    (96, 200, 8, "-ci"),
 ];
 
 pub fn cases(_env: &Env) -> Result<Vec<Case>, String> {

@@ -67,8 +67,6 @@ pub enum Peak {
     /// f32 fused multiply-add.
     F32,
     /// bf16 dot products accumulating in f32 (`vdpbf16ps`, tensor cores).
-    // No family uses it yet: attention and the codebook argmin will.
-    #[allow(dead_code)]
     Bf16,
 }
 
