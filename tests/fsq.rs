@@ -163,6 +163,16 @@ fn tanh_accuracy() {
 }
 
 #[test]
+#[ignore = "exhaustive (a billion inputs, about a minute): cargo test --release --test fsq -- --ignored tanh_bound"]
+fn tanh_bound_exhaustive() {
+    // |tanh(x)| ≤ 1 − 2^−24 for every f32 (the SIMD kernels rely on |tanh| ≤ 1): every input
+    // up to the clamp (beyond it the result is the clamp's; tanh is exactly odd).
+    let top = vistok::fsq::tanh_coef::CLAMP.to_bits();
+    let worst = (0..=top).map(|b| tanh(f32::from_bits(b))).fold(0.0f32, f32::max);
+    assert_eq!(worst, 1.0 - f32::EPSILON / 2.0, "max tanh {worst:e}");
+}
+
+#[test]
 fn hand_checked_example() {
     // Levels [8, 5, 5, 5], computed by hand (h = 3.5035 / 2.002, shift = atanh(0.5 / 3.5035)):
     // z = 0.9: tanh(0.9 + 0.14370) = 0.77901 → 0.77935·3.5035 − 0.5 = 2.2304 → 2 → level 6;
@@ -244,7 +254,18 @@ fn saturation_zeros_subnormals() {
 
 #[test]
 fn round_trips_every_id() {
-    for levels in [vec![8, 5, 5, 5], vec![2], vec![16, 16, 16, 16], vec![3, 7, 2, 9, 5], vec![15, 4, 6]] {
+    // Every id of: all single dimensions and pairs of 2..=16 levels, and larger codebooks up to
+    // 2^16 ids (16 dimensions of 2 included).
+    let small = (2..=16u32).flat_map(|a| std::iter::once(vec![a]).chain((2..=16).map(move |b| vec![a, b])));
+    let large = [
+        vec![8, 5, 5, 5],
+        vec![16, 16, 16, 16],
+        vec![3, 7, 2, 9, 5],
+        vec![15, 4, 6],
+        vec![2; 16],
+        vec![8, 8, 8, 5, 5, 5],
+    ];
+    for levels in small.chain(large) {
         let fsq = Fsq::new(&levels).unwrap();
         let ids: Vec<u32> = (0..fsq.codebook_size() as u32).collect();
         let codes: Vec<f32> = decode(&fsq, Backend::Reference, &ids).unwrap();
@@ -273,9 +294,85 @@ fn round_trips_every_id() {
                 })
             })
             .collect();
+        let z16: Vec<f16> = z.iter().map(|&x| f16::from_f32(x)).collect();
+        let zb16: Vec<bf16> = z.iter().map(|&x| bf16::from_f32(x)).collect();
         for be in cpu_backends().into_iter().chain([Backend::Reference]) {
             assert_eq!(encode(&fsq, be, &z).unwrap(), ids, "encode(decode) {be:?} {levels:?}");
+            assert_eq!(encode(&fsq, be, &z16).unwrap(), ids, "encode(decode) f16 {be:?} {levels:?}");
+            assert_eq!(encode(&fsq, be, &zb16).unwrap(), ids, "encode(decode) bf16 {be:?} {levels:?}");
         }
+    }
+    // The literal encode(decode(id)) is not the id in general: codes are outputs, and encode
+    // bounds its input first. L = 8: the code of level 7 is 0.75, which encodes to level 6.
+    let fsq = Fsq::new(&[8]).unwrap();
+    let code: Vec<f32> = decode(&fsq, Backend::Reference, &[7]).unwrap();
+    assert_eq!(code, [0.75]);
+    for be in cpu_backends().into_iter().chain([Backend::Reference]) {
+        assert_eq!(encode(&fsq, be, &code).unwrap(), [6], "{be:?}");
+    }
+}
+
+fn statistics(fsq: &Fsq, be: Backend, ids: &[u32]) -> Result<vistok::fsq::FsqStats, Error> {
+    fsq.statistics(be, View::new(ids, &[ids.len()])?)
+}
+
+#[test]
+fn statistics_match_reference_and_decode() {
+    for (levels, n) in [(vec![8, 8, 8, 5, 5, 5], 600_001), (vec![3, 2], 17), (vec![16; 5], 1000), (vec![2], 0)] {
+        let fsq = Fsq::new(&levels).unwrap();
+        let z: Vec<f32> = random_z(&levels, n, 3);
+        let ids = encode(&fsq, Backend::Cpu, &z).unwrap();
+        let want = statistics(&fsq, Backend::Reference, &ids).unwrap();
+        assert_eq!(want.tokens, n);
+        // Level counts from the decoded codes, independently of both implementations.
+        let codes: Vec<f32> = decode(&fsq, Backend::Reference, &ids).unwrap();
+        if let Some(counts) = &want.levels {
+            let mut from_codes: Vec<Vec<u64>> = levels.iter().map(|&l| vec![0; l as usize]).collect();
+            for row in codes.chunks_exact(levels.len()) {
+                for ((c, k), f) in row.iter().zip(fsq.dims()).zip(from_codes.iter_mut()) {
+                    f[(c * k.half_width + k.half_width) as usize] += 1;
+                }
+            }
+            assert_eq!(counts, &from_codes, "{levels:?}");
+        }
+        assert_eq!(want.levels.is_some(), levels.iter().sum::<u32>() <= 1 << 20);
+        assert_eq!(want.histogram.is_some(), fsq.codebook_size() <= 1 << 20, "{levels:?}");
+        if let Some(h) = &want.histogram {
+            assert_eq!(h.iter().sum::<u64>(), n as u64);
+            for &id in ids.iter().take(100) {
+                assert!(h[id as usize] > 0);
+            }
+        }
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for be in cpu_backends() {
+                assert_eq!(pool.install(|| statistics(&fsq, be, &ids).unwrap()), want, "{levels:?} {threads} {be:?}");
+            }
+        }
+    }
+    // No histogram above 2^20 ids; no level counts above 2^20 levels in all.
+    let big = Fsq::new(&[1 << 11, 1 << 11]).unwrap();
+    let s = statistics(&big, Backend::Cpu, &[0, 1, (1 << 22) - 1]).unwrap();
+    assert!(s.histogram.is_none());
+    assert_eq!(s.levels.as_ref().unwrap()[1][(1 << 11) - 1], 1);
+    let huge = Fsq::new(&[1 << 21, 2]).unwrap();
+    for be in cpu_backends().into_iter().chain([Backend::Reference]) {
+        let s = statistics(&huge, be, &[5, 7]).unwrap();
+        assert!(s.levels.is_none() && s.histogram.is_none() && s.tokens == 2 && s.level_frequency().is_none());
+    }
+}
+
+#[test]
+fn statistics_bad_input() {
+    let fsq = Fsq::new(&[8, 5, 3]).unwrap();
+    let mut ids: Vec<u32> = (0..300_000u32).map(|i| i % 120).collect();
+    ids[290_000] = 120;
+    ids[299_999] = u32::MAX;
+    for be in cpu_backends().into_iter().chain([Backend::Reference]) {
+        let e = statistics(&fsq, be, &ids).unwrap_err();
+        assert_eq!(e.to_string(), "fsq: ids[290000] = 120 is not below the codebook size 120", "{be:?}");
+        let e = fsq.statistics(be, View::new(&ids, &[1000, 300]).unwrap()).unwrap_err();
+        assert!(matches!(e, Error::Shape { family: Family::Fsq, .. }), "{be:?}");
     }
 }
 

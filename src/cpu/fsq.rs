@@ -2,17 +2,22 @@
 //! kernel of the ISA.
 //!
 //! - portable (`Isa::Scalar`): token by token through [`FsqDim::level`].
-//! - AVX2 (pulp `V3`, 8 lanes) and AVX-512 (pulp `V4`, 16 lanes): blocks of `W` tokens (`W` =
-//!   the lane count). A block's `W·D` values are contiguous: they are loaded as `D` vectors
-//!   (widened to f32 exactly; the NaN check is one compare per vector), then **de-interleaved**
-//!   so that vector `j` holds dimension `j` of the `W` tokens: lane `t` of output `j` is element
+//! - AVX2 (pulp `V3`, 8 lanes, blocks of 8 tokens) and AVX-512 (pulp `V4`, 16 lanes, blocks of
+//!   32 tokens as two independent halves of 16, so the core has two dependency chains to
+//!   overlap). A block's `W·D` values are contiguous: they are loaded as `D` vectors (widened to
+//!   f32 exactly; the NaN check is one compare per vector), then **de-interleaved** so that
+//!   vector `j` holds dimension `j` of the `W` tokens — lane `t` of output `j` is element
 //!   `D·t + j` of the block, picked by lane permutes from the few source vectors that hold those
 //!   elements ([`Deinterleave`], tables built once per call; AVX-512 permutes across register
-//!   pairs with `vpermt2ps`, AVX2 within one register with `vpermps`, each followed by a masked
-//!   blend). After that every dimension is one vector with its constants broadcast, the tanh,
-//!   rounding and clamps are the lane-wise operations of [`FsqDim::level`] ([`level_lanes`]),
-//!   and the id is accumulated lane-wise (`id += level·basis`), so `W` ids are stored at once,
-//!   whatever `D` is (no per-token horizontal sums). A short tail block is zero-padded.
+//!   pairs with `vpermt2ps`, AVX2 within one register with `vpermps`, merged by masked blends).
+//!   This handles any `D` (6 is not a multiple of 16) without per-token horizontal sums: every
+//!   dimension becomes one vector with its constants broadcast, the tanh and rounding are
+//!   [`FsqDim::level`]'s operations lane by lane ([`term_lanes`]), and the ids are accumulated
+//!   lane-wise (`id += level·basis`) and stored `W` at a time. The level is formed in integers
+//!   (`round(v)` converted with round-half-even, then `+ ⌊L/2⌋`, clamped only where the clamp
+//!   can act, see [`LaneDim`]) — the same values as the f32 definition. A short tail block is
+//!   zero-padded. The tanh's IEEE division is kept: it is part of the definition, and at
+//!   about 10% of the kernel's time on Zen 4 not worth an approximation that could change a bit.
 //!
 //! Every path performs the same correctly rounded f32 operations in the same order (the
 //! division of [`crate::fsq::tanh`] included: it is an IEEE division in every lane), so ids
