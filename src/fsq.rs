@@ -383,6 +383,15 @@ impl Fsq {
 pub const STATS_MAX_BINS: u64 = 1 << 20;
 
 /// Codebook usage of a batch of FSQ ids, from [`Fsq::statistics`].
+///
+/// ```
+/// use vistok::{Backend, Fsq, View};
+/// let fsq = Fsq::new(&[4])?;
+/// let s = fsq.statistics(Backend::Reference, View::new(&[3u32, 3, 0, 1], &[4])?)?;
+/// assert_eq!(s.level_frequency(), Some(vec![vec![0.25, 0.25, 0.0, 0.5]]));
+/// assert_eq!(s.histogram, Some(vec![1, 1, 0, 2]));
+/// # Ok::<(), vistok::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsqStats {
     /// Ids counted, N.

@@ -541,6 +541,19 @@ impl LfqStats {
 pub const EXACT_ENTROPY_MAX_BITS: u32 = 16;
 
 /// The entropy terms of a batch, from [`Lfq::entropy`] (nats; see [Entropy](self#entropy)).
+///
+/// ```
+/// use vistok::{Backend, BitOrder, Lfq, LfqConfig, View};
+/// // Two groups of one bit: group 0 always uncertain, group 1 certain but split across tokens.
+/// let plan = Lfq::new(&LfqConfig::new(2, 1, BitOrder::MsbFirst))?;
+/// let e = plan.entropy(Backend::Reference, View::new(&[0.0f32, 9.0, 0.0, -9.0], &[2, 2])?, 10.0)?;
+/// let ln2 = std::f64::consts::LN_2;
+/// assert!((e.per_token[0] - ln2).abs() < 1e-12 && e.per_token[1] < 1e-12);
+/// assert!((e.per_token_mean() - ln2 / 2.0).abs() < 1e-12);
+/// assert!((e.codebook_mean().unwrap() - ln2).abs() < 1e-12); // both groups: p̄ = (1/2, 1/2)
+/// assert_eq!(e.codebook_factorized, e.codebook.clone().unwrap()); // d = 1: no difference
+/// # Ok::<(), vistok::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct LfqEntropy {
     /// Tokens, N (≥ 1).

@@ -620,9 +620,9 @@ proptest! {
 
 #[test]
 fn entropy_many_chunks_and_rows() {
-    // Many phase-1 chunks and row blocks (C = 18: lcm 144), and a channel count that is a
-    // multiple of 16 (C = 32) and one that is odd (C = 7).
-    for (groups, bits, n) in [(1, 18, 20_000), (4, 8, 3_000), (7, 1, 40_000), (1, 3, 1)] {
+    // Many phase-1 chunks and row blocks (C = 18: lcm 144), a channel count that is a multiple
+    // of 16 (C = 32), odd ones (C = 7, 3) and wide rows (C ≥ 256: one row per piece).
+    for (groups, bits, n) in [(1, 18, 20_000), (4, 8, 3_000), (7, 1, 40_000), (1, 3, 1), (30, 9, 300), (10, 31, 5)] {
         let plan = Lfq::new(&LfqConfig::new(groups, bits, BitOrder::LsbFirst)).unwrap();
         let z = entropy_z(n * plan.channels(), 1.5, bits as u64);
         entropy_check::<f32>(&plan, &z, 0.7);

@@ -10,7 +10,12 @@
 //! lowest index over all chunks wins, so the error does not depend on the thread count.
 //!
 //! Decode, the BSQ normalisation and the statistics are plain loops, compiled under each ISA's
-//! target features. Statistics are integer counts per chunk, summed in chunk order.
+//! target features (through [`run_isa`], the one ISA dispatcher). Statistics are integer counts
+//! per chunk, summed in chunk order.
+//!
+//! The entropy terms ([`entropy`]) are described at their section below: a vectorised f32
+//! per-element kernel with fixed-order reductions (phase 1) and, for the exact codebook
+//! entropy, an f64 `Aᵀ·B` over tokens in register tiles (phase 2).
 
 use crate::cpu::fsq::widen;
 use crate::cpu::par::{for_each_chunk, units_per_chunk};
@@ -532,7 +537,8 @@ struct EntropyPartial {
 #[derive(Clone, Copy)]
 struct EntropyLayout {
     channels: usize,
-    /// `lcm(C, 16)`: element `j` of every piece of this size is channel `j mod C`.
+    /// `lcm(C, 16)` (or `C` for `C ≥ 256`): element `j` of every piece of this size is channel
+    /// `j mod C`.
     lcm: usize,
     /// Rows per block (a multiple of `lcm / C`, at most 64 unless one `lcm` piece is more).
     block_rows: usize,
@@ -551,7 +557,8 @@ impl EntropyLayout {
             }
             a
         };
-        let lcm = channels / gcd(channels, 16) * 16;
+        // Wide rows vectorise by themselves: pieces of one row keep the buffers at O(C).
+        let lcm = if channels >= 256 { channels } else { channels / gcd(channels, 16) * 16 };
         let rows_per_lcm = lcm / channels;
         let pieces = (MAX_BLOCK_ROWS / rows_per_lcm).min(MAX_BLOCK_ELEMENTS / lcm).max(1);
         let block_rows = pieces * rows_per_lcm;
