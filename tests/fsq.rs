@@ -253,6 +253,35 @@ fn saturation_zeros_subnormals() {
 }
 
 #[test]
+fn large_levels_where_the_clamp_acts() {
+    // Above 1000 levels the 1e−3 margin lets the formula reach L (even L > 1000): the clamp to
+    // L − 1 acts, and the SIMD kernels clamp in integers there. Saturating inputs hit it.
+    for levels in [vec![1002, 1001], vec![4096, 3, 4097], vec![1 << 16, 1 << 15], vec![65536, 5, 6, 7]] {
+        let fsq = Fsq::new(&levels).unwrap();
+        let mut z: Vec<f32> = random_z(&levels, 3000, levels[0] as u64);
+        z.extend(levels.iter().flat_map(|_| [f32::INFINITY]).chain(levels.iter().map(|_| 30.0f32)));
+        z.extend(levels.iter().map(|_| f32::NEG_INFINITY));
+        let near = check(&fsq, &z);
+        let ids = encode(&fsq, Backend::Cpu, &z).unwrap();
+        let top: u32 = fsq.dims().iter().map(|k| (k.levels - 1) * k.basis).sum();
+        let n = z.len() / levels.len();
+        assert_eq!(&ids[n - 3..], [top, top, 0], "{levels:?}: saturated tokens are the extreme ids");
+        println!("levels {levels:?}: {near} levels differ from the f64 reference at a boundary");
+    }
+    // 2^24 levels: the f32 definition has ulp-sized steps there (several levels apart from the
+    // f64 reference), but every cpu path is still the same definition, bit for bit.
+    let fsq = Fsq::new(&[1 << 24]).unwrap();
+    let mut z: Vec<f32> = random_z(fsq.levels(), 5000, 7);
+    z.extend([f32::INFINITY, -30.0]);
+    let backends = cpu_backends();
+    let want = encode(&fsq, backends[0], &z).unwrap();
+    for be in &backends[1..] {
+        assert_eq!(encode(&fsq, *be, &z).unwrap(), want, "{be:?}");
+    }
+    assert_eq!(&want[5000..], [(1 << 24) - 1, 0]);
+}
+
+#[test]
 fn round_trips_every_id() {
     // Every id of: all single dimensions and pairs of 2..=16 levels, and larger codebooks up to
     // 2^16 ids (16 dimensions of 2 included).
