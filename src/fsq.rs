@@ -27,11 +27,22 @@
 //!   the rest is a handful of f32 roundings. On values uniform in `[−4, 4]` the tests see no
 //!   difference in 1.8 million; on values planted within an ulp of a boundary, about one in
 //!   twenty differs.
-//! - NaN anywhere in `z` is an error naming the first NaN's index; ±∞ saturate like any huge
-//!   value. On error the ids are unspecified. `N = 0` is allowed (nothing is written).
+//! - NaN anywhere in `z` is an [`Error::NonFinite`] naming the first NaN (lowest flat index) as
+//!   `z[row, col]`; ±∞ saturate like any huge value. On error the ids are unspecified. `N = 0`
+//!   is allowed (nothing is written).
 //! - Decode writes codes `[N, D]` computed as the f32 `(level − half_width) / half_width`
 //!   (correctly rounded), then rounded to the output dtype (nearest, ties to even); an id
 //!   `≥ Π L_i` is an error naming its index.
+//! - Round trips: codes are the quantizer's *outputs*, so `encode(decode(id))` is not the id
+//!   in general (encode bounds its input with tanh first: the code `0.75` of `L = 8`, level 7, read
+//!   as an input encodes to level 6). What holds, and is tested exhaustively for small
+//!   codebooks, is (a) codes → ids (vector-quantize-pytorch's `codes_to_indices`,
+//!   `Σ (code_i·⌊L_i/2⌋ + ⌊L_i/2⌋)·basis_i`) inverts decode exactly, and (b) the input whose
+//!   pre-rounding value is exactly a code's integer `code_i·⌊L_i/2⌋` (the middle of its rounding
+//!   cell, `atanh((q + offset)/half_l) − shift`) encodes to that code's id, on every backend and
+//!   from f32, f16 and bf16.
+//! - Statistics ([`Fsq::statistics`]): per-dimension level counts and the id histogram of a
+//!   batch of ids, in one pass, as integer counts — identical on every backend and thread count.
 //!
 //! ```
 //! use vistok::{Backend, Fsq, View, ViewMut};
@@ -68,7 +79,9 @@ use crate::Backend;
 /// `[0, 9]`, and asserted there): absolute error ≤ 2.6e−7 (below 3e−7 asserted), and within
 /// 4.4 ulps of the result (below 5 asserted) wherever `|x| ≥ 1e−35` (below that `x·α1` is
 /// subnormal, so only the absolute bound holds). Odd (`tanh(−x) = −tanh(x)`, `tanh(±0) = ±0`),
-/// `|tanh(x)| ≤ 1`; `±∞` give the value at the clamp. NaN returns NaN.
+/// `|tanh(x)| ≤ 1 − 2^−24` for every f32 (checked exhaustively over `[0, CLAMP]` by an ignored
+/// test in `tests/fsq.rs`; the SIMD kernels rely on it to skip level clamps that cannot act);
+/// `±∞` give the value at the clamp. NaN returns NaN. Not monotonic at the ulp level.
 ///
 /// ```
 /// let t = vistok::fsq::tanh(0.5);
@@ -287,7 +300,8 @@ impl Fsq {
     }
 
     /// `z` `[N, D]` → ids `[N]` on a host backend. Errors if the dims disagree, if `z` holds a
-    /// NaN (naming the first one), or if a forced [`Backend::CpuIsa`] level is not available.
+    /// NaN ([`Error::NonFinite`] naming the first one), or if a forced [`Backend::CpuIsa`] level
+    /// is not available.
     ///
     /// ```
     /// use vistok::{bf16, Backend, Fsq, View, ViewMut};
@@ -296,8 +310,9 @@ impl Fsq {
     /// let mut ids = [0u32; 3];
     /// fsq.encode(Backend::Reference, View::new(&z, &[3, 1])?, ViewMut::new(&mut ids, &[3])?)?;
     /// assert_eq!(ids, [0, 2, 4]); // round(2.002·tanh(−1)) = round(−1.52) = −2
-    /// let bad = [f32::NAN];
-    /// assert!(fsq.encode(Backend::Cpu, View::new(&bad, &[1, 1])?, ViewMut::new(&mut ids[..1], &[1])?).is_err());
+    /// let bad = [0.5f32, f32::NAN];
+    /// let e = fsq.encode(Backend::Cpu, View::new(&bad, &[2, 1])?, ViewMut::new(&mut ids[..2], &[2])?);
+    /// assert_eq!(e.unwrap_err().to_string(), "fsq: z[1, 0] is not finite");
     /// # Ok::<(), vistok::Error>(())
     /// ```
     pub fn encode<T: Float>(&self, backend: Backend, z: View<'_, T>, mut ids: ViewMut<'_, u32>) -> Result<()> {
@@ -332,11 +347,74 @@ impl Fsq {
             Backend::CpuIsa(isa) => crate::cpu::fsq::decode(self, isa.check()?, ids.data(), codes.data_mut()),
         }
     }
+
+    /// Usage statistics of ids `[N]`: per-dimension level counts (when `Σ L_i ≤`
+    /// [`STATS_MAX_BINS`]) and the id histogram (when `Π L_i ≤` [`STATS_MAX_BINS`]), in one
+    /// pass. Integer counts, so the result is the same on every backend and thread count.
+    /// Errors: `ids` not `[N]`-shaped (rank 1), an id `≥ codebook_size()` (naming the first), or
+    /// a forced [`Backend::CpuIsa`] level this CPU lacks.
+    ///
+    /// ```
+    /// use vistok::{Backend, Fsq, View};
+    /// let fsq = Fsq::new(&[3, 2])?;
+    /// // ids 0..6 are (level_0, level_1) = (id % 3, id / 3).
+    /// let s = fsq.statistics(Backend::Cpu, View::new(&[0u32, 4, 5, 5], &[4])?)?;
+    /// assert_eq!(s.tokens, 4);
+    /// assert_eq!(s.levels, Some(vec![vec![1, 1, 2], vec![1, 3]]));
+    /// assert_eq!(s.histogram, Some(vec![1, 0, 0, 0, 1, 2]));
+    /// assert_eq!(s.level_frequency().unwrap()[1], [0.25, 0.75]);
+    /// # Ok::<(), vistok::Error>(())
+    /// ```
+    pub fn statistics(&self, backend: Backend, ids: View<'_, u32>) -> Result<FsqStats> {
+        let dims = ids.dims();
+        if dims.len() != 1 {
+            return Err(Error::Shape { family: Family::Fsq, msg: format!("ids dims {dims:?}, expected [N]") });
+        }
+        match backend {
+            Backend::Reference => crate::reference::fsq::statistics(self, ids.data()),
+            Backend::Cpu => crate::cpu::fsq::statistics(self, crate::cpu::Isa::detect(), ids.data()),
+            Backend::CpuIsa(isa) => crate::cpu::fsq::statistics(self, isa.check()?, ids.data()),
+        }
+    }
+}
+
+/// The most bins [`Fsq::statistics`] counts: the id histogram needs `Π L_i ≤ 2^20`, the
+/// per-dimension level counts `Σ L_i ≤ 2^20`.
+pub const STATS_MAX_BINS: u64 = 1 << 20;
+
+/// Codebook usage of a batch of FSQ ids, from [`Fsq::statistics`].
+///
+/// ```
+/// use vistok::{Backend, Fsq, View};
+/// let fsq = Fsq::new(&[4])?;
+/// let s = fsq.statistics(Backend::Reference, View::new(&[3u32, 3, 0, 1], &[4])?)?;
+/// assert_eq!(s.level_frequency(), Some(vec![vec![0.25, 0.25, 0.0, 0.5]]));
+/// assert_eq!(s.histogram, Some(vec![1, 1, 0, 2]));
+/// # Ok::<(), vistok::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsqStats {
+    /// Ids counted, N.
+    pub tokens: usize,
+    /// `[D][L_i]` when `Σ L_i ≤` [`STATS_MAX_BINS`]: `levels[i][l]` is how many ids have level
+    /// `l` in dimension `i` (`(id / basis_i) mod L_i`); `None` otherwise.
+    pub levels: Option<Vec<Vec<u64>>>,
+    /// `[Π L_i]` when `Π L_i ≤` [`STATS_MAX_BINS`]: how many ids have each value; `None`
+    /// otherwise.
+    pub histogram: Option<Vec<u64>>,
+}
+
+impl FsqStats {
+    /// `levels / N` per dimension and level: the frequency of each level (all 0 when `N = 0`).
+    pub fn level_frequency(&self) -> Option<Vec<Vec<f64>>> {
+        let n = self.tokens.max(1) as f64;
+        self.levels.as_ref().map(|l| l.iter().map(|d| d.iter().map(|&c| c as f64 / n).collect()).collect())
+    }
 }
 
 /// The error for a NaN at flat index `i` of `z` `[N, D]`.
 pub(crate) fn nan_error(i: usize, d: usize) -> Error {
-    invalid(format!("z[{}, {}] is NaN", i / d, i % d))
+    Error::NonFinite { family: Family::Fsq, what: format!("z[{}, {}]", i / d, i % d) }
 }
 
 /// The error for an out-of-range id at index `i`.

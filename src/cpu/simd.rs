@@ -8,6 +8,10 @@
 //!   FMA enabled, and the compiler vectorises them.
 //! - [`Avx512`]: pulp `V4` intrinsics, 16 lanes at a time; a tail shorter than 16 goes through a
 //!   zero-padded stack block so it too runs vectorised.
+//!
+//! [`run_isa`] is the one place that turns an [`Isa`] into code compiled for its target
+//! features: every family's kernels go through it (patchify through [`dispatch`], which picks a
+//! [`RunKernel`]; LFQ and FSQ with their own per-ISA kernels).
 
 use crate::cpu::Isa;
 use crate::dtype::{DType, Element};
@@ -53,13 +57,72 @@ pub(crate) trait KernelOp {
     fn run<K: RunKernel>(self, k: K) -> Self::Output;
 }
 
-struct WithKernel<Op, K>(Op, K);
+/// Work with one implementation per instruction-set level. [`run_isa`] calls the method of the
+/// level asked for inside a function compiled with that level's target features.
+pub(crate) trait IsaOp: Sized {
+    type Output;
+    /// Portable code: compiled with AVX2 + FMA enabled under `Isa::V3` (unless [`v3`](Self::v3)
+    /// is overridden) and with no SIMD target features under `Isa::Scalar`.
+    fn portable(self) -> Self::Output;
+    /// AVX2 + FMA (pulp `V3`). Defaults to the portable code.
+    #[inline(always)]
+    fn v3(self, _simd: V3) -> Self::Output {
+        self.portable()
+    }
+    /// AVX-512 (pulp `V4`).
+    fn v4(self, simd: V4) -> Self::Output;
+}
 
-impl<Op: KernelOp, K: RunKernel> WithSimd for WithKernel<Op, K> {
+struct WithV3<Op>(Op, V3);
+
+impl<Op: IsaOp> WithSimd for WithV3<Op> {
     type Output = Op::Output;
     #[inline(always)]
     fn with_simd<S: Simd>(self, _simd: S) -> Self::Output {
-        self.0.run(self.1)
+        self.0.v3(self.1)
+    }
+}
+
+struct WithV4<Op>(Op, V4);
+
+impl<Op: IsaOp> WithSimd for WithV4<Op> {
+    type Output = Op::Output;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) -> Self::Output {
+        self.0.v4(self.1)
+    }
+}
+
+/// Runs `op`'s implementation for `isa` inside a function compiled for that ISA's target
+/// features. `isa` must be available (callers check with [`Isa::check`] / [`Isa::detect`]); if
+/// it is not, the portable code runs without target features.
+#[inline(always)]
+pub(crate) fn run_isa<Op: IsaOp>(isa: Isa, op: Op) -> Op::Output {
+    match isa {
+        Isa::V4 => match V4::try_new() {
+            Some(simd) => Simd::vectorize(simd, WithV4(op, simd)),
+            None => op.portable(),
+        },
+        Isa::V3 => match V3::try_new() {
+            Some(simd) => Simd::vectorize(simd, WithV3(op, simd)),
+            None => op.portable(),
+        },
+        Isa::Scalar => op.portable(),
+    }
+}
+
+/// A [`KernelOp`] as an [`IsaOp`]: [`Avx512`] under V4, [`Portable`] otherwise.
+struct WithKernel<Op>(Op);
+
+impl<Op: KernelOp> IsaOp for WithKernel<Op> {
+    type Output = Op::Output;
+    #[inline(always)]
+    fn portable(self) -> Self::Output {
+        self.0.run(Portable)
+    }
+    #[inline(always)]
+    fn v4(self, simd: V4) -> Self::Output {
+        self.0.run(Avx512(simd))
     }
 }
 
@@ -68,17 +131,7 @@ impl<Op: KernelOp, K: RunKernel> WithSimd for WithKernel<Op, K> {
 /// if it is not, the portable scalar kernel runs.
 #[inline(always)]
 pub(crate) fn dispatch<Op: KernelOp>(isa: Isa, op: Op) -> Op::Output {
-    match isa {
-        Isa::V4 => match V4::try_new() {
-            Some(simd) => Simd::vectorize(simd, WithKernel(op, Avx512(simd))),
-            None => op.run(Portable),
-        },
-        Isa::V3 => match V3::try_new() {
-            Some(simd) => Simd::vectorize(simd, WithKernel(op, Portable)),
-            None => op.run(Portable),
-        },
-        Isa::Scalar => op.run(Portable),
-    }
+    run_isa(isa, WithKernel(op))
 }
 
 /// Plain loops.
@@ -128,9 +181,9 @@ fn read<T: bytemuck::Pod>(bytes: &[u8]) -> T {
 }
 
 impl Avx512 {
-    /// Loads 16 elements (`src.len() == 16`) widened to f32.
+    /// Loads 16 elements (`src.len() == 16`) widened to f32 (exactly).
     #[inline(always)]
-    fn load<I: Element>(self, src: &[I]) -> f32x16 {
+    pub(crate) fn load<I: Element>(self, src: &[I]) -> f32x16 {
         let s = self.0;
         let bytes: &[u8] = bytemuck::cast_slice(src);
         match I::DTYPE {

@@ -4,7 +4,7 @@
 
 use crate::dtype::Float;
 use crate::error::{Error, Family, Result};
-use crate::fsq::{Fsq, EPS};
+use crate::fsq::{Fsq, FsqStats, EPS, STATS_MAX_BINS};
 
 /// The pre-rounding value `tanh(z + atanh(offset/half_l))·half_l − offset` of one element in f64,
 /// for a dimension with `levels` levels. Its rounding (half to even) plus `⌊L/2⌋` is the level.
@@ -32,7 +32,7 @@ pub fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
         for (i, &l) in levels.iter().enumerate() {
             let x = z[n * d + i].to_f32();
             if x.is_nan() {
-                return Err(Error::Invalid { family: Family::Fsq, msg: format!("z[{n}, {i}] is NaN") });
+                return Err(Error::NonFinite { family: Family::Fsq, what: format!("z[{n}, {i}]") });
             }
             sum += level(l, x as f64) * basis;
             basis *= l as u64;
@@ -64,4 +64,34 @@ pub fn decode<O: Float>(plan: &Fsq, ids: &[u32], codes: &mut [O]) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// Per-dimension level counts and the id histogram, one id at a time (levels by division).
+/// Errors on the first id `≥ Π L`.
+pub fn statistics(plan: &Fsq, ids: &[u32]) -> Result<FsqStats> {
+    let levels = plan.levels();
+    let size: u64 = levels.iter().map(|&l| l as u64).product();
+    let bins: u64 = levels.iter().map(|&l| l as u64).sum();
+    let mut counts: Option<Vec<Vec<u64>>> =
+        (bins <= STATS_MAX_BINS).then(|| levels.iter().map(|&l| vec![0; l as usize]).collect());
+    let mut histogram = (size <= STATS_MAX_BINS).then(|| vec![0u64; size as usize]);
+    for (n, &id) in ids.iter().enumerate() {
+        if id as u64 >= size {
+            return Err(Error::Invalid {
+                family: Family::Fsq,
+                msg: format!("ids[{n}] = {id} is not below the codebook size {size}"),
+            });
+        }
+        if let Some(c) = counts.as_mut() {
+            let mut basis = 1u64;
+            for (i, &l) in levels.iter().enumerate() {
+                c[i][((id as u64 / basis) % l as u64) as usize] += 1;
+                basis *= l as u64;
+            }
+        }
+        if let Some(h) = histogram.as_mut() {
+            h[id as usize] += 1;
+        }
+    }
+    Ok(FsqStats { tokens: ids.len(), levels: counts, histogram })
 }

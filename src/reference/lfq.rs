@@ -3,7 +3,7 @@
 
 use crate::dtype::Float;
 use crate::error::Result;
-use crate::lfq::{BitOrder, Lfq, LfqStats, HISTOGRAM_MAX_BITS};
+use crate::lfq::{BitOrder, Lfq, LfqEntropy, LfqStats, EXACT_ENTROPY_MAX_BITS, HISTOGRAM_MAX_BITS};
 
 /// The weight exponent of channel `k` of a group of `d` bits.
 fn weight(order: BitOrder, d: usize, k: usize) -> usize {
@@ -87,4 +87,75 @@ pub(crate) fn statistics(p: &Lfq, ids: &[u32]) -> Result<LfqStats> {
         }
     }
     Ok(LfqStats { tokens: ids.len() / g, ones, histogram })
+}
+
+/// `σ(a) = 1 / (1 + e^−a)`, without overflow.
+fn sigmoid(a: f64) -> f64 {
+    if a >= 0.0 {
+        1.0 / (1.0 + (-a).exp())
+    } else {
+        a.exp() / (1.0 + a.exp())
+    }
+}
+
+/// The binary entropy (nats) of `σ(a)`: `ln(1 + e^−|a|) + |a|·e^−|a| / (1 + e^−|a|)`.
+fn binary_entropy_of_logit(a: f64) -> f64 {
+    let u = (-a.abs()).exp();
+    if u == 0.0 {
+        0.0
+    } else {
+        u.ln_1p() + a.abs() * u / (1.0 + u)
+    }
+}
+
+/// `−p ln p` with `0 ln 0 = 0`.
+fn plogp(p: f64) -> f64 {
+    if p > 0.0 {
+        -p * p.ln()
+    } else {
+        0.0
+    }
+}
+
+/// The entropy terms in f64, token by token, straight from the definitions in
+/// [`crate::lfq`]; the exact codebook entropy enumerates all `2^d` codes of every token.
+pub(crate) fn entropy<T: Float>(p: &Lfq, z: &[T], tau: f32, exact: bool) -> Result<LfqEntropy> {
+    let (groups, d, c) = (p.groups(), p.bits() as usize, p.channels());
+    if let Some(i) = z.iter().position(|x| x.to_f32().is_nan()) {
+        return Err(p.nan_error(i));
+    }
+    let n = z.len() / c;
+    let scale = 4.0 * tau as f64 * p.code_value() as f64;
+    let exact = exact && p.bits() <= EXACT_ENTROPY_MAX_BITS;
+    let mut per_token = vec![0.0; groups];
+    let (mut ones, mut zeros) = (vec![0.0; c], vec![0.0; c]);
+    let mut codes = vec![vec![0.0; if exact { 1 << d } else { 0 }]; groups];
+    for row in z.chunks_exact(c) {
+        for g in 0..groups {
+            let a: Vec<f64> = row[g * d..(g + 1) * d].iter().map(|x| scale * x.to_f32() as f64).collect();
+            for (k, &a) in a.iter().enumerate() {
+                per_token[g] += binary_entropy_of_logit(a);
+                ones[g * d + k] += sigmoid(a);
+                zeros[g * d + k] += sigmoid(-a);
+            }
+            for (code, sum) in codes[g].iter_mut().enumerate() {
+                let prob: f64 = a
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &a)| if (code >> k) & 1 == 1 { sigmoid(a) } else { sigmoid(-a) })
+                    .product();
+                *sum += prob;
+            }
+        }
+    }
+    let n = n as f64;
+    let factorized =
+        (0..groups).map(|g| (0..d).map(|k| plogp(ones[g * d + k] / n) + plogp(zeros[g * d + k] / n)).sum()).collect();
+    Ok(LfqEntropy {
+        tokens: z.len() / c,
+        per_token: per_token.iter().map(|h| h / n).collect(),
+        codebook: exact.then(|| codes.iter().map(|sums| sums.iter().map(|&s| plogp(s / n)).sum()).collect()),
+        codebook_factorized: factorized,
+        bit_probability: ones.iter().map(|o| o / n).collect(),
+    })
 }
