@@ -7,8 +7,8 @@
 //! | family | module | status |
 //! |---|---|---|
 //! | patchify / unpatchify | [`patchify`] | reference, cpu, cuda |
-//! | finite scalar quantization (FSQ) | [`fsq`] | reference, cpu, cuda |
-//! | LFQ / group-wise LFQ / BSQ (sign → token ids) | [`lfq`] | reference, cpu, cuda |
+//! | finite scalar quantization (FSQ), level / id statistics | [`fsq`] | reference, cpu, cuda (encode / decode) |
+//! | LFQ / group-wise LFQ / BSQ (sign → token ids), usage statistics, entropy terms | [`lfq`] | reference, cpu, cuda (encode / decode) |
 //! | codebook argmin (L2 / cosine), lookup, residual VQ | [`argmin`] | reference, cpu |
 //!
 //! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
@@ -45,8 +45,8 @@ pub use argmin::{Codebook, Metric, ResidualCodebooks};
 pub use cpu::Isa;
 pub use dtype::{bf16, f16, DType, Element, Float};
 pub use error::{Error, Family, Result};
-pub use fsq::{Fsq, FsqDim};
-pub use lfq::{BitOrder, Lfq, LfqConfig, LfqStats};
+pub use fsq::{Fsq, FsqDim, FsqStats};
+pub use lfq::{BitOrder, Lfq, LfqConfig, LfqEntropy, LfqStats};
 pub use patchify::{Layout, Normalize, PatchConfig, PatchOrder, Patchify};
 pub use view::{Shape, View, ViewMut};
 
