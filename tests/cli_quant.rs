@@ -372,7 +372,7 @@ fn lfq_bad_input_is_one_line_and_no_file() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec![zp.clone(), out.clone()], "--order msb|lsb is required"),
         (vec!["--order".into(), "mid".into(), zp.clone(), out.clone()], "--order: expected msb or lsb"),
-        (vec!["--order".into(), "msb".into(), d("nan.npy"), out.clone()], "z[1, 3] (element 9) is NaN"),
+        (vec!["--order".into(), "msb".into(), d("nan.npy"), out.clone()], "z[1, 3] is not finite"),
         (
             vec!["--order".into(), "msb".into(), "--groups".into(), "4".into(), zp.clone(), out.clone()],
             "--groups 4 does not divide the 6 channels",
@@ -580,7 +580,7 @@ fn fsq_bad_input_is_one_line_and_no_file() {
         (vec!["--levels", "8,x", &zp, &out], "--levels: expected comma-separated positive integers"),
         (vec!["--levels", "65536,65536,2,2", &zp, &out], "exceeds 2^32"),
         (vec!["--levels", "8,5,5", &zp, &out], "expected [..., 3] (3 levels given)"),
-        (vec!["--levels", "8,5,5,5", &nan, &out], "z[1, 2] is NaN"),
+        (vec!["--levels", "8,5,5,5", &nan, &out], "z[1, 2] is not finite"),
         (vec!["--levels", "8,5,5,5", "--backend", "cuda", &zp, &out], "no CUDA kernel"),
         (
             vec!["--levels", "8,5,5,5", "--ids-dtype", "i4", "--levels", "65536,65536", &zp, &out],

@@ -14,7 +14,7 @@
 //! - [`LfqKernel::encode`] / [`LfqKernel::decode`] (checked): zero the word, launch, read the
 //!   word back. The read is an 8-byte device-to-host copy that waits for the kernel: the call
 //!   is synchronous (~10–20 µs of latency on top of the kernel, no extra pass over the data).
-//!   Errors: [`Error::NonFinite`] naming `z[row, col] (element i)` for NaN, the cpu backend's
+//!   Errors: [`Error::NonFinite`] naming `z[row, col]` for NaN (as the cpu backend), the cpu backend's
 //!   [`Error::Invalid`] (same message) for a bad id.
 //! - [`LfqKernel::encode_deferred`] / [`LfqKernel::decode_deferred`]: fully asynchronous; the
 //!   word lives in a [`DeferredCheck`] that you read when convenient
@@ -279,7 +279,7 @@ pub fn plan_decode(lfq: &Lfq, dtype: DType, ids: usize, ptrs: Pointers, max_bloc
 /// let lfq = Lfq::new(&LfqConfig::new(2, 3, BitOrder::LsbFirst))?;
 /// assert!(encode_status(&lfq, 0).is_ok());
 /// let e = encode_status(&lfq, !13).unwrap_err();
-/// assert_eq!(e, Error::NonFinite { family: Family::Lfq, what: "z[2, 1] (element 13)".into() });
+/// assert_eq!(e, Error::NonFinite { family: Family::Lfq, what: "z[2, 1]".into() });
 /// # Ok::<(), vistok::Error>(())
 /// ```
 pub fn encode_status(lfq: &Lfq, word: u64) -> Result<()> {
@@ -324,7 +324,7 @@ impl Pending {
             Pending::LfqEncode { channels } => {
                 let i = !word;
                 let c = *channels as u64;
-                Error::NonFinite { family: Family::Lfq, what: format!("z[{}, {}] (element {i})", i / c, i % c) }
+                Error::NonFinite { family: Family::Lfq, what: format!("z[{}, {}]", i / c, i % c) }
             }
             Pending::LfqDecode(lfq) => lfq.bad_id_error(k, id),
             Pending::FsqEncode { dim } => {
@@ -355,7 +355,7 @@ impl Pending {
 /// let mut check = DeferredCheck::new(stream)?;
 /// kernel.encode_deferred(stream, &z, &mut ids, &mut check)?; // returns at once
 /// // ... more work on the stream ...
-/// assert!(check.result().is_err()); // z[0, 1] (element 1) is not finite
+/// assert!(check.result().is_err()); // z[0, 1] is not finite
 /// # Ok(()) }
 /// ```
 pub struct DeferredCheck {
