@@ -399,7 +399,7 @@ fn lfq_bad_input_is_one_line_and_no_file() {
         (vec!["--order".into(), "msb".into(), d("missing.npy"), out.clone()], "missing.npy: cannot open"),
         (
             vec!["--order".into(), "msb".into(), "--backend".into(), "cuda".into(), zp.clone(), out.clone()],
-            "no CUDA kernel",
+            "does not drive the lfq family's CUDA kernel",
         ),
         (
             vec!["--order".into(), "msb".into(), "--scale".into(), "-1".into(), zp.clone(), out.clone()],
@@ -581,7 +581,7 @@ fn fsq_bad_input_is_one_line_and_no_file() {
         (vec!["--levels", "65536,65536,2,2", &zp, &out], "exceeds 2^32"),
         (vec!["--levels", "8,5,5", &zp, &out], "expected [..., 3] (3 levels given)"),
         (vec!["--levels", "8,5,5,5", &nan, &out], "z[1, 2] is not finite"),
-        (vec!["--levels", "8,5,5,5", "--backend", "cuda", &zp, &out], "no CUDA kernel"),
+        (vec!["--levels", "8,5,5,5", "--backend", "cuda", &zp, &out], "does not drive the fsq family's CUDA kernel"),
         (
             vec!["--levels", "8,5,5,5", "--ids-dtype", "i4", "--levels", "65536,65536", &zp, &out],
             "do not all fit --ids-dtype i4",

@@ -23,10 +23,10 @@ pub fn host_only(backend: BackendChoice, family: &str) -> Result<Backend, String
     match backend {
         BackendChoice::Reference => Ok(Backend::Reference),
         BackendChoice::Cpu => Ok(Backend::Cpu),
-        // The CUDA kernels of these families are not built / available yet; when they land,
-        // this becomes a call into `gpu` as for patchify.
+        // LFQ / FSQ have device kernels in the library (`vistok::cuda`), but the runner does
+        // not drive them yet; when it does, this becomes a call into `gpu` as for patchify.
         BackendChoice::Cuda => Err(format!(
-            "--backend cuda: the {family} family has no CUDA kernel built or available yet (use cpu or reference)"
+            "--backend cuda: vistok run does not drive the {family} family's CUDA kernel yet (use cpu or reference)"
         )),
     }
 }

@@ -35,7 +35,7 @@ OUT_CODES [..., D]: (level - floor(L/2)) / floor(L/2) per dimension.
   --codes Q.npy        encode: also write the codes of the ids ([..., D])
   --decode             read ids, write codes; ids may be <u4, <i4 or <i8 and must be below
                        the product of the levels
-  --backend B          reference | cpu (default cpu). cuda: not built for fsq yet
+  --backend B          reference | cpu (default cpu). cuda: not driven by vistok run yet
   --dtype D            encode: round z to f32 | f16 | bf16 first (default: the file's own)
                        and write codes in it; decode: the codes' dtype (default f32). f16 is
                        written as <f2, f32 and bf16 as <f4 (bf16 values exactly)

@@ -52,7 +52,7 @@ IDS   [..., G] ids (<u4 by default; see --ids-dtype): bit k of a group is z_k > 
                        OUT may then be omitted too
   --decode             read ids, write codes (IDS.npy OUT_CODES.npy); ids may be <u4, <i4 or
                        <i8 and must be below 2^D
-  --backend B          reference | cpu (default cpu). cuda: not built for lfq yet
+  --backend B          reference | cpu (default cpu). cuda: not driven by vistok run yet
   --dtype D            encode: round z to f32 | f16 | bf16 first (default: the file's own)
                        and write codes / normalized in it; decode: the codes' dtype (default
                        f32). f16 is written as <f2, f32 and bf16 as <f4 (bf16 values exactly)
