@@ -1,1 +1,803 @@
-//! CPU attention.
+//! CPU attention: flash-style tiles with queries in SIMD lanes.
+//!
+//! # Algorithm
+//! One task computes [`MQ`] consecutive queries of one (batch, head) (rayon over
+//! (batch, head, query tile); in the `[B, N, H, D]` layout over (batch, query tile), all heads).
+//! Its queries are transposed once into `Qᵀ [D, MQ]`, pre-multiplied by the scale (rounded per
+//! element, like a naive `(Q·scale)·Kᵀ`; folding `log₂e` in as well would turn the rounding of
+//! `scale·log₂e` into a systematic error on every logit). Key tiles of [`KT`] keys then stream past:
+//! 1. `Sᵀ [KT, MQ] = K·Qᵀ`: register-blocked, [`RK`] keys × `MQ` queries per block, each key
+//!    value broadcast against two 16-lane query vectors (K is pre-packed into panels of `RK`
+//!    keys, `[D, RK]` each, by one parallel pass per call, which also widens f16 / bf16);
+//! 2. bias and mask (partially masked tiles only; tiles no query of the task sees are skipped,
+//!    and band masks restrict the key range to the band);
+//! 3. online softmax per lane: running max `m` and sum `l`, `P = 2^((S − m)·log₂e)` with the
+//!    vectorised [`exp2`] (the difference first, so the error of the product stays small for
+//!    the large weights), rescale factor `α = 2^((m_old − m_new)·log₂e)`;
+//! 4. `Oᵀ [D, MQ] = α·Oᵀ + Vᵀ·P`: [`RD`] head-dim rows × `MQ` queries per block, each value of
+//!    V (natural row layout, no packing for f32) broadcast against the `P` vectors.
+//!
+//! Since queries sit in lanes, the row max / sum of the softmax and the rescaling are plain
+//! vertical vector operations. Finally `O = Oᵀ / l`, transposed back, and
+//! `lse = m + ln l`. A lane whose every score is masked keeps `m = −∞`; it subtracts 0
+//! instead, so `P = 0`, `l = 0`, and the output is zeros with `lse = −∞`.
+//!
+//! Every query row is computed by the same sequence of operations whatever the thread count,
+//! so results are bit-identical across thread counts (not across ISA levels).
+
+use crate::attention::{Mask, Problem, QkvLayout};
+use crate::cpu::par::for_each_chunk;
+use crate::cpu::Isa;
+use crate::dtype::{DType, Float};
+use crate::error::{Error, Family, Result};
+use pulp::x86::{V3, V4};
+use core::f32::consts::LOG2_E;
+use pulp::{Simd, WithSimd};
+
+/// SIMD lanes (f32).
+const LANES: usize = 16;
+/// Query vectors per tile.
+const QV: usize = 2;
+/// Queries per tile (the lanes of `QV` vectors).
+pub(crate) const MQ: usize = LANES * QV;
+/// Keys per QK register block: `RK × QV` accumulators.
+const RK: usize = 12;
+/// Keys per tile: a whole number of QK blocks.
+const KT: usize = 8 * RK;
+/// Head-dim rows per PV register block: `RD × QV` accumulators.
+const RD: usize = 8;
+/// The largest head dimension (sizes the stack buffers).
+const DMAX: usize = crate::attention::MAX_HEAD_DIM_CPU;
+
+const _: () = assert!(KT.is_multiple_of(RK) && RK * QV <= 28 && RD * QV <= 28 && DMAX.is_multiple_of(RD));
+
+// ---------------------------------------------------------------------------------------------
+// exp2
+
+/// Minimax coefficients of `2^f` on `[−½, ½]` (relative error 1.9·10⁻⁹ before rounding).
+const EXP2_C: [f32; 7] = [1.0, 0.693_147_2, 0.240_226_46, 0.055_503_286, 0.009_618_489, 0.001_339_993_1, 0.000_153_458_12];
+/// Inputs are clamped to `[EXP2_MIN, EXP2_MAX]`; `2^EXP2_MIN` rounds to 0.
+const EXP2_MIN: f32 = -160.0;
+const EXP2_MAX: f32 = 127.0;
+
+/// `2^x` in f32 as the vector kernels compute it (see [`crate::attention::exp2`]): clamp, split
+/// `x = n + f` with `n` the nearest integer, a degree-6 polynomial in `f` (Horner, fma), then
+/// `·2^n` with one rounding.
+#[inline(always)]
+pub(crate) fn exp2(x: f32) -> f32 {
+    // max before min, as the vector code does (a NaN would become EXP2_MIN).
+    let x = x.max(EXP2_MIN).min(EXP2_MAX);
+    let n = x.round_ties_even();
+    let f = x - n;
+    let mut p = EXP2_C[6];
+    for c in EXP2_C[..6].iter().rev() {
+        p = p.mul_add(f, *c);
+    }
+    let pow2 = |e: f32| f32::from_bits(((e as i32 + 127) as u32) << 23);
+    if n < -126.0 {
+        // p·2^(n+64) is exact (normal); the second product rounds once, as `vscalefps` does.
+        p * pow2(n + 64.0) * pow2(-64.0)
+    } else {
+        p * pow2(n)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels
+
+/// The per-ISA micro-kernels. `Sᵀ` / `Pᵀ` tiles are `[rows, MQ]`, `Qᵀ` / `Oᵀ` are `[D, MQ]`.
+trait Kernel: Copy {
+    /// `s[r][·] = Σ_c kp[c·RK + r] · qt[c][·]` for the `RK` keys of one packed panel `kp [d, RK]`.
+    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32]);
+    /// Online softmax over `rows` rows of `s`: updates `m` and `l`, writes `P` over `s`, and
+    /// the rescale factor of the old state into `alpha`.
+    fn softmax(self, s: &mut [f32], rows: usize, m: &mut [f32; MQ], l: &mut [f32; MQ], alpha: &mut [f32; MQ]);
+    /// `ot[c][·] = alpha·ot[c][·] + Σ_r v[r·vs + c] · p[r][·]` for `c < d`.
+    fn pv(self, p: &[f32], rows: usize, v: &[f32], vs: usize, d: usize, alpha: &[f32; MQ], ot: &mut [f32]);
+}
+
+/// Plain loops (vectorised by the compiler under `Isa::V3`).
+#[derive(Clone, Copy)]
+struct Portable;
+
+impl Kernel for Portable {
+    #[inline(always)]
+    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32]) {
+        for (r, srow) in s.chunks_exact_mut(MQ).take(RK).enumerate() {
+            let mut acc = [0.0f32; MQ];
+            for (c, q) in qt.chunks_exact(MQ).take(d).enumerate() {
+                let kv = kp[c * RK + r];
+                for (a, q) in acc.iter_mut().zip(q) {
+                    *a += kv * q;
+                }
+            }
+            srow.copy_from_slice(&acc);
+        }
+    }
+
+    #[inline(always)]
+    fn softmax(self, s: &mut [f32], rows: usize, m: &mut [f32; MQ], l: &mut [f32; MQ], alpha: &mut [f32; MQ]) {
+        let s = &mut s[..rows * MQ];
+        let mut mx = *m;
+        for row in s.chunks_exact(MQ) {
+            for (x, v) in mx.iter_mut().zip(row) {
+                *x = x.max(*v);
+            }
+        }
+        let m_use = mx.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });
+        let mut sum = [0.0f32; MQ];
+        for row in s.chunks_exact_mut(MQ) {
+            for ((x, sm), mu) in row.iter_mut().zip(&mut sum).zip(&m_use) {
+                *x = exp2((*x - mu) * LOG2_E);
+                *sm += *x;
+            }
+        }
+        for i in 0..MQ {
+            alpha[i] = exp2((m[i] - m_use[i]) * LOG2_E);
+            l[i] = l[i] * alpha[i] + sum[i];
+        }
+        *m = mx;
+    }
+
+    #[inline(always)]
+    fn pv(self, p: &[f32], rows: usize, v: &[f32], vs: usize, d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+        for (c, orow) in ot.chunks_exact_mut(MQ).take(d).enumerate() {
+            let mut acc = [0.0f32; MQ];
+            for (r, prow) in p.chunks_exact(MQ).take(rows).enumerate() {
+                let vv = v[r * vs + c];
+                for (a, p) in acc.iter_mut().zip(prow) {
+                    *a += vv * p;
+                }
+            }
+            for ((o, a), al) in orow.iter_mut().zip(&acc).zip(alpha) {
+                *o = *o * al + a;
+            }
+        }
+    }
+}
+
+/// AVX-512 through pulp's `V4` token.
+#[derive(Clone, Copy)]
+struct Avx512(V4);
+
+use core::arch::x86_64::__m512;
+
+/// 16 lanes from `x[..16]`.
+#[inline(always)]
+fn ld(x: &[f32]) -> __m512 {
+    let a: &[f32; LANES] = x[..LANES].try_into().unwrap();
+    pulp::cast(*a)
+}
+
+/// Stores 16 lanes into `x[..16]`.
+#[inline(always)]
+fn st(v: __m512, x: &mut [f32]) {
+    let a: &mut [f32; LANES] = (&mut x[..LANES]).try_into().unwrap();
+    *a = pulp::cast(v);
+}
+
+impl Avx512 {
+    /// [`exp2`] on 16 lanes, bit-identical to the scalar version.
+    #[inline(always)]
+    fn exp2(self, x: __m512) -> __m512 {
+        use core::arch::x86_64::{_MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT};
+        let f = self.0.avx512f;
+        let x = f._mm512_min_ps(f._mm512_max_ps(x, f._mm512_set1_ps(EXP2_MIN)), f._mm512_set1_ps(EXP2_MAX));
+        let n = f._mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        let t = f._mm512_sub_ps(x, n);
+        let mut p = f._mm512_set1_ps(EXP2_C[6]);
+        for c in EXP2_C[..6].iter().rev() {
+            p = f._mm512_fmadd_ps(p, t, f._mm512_set1_ps(*c));
+        }
+        f._mm512_scalef_ps(p, n)
+    }
+
+    #[inline(always)]
+    fn pv_block<const R: usize>(self, p: &[f32], rows: usize, v: &[f32], vs: usize, alpha: &[__m512; QV], ot: &mut [f32]) {
+        let f = self.0.avx512f;
+        let mut acc = [[f._mm512_setzero_ps(); QV]; R];
+        for (r, prow) in p.chunks_exact(MQ).take(rows).enumerate() {
+            let pv: [__m512; QV] = core::array::from_fn(|q| ld(&prow[q * LANES..]));
+            let vr = &v[r * vs..][..R];
+            for (a, &x) in acc.iter_mut().zip(vr) {
+                let b = f._mm512_set1_ps(x);
+                for q in 0..QV {
+                    a[q] = f._mm512_fmadd_ps(b, pv[q], a[q]);
+                }
+            }
+        }
+        for (a, orow) in acc.iter().zip(ot.chunks_exact_mut(MQ)) {
+            for q in 0..QV {
+                let o = &mut orow[q * LANES..];
+                st(f._mm512_fmadd_ps(ld(o), alpha[q], a[q]), o);
+            }
+        }
+    }
+}
+
+impl Kernel for Avx512 {
+    #[inline(always)]
+    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32]) {
+        let f = self.0.avx512f;
+        let mut acc = [[f._mm512_setzero_ps(); QV]; RK];
+        for (q, k) in qt.chunks_exact(MQ).zip(kp.chunks_exact(RK)).take(d) {
+            let qv: [__m512; QV] = core::array::from_fn(|i| ld(&q[i * LANES..]));
+            for (a, &x) in acc.iter_mut().zip(k) {
+                let b = f._mm512_set1_ps(x);
+                for i in 0..QV {
+                    a[i] = f._mm512_fmadd_ps(b, qv[i], a[i]);
+                }
+            }
+        }
+        for (a, srow) in acc.iter().zip(s.chunks_exact_mut(MQ)) {
+            for i in 0..QV {
+                st(a[i], &mut srow[i * LANES..]);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn softmax(self, s: &mut [f32], rows: usize, m: &mut [f32; MQ], l: &mut [f32; MQ], alpha: &mut [f32; MQ]) {
+        use core::arch::x86_64::_CMP_EQ_OQ;
+        let f = self.0.avx512f;
+        let s = &mut s[..rows * MQ];
+        let log2e = f._mm512_set1_ps(LOG2_E);
+        for q in 0..QV {
+            let lane = q * LANES;
+            let mut mx = ld(&m[lane..]);
+            for row in s.chunks_exact(MQ) {
+                mx = f._mm512_max_ps(mx, ld(&row[lane..]));
+            }
+            let ninf = f._mm512_set1_ps(f32::NEG_INFINITY);
+            let masked = f._mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mx, ninf);
+            let m_use = f._mm512_mask_blend_ps(masked, mx, f._mm512_setzero_ps());
+            // Four partial sums: the additions are not one serial chain.
+            let mut sum = [f._mm512_setzero_ps(); 4];
+            for (r, row) in s.chunks_exact_mut(MQ).enumerate() {
+                let x = &mut row[lane..];
+                let e = self.exp2(f._mm512_mul_ps(f._mm512_sub_ps(ld(x), m_use), log2e));
+                st(e, x);
+                sum[r % 4] = f._mm512_add_ps(sum[r % 4], e);
+            }
+            let total = f._mm512_add_ps(f._mm512_add_ps(sum[0], sum[1]), f._mm512_add_ps(sum[2], sum[3]));
+            let a = self.exp2(f._mm512_mul_ps(f._mm512_sub_ps(ld(&m[lane..]), m_use), log2e));
+            st(a, &mut alpha[lane..]);
+            st(f._mm512_fmadd_ps(ld(&l[lane..]), a, total), &mut l[lane..]);
+            st(mx, &mut m[lane..]);
+        }
+    }
+
+    #[inline(always)]
+    fn pv(self, p: &[f32], rows: usize, v: &[f32], vs: usize, d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+        let al: [__m512; QV] = core::array::from_fn(|q| ld(&alpha[q * LANES..]));
+        let mut c = 0;
+        while c + RD <= d {
+            self.pv_block::<RD>(p, rows, &v[c..], vs, &al, &mut ot[c * MQ..]);
+            c += RD;
+        }
+        while c + 4 <= d {
+            self.pv_block::<4>(p, rows, &v[c..], vs, &al, &mut ot[c * MQ..]);
+            c += 4;
+        }
+        while c < d {
+            self.pv_block::<1>(p, rows, &v[c..], vs, &al, &mut ot[c * MQ..]);
+            c += 1;
+        }
+    }
+}
+
+/// Work to run with the kernels of an ISA.
+trait Op {
+    type Output;
+    fn run<K: Kernel>(self, k: K) -> Self::Output;
+}
+
+struct WithKernel<O, K>(O, K);
+
+impl<O: Op, K: Kernel> WithSimd for WithKernel<O, K> {
+    type Output = O::Output;
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _simd: S) -> Self::Output {
+        self.0.run(self.1)
+    }
+}
+
+/// Runs `op` with the kernels of `isa`, inside a function compiled for its target features
+/// (the portable kernels if the ISA is unavailable; callers check beforehand).
+#[inline(always)]
+fn dispatch<O: Op>(isa: Isa, op: O) -> O::Output {
+    match isa {
+        Isa::V4 => match V4::try_new() {
+            Some(simd) => Simd::vectorize(simd, WithKernel(op, Avx512(simd))),
+            None => op.run(Portable),
+        },
+        Isa::V3 => match V3::try_new() {
+            Some(simd) => Simd::vectorize(simd, WithKernel(op, Portable)),
+            None => op.run(Portable),
+        },
+        Isa::Scalar => op.run(Portable),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop nest
+
+/// Rows of one (batch, kv head) of a `[.., N, .., D]` f32 tensor: row `j` is
+/// `data[j·stride..][..d]`.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+}
+
+/// K and V, ready for the kernels.
+struct Kv<'a> {
+    /// K in panels: per (b, kv head) `panels·D·RK` floats, panel `t` holding keys
+    /// `[t·RK, (t+1)·RK)` as `[D, RK]` (zero past `Nk`).
+    kp: &'a [f32],
+    panels: usize,
+    /// V as f32: the input itself, or a widened `[B, Hkv, Nk, D]` copy.
+    v: &'a [f32],
+    v_bhnd: bool,
+}
+
+impl Kv<'_> {
+    fn k_panels(&self, p: &Problem<'_>, b: usize, hk: usize) -> &[f32] {
+        let len = self.panels * p.d * RK;
+        &self.kp[(b * p.hkv + hk) * len..][..len]
+    }
+
+    fn v_rows(&self, p: &Problem<'_>, b: usize, hk: usize) -> Rows<'_> {
+        if p.nk == 0 {
+            Rows { data: &[], stride: p.d }
+        } else if self.v_bhnd {
+            let len = p.nk * p.d;
+            Rows { data: &self.v[(b * p.hkv + hk) * len..][..len], stride: p.d }
+        } else {
+            // [B, Nk, Hkv, D]: the slab starts at (b, 0, hk) and runs to the last row's end.
+            let start = (b * p.nk * p.hkv + hk) * p.d;
+            let len = (p.nk - 1) * p.hkv * p.d + p.d;
+            Rows { data: &self.v[start..][..len], stride: p.hkv * p.d }
+        }
+    }
+}
+
+/// Offset of `(b, head, token, 0)` and the token stride of a tensor in layout `l`.
+fn place(l: QkvLayout, heads: usize, n: usize, d: usize, b: usize, head: usize, token: usize) -> (usize, usize) {
+    match l {
+        QkvLayout::Bhnd => (((b * heads + head) * n + token) * d, d),
+        QkvLayout::Bnhd => (((b * n + token) * heads + head) * d, heads * d),
+    }
+}
+
+/// How a key tile relates to a query tile.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    /// No query of the tile sees any key of it.
+    Empty,
+    /// Every query sees every key.
+    Full,
+    /// Mixed: apply the mask per element.
+    Partial,
+}
+
+/// The mask of one problem in the form the loop nest uses.
+#[derive(Clone, Copy)]
+enum MaskSpec<'a> {
+    None,
+    /// Query `i` sees key `j` iff `lo ≤ j − i ≤ hi`.
+    Band { lo: i64, hi: i64 },
+    Segments { q: &'a [u32], k: &'a [u32] },
+}
+
+impl<'a> MaskSpec<'a> {
+    fn new(p: &Problem<'a>) -> Self {
+        // Far beyond any |j − i| (sizes are below 2^62), and no overflow when offset.
+        const INF: i64 = 1 << 62;
+        let off = p.nk as i64 - p.nq as i64;
+        let side = |w: usize| (w as u64).min(INF as u64) as i64;
+        match p.mask {
+            Mask::None => MaskSpec::None,
+            Mask::Causal => MaskSpec::Band { lo: -INF, hi: off },
+            Mask::Window { left, right } => MaskSpec::Band { lo: off - side(left), hi: off + side(right) },
+            Mask::Segments { q, k } => MaskSpec::Segments { q, k },
+        }
+    }
+
+    /// Keys `[from, to)` some query of `[i0, i1)` may see.
+    fn key_range(&self, nk: usize, i0: usize, i1: usize) -> (usize, usize) {
+        match *self {
+            MaskSpec::Band { lo, hi } => {
+                let from = (i0 as i64 + lo).clamp(0, nk as i64) as usize;
+                let to = (i1 as i64 - 1 + hi + 1).clamp(0, nk as i64) as usize;
+                (from, to.max(from))
+            }
+            _ => (0, nk),
+        }
+    }
+
+    fn cover(&self, i0: usize, i1: usize, j0: usize, j1: usize) -> Cover {
+        match *self {
+            MaskSpec::None => Cover::Full,
+            MaskSpec::Band { lo, hi } => {
+                let (min, max) = (j0 as i64 - (i1 as i64 - 1), j1 as i64 - 1 - i0 as i64);
+                if max < lo || min > hi {
+                    Cover::Empty
+                } else if min >= lo && max <= hi {
+                    Cover::Full
+                } else {
+                    Cover::Partial
+                }
+            }
+            MaskSpec::Segments { q, k } => {
+                let (qmin, qmax) = q[i0..i1].iter().fold((u32::MAX, 0), |(a, b), &x| (a.min(x), b.max(x)));
+                let (kmin, kmax) = k[j0..j1].iter().fold((u32::MAX, 0), |(a, b), &x| (a.min(x), b.max(x)));
+                if kmin > qmax {
+                    Cover::Empty
+                } else if kmax <= qmin {
+                    Cover::Full
+                } else {
+                    Cover::Partial
+                }
+            }
+        }
+    }
+
+    /// Sets the masked scores of a partial tile to −∞: `s [rows, MQ]` holds keys `j0..` and
+    /// queries `i0..`.
+    #[inline(always)]
+    fn apply(&self, s: &mut [f32], rows: usize, i0: usize, j0: usize) {
+        for (r, row) in s.chunks_exact_mut(MQ).take(rows).enumerate() {
+            let j = j0 + r;
+            match *self {
+                MaskSpec::None => {}
+                MaskSpec::Band { lo, hi } => {
+                    // Visible lanes: j − hi ≤ i0 + lane ≤ j − lo.
+                    let a = j as i64 - hi - i0 as i64;
+                    let b = j as i64 - lo - i0 as i64;
+                    for (lane, x) in row.iter_mut().enumerate() {
+                        let lane = lane as i64;
+                        if lane < a || lane > b {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                MaskSpec::Segments { q, k } => {
+                    let kj = k[j];
+                    for (x, &qi) in row.iter_mut().zip(&q[i0..]) {
+                        if kj > qi {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything a task reads.
+struct Ctx<'a, T> {
+    p: &'a Problem<'a>,
+    mask: MaskSpec<'a>,
+    q: &'a [T],
+    kv: &'a Kv<'a>,
+    /// Q is pre-multiplied by the scale (one rounding per element, as a naive `(Q·scale)·Kᵀ`).
+    qscale: f32,
+}
+
+/// One query tile: `nqt ≤ MQ` queries from `i0` of head `h` of batch `b`. Writes the output
+/// rows `out[r·o_stride..][..D]` and `lse[..nqt]`.
+struct Tile<'a, 'c, T> {
+    ctx: &'c Ctx<'a, T>,
+    b: usize,
+    h: usize,
+    i0: usize,
+    nqt: usize,
+    out: &'c mut [T],
+    o_stride: usize,
+    lse: &'c mut [f32],
+}
+
+impl<T: Float> Op for Tile<'_, '_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<K: Kernel>(self, kern: K) {
+        let Tile { ctx, b, h, i0, nqt, out, o_stride, lse } = self;
+        let p = ctx.p;
+        let d = p.d;
+        let hk = h / (p.h / p.hkv);
+        let i1 = i0 + nqt;
+
+        // Scratch: Qᵀ, Oᵀ and Sᵀ, each 64-byte aligned.
+        let mut buf = vec![0.0f32; 2 * d * MQ + KT * MQ + LANES];
+        let start = buf.as_ptr().align_offset(64).min(LANES);
+        let (qt, rest) = buf[start..].split_at_mut(d * MQ);
+        let (ot, s) = rest.split_at_mut(d * MQ);
+        let s = &mut s[..KT * MQ];
+        // Qᵀ, pre-scaled; lanes past the tile's queries stay zero.
+        let (q0, qs) = place(p.layout, p.h, p.nq, d, b, h, i0);
+        for lane in 0..nqt {
+            let row = &ctx.q[q0 + lane * qs..][..d];
+            for (c, x) in row.iter().enumerate() {
+                qt[c * MQ + lane] = x.to_f32() * ctx.qscale;
+            }
+        }
+
+        let (mut m, mut l, mut alpha) = ([f32::NEG_INFINITY; MQ], [0.0f32; MQ], [0.0f32; MQ]);
+
+        let kp = ctx.kv.k_panels(p, b, hk);
+        let v = ctx.kv.v_rows(p, b, hk);
+        let bias = &p.bias;
+        let (from, to) = ctx.mask.key_range(p.nk, i0, i1);
+        // Tiles start on panel boundaries.
+        let mut j0 = from / RK * RK;
+        while j0 < to {
+            let j1 = (j0 + KT).min(to);
+            let rows = j1 - j0;
+            let cover = ctx.mask.cover(i0, i1, j0, j1);
+            if cover == Cover::Empty {
+                j0 = j1;
+                continue;
+            }
+            // 1. Sᵀ = K·Qᵀ, whole panels (rows past j1 are computed and ignored).
+            for (t, sb) in s.chunks_exact_mut(RK * MQ).take(rows.div_ceil(RK)).enumerate() {
+                let panel = (j0 / RK + t) * d * RK;
+                kern.qk_panel(qt, d, &kp[panel..][..d * RK], sb);
+            }
+            // 2. Bias and mask.
+            if !bias.is_none() {
+                let base = b * bias.b_stride + h * bias.h_stride;
+                if bias.i_stride == 0 {
+                    let kb = &bias.data[base + j0..][..rows];
+                    for (row, &x) in s.chunks_exact_mut(MQ).zip(kb) {
+                        row.iter_mut().for_each(|v| *v += x);
+                    }
+                } else {
+                    for lane in 0..nqt {
+                        let br = &bias.data[base + (i0 + lane) * bias.i_stride + j0..][..rows];
+                        for (r, &x) in br.iter().enumerate() {
+                            s[r * MQ + lane] += x;
+                        }
+                    }
+                }
+            }
+            if cover == Cover::Partial {
+                ctx.mask.apply(s, rows, i0, j0);
+            }
+            // 3. Online softmax; 4. Oᵀ = α·Oᵀ + Vᵀ·P.
+            kern.softmax(s, rows, &mut m, &mut l, &mut alpha);
+            kern.pv(s, rows, &v.data[j0 * v.stride..], v.stride, d, &alpha, ot);
+            j0 = j1;
+        }
+
+        // O = Oᵀ / l, transposed back; lse in natural-log units.
+        for lane in 0..nqt {
+            let inv = if l[lane] > 0.0 { 1.0 / l[lane] } else { 0.0 };
+            let row = &mut out[lane * o_stride..][..d];
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = T::from_f32(ot[c * MQ + lane] * inv);
+            }
+            lse[lane] = if l[lane] > 0.0 {
+                (m[lane] as f64 + (l[lane] as f64).ln()) as f32
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+}
+
+/// Packs K of one (b, kv head) into panels (widened to f32).
+struct PackK<'a, T> {
+    k: &'a [T],
+    k0: usize,
+    ks: usize,
+    nk: usize,
+    d: usize,
+    out: &'a mut [f32],
+}
+
+impl<T: Float> Op for PackK<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<K: Kernel>(self, _k: K) {
+        let PackK { k, k0, ks, nk, d, out } = self;
+        for (t, panel) in out.chunks_exact_mut(d * RK).enumerate() {
+            for r in 0..RK {
+                let j = t * RK + r;
+                if j < nk {
+                    let row = &k[k0 + j * ks..][..d];
+                    for (c, x) in row.iter().enumerate() {
+                        panel[c * RK + r] = x.to_f32();
+                    }
+                } else {
+                    for c in 0..d {
+                        panel[c * RK + r] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Widens V of one (b, kv head) to f32 `[Nk, D]`.
+struct WidenV<'a, T> {
+    v: &'a [T],
+    v0: usize,
+    vs: usize,
+    d: usize,
+    out: &'a mut [f32],
+}
+
+impl<T: Float> Op for WidenV<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run<K: Kernel>(self, _k: K) {
+        for (j, row) in self.out.chunks_exact_mut(self.d).enumerate() {
+            for (o, x) in row.iter_mut().zip(&self.v[self.v0 + j * self.vs..][..self.d]) {
+                *o = x.to_f32();
+            }
+        }
+    }
+}
+
+/// Calls `f(i, a_chunk, b_chunk)` for consecutive chunks of `a` (`a_len` elements) and `b`
+/// (`b_len`), in parallel when rayon is on. Both must have the same number of chunks.
+fn for_each_pair<A: Send, B: Send>(
+    a: &mut [A],
+    a_len: usize,
+    b: &mut [B],
+    b_len: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) {
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        a.par_chunks_mut(a_len).zip(b.par_chunks_mut(b_len)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        a.chunks_mut(a_len).zip(b.chunks_mut(b_len)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
+/// Forward attention on the CPU (shapes validated by the caller).
+pub(crate) fn forward<T: Float>(
+    p: &Problem<'_>,
+    isa: Isa,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &mut [T],
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    if p.d > DMAX {
+        return Err(Error::Unsupported {
+            family: Family::Attention,
+            msg: format!("head dimension D = {} on the cpu backend (at most {DMAX})", p.d),
+        });
+    }
+    if p.b == 0 || p.nq == 0 {
+        return Ok(());
+    }
+    let d = p.d;
+
+    // K into panels (and widened), one (b, kv head) per chunk.
+    let panels = p.nk.div_ceil(RK);
+    let slab = panels * d * RK;
+    let mut kp = vec![0.0f32; p.b * p.hkv * slab];
+    if slab > 0 {
+        for_each_chunk(&mut kp, slab, |i, out| {
+            let (b, hk) = (i / p.hkv, i % p.hkv);
+            let (k0, ks) = place(p.layout, p.hkv, p.nk, d, b, hk, 0);
+            dispatch(isa, PackK { k, k0, ks, nk: p.nk, d, out });
+        });
+    }
+    // V: used in place when f32, else widened.
+    let widened: Vec<f32>;
+    let (vf, v_bhnd) = match (T::DTYPE, bytemuck::try_cast_slice::<T, f32>(v)) {
+        (DType::F32, Ok(vf)) => (vf, p.layout == QkvLayout::Bhnd),
+        _ => {
+            let mut w = vec![0.0f32; p.b * p.hkv * p.nk * d];
+            if !w.is_empty() {
+                for_each_chunk(&mut w, p.nk * d, |i, out| {
+                    let (b, hk) = (i / p.hkv, i % p.hkv);
+                    let (v0, vs) = place(p.layout, p.hkv, p.nk, d, b, hk, 0);
+                    dispatch(isa, WidenV { v, v0, vs, d, out });
+                });
+            }
+            widened = w;
+            (&widened[..], true)
+        }
+    };
+    let kv = Kv { kp: &kp, panels, v: vf, v_bhnd };
+    let ctx = Ctx {
+        p,
+        mask: MaskSpec::new(p),
+        q,
+        kv: &kv,
+        qscale: p.scale,
+    };
+    let tiles = p.nq.div_ceil(MQ);
+
+    match p.layout {
+        QkvLayout::Bhnd => {
+            let mut scratch;
+            let lse = match lse {
+                Some(l) => l,
+                None => {
+                    scratch = vec![0.0f32; p.b * p.h * p.nq];
+                    &mut scratch[..]
+                }
+            };
+            // One (b, h) per slab, one query tile per chunk of it.
+            for_each_pair(out, p.nq * d, lse, p.nq, |bh, o, l| {
+                for_each_pair(o, MQ * d, l, MQ, |t, o, l| {
+                    let (b, h, i0) = (bh / p.h, bh % p.h, t * MQ);
+                    let nqt = l.len();
+                    dispatch(isa, Tile { ctx: &ctx, b, h, i0, nqt, out: o, o_stride: d, lse: l });
+                });
+            });
+        }
+        QkvLayout::Bnhd => {
+            // One batch per slab, one query tile (all heads) per chunk; the lse goes to a
+            // [B, tiles, H, MQ] scratch first, since its [B, H, Nq] tiles are not contiguous.
+            let mut scratch = vec![0.0f32; p.b * tiles * p.h * MQ];
+            for_each_pair(out, p.nq * p.h * d, &mut scratch, tiles * p.h * MQ, |b, o, l| {
+                for_each_pair(o, MQ * p.h * d, l, p.h * MQ, |t, o, l| {
+                    let i0 = t * MQ;
+                    let nqt = o.len() / (p.h * d);
+                    for (h, l) in l.chunks_exact_mut(MQ).enumerate() {
+                        let o = &mut o[h * d..];
+                        dispatch(isa, Tile { ctx: &ctx, b, h, i0, nqt, out: o, o_stride: p.h * d, lse: l });
+                    }
+                });
+            });
+            if let Some(lse) = lse {
+                for (bh, row) in lse.chunks_exact_mut(p.nq).enumerate() {
+                    let (b, h) = (bh / p.h, bh % p.h);
+                    for (i, x) in row.iter_mut().enumerate() {
+                        *x = scratch[((b * tiles + i / MQ) * p.h + h) * MQ + i % MQ];
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 exp2 equals the scalar one bit for bit over a dense sweep.
+    #[test]
+    fn exp2_vector_matches_scalar() {
+        let Some(simd) = V4::try_new() else {
+            println!("skipped: no AVX-512");
+            return;
+        };
+        struct Check(Vec<f32>);
+        impl WithSimd for Check {
+            type Output = Vec<f32>;
+            #[inline(always)]
+            fn with_simd<S: Simd>(self, _s: S) -> Vec<f32> {
+                let k = Avx512(V4::try_new().unwrap());
+                let mut out = self.0.clone();
+                for c in out.chunks_exact_mut(LANES) {
+                    st(k.exp2(ld(c)), c);
+                }
+                out
+            }
+        }
+        let mut xs: Vec<f32> = (0..200_000).map(|i| -170.0 + i as f32 * (300.0 / 200_000.0)).collect();
+        xs.extend([f32::NEG_INFINITY, -0.0, 0.0, -126.0, -126.5, -149.0, -149.5, -150.0, 127.0, 200.0, -1e30, 1e-30]);
+        xs.resize(xs.len().next_multiple_of(LANES), 0.5);
+        let got = simd.vectorize(Check(xs.clone()));
+        for (x, g) in xs.iter().zip(&got) {
+            assert_eq!(g.to_bits(), exp2(*x).to_bits(), "exp2({x})");
+        }
+    }
+}
