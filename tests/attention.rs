@@ -114,7 +114,7 @@ fn make<T: Float>(dm: &Dims, o: &Opts, seed: u64) -> Data<T> {
         (0..n)
             .map(|_| {
                 if sorted {
-                    s += (r.next_u64() % 5 == 0) as u32;
+                    s += r.next_u64().is_multiple_of(5) as u32;
                     s
                 } else {
                     (r.next_u64() % 4) as u32
@@ -456,7 +456,15 @@ fn extreme_logits() {
     let k = [1e4f32, -1e4, 0.0];
     let v = [1.0f32, 2.0, 3.0];
     let a = Attention::new().scale(1.0);
-    let data = Data { q: q.to_vec(), k: k.to_vec(), v: v.to_vec(), bias: vec![], bias_dims: vec![], qseg: vec![], kseg: vec![] };
+    let data = Data {
+        q: q.to_vec(),
+        k: k.to_vec(),
+        v: v.to_vec(),
+        bias: vec![],
+        bias_dims: vec![],
+        qseg: vec![],
+        kseg: vec![],
+    };
     for be in cpu_backends().into_iter().chain([Backend::Reference]) {
         let (out, lse) = run(&a, be, &dm, &data).unwrap();
         assert_eq!(out[..2], [1.0, 2.0], "{be:?}");
@@ -663,8 +671,14 @@ fn bad_input() {
     let fb = vec![0.0f32; 4 * 6 * 6];
     let ok = a.bias(Bias::Full(View::new(&fb, &[1, 4, 6, 6]).unwrap()));
     let mut out = vec![0.0f32; x.len()];
-    ok.forward(Backend::Cpu, View::new(&x, &d).unwrap(), View::new(&x, &d).unwrap(), View::new(&x, &d).unwrap(), ViewMut::new(&mut out, &d).unwrap())
-        .unwrap();
+    ok.forward(
+        Backend::Cpu,
+        View::new(&x, &d).unwrap(),
+        View::new(&x, &d).unwrap(),
+        View::new(&x, &d).unwrap(),
+        ViewMut::new(&mut out, &d).unwrap(),
+    )
+    .unwrap();
     let fb3 = vec![0.0f32; 3 * 6 * 6];
     let e = expect_err(&a.bias(Bias::Full(View::new(&fb3, &[1, 3, 6, 6]).unwrap())), (&x, &d), (&x, &d), (&x, &d));
     assert!(msg(e).contains("bias dims"));
@@ -674,7 +688,10 @@ fn bad_input() {
     let e = expect_err(&a.bias(Bias::Key(View::new(&kb, &[2, 6]).unwrap())), (&x, &d), (&x, &d), (&x, &d));
     assert!(matches!(e, Error::NonFinite { .. }) && msg(e).contains("bias[1, 1]"));
     kb[7] = f32::INFINITY;
-    assert!(matches!(expect_err(&a.bias(Bias::Key(View::new(&kb, &[2, 6]).unwrap())), (&x, &d), (&x, &d), (&x, &d)), Error::NonFinite { .. }));
+    assert!(matches!(
+        expect_err(&a.bias(Bias::Key(View::new(&kb, &[2, 6]).unwrap())), (&x, &d), (&x, &d), (&x, &d)),
+        Error::NonFinite { .. }
+    ));
     // Scale.
     for s in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let e = expect_err(&a.scale(s), (&x, &d), (&x, &d), (&x, &d));
@@ -711,19 +728,43 @@ fn bad_input() {
     // Out dims.
     let mut small = vec![0.0f32; 2 * 4 * 6 * 7];
     let e = a
-        .forward(Backend::Reference, View::new(&x, &d).unwrap(), View::new(&x, &d).unwrap(), View::new(&x, &d).unwrap(), ViewMut::new(&mut small, &[2, 4, 6, 7]).unwrap())
+        .forward(
+            Backend::Reference,
+            View::new(&x, &d).unwrap(),
+            View::new(&x, &d).unwrap(),
+            View::new(&x, &d).unwrap(),
+            ViewMut::new(&mut small, &[2, 4, 6, 7]).unwrap(),
+        )
         .unwrap_err();
     assert!(msg(e).contains("out dims"));
     // D > 256: the cpu backend says unsupported; the reference computes it.
     let big = vec![0.25f32; 300];
     let bd = [1, 1, 1, 300];
     let mut o = vec![0.0f32; 300];
-    let e = a.forward(Backend::Cpu, View::new(&big, &bd).unwrap(), View::new(&big, &bd).unwrap(), View::new(&big, &bd).unwrap(), ViewMut::new(&mut o, &bd).unwrap());
+    let e = a.forward(
+        Backend::Cpu,
+        View::new(&big, &bd).unwrap(),
+        View::new(&big, &bd).unwrap(),
+        View::new(&big, &bd).unwrap(),
+        ViewMut::new(&mut o, &bd).unwrap(),
+    );
     assert!(matches!(e, Err(Error::Unsupported { .. })));
-    a.forward(Backend::Reference, View::new(&big, &bd).unwrap(), View::new(&big, &bd).unwrap(), View::new(&big, &bd).unwrap(), ViewMut::new(&mut o, &bd).unwrap())
-        .unwrap();
+    a.forward(
+        Backend::Reference,
+        View::new(&big, &bd).unwrap(),
+        View::new(&big, &bd).unwrap(),
+        View::new(&big, &bd).unwrap(),
+        ViewMut::new(&mut o, &bd).unwrap(),
+    )
+    .unwrap();
     assert!(o.iter().all(|x| *x == 0.25));
     // D = 0.
-    let e = a.forward::<f32>(Backend::Cpu, View::new(&[], &[1, 1, 1, 0]).unwrap(), View::new(&[], &[1, 1, 1, 0]).unwrap(), View::new(&[], &[1, 1, 1, 0]).unwrap(), ViewMut::new(&mut [], &[1, 1, 1, 0]).unwrap());
+    let e = a.forward::<f32>(
+        Backend::Cpu,
+        View::new(&[], &[1, 1, 1, 0]).unwrap(),
+        View::new(&[], &[1, 1, 1, 0]).unwrap(),
+        View::new(&[], &[1, 1, 1, 0]).unwrap(),
+        ViewMut::new(&mut [], &[1, 1, 1, 0]).unwrap(),
+    );
     assert!(matches!(e, Err(Error::Shape { .. })));
 }

@@ -30,8 +30,8 @@ use crate::cpu::par::for_each_chunk;
 use crate::cpu::Isa;
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Family, Result};
-use pulp::x86::{V3, V4};
 use core::f32::consts::LOG2_E;
+use pulp::x86::{V3, V4};
 use pulp::{Simd, WithSimd};
 
 /// SIMD lanes (f32).
@@ -49,24 +49,28 @@ const RD: usize = 8;
 /// The largest head dimension (sizes the stack buffers).
 const DMAX: usize = crate::attention::MAX_HEAD_DIM_CPU;
 
-const _: () = assert!(KT.is_multiple_of(RK) && RK * QV <= 28 && RD * QV <= 28 && DMAX.is_multiple_of(RD));
+const _: () = assert!(KT.is_multiple_of(RK) && RK * QV <= 28 && RD * QV <= 28);
 
 // ---------------------------------------------------------------------------------------------
 // exp2
 
 /// Minimax coefficients of `2^f` on `[−½, ½]` (relative error 1.9·10⁻⁹ before rounding).
-const EXP2_C: [f32; 7] = [1.0, 0.693_147_2, 0.240_226_46, 0.055_503_286, 0.009_618_489, 0.001_339_993_1, 0.000_153_458_12];
-/// Inputs are clamped to `[EXP2_MIN, EXP2_MAX]`; `2^EXP2_MIN` rounds to 0.
+const EXP2_C: [f32; 7] =
+    [1.0, core::f32::consts::LN_2, 0.240_226_46, 0.055_503_286, 0.009_618_489, 0.001_339_993_1, 0.000_153_458_12];
+/// Inputs are clamped below at `EXP2_MIN`, where `2^x` rounds to 0.
 const EXP2_MIN: f32 = -160.0;
-const EXP2_MAX: f32 = 127.0;
+/// Above this `2^x` is +∞ (the scalar code clamps there to keep its exponent arithmetic in range).
+const EXP2_INF: f32 = 129.0;
 
 /// `2^x` in f32 as the vector kernels compute it (see [`crate::attention::exp2`]): clamp, split
 /// `x = n + f` with `n` the nearest integer, a degree-6 polynomial in `f` (Horner, fma), then
-/// `·2^n` with one rounding.
+/// `·2^n` with one rounding (the vector code's `vscalefps`).
 #[inline(always)]
 pub(crate) fn exp2(x: f32) -> f32 {
-    // max before min, as the vector code does (a NaN would become EXP2_MIN).
-    let x = x.max(EXP2_MIN).min(EXP2_MAX);
+    // `max` maps NaN to EXP2_MIN, as `vmaxps` with the constant second does (`clamp` would
+    // keep the NaN).
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(EXP2_MIN).min(EXP2_INF);
     let n = x.round_ties_even();
     let f = x - n;
     let mut p = EXP2_C[6];
@@ -77,6 +81,8 @@ pub(crate) fn exp2(x: f32) -> f32 {
     if n < -126.0 {
         // p·2^(n+64) is exact (normal); the second product rounds once, as `vscalefps` does.
         p * pow2(n + 64.0) * pow2(-64.0)
+    } else if n > 127.0 {
+        p * pow2(127.0) * pow2(n - 127.0)
     } else {
         p * pow2(n)
     }
@@ -87,13 +93,22 @@ pub(crate) fn exp2(x: f32) -> f32 {
 
 /// The per-ISA micro-kernels. `Sᵀ` / `Pᵀ` tiles are `[rows, MQ]`, `Qᵀ` / `Oᵀ` are `[D, MQ]`.
 trait Kernel: Copy {
-    /// `s[r][·] = Σ_c kp[c·RK + r] · qt[c][·]` for the `RK` keys of one packed panel `kp [d, RK]`.
-    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32]);
-    /// Online softmax over `rows` rows of `s`: updates `m` and `l`, writes `P` over `s`, and
-    /// the rescale factor of the old state into `alpha`.
-    fn softmax(self, s: &mut [f32], rows: usize, m: &mut [f32; MQ], l: &mut [f32; MQ], alpha: &mut [f32; MQ]);
-    /// `ot[c][·] = alpha·ot[c][·] + Σ_r v[r·vs + c] · p[r][·]` for `c < d`.
-    fn pv(self, p: &[f32], rows: usize, v: &[f32], vs: usize, d: usize, alpha: &[f32; MQ], ot: &mut [f32]);
+    /// `s[r][·] = Σ_c kp[c·RK + r] · qt[c][·]` for the `RK` keys of one packed panel `kp [d, RK]`;
+    /// folds the lane-wise max of the first `valid` rows into `mx`.
+    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32], valid: usize, mx: &mut [f32; MQ]);
+    /// Online softmax over `rows` rows of `s` whose lane-wise max is `tmax`: updates `m` and
+    /// `l`, writes `P` over `s`, and the rescale factor of the old state into `alpha`.
+    fn softmax(
+        self,
+        s: &mut [f32],
+        rows: usize,
+        tmax: &[f32; MQ],
+        m: &mut [f32; MQ],
+        l: &mut [f32; MQ],
+        alpha: &mut [f32; MQ],
+    );
+    /// `ot[c][·] = alpha·ot[c][·] + Σ_r v.data[r·v.stride + c] · p[r][·]` for `c < d`.
+    fn pv(self, p: &[f32], rows: usize, v: Rows<'_>, d: usize, alpha: &[f32; MQ], ot: &mut [f32]);
 }
 
 /// Plain loops (vectorised by the compiler under `Isa::V3`).
@@ -102,7 +117,7 @@ struct Portable;
 
 impl Kernel for Portable {
     #[inline(always)]
-    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32]) {
+    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32], valid: usize, mx: &mut [f32; MQ]) {
         for (r, srow) in s.chunks_exact_mut(MQ).take(RK).enumerate() {
             let mut acc = [0.0f32; MQ];
             for (c, q) in qt.chunks_exact(MQ).take(d).enumerate() {
@@ -112,17 +127,28 @@ impl Kernel for Portable {
                 }
             }
             srow.copy_from_slice(&acc);
+            if r < valid {
+                for (x, a) in mx.iter_mut().zip(&acc) {
+                    *x = x.max(*a);
+                }
+            }
         }
     }
 
     #[inline(always)]
-    fn softmax(self, s: &mut [f32], rows: usize, m: &mut [f32; MQ], l: &mut [f32; MQ], alpha: &mut [f32; MQ]) {
+    fn softmax(
+        self,
+        s: &mut [f32],
+        rows: usize,
+        tmax: &[f32; MQ],
+        m: &mut [f32; MQ],
+        l: &mut [f32; MQ],
+        alpha: &mut [f32; MQ],
+    ) {
         let s = &mut s[..rows * MQ];
         let mut mx = *m;
-        for row in s.chunks_exact(MQ) {
-            for (x, v) in mx.iter_mut().zip(row) {
-                *x = x.max(*v);
-            }
+        for (x, t) in mx.iter_mut().zip(tmax) {
+            *x = x.max(*t);
         }
         let m_use = mx.map(|x| if x == f32::NEG_INFINITY { 0.0 } else { x });
         let mut sum = [0.0f32; MQ];
@@ -140,7 +166,8 @@ impl Kernel for Portable {
     }
 
     #[inline(always)]
-    fn pv(self, p: &[f32], rows: usize, v: &[f32], vs: usize, d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+    fn pv(self, p: &[f32], rows: usize, v: Rows<'_>, d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+        let Rows { data: v, stride: vs } = v;
         for (c, orow) in ot.chunks_exact_mut(MQ).take(d).enumerate() {
             let mut acc = [0.0f32; MQ];
             for (r, prow) in p.chunks_exact(MQ).take(rows).enumerate() {
@@ -182,7 +209,7 @@ impl Avx512 {
     fn exp2(self, x: __m512) -> __m512 {
         use core::arch::x86_64::{_MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT};
         let f = self.0.avx512f;
-        let x = f._mm512_min_ps(f._mm512_max_ps(x, f._mm512_set1_ps(EXP2_MIN)), f._mm512_set1_ps(EXP2_MAX));
+        let x = f._mm512_max_ps(x, f._mm512_set1_ps(EXP2_MIN));
         let n = f._mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let t = f._mm512_sub_ps(x, n);
         let mut p = f._mm512_set1_ps(EXP2_C[6]);
@@ -193,7 +220,15 @@ impl Avx512 {
     }
 
     #[inline(always)]
-    fn pv_block<const R: usize>(self, p: &[f32], rows: usize, v: &[f32], vs: usize, alpha: &[__m512; QV], ot: &mut [f32]) {
+    fn pv_block<const R: usize>(
+        self,
+        p: &[f32],
+        rows: usize,
+        v: &[f32],
+        vs: usize,
+        alpha: &[__m512; QV],
+        ot: &mut [f32],
+    ) {
         let f = self.0.avx512f;
         let mut acc = [[f._mm512_setzero_ps(); QV]; R];
         for (r, prow) in p.chunks_exact(MQ).take(rows).enumerate() {
@@ -217,7 +252,7 @@ impl Avx512 {
 
 impl Kernel for Avx512 {
     #[inline(always)]
-    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32]) {
+    fn qk_panel(self, qt: &[f32], d: usize, kp: &[f32], s: &mut [f32], valid: usize, mx: &mut [f32; MQ]) {
         let f = self.0.avx512f;
         let mut acc = [[f._mm512_setzero_ps(); QV]; RK];
         for (q, k) in qt.chunks_exact(MQ).zip(kp.chunks_exact(RK)).take(d) {
@@ -229,25 +264,37 @@ impl Kernel for Avx512 {
                 }
             }
         }
-        for (a, srow) in acc.iter().zip(s.chunks_exact_mut(MQ)) {
+        let mut m: [__m512; QV] = core::array::from_fn(|i| ld(&mx[i * LANES..]));
+        for (r, (a, srow)) in acc.iter().zip(s.chunks_exact_mut(MQ)).enumerate() {
             for i in 0..QV {
                 st(a[i], &mut srow[i * LANES..]);
+                if r < valid {
+                    m[i] = f._mm512_max_ps(m[i], a[i]);
+                }
             }
+        }
+        for i in 0..QV {
+            st(m[i], &mut mx[i * LANES..]);
         }
     }
 
     #[inline(always)]
-    fn softmax(self, s: &mut [f32], rows: usize, m: &mut [f32; MQ], l: &mut [f32; MQ], alpha: &mut [f32; MQ]) {
+    fn softmax(
+        self,
+        s: &mut [f32],
+        rows: usize,
+        tmax: &[f32; MQ],
+        m: &mut [f32; MQ],
+        l: &mut [f32; MQ],
+        alpha: &mut [f32; MQ],
+    ) {
         use core::arch::x86_64::_CMP_EQ_OQ;
         let f = self.0.avx512f;
         let s = &mut s[..rows * MQ];
         let log2e = f._mm512_set1_ps(LOG2_E);
         for q in 0..QV {
             let lane = q * LANES;
-            let mut mx = ld(&m[lane..]);
-            for row in s.chunks_exact(MQ) {
-                mx = f._mm512_max_ps(mx, ld(&row[lane..]));
-            }
+            let mx = f._mm512_max_ps(ld(&m[lane..]), ld(&tmax[lane..]));
             let ninf = f._mm512_set1_ps(f32::NEG_INFINITY);
             let masked = f._mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mx, ninf);
             let m_use = f._mm512_mask_blend_ps(masked, mx, f._mm512_setzero_ps());
@@ -268,7 +315,8 @@ impl Kernel for Avx512 {
     }
 
     #[inline(always)]
-    fn pv(self, p: &[f32], rows: usize, v: &[f32], vs: usize, d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+    fn pv(self, p: &[f32], rows: usize, v: Rows<'_>, d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+        let Rows { data: v, stride: vs } = v;
         let al: [__m512; QV] = core::array::from_fn(|q| ld(&alpha[q * LANES..]));
         let mut c = 0;
         while c + RD <= d {
@@ -386,8 +434,14 @@ enum Cover {
 enum MaskSpec<'a> {
     None,
     /// Query `i` sees key `j` iff `lo ≤ j − i ≤ hi`.
-    Band { lo: i64, hi: i64 },
-    Segments { q: &'a [u32], k: &'a [u32] },
+    Band {
+        lo: i64,
+        hi: i64,
+    },
+    Segments {
+        q: &'a [u32],
+        k: &'a [u32],
+    },
 }
 
 impl<'a> MaskSpec<'a> {
@@ -485,10 +539,32 @@ struct Ctx<'a, T> {
     qscale: f32,
 }
 
+/// A task's scratch, reused from task to task: `Qᵀ [D, MQ]`, `Oᵀ [D, MQ]`, `Sᵀ [KT, MQ]`,
+/// each 64-byte aligned.
+struct Scratch {
+    buf: Vec<f32>,
+    d: usize,
+}
+
+impl Scratch {
+    fn new(d: usize) -> Self {
+        let d = d.next_multiple_of(LANES);
+        Scratch { buf: vec![0.0; 2 * d * MQ + KT * MQ + LANES], d }
+    }
+
+    fn split(&mut self) -> (&mut [f32], &mut [f32], &mut [f32]) {
+        let start = self.buf.as_ptr().align_offset(64).min(LANES);
+        let (qt, rest) = self.buf[start..].split_at_mut(self.d * MQ);
+        let (ot, s) = rest.split_at_mut(self.d * MQ);
+        (qt, ot, &mut s[..KT * MQ])
+    }
+}
+
 /// One query tile: `nqt ≤ MQ` queries from `i0` of head `h` of batch `b`. Writes the output
 /// rows `out[r·o_stride..][..D]` and `lse[..nqt]`.
 struct Tile<'a, 'c, T> {
     ctx: &'c Ctx<'a, T>,
+    scratch: &'c mut Scratch,
     b: usize,
     h: usize,
     i0: usize,
@@ -503,27 +579,26 @@ impl<T: Float> Op for Tile<'_, '_, T> {
 
     #[inline(always)]
     fn run<K: Kernel>(self, kern: K) {
-        let Tile { ctx, b, h, i0, nqt, out, o_stride, lse } = self;
+        let Tile { ctx, scratch, b, h, i0, nqt, out, o_stride, lse } = self;
         let p = ctx.p;
         let d = p.d;
         let hk = h / (p.h / p.hkv);
         let i1 = i0 + nqt;
+        let (qt, ot, s) = scratch.split();
+        let (qt, ot) = (&mut qt[..d * MQ], &mut ot[..d * MQ]);
 
-        // Scratch: Qᵀ, Oᵀ and Sᵀ, each 64-byte aligned.
-        let mut buf = vec![0.0f32; 2 * d * MQ + KT * MQ + LANES];
-        let start = buf.as_ptr().align_offset(64).min(LANES);
-        let (qt, rest) = buf[start..].split_at_mut(d * MQ);
-        let (ot, s) = rest.split_at_mut(d * MQ);
-        let s = &mut s[..KT * MQ];
-        // Qᵀ, pre-scaled; lanes past the tile's queries stay zero.
+        // Qᵀ, pre-scaled; lanes past the tile's queries are zero.
         let (q0, qs) = place(p.layout, p.h, p.nq, d, b, h, i0);
+        if nqt < MQ {
+            qt.fill(0.0);
+        }
         for lane in 0..nqt {
             let row = &ctx.q[q0 + lane * qs..][..d];
             for (c, x) in row.iter().enumerate() {
                 qt[c * MQ + lane] = x.to_f32() * ctx.qscale;
             }
         }
-
+        ot.fill(0.0);
         let (mut m, mut l, mut alpha) = ([f32::NEG_INFINITY; MQ], [0.0f32; MQ], [0.0f32; MQ]);
 
         let kp = ctx.kv.k_panels(p, b, hk);
@@ -540,12 +615,14 @@ impl<T: Float> Op for Tile<'_, '_, T> {
                 j0 = j1;
                 continue;
             }
-            // 1. Sᵀ = K·Qᵀ, whole panels (rows past j1 are computed and ignored).
+            // 1. Sᵀ = K·Qᵀ, whole panels (rows past j1 are computed and ignored), and its max.
+            let mut tmax = [f32::NEG_INFINITY; MQ];
             for (t, sb) in s.chunks_exact_mut(RK * MQ).take(rows.div_ceil(RK)).enumerate() {
                 let panel = (j0 / RK + t) * d * RK;
-                kern.qk_panel(qt, d, &kp[panel..][..d * RK], sb);
+                kern.qk_panel(qt, d, &kp[panel..][..d * RK], sb, rows - t * RK, &mut tmax);
             }
-            // 2. Bias and mask.
+            // 2. Bias and mask (then the max again).
+            let mut changed = false;
             if !bias.is_none() {
                 let base = b * bias.b_stride + h * bias.h_stride;
                 if bias.i_stride == 0 {
@@ -561,13 +638,24 @@ impl<T: Float> Op for Tile<'_, '_, T> {
                         }
                     }
                 }
+                changed = true;
             }
             if cover == Cover::Partial {
                 ctx.mask.apply(s, rows, i0, j0);
+                changed = true;
+            }
+            if changed {
+                tmax = [f32::NEG_INFINITY; MQ];
+                for row in s.chunks_exact(MQ).take(rows) {
+                    for (x, v) in tmax.iter_mut().zip(row) {
+                        *x = x.max(*v);
+                    }
+                }
             }
             // 3. Online softmax; 4. Oᵀ = α·Oᵀ + Vᵀ·P.
-            kern.softmax(s, rows, &mut m, &mut l, &mut alpha);
-            kern.pv(s, rows, &v.data[j0 * v.stride..], v.stride, d, &alpha, ot);
+            kern.softmax(s, rows, &tmax, &mut m, &mut l, &mut alpha);
+            let vt = Rows { data: &v.data[j0 * v.stride..], stride: v.stride };
+            kern.pv(s, rows, vt, d, &alpha, ot);
             j0 = j1;
         }
 
@@ -578,11 +666,7 @@ impl<T: Float> Op for Tile<'_, '_, T> {
             for (c, o) in row.iter_mut().enumerate() {
                 *o = T::from_f32(ot[c * MQ + lane] * inv);
             }
-            lse[lane] = if l[lane] > 0.0 {
-                (m[lane] as f64 + (l[lane] as f64).ln()) as f32
-            } else {
-                f32::NEG_INFINITY
-            };
+            lse[lane] = if l[lane] > 0.0 { (m[lane] as f64 + (l[lane] as f64).ln()) as f32 } else { f32::NEG_INFINITY };
         }
     }
 }
@@ -643,23 +727,28 @@ impl<T: Float> Op for WidenV<'_, T> {
     }
 }
 
-/// Calls `f(i, a_chunk, b_chunk)` for consecutive chunks of `a` (`a_len` elements) and `b`
-/// (`b_len`), in parallel when rayon is on. Both must have the same number of chunks.
-fn for_each_pair<A: Send, B: Send>(
-    a: &mut [A],
-    a_len: usize,
-    b: &mut [B],
-    b_len: usize,
-    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
-) {
+/// One unit of parallel work: query tile `t` of batch `b`, head `h` (all heads when `None`, in
+/// the `[B, N, H, D]` layout), with the output and lse chunks it writes.
+struct Task<'a, T> {
+    b: usize,
+    h: Option<usize>,
+    t: usize,
+    out: &'a mut [T],
+    lse: &'a mut [f32],
+}
+
+/// Runs `f(scratch, task)` for every task, in parallel when rayon is on; each worker reuses
+/// one scratch.
+fn run_tasks<T: Send>(tasks: Vec<Task<'_, T>>, d: usize, f: impl Fn(&mut Scratch, Task<'_, T>) + Sync + Send) {
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        a.par_chunks_mut(a_len).zip(b.par_chunks_mut(b_len)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+        tasks.into_par_iter().for_each_init(|| Scratch::new(d), |s, t| f(s, t));
     }
     #[cfg(not(feature = "rayon"))]
     {
-        a.chunks_mut(a_len).zip(b.chunks_mut(b_len)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+        let mut s = Scratch::new(d);
+        tasks.into_iter().for_each(|t| f(&mut s, t));
     }
 }
 
@@ -713,13 +802,7 @@ pub(crate) fn forward<T: Float>(
         }
     };
     let kv = Kv { kp: &kp, panels, v: vf, v_bhnd };
-    let ctx = Ctx {
-        p,
-        mask: MaskSpec::new(p),
-        q,
-        kv: &kv,
-        qscale: p.scale,
-    };
+    let ctx = Ctx { p, mask: MaskSpec::new(p), q, kv: &kv, qscale: p.scale };
     let tiles = p.nq.div_ceil(MQ);
 
     match p.layout {
@@ -732,28 +815,40 @@ pub(crate) fn forward<T: Float>(
                     &mut scratch[..]
                 }
             };
-            // One (b, h) per slab, one query tile per chunk of it.
-            for_each_pair(out, p.nq * d, lse, p.nq, |bh, o, l| {
-                for_each_pair(o, MQ * d, l, MQ, |t, o, l| {
-                    let (b, h, i0) = (bh / p.h, bh % p.h, t * MQ);
-                    let nqt = l.len();
-                    dispatch(isa, Tile { ctx: &ctx, b, h, i0, nqt, out: o, o_stride: d, lse: l });
-                });
+            // One (b, h, query tile) per task.
+            let mut tasks = Vec::with_capacity(p.b * p.h * tiles);
+            for (bh, (o, l)) in out.chunks_mut(p.nq * d).zip(lse.chunks_mut(p.nq)).enumerate() {
+                for (t, (out, lse)) in o.chunks_mut(MQ * d).zip(l.chunks_mut(MQ)).enumerate() {
+                    tasks.push(Task { b: bh / p.h, h: Some(bh % p.h), t, out, lse });
+                }
+            }
+            run_tasks(tasks, d, |scratch, task| {
+                let Task { b, h, t, out, lse } = task;
+                let (h, nqt) = (h.unwrap_or(0), lse.len());
+                dispatch(isa, Tile { ctx: &ctx, scratch, b, h, i0: t * MQ, nqt, out, o_stride: d, lse });
             });
         }
         QkvLayout::Bnhd => {
-            // One batch per slab, one query tile (all heads) per chunk; the lse goes to a
-            // [B, tiles, H, MQ] scratch first, since its [B, H, Nq] tiles are not contiguous.
+            // One (b, query tile) per task, all heads; the lse goes to a [B, tiles, H, MQ] scratch
+            // first, since the [B, H, Nq] tiles are not contiguous.
             let mut scratch = vec![0.0f32; p.b * tiles * p.h * MQ];
-            for_each_pair(out, p.nq * p.h * d, &mut scratch, tiles * p.h * MQ, |b, o, l| {
-                for_each_pair(o, MQ * p.h * d, l, p.h * MQ, |t, o, l| {
-                    let i0 = t * MQ;
-                    let nqt = o.len() / (p.h * d);
-                    for (h, l) in l.chunks_exact_mut(MQ).enumerate() {
-                        let o = &mut o[h * d..];
-                        dispatch(isa, Tile { ctx: &ctx, b, h, i0, nqt, out: o, o_stride: p.h * d, lse: l });
-                    }
-                });
+            let mut tasks = Vec::with_capacity(p.b * tiles);
+            for (b, (o, l)) in out.chunks_mut(p.nq * p.h * d).zip(scratch.chunks_mut(tiles * p.h * MQ)).enumerate() {
+                for (t, (out, lse)) in o.chunks_mut(MQ * p.h * d).zip(l.chunks_mut(p.h * MQ)).enumerate() {
+                    tasks.push(Task { b, h: None, t, out, lse });
+                }
+            }
+            run_tasks(tasks, d, |scratch, task| {
+                let Task { b, t, out, lse, .. } = task;
+                let nqt = out.len() / (p.h * d);
+                for (h, lse) in lse.chunks_exact_mut(MQ).enumerate() {
+                    let out = &mut out[h * d..];
+                    let o_stride = p.h * d;
+                    dispatch(
+                        isa,
+                        Tile { ctx: &ctx, scratch: &mut *scratch, b, h, i0: t * MQ, nqt, out, o_stride, lse },
+                    );
+                }
             });
             if let Some(lse) = lse {
                 for (bh, row) in lse.chunks_exact_mut(p.nq).enumerate() {
@@ -795,7 +890,7 @@ mod tests {
         let mut xs: Vec<f32> = (0..200_000).map(|i| -170.0 + i as f32 * (300.0 / 200_000.0)).collect();
         xs.extend([f32::NEG_INFINITY, -0.0, 0.0, -126.0, -126.5, -149.0, -149.5, -150.0, 127.0, 200.0, -1e30, 1e-30]);
         xs.resize(xs.len().next_multiple_of(LANES), 0.5);
-        let got = simd.vectorize(Check(xs.clone()));
+        let got = Simd::vectorize(simd, Check(xs.clone()));
         for (x, g) in xs.iter().zip(&got) {
             assert_eq!(g.to_bits(), exp2(*x).to_bits(), "exp2({x})");
         }
