@@ -34,6 +34,8 @@ use core::f32::consts::LOG2_E;
 use pulp::x86::{V3, V4};
 use pulp::{Simd, WithSimd};
 
+mod bf16;
+
 /// SIMD lanes (f32).
 const LANES: usize = 16;
 /// Query vectors per tile.
@@ -534,41 +536,151 @@ struct Ctx<'a, T> {
     p: &'a Problem<'a>,
     mask: MaskSpec<'a>,
     q: &'a [T],
-    kv: &'a Kv<'a>,
-    /// Q is pre-multiplied by the scale (one rounding per element, as a naive `(Q·scale)·Kᵀ`).
-    qscale: f32,
+    kv: KvData<'a>,
 }
 
-/// A task's scratch, reused from task to task: `Qᵀ [D, MQ]`, `Oᵀ [D, MQ]`, `Sᵀ [KT, MQ]`,
-/// each 64-byte aligned.
+/// K and V as the kernels of the chosen path want them.
+enum KvData<'a> {
+    F32(Kv<'a>),
+    Bf16(bf16::Kv<'a>),
+}
+
+/// A task's scratch, reused from task to task: `Qᵀ [D, MQ]`, `Oᵀ [D, MQ]`, `Sᵀ [KT, MQ]` and
+/// the bf16 path's `Pᵀ` pairs `[KT/2, MQ]`, each 64-byte aligned.
 struct Scratch {
     buf: Vec<f32>,
     d: usize,
 }
 
+/// The parts of a [`Scratch`].
+struct Parts<'s> {
+    qt: &'s mut [f32],
+    ot: &'s mut [f32],
+    s: &'s mut [f32],
+    pt: &'s mut [f32],
+}
+
 impl Scratch {
     fn new(d: usize) -> Self {
         let d = d.next_multiple_of(LANES);
-        Scratch { buf: vec![0.0; 2 * d * MQ + KT * MQ + LANES], d }
+        Scratch { buf: vec![0.0; 2 * d * MQ + KT * MQ + KT / 2 * MQ + LANES], d }
     }
 
-    fn split(&mut self) -> (&mut [f32], &mut [f32], &mut [f32]) {
+    fn split(&mut self) -> Parts<'_> {
         let start = self.buf.as_ptr().align_offset(64).min(LANES);
         let (qt, rest) = self.buf[start..].split_at_mut(self.d * MQ);
-        let (ot, s) = rest.split_at_mut(self.d * MQ);
-        (qt, ot, &mut s[..KT * MQ])
+        let (ot, rest) = rest.split_at_mut(self.d * MQ);
+        let (s, pt) = rest.split_at_mut(KT * MQ);
+        Parts { qt, ot, s, pt: &mut pt[..KT / 2 * MQ] }
     }
 }
 
-/// One query tile: `nqt ≤ MQ` queries from `i0` of head `h` of batch `b`. Writes the output
-/// rows `out[r·o_stride..][..D]` and `lse[..nqt]`.
+/// The online-softmax state of one query tile, per lane: running max `m` (−∞ until a score is
+/// seen), running sum `l`, and the last rescale factor `alpha`.
+struct Running {
+    m: [f32; MQ],
+    l: [f32; MQ],
+    alpha: [f32; MQ],
+}
+
+impl Running {
+    fn new() -> Self {
+        Running { m: [f32::NEG_INFINITY; MQ], l: [0.0; MQ], alpha: [0.0; MQ] }
+    }
+}
+
+/// The loop over the key tiles that the query tile `[i0, i0 + nqt)` of head `h`, batch `b`
+/// sees. For each tile that is not empty: `qk(first_panel, s_block, valid_rows, tmax)` fills
+/// `Sᵀ` panel by panel and folds its lane-wise max into `tmax`; bias and mask are applied (and
+/// the max recomputed if they changed anything); then `rest(s, rows, j0, tmax)` runs the softmax
+/// and `P·V`. Tiles start on panel boundaries.
+#[inline(always)]
+fn sweep(
+    p: &Problem<'_>,
+    mask: &MaskSpec<'_>,
+    (b, h, i0, nqt): (usize, usize, usize, usize),
+    s: &mut [f32],
+    mut qk: impl FnMut(usize, &mut [f32], usize, &mut [f32; MQ]),
+    mut rest: impl FnMut(&mut [f32], usize, usize, &[f32; MQ]),
+) {
+    let i1 = i0 + nqt;
+    let bias = &p.bias;
+    let (from, to) = mask.key_range(p.nk, i0, i1);
+    let mut j0 = from / RK * RK;
+    while j0 < to {
+        let j1 = (j0 + KT).min(to);
+        let rows = j1 - j0;
+        let cover = mask.cover(i0, i1, j0, j1);
+        if cover == Cover::Empty {
+            j0 = j1;
+            continue;
+        }
+        // 1. Sᵀ = K·Qᵀ, whole panels (rows past j1 are computed and ignored), and its max.
+        let mut tmax = [f32::NEG_INFINITY; MQ];
+        for (t, sb) in s.chunks_exact_mut(RK * MQ).take(rows.div_ceil(RK)).enumerate() {
+            qk(j0 / RK + t, sb, rows - t * RK, &mut tmax);
+        }
+        // 2. Bias and mask (then the max again).
+        let mut changed = false;
+        if !bias.is_none() {
+            let base = b * bias.b_stride + h * bias.h_stride;
+            if bias.i_stride == 0 {
+                let kb = &bias.data[base + j0..][..rows];
+                for (row, &x) in s.chunks_exact_mut(MQ).zip(kb) {
+                    row.iter_mut().for_each(|v| *v += x);
+                }
+            } else {
+                for lane in 0..nqt {
+                    let br = &bias.data[base + (i0 + lane) * bias.i_stride + j0..][..rows];
+                    for (r, &x) in br.iter().enumerate() {
+                        s[r * MQ + lane] += x;
+                    }
+                }
+            }
+            changed = true;
+        }
+        if cover == Cover::Partial {
+            mask.apply(s, rows, i0, j0);
+            changed = true;
+        }
+        if changed {
+            tmax = [f32::NEG_INFINITY; MQ];
+            for row in s.chunks_exact(MQ).take(rows) {
+                for (x, v) in tmax.iter_mut().zip(row) {
+                    *x = x.max(*v);
+                }
+            }
+        }
+        // 3. Online softmax; 4. Oᵀ = α·Oᵀ + Vᵀ·P.
+        rest(s, rows, j0, &tmax);
+        j0 = j1;
+    }
+}
+
+/// `O = Oᵀ / l` transposed back into `out[lane·o_stride..][..d]`, and `lse = m + ln l`
+/// (−∞ and zeros where `l = 0`: every score of the row was masked).
+#[inline(always)]
+fn finish<T: Float>(ot: &[f32], run: &Running, d: usize, out: &mut [T], o_stride: usize, lse: &mut [f32]) {
+    for (lane, lse) in lse.iter_mut().enumerate() {
+        let l = run.l[lane];
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        let row = &mut out[lane * o_stride..][..d];
+        for (c, o) in row.iter_mut().enumerate() {
+            *o = T::from_f32(ot[c * MQ + lane] * inv);
+        }
+        *lse = if l > 0.0 { (run.m[lane] as f64 + (l as f64).ln()) as f32 } else { f32::NEG_INFINITY };
+    }
+}
+
+/// One query tile: `lse.len() ≤ MQ` queries from `i0` of head `h` of batch `b`. Writes the
+/// output rows `out[r·o_stride..][..D]` and `lse`.
 struct Tile<'a, 'c, T> {
     ctx: &'c Ctx<'a, T>,
+    kv: &'c Kv<'a>,
     scratch: &'c mut Scratch,
     b: usize,
     h: usize,
     i0: usize,
-    nqt: usize,
     out: &'c mut [T],
     o_stride: usize,
     lse: &'c mut [f32],
@@ -579,15 +691,15 @@ impl<T: Float> Op for Tile<'_, '_, T> {
 
     #[inline(always)]
     fn run<K: Kernel>(self, kern: K) {
-        let Tile { ctx, scratch, b, h, i0, nqt, out, o_stride, lse } = self;
+        let Tile { ctx, kv, scratch, b, h, i0, out, o_stride, lse } = self;
         let p = ctx.p;
-        let d = p.d;
+        let (d, nqt) = (p.d, lse.len());
         let hk = h / (p.h / p.hkv);
-        let i1 = i0 + nqt;
-        let (qt, ot, s) = scratch.split();
+        let Parts { qt, ot, s, .. } = scratch.split();
         let (qt, ot) = (&mut qt[..d * MQ], &mut ot[..d * MQ]);
 
-        // Qᵀ, pre-scaled; lanes past the tile's queries are zero.
+        // Qᵀ, pre-scaled (one rounding per element, as a naive `(Q·scale)·Kᵀ`); lanes past the
+        // tile's queries are zero.
         let (q0, qs) = place(p.layout, p.h, p.nq, d, b, h, i0);
         if nqt < MQ {
             qt.fill(0.0);
@@ -595,79 +707,26 @@ impl<T: Float> Op for Tile<'_, '_, T> {
         for lane in 0..nqt {
             let row = &ctx.q[q0 + lane * qs..][..d];
             for (c, x) in row.iter().enumerate() {
-                qt[c * MQ + lane] = x.to_f32() * ctx.qscale;
+                qt[c * MQ + lane] = x.to_f32() * p.scale;
             }
         }
         ot.fill(0.0);
-        let (mut m, mut l, mut alpha) = ([f32::NEG_INFINITY; MQ], [0.0f32; MQ], [0.0f32; MQ]);
-
-        let kp = ctx.kv.k_panels(p, b, hk);
-        let v = ctx.kv.v_rows(p, b, hk);
-        let bias = &p.bias;
-        let (from, to) = ctx.mask.key_range(p.nk, i0, i1);
-        // Tiles start on panel boundaries.
-        let mut j0 = from / RK * RK;
-        while j0 < to {
-            let j1 = (j0 + KT).min(to);
-            let rows = j1 - j0;
-            let cover = ctx.mask.cover(i0, i1, j0, j1);
-            if cover == Cover::Empty {
-                j0 = j1;
-                continue;
-            }
-            // 1. Sᵀ = K·Qᵀ, whole panels (rows past j1 are computed and ignored), and its max.
-            let mut tmax = [f32::NEG_INFINITY; MQ];
-            for (t, sb) in s.chunks_exact_mut(RK * MQ).take(rows.div_ceil(RK)).enumerate() {
-                let panel = (j0 / RK + t) * d * RK;
-                kern.qk_panel(qt, d, &kp[panel..][..d * RK], sb, rows - t * RK, &mut tmax);
-            }
-            // 2. Bias and mask (then the max again).
-            let mut changed = false;
-            if !bias.is_none() {
-                let base = b * bias.b_stride + h * bias.h_stride;
-                if bias.i_stride == 0 {
-                    let kb = &bias.data[base + j0..][..rows];
-                    for (row, &x) in s.chunks_exact_mut(MQ).zip(kb) {
-                        row.iter_mut().for_each(|v| *v += x);
-                    }
-                } else {
-                    for lane in 0..nqt {
-                        let br = &bias.data[base + (i0 + lane) * bias.i_stride + j0..][..rows];
-                        for (r, &x) in br.iter().enumerate() {
-                            s[r * MQ + lane] += x;
-                        }
-                    }
-                }
-                changed = true;
-            }
-            if cover == Cover::Partial {
-                ctx.mask.apply(s, rows, i0, j0);
-                changed = true;
-            }
-            if changed {
-                tmax = [f32::NEG_INFINITY; MQ];
-                for row in s.chunks_exact(MQ).take(rows) {
-                    for (x, v) in tmax.iter_mut().zip(row) {
-                        *x = x.max(*v);
-                    }
-                }
-            }
-            // 3. Online softmax; 4. Oᵀ = α·Oᵀ + Vᵀ·P.
-            kern.softmax(s, rows, &tmax, &mut m, &mut l, &mut alpha);
-            let vt = Rows { data: &v.data[j0 * v.stride..], stride: v.stride };
-            kern.pv(s, rows, vt, d, &alpha, ot);
-            j0 = j1;
-        }
-
-        // O = Oᵀ / l, transposed back; lse in natural-log units.
-        for lane in 0..nqt {
-            let inv = if l[lane] > 0.0 { 1.0 / l[lane] } else { 0.0 };
-            let row = &mut out[lane * o_stride..][..d];
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = T::from_f32(ot[c * MQ + lane] * inv);
-            }
-            lse[lane] = if l[lane] > 0.0 { (m[lane] as f64 + (l[lane] as f64).ln()) as f32 } else { f32::NEG_INFINITY };
-        }
+        let mut run = Running::new();
+        let kp = kv.k_panels(p, b, hk);
+        let v = kv.v_rows(p, b, hk);
+        sweep(
+            p,
+            &ctx.mask,
+            (b, h, i0, nqt),
+            s,
+            |t, sb, valid, tmax| kern.qk_panel(qt, d, &kp[t * d * RK..][..d * RK], sb, valid, tmax),
+            |s, rows, j0, tmax| {
+                kern.softmax(s, rows, tmax, &mut run.m, &mut run.l, &mut run.alpha);
+                let vt = Rows { data: &v.data[j0 * v.stride..], stride: v.stride };
+                kern.pv(s, rows, vt, d, &run.alpha, ot);
+            },
+        );
+        finish(ot, &run, d, out, o_stride, lse);
     }
 }
 
@@ -752,6 +811,41 @@ fn run_tasks<T: Send>(tasks: Vec<Task<'_, T>>, d: usize, f: impl Fn(&mut Scratch
     }
 }
 
+/// Packed K and V, owned.
+enum Packed {
+    /// K panels (f32) and V widened to f32 (empty when V is f32 already).
+    F32 {
+        kp: Vec<f32>,
+        widened: Vec<f32>,
+    },
+    Bf16(bf16::Token, bf16::Storage),
+}
+
+/// K into f32 panels; V widened to f32 `[B, Hkv, Nk, D]` unless it is f32. One (b, kv head)
+/// per parallel chunk.
+fn pack_f32<T: Float>(p: &Problem<'_>, isa: Isa, k: &[T], v: &[T]) -> (Vec<f32>, Vec<f32>) {
+    let d = p.d;
+    let slab = p.nk.div_ceil(RK) * d * RK;
+    let mut kp = vec![0.0f32; p.b * p.hkv * slab];
+    if slab > 0 {
+        for_each_chunk(&mut kp, slab, |i, out| {
+            let (b, hk) = (i / p.hkv, i % p.hkv);
+            let (k0, ks) = place(p.layout, p.hkv, p.nk, d, b, hk, 0);
+            dispatch(isa, PackK { k, k0, ks, nk: p.nk, d, out });
+        });
+    }
+    let mut widened = vec![];
+    if T::DTYPE != DType::F32 && p.nk > 0 {
+        widened = vec![0.0f32; p.b * p.hkv * p.nk * d];
+        for_each_chunk(&mut widened, p.nk * d, |i, out| {
+            let (b, hk) = (i / p.hkv, i % p.hkv);
+            let (v0, vs) = place(p.layout, p.hkv, p.nk, d, b, hk, 0);
+            dispatch(isa, WidenV { v, v0, vs, d, out });
+        });
+    }
+    (kp, widened)
+}
+
 /// Forward attention on the CPU (shapes validated by the caller).
 pub(crate) fn forward<T: Float>(
     p: &Problem<'_>,
@@ -773,36 +867,34 @@ pub(crate) fn forward<T: Float>(
     }
     let d = p.d;
 
-    // K into panels (and widened), one (b, kv head) per chunk.
-    let panels = p.nk.div_ceil(RK);
-    let slab = panels * d * RK;
-    let mut kp = vec![0.0f32; p.b * p.hkv * slab];
-    if slab > 0 {
-        for_each_chunk(&mut kp, slab, |i, out| {
-            let (b, hk) = (i / p.hkv, i % p.hkv);
-            let (k0, ks) = place(p.layout, p.hkv, p.nk, d, b, hk, 0);
-            dispatch(isa, PackK { k, k0, ks, nk: p.nk, d, out });
-        });
-    }
-    // V: used in place when f32, else widened.
-    let widened: Vec<f32>;
-    let (vf, v_bhnd) = match (T::DTYPE, bytemuck::try_cast_slice::<T, f32>(v)) {
-        (DType::F32, Ok(vf)) => (vf, p.layout == QkvLayout::Bhnd),
-        _ => {
-            let mut w = vec![0.0f32; p.b * p.hkv * p.nk * d];
-            if !w.is_empty() {
-                for_each_chunk(&mut w, p.nk * d, |i, out| {
-                    let (b, hk) = (i / p.hkv, i % p.hkv);
-                    let (v0, vs) = place(p.layout, p.hkv, p.nk, d, b, hk, 0);
-                    dispatch(isa, WidenV { v, v0, vs, d, out });
-                });
-            }
-            widened = w;
-            (&widened[..], true)
+    // bf16 inputs on a CPU with AVX-512 BF16 take the dot-product path.
+    let token = if T::DTYPE == DType::BF16 && isa == Isa::V4 { bf16::Token::try_new() } else { None };
+    let packed = if let Some(token) = token {
+        Packed::Bf16(token, bf16::Storage::pack(p, k, v))
+    } else {
+        let (kp, widened) = pack_f32(p, isa, k, v);
+        Packed::F32 { kp, widened }
+    };
+    let kv = match &packed {
+        Packed::Bf16(token, st) => KvData::Bf16(st.view(*token)),
+        Packed::F32 { kp, widened } => {
+            // V is used in place when it is f32, else its widened copy.
+            let (v, v_bhnd) = match (T::DTYPE, bytemuck::try_cast_slice::<T, f32>(v)) {
+                (DType::F32, Ok(vf)) => (vf, p.layout == QkvLayout::Bhnd),
+                _ => (&widened[..], true),
+            };
+            KvData::F32(Kv { kp, panels: p.nk.div_ceil(RK), v, v_bhnd })
         }
     };
-    let kv = Kv { kp: &kp, panels, v: vf, v_bhnd };
-    let ctx = Ctx { p, mask: MaskSpec::new(p), q, kv: &kv, qscale: p.scale };
+    let ctx = Ctx { p, mask: MaskSpec::new(p), q, kv };
+    // One query tile of one head.
+    let tile =
+        |scratch: &mut Scratch, b: usize, h: usize, i0: usize, out: &mut [T], o_stride: usize, lse: &mut [f32]| {
+            match &ctx.kv {
+                KvData::F32(kv) => dispatch(isa, Tile { ctx: &ctx, kv, scratch, b, h, i0, out, o_stride, lse }),
+                KvData::Bf16(kv) => bf16::tile(&ctx, kv, scratch, (b, h, i0), out, o_stride, lse),
+            }
+        };
     let tiles = p.nq.div_ceil(MQ);
 
     match p.layout {
@@ -824,8 +916,7 @@ pub(crate) fn forward<T: Float>(
             }
             run_tasks(tasks, d, |scratch, task| {
                 let Task { b, h, t, out, lse } = task;
-                let (h, nqt) = (h.unwrap_or(0), lse.len());
-                dispatch(isa, Tile { ctx: &ctx, scratch, b, h, i0: t * MQ, nqt, out, o_stride: d, lse });
+                tile(scratch, b, h.unwrap_or(0), t * MQ, out, d, lse);
             });
         }
         QkvLayout::Bnhd => {
@@ -842,12 +933,7 @@ pub(crate) fn forward<T: Float>(
                 let Task { b, t, out, lse, .. } = task;
                 let nqt = out.len() / (p.h * d);
                 for (h, lse) in lse.chunks_exact_mut(MQ).enumerate() {
-                    let out = &mut out[h * d..];
-                    let o_stride = p.h * d;
-                    dispatch(
-                        isa,
-                        Tile { ctx: &ctx, scratch: &mut *scratch, b, h, i0: t * MQ, nqt, out, o_stride, lse },
-                    );
+                    tile(scratch, b, h, t * MQ, &mut out[h * d..], p.h * d, &mut lse[..nqt]);
                 }
             });
             if let Some(lse) = lse {
