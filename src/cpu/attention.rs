@@ -233,9 +233,11 @@ impl Avx512 {
     ) {
         let f = self.0.avx512f;
         let mut acc = [[f._mm512_setzero_ps(); QV]; R];
-        for (r, prow) in p.chunks_exact(MQ).take(rows).enumerate() {
+        // One check per row (each chunk of `v` holds at least R values: the caller's blocks end
+        // within the row), and a fixed-size row so that the accumulators stay in registers.
+        for (prow, vr) in p.chunks_exact(MQ).take(rows).zip(v.chunks(vs)) {
+            let Some(vr) = vr.first_chunk::<R>() else { break };
             let pv: [__m512; QV] = core::array::from_fn(|q| ld(&prow[q * LANES..]));
-            let vr = &v[r * vs..][..R];
             for (a, &x) in acc.iter_mut().zip(vr) {
                 let b = f._mm512_set1_ps(x);
                 for q in 0..QV {

@@ -13,12 +13,13 @@
 //!
 //! Odd `D` and odd `Nk` are padded with zeros. Products are exact in f32 and accumulate in f32;
 //! `vdpbf16ps` flushes subnormal inputs and results to zero (magnitudes below 1.2·10⁻³⁸).
+//!
+//! The two BF16 instructions are written with `asm!`: `std::arch`'s AVX-512 intrinsics (and
+//! `__m512bh`) are stable only since Rust 1.89, above the crate's MSRV; everything else goes
+//! through pulp's `V4` wrappers. Every function here enables the same target features: pulp's
+//! V4 set plus `avx512bf16`.
 
-use core::arch::x86_64::{
-    __m512, __m512bh, __m512i, _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_cvtne2ps_pbh, _mm512_dpbf16_ps,
-    _mm512_fmadd_ps, _mm512_mask_blend_ps, _mm512_max_ps, _mm512_mul_ps, _mm512_permutexvar_epi16, _mm512_set1_epi32,
-    _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps, _CMP_EQ_OQ,
-};
+use core::arch::x86_64::{__m512, __m512i, _CMP_EQ_OQ};
 
 use super::{finish, ld, place, st, sweep, Avx512, Ctx, Parts, Running, Scratch, KT, LANES, LOG2_E, MQ, QV, RD, RK};
 use crate::attention::Problem;
@@ -126,15 +127,46 @@ impl Kv<'_> {
 
 /// 16 lanes of bf16 pairs from `x[..16]`.
 #[inline(always)]
-fn ld_bh(x: &[u32]) -> __m512bh {
+fn ld_pairs(x: &[u32]) -> __m512i {
     let a: &[u32; LANES] = x[..LANES].try_into().unwrap();
-    bh(pulp::cast(*a))
+    pulp::cast(*a)
 }
 
-#[inline(always)]
-fn bh(x: __m512i) -> __m512bh {
-    // SAFETY: both are 64 bytes of plain SIMD data; every bit pattern is valid for either.
-    unsafe { core::mem::transmute::<__m512i, __m512bh>(x) }
+/// `vdpbf16ps`: `acc[i] += a.bf16[2i]·b.bf16[2i] + a.bf16[2i+1]·b.bf16[2i+1]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+fn dpbf16(acc: __m512, a: __m512i, b: __m512i) -> __m512 {
+    let mut acc = acc;
+    // SAFETY: the instruction exists (the caller's target features include AVX-512 BF16); it
+    // reads and writes only the named registers.
+    unsafe {
+        core::arch::asm!(
+            "vdpbf16ps {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// `vcvtne2ps2bf16`: words 0..16 are `lo` rounded to bf16 (nearest even), words 16..32 `hi`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+fn cvt2bf16(hi: __m512, lo: __m512) -> __m512i {
+    let out: __m512i;
+    // SAFETY: as in `dpbf16`.
+    unsafe {
+        core::arch::asm!(
+            "vcvtne2ps2bf16 {out}, {hi}, {lo}",
+            out = lateout(zmm_reg) out,
+            hi = in(zmm_reg) hi,
+            lo = in(zmm_reg) lo,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    out
 }
 
 /// One query tile (see [`super::Tile`]), on the bf16 path.
@@ -191,10 +223,10 @@ fn tile_impl<T: Float>(
         &ctx.mask,
         (b, h, i0, nqt),
         s,
-        |t, sb, valid, tmax| qk_panel(qt, d2, &kp[t * d2 * RK..][..d2 * RK], p.scale, sb, valid, tmax),
+        |t, sb, valid, tmax| qk_panel(k, qt, d2, &kp[t * d2 * RK..][..d2 * RK], p.scale, sb, valid, tmax),
         |s, rows, j0, tmax| {
             softmax_pairs(k, s, rows, tmax, &mut run, pt);
-            pv(pt, rows.div_ceil(2), &vp[j0 / 2 * d..], d, &run.alpha, ot);
+            pv(k, pt, rows.div_ceil(2), &vp[j0 / 2 * d..], d, &run.alpha, ot);
         },
     );
     finish(ot, &run, d, out, o_stride, lse);
@@ -202,26 +234,28 @@ fn tile_impl<T: Float>(
 
 /// `s[r][·] = scale · Σ_c kp[c·RK + r] · qt[c][·]` (pairs), and the lane-wise max of the first
 /// `valid` rows folded into `mx`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn qk_panel(qt: &[u32], d2: usize, kp: &[u32], scale: f32, s: &mut [f32], valid: usize, mx: &mut [f32; MQ]) {
-    let mut acc = [[_mm512_setzero_ps(); QV]; RK];
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[allow(clippy::too_many_arguments)]
+fn qk_panel(k: Avx512, qt: &[u32], d2: usize, kp: &[u32], scale: f32, s: &mut [f32], valid: usize, mx: &mut [f32; MQ]) {
+    let f = k.0.avx512f;
+    let mut acc = [[f._mm512_setzero_ps(); QV]; RK];
     for (q, kr) in qt.chunks_exact(MQ).zip(kp.chunks_exact(RK)).take(d2) {
-        let qv: [__m512bh; QV] = core::array::from_fn(|i| ld_bh(&q[i * LANES..]));
+        let qv: [__m512i; QV] = core::array::from_fn(|i| ld_pairs(&q[i * LANES..]));
         for (a, &x) in acc.iter_mut().zip(kr) {
-            let kb = bh(_mm512_set1_epi32(x as i32));
+            let kb = f._mm512_set1_epi32(x as i32);
             for i in 0..QV {
-                a[i] = _mm512_dpbf16_ps(a[i], qv[i], kb);
+                a[i] = dpbf16(a[i], qv[i], kb);
             }
         }
     }
-    let sc = _mm512_set1_ps(scale);
+    let sc = f._mm512_set1_ps(scale);
     let mut m: [__m512; QV] = core::array::from_fn(|i| ld(&mx[i * LANES..]));
     for (r, (a, srow)) in acc.iter().zip(s.chunks_exact_mut(MQ)).enumerate() {
         for i in 0..QV {
-            let x = _mm512_mul_ps(a[i], sc);
+            let x = f._mm512_mul_ps(a[i], sc);
             st(x, &mut srow[i * LANES..]);
             if r < valid {
-                m[i] = _mm512_max_ps(m[i], x);
+                m[i] = f._mm512_max_ps(m[i], x);
             }
         }
     }
@@ -232,72 +266,85 @@ fn qk_panel(qt: &[u32], d2: usize, kp: &[u32], scale: f32, s: &mut [f32], valid:
 
 /// The online softmax of [`super::Kernel::softmax`], writing `P` as bf16 pairs of rows into `pt`
 /// (a zero row pads an odd count).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 fn softmax_pairs(k: Avx512, s: &[f32], rows: usize, tmax: &[f32; MQ], run: &mut Running, pt: &mut [u32]) {
+    let (f, bw) = (k.0.avx512f, k.0.avx512bw);
     // Word 2i ← word i (row 2r, lane i), word 2i + 1 ← word 16 + i (row 2r + 1, lane i).
     let idx: [u16; 2 * LANES] = core::array::from_fn(|w| (w / 2 + (w % 2) * LANES) as u16);
     let idx: __m512i = pulp::cast(idx);
-    let log2e = _mm512_set1_ps(LOG2_E);
+    let log2e = f._mm512_set1_ps(LOG2_E);
     let s = &s[..rows * MQ];
     for q in 0..QV {
         let lane = q * LANES;
-        let mx = _mm512_max_ps(ld(&run.m[lane..]), ld(&tmax[lane..]));
-        let masked = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mx, _mm512_set1_ps(f32::NEG_INFINITY));
-        let m_use = _mm512_mask_blend_ps(masked, mx, _mm512_setzero_ps());
-        let e = |r: usize| k.exp2(_mm512_mul_ps(_mm512_sub_ps(ld(&s[r * MQ + lane..]), m_use), log2e));
-        let mut sum = [_mm512_setzero_ps(); 2];
+        let mx = f._mm512_max_ps(ld(&run.m[lane..]), ld(&tmax[lane..]));
+        let masked = f._mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mx, f._mm512_set1_ps(f32::NEG_INFINITY));
+        let m_use = f._mm512_mask_blend_ps(masked, mx, f._mm512_setzero_ps());
+        let e = |r: usize| k.exp2(f._mm512_mul_ps(f._mm512_sub_ps(ld(&s[r * MQ + lane..]), m_use), log2e));
+        let mut sum = [f._mm512_setzero_ps(); 2];
         for (r2, prow) in pt.chunks_exact_mut(MQ).take(rows.div_ceil(2)).enumerate() {
             let e0 = e(2 * r2);
-            let e1 = if 2 * r2 + 1 < rows { e(2 * r2 + 1) } else { _mm512_setzero_ps() };
-            sum[0] = _mm512_add_ps(sum[0], e0);
-            sum[1] = _mm512_add_ps(sum[1], e1);
-            let packed: __m512i = pulp::cast(_mm512_permutexvar_epi16(idx, pulp::cast(_mm512_cvtne2ps_pbh(e1, e0))));
+            let e1 = if 2 * r2 + 1 < rows { e(2 * r2 + 1) } else { f._mm512_setzero_ps() };
+            sum[0] = f._mm512_add_ps(sum[0], e0);
+            sum[1] = f._mm512_add_ps(sum[1], e1);
+            let packed = bw._mm512_permutexvar_epi16(idx, cvt2bf16(e1, e0));
             let out: &mut [u32; LANES] = (&mut prow[lane..lane + LANES]).try_into().unwrap();
             *out = pulp::cast(packed);
         }
-        let total = _mm512_add_ps(sum[0], sum[1]);
-        let a = k.exp2(_mm512_mul_ps(_mm512_sub_ps(ld(&run.m[lane..]), m_use), log2e));
+        let total = f._mm512_add_ps(sum[0], sum[1]);
+        let a = k.exp2(f._mm512_mul_ps(f._mm512_sub_ps(ld(&run.m[lane..]), m_use), log2e));
         st(a, &mut run.alpha[lane..]);
-        st(_mm512_fmadd_ps(ld(&run.l[lane..]), a, total), &mut run.l[lane..]);
+        st(f._mm512_fmadd_ps(ld(&run.l[lane..]), a, total), &mut run.l[lane..]);
         st(mx, &mut run.m[lane..]);
     }
 }
 
 /// `ot[c][·] = alpha·ot[c][·] + Σ_r vp[r·d + c] · pt[r][·]` over `pairs` row pairs, `c < d`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn pv(pt: &[u32], pairs: usize, vp: &[u32], d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+fn pv(k: Avx512, pt: &[u32], pairs: usize, vp: &[u32], d: usize, alpha: &[f32; MQ], ot: &mut [f32]) {
     let al: [__m512; QV] = core::array::from_fn(|q| ld(&alpha[q * LANES..]));
     let mut c = 0;
     while c + RD <= d {
-        pv_block::<RD>(pt, pairs, &vp[c..], d, &al, &mut ot[c * MQ..]);
+        pv_block::<RD>(k, pt, pairs, &vp[c..], d, &al, &mut ot[c * MQ..]);
         c += RD;
     }
     while c + 4 <= d {
-        pv_block::<4>(pt, pairs, &vp[c..], d, &al, &mut ot[c * MQ..]);
+        pv_block::<4>(k, pt, pairs, &vp[c..], d, &al, &mut ot[c * MQ..]);
         c += 4;
     }
     while c < d {
-        pv_block::<1>(pt, pairs, &vp[c..], d, &al, &mut ot[c * MQ..]);
+        pv_block::<1>(k, pt, pairs, &vp[c..], d, &al, &mut ot[c * MQ..]);
         c += 1;
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-fn pv_block<const R: usize>(pt: &[u32], pairs: usize, vp: &[u32], vs: usize, al: &[__m512; QV], ot: &mut [f32]) {
-    let mut acc = [[_mm512_setzero_ps(); QV]; R];
-    for (r, prow) in pt.chunks_exact(MQ).take(pairs).enumerate() {
-        let pv: [__m512bh; QV] = core::array::from_fn(|q| ld_bh(&prow[q * LANES..]));
-        for (a, &x) in acc.iter_mut().zip(&vp[r * vs..][..R]) {
-            let vb = bh(_mm512_set1_epi32(x as i32));
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512cd,avx512bf16,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+fn pv_block<const R: usize>(
+    k: Avx512,
+    pt: &[u32],
+    pairs: usize,
+    vp: &[u32],
+    vs: usize,
+    al: &[__m512; QV],
+    ot: &mut [f32],
+) {
+    let f = k.0.avx512f;
+    let mut acc = [[f._mm512_setzero_ps(); QV]; R];
+    // One check per row (each chunk of `vp` holds at least R values: the caller's blocks end
+    // within the row), and a fixed-size row so that the accumulators stay in registers.
+    for (prow, vrow) in pt.chunks_exact(MQ).take(pairs).zip(vp.chunks(vs)) {
+        let Some(vrow) = vrow.first_chunk::<R>() else { break };
+        let pv: [__m512i; QV] = core::array::from_fn(|q| ld_pairs(&prow[q * LANES..]));
+        for (a, &x) in acc.iter_mut().zip(vrow) {
+            let vb = f._mm512_set1_epi32(x as i32);
             for q in 0..QV {
-                a[q] = _mm512_dpbf16_ps(a[q], pv[q], vb);
+                a[q] = dpbf16(a[q], pv[q], vb);
             }
         }
     }
     for (a, orow) in acc.iter().zip(ot.chunks_exact_mut(MQ)) {
         for q in 0..QV {
             let o = &mut orow[q * LANES..];
-            st(_mm512_fmadd_ps(ld(o), al[q], a[q]), o);
+            st(f._mm512_fmadd_ps(ld(o), al[q], a[q]), o);
         }
     }
 }
