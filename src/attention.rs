@@ -30,8 +30,10 @@
 //! - A fully masked row (by the mask, by `−∞` biases, or `Nk = 0`) gives an output row of zeros
 //!   and a log-sum-exp of `−∞`, never NaN.
 //! - Q, K and V must be finite: NaN or `±∞` is an [`Error::NonFinite`] naming the first one
-//!   (checked in the order Q, K, V, in flat order). Scores must stay within f32 range (about
-//!   `|scale·q·k| < 3·10³⁸`); beyond that the CPU output is unspecified.
+//!   (checked in the order Q, K, V, in flat order). The CPU backend accumulates in f32, so the
+//!   scores must stay within f32 range (`|scale·q·k| < 3·10³⁸`), and so must the unnormalised
+//!   weighted sums `Σ_j exp(s_ij − max_j s_ij)·v_j` (at most the number of visible keys times
+//!   `max |v|`); beyond that its output is unspecified (it may be ±∞ or NaN).
 //! - Accuracy, judged as FlashAttention's tests judge it: the error of a backend against the f64
 //!   reference is at most twice the error of the naive three-step computation in the same
 //!   element type (scores and probabilities rounded to it), plus a small absolute term.
@@ -337,7 +339,9 @@ impl<'a> Attention<'a> {
             return Err(shape_err(format!("v dims {vd:?}, expected the dims of k {kd:?}")));
         }
         if hkv == 0 || h == 0 || !h.is_multiple_of(hkv) {
-            return Err(shape_err(format!("query heads H = {h} is not a positive multiple of key/value heads Hkv = {hkv}")));
+            return Err(shape_err(format!(
+                "query heads H = {h} is not a positive multiple of key/value heads Hkv = {hkv}"
+            )));
         }
         if od != qd {
             return Err(shape_err(format!("out dims {od:?}, expected the dims of q {qd:?}")));
