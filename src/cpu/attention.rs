@@ -209,13 +209,20 @@ impl Avx512 {
     /// [`exp2`] on 16 lanes, bit-identical to the scalar version.
     #[inline(always)]
     fn exp2(self, x: __m512) -> __m512 {
+        self.exp2_with(x, &EXP2_C)
+    }
+
+    /// `2^x` with the polynomial `coef` (lowest degree first) for `2^f` on `[−½, ½]`.
+    #[inline(always)]
+    fn exp2_with(self, x: __m512, coef: &[f32]) -> __m512 {
         use core::arch::x86_64::{_MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT};
         let f = self.0.avx512f;
         let x = f._mm512_max_ps(x, f._mm512_set1_ps(EXP2_MIN));
         let n = f._mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let t = f._mm512_sub_ps(x, n);
-        let mut p = f._mm512_set1_ps(EXP2_C[6]);
-        for c in EXP2_C[..6].iter().rev() {
+        let (last, rest) = coef.split_last().unwrap();
+        let mut p = f._mm512_set1_ps(*last);
+        for c in rest.iter().rev() {
             p = f._mm512_fmadd_ps(p, t, f._mm512_set1_ps(*c));
         }
         f._mm512_scalef_ps(p, n)
