@@ -30,7 +30,7 @@
 //! - A fully masked row (by the mask, by `−∞` biases, or `Nk = 0`) gives an output row of zeros
 //!   and a log-sum-exp of `−∞`, never NaN.
 //! - Q, K and V must be finite: NaN or `±∞` is an [`Error::NonFinite`] naming the first one
-//!   (checked in the order Q, K, V, in flat order). The CPU backend accumulates in f32, so the
+//!   (checked in the order bias, Q, K, V, in flat order). The CPU backend accumulates in f32, so the
 //!   scores must stay within f32 range (`|scale·q·k| < 3·10³⁸`), and so must the unnormalised
 //!   weighted sums `Σ_j exp(s_ij − max_j s_ij)·v_j` (at most the number of visible keys times
 //!   `max |v|`); beyond that its output is unspecified (it may be ±∞ or NaN).
@@ -63,7 +63,7 @@
 //! # Ok::<(), vistok::Error>(())
 //! ```
 
-use crate::dtype::{Element, Float};
+use crate::dtype::Float;
 use crate::error::{Error, Family, Result};
 use crate::view::{View, ViewMut};
 use crate::Backend;
@@ -201,6 +201,8 @@ pub(crate) struct BiasSpec<'a> {
     pub b_stride: usize,
     pub h_stride: usize,
     pub i_stride: usize,
+    /// The bias view's dims (`[B or 1, Nk, 0, 0]` for a key bias), for error messages.
+    pub dims: [usize; 4],
 }
 
 impl BiasSpec<'_> {
@@ -269,7 +271,6 @@ impl<'a> Attention<'a> {
         mut out: ViewMut<'_, T>,
     ) -> Result<()> {
         let p = self.check(q.dims(), k.dims(), v.dims(), out.dims(), None)?;
-        self.check_values(&p, q.data(), k.data(), v.data())?;
         run(backend, &p, q.data(), k.data(), v.data(), out.data_mut(), None)
     }
 
@@ -300,7 +301,6 @@ impl<'a> Attention<'a> {
         mut lse: ViewMut<'_, f32>,
     ) -> Result<()> {
         let p = self.check(q.dims(), k.dims(), v.dims(), out.dims(), Some(lse.dims()))?;
-        self.check_values(&p, q.data(), k.data(), v.data())?;
         run(backend, &p, q.data(), k.data(), v.data(), out.data_mut(), Some(lse.data_mut()))
     }
 
@@ -367,7 +367,7 @@ impl<'a> Attention<'a> {
                 )));
             }
         }
-        let none = BiasSpec { data: &[], b_stride: 0, h_stride: 0, i_stride: 0 };
+        let none = BiasSpec { data: &[], b_stride: 0, h_stride: 0, i_stride: 0, dims: [0; 4] };
         let bias = match self.bias {
             Bias::None => none,
             Bias::Key(v) => {
@@ -375,7 +375,8 @@ impl<'a> Attention<'a> {
                 if bd.len() != 2 || (bd[0] != b && bd[0] != 1) || bd[1] != nk {
                     return Err(shape_err(format!("key bias dims {bd:?}, expected [B or 1, Nk] = [{b} or 1, {nk}]")));
                 }
-                BiasSpec { data: v.data(), b_stride: if bd[0] == 1 { 0 } else { nk }, h_stride: 0, i_stride: 0 }
+                let b_stride = if bd[0] == 1 { 0 } else { nk };
+                BiasSpec { data: v.data(), b_stride, h_stride: 0, i_stride: 0, dims: [bd[0], bd[1], 0, 0] }
             }
             Bias::Full(v) => {
                 let bd = v.dims();
@@ -386,38 +387,62 @@ impl<'a> Attention<'a> {
                 }
                 let h_stride = if bd[1] == 1 { 0 } else { nq * nk };
                 let b_stride = if bd[0] == 1 { 0 } else { bd[1] * nq * nk };
-                BiasSpec { data: v.data(), b_stride, h_stride, i_stride: nk }
+                BiasSpec { data: v.data(), b_stride, h_stride, i_stride: nk, dims: [bd[0], bd[1], nq, nk] }
             }
         };
         // An empty bias (Nq·Nk = 0) is as good as none.
         let bias = if bias.data.is_empty() { none } else { bias };
         Ok(Problem { b, h, hkv, nq, nk, d, layout: self.layout, scale, mask: self.mask, bias })
     }
+}
 
-    /// NaN / +∞ biases; non-finite Q, K, V.
-    fn check_values<T: Float>(&self, p: &Problem<'_>, q: &[T], k: &[T], v: &[T]) -> Result<()> {
-        let bias = match self.bias {
-            Bias::None => None,
-            Bias::Key(v) | Bias::Full(v) => Some(v),
-        };
-        if let Some(bv) = bias {
-            if let Some(i) = bv.data().iter().position(|x| x.is_nan() || *x == f32::INFINITY) {
-                let what = format!("bias{} = {}", index(bv.dims(), i), bv.data()[i]);
-                return Err(Error::NonFinite { family: Family::Attention, what });
-            }
+/// What a backend's scan looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bad {
+    /// NaN or ±∞ (Q, K, V).
+    NonFinite,
+    /// NaN or +∞ (a bias: −∞ masks).
+    NanOrPosInf,
+}
+
+impl Bad {
+    #[inline(always)]
+    pub(crate) fn test(self, x: f32) -> bool {
+        match self {
+            Bad::NonFinite => !x.is_finite(),
+            Bad::NanOrPosInf => x.is_nan() || x == f32::INFINITY,
         }
-        let (qd, kd) = match p.layout {
-            QkvLayout::Bhnd => ([p.b, p.h, p.nq, p.d], [p.b, p.hkv, p.nk, p.d]),
-            QkvLayout::Bnhd => ([p.b, p.nq, p.h, p.d], [p.b, p.nk, p.hkv, p.d]),
-        };
-        for (name, data, dims) in [("q", q, &qd), ("k", k, &kd), ("v", v, &kd)] {
-            if let Some(i) = first_non_finite(data) {
-                let what = format!("{name}{} = {}", index(dims, i), data[i].to_f32());
-                return Err(Error::NonFinite { family: Family::Attention, what });
-            }
-        }
-        Ok(())
     }
+}
+
+/// The first bad value of the bias, then of Q, K and V (in that order, flat order within each)
+/// as an error. `first(kind, data)` finds the first index of one buffer where `kind.test` holds:
+/// each backend brings its own scan (the reference a plain loop, the cpu a parallel vectorised
+/// one); the error is the same.
+pub(crate) fn check_finite<T: Float>(
+    p: &Problem<'_>,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    first_bias: impl Fn(Bad, &[f32]) -> Option<usize>,
+    first: impl Fn(Bad, &[T]) -> Option<usize>,
+) -> Result<()> {
+    if let Some(i) = first_bias(Bad::NanOrPosInf, p.bias.data) {
+        let rank = if p.bias.i_stride == 0 { 2 } else { 4 };
+        let what = format!("bias{} = {}", index(&p.bias.dims[..rank], i), p.bias.data[i]);
+        return Err(Error::NonFinite { family: Family::Attention, what });
+    }
+    let (qd, kd) = match p.layout {
+        QkvLayout::Bhnd => ([p.b, p.h, p.nq, p.d], [p.b, p.hkv, p.nk, p.d]),
+        QkvLayout::Bnhd => ([p.b, p.nq, p.h, p.d], [p.b, p.nk, p.hkv, p.d]),
+    };
+    for (name, data, dims) in [("q", q, &qd), ("k", k, &kd), ("v", v, &kd)] {
+        if let Some(i) = first(Bad::NonFinite, data) {
+            let what = format!("{name}{} = {}", index(dims, i), data[i].to_f32());
+            return Err(Error::NonFinite { family: Family::Attention, what });
+        }
+    }
+    Ok(())
 }
 
 /// `[a, b, …]`: the multi-index of flat element `i` in `dims`.
@@ -430,20 +455,6 @@ fn index(dims: &[usize], mut i: usize) -> String {
     format!("{idx:?}")
 }
 
-/// The flat index of the first NaN or ±∞, scanning blocks with a branch-free test (the compiler
-/// vectorises it) and locating the culprit in the first block that has one.
-fn first_non_finite<T: Element>(x: &[T]) -> Option<usize> {
-    const BLOCK: usize = 1024;
-    x.chunks(BLOCK).enumerate().find_map(|(c, blk)| {
-        let bad = blk.iter().fold(false, |acc, v| acc | !v.to_f32().is_finite());
-        if bad {
-            blk.iter().position(|v| !v.to_f32().is_finite()).map(|i| c * BLOCK + i)
-        } else {
-            None
-        }
-    })
-}
-
 fn run<T: Float>(
     backend: Backend,
     p: &Problem<'_>,
@@ -454,10 +465,7 @@ fn run<T: Float>(
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
     match backend {
-        Backend::Reference => {
-            crate::reference::attention::forward(p, q, k, v, out, lse);
-            Ok(())
-        }
+        Backend::Reference => crate::reference::attention::forward(p, q, k, v, out, lse),
         Backend::Cpu => crate::cpu::attention::forward(p, crate::cpu::Isa::detect(), q, k, v, out, lse),
         Backend::CpuIsa(isa) => crate::cpu::attention::forward(p, isa.check()?, q, k, v, out, lse),
     }

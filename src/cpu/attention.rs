@@ -25,7 +25,7 @@
 //! Every query row is computed by the same sequence of operations whatever the thread count,
 //! so results are bit-identical across thread counts (not across ISA levels).
 
-use crate::attention::{Mask, Problem, QkvLayout};
+use crate::attention::{check_finite, Bad, Mask, Problem, QkvLayout};
 use crate::cpu::par::for_each_chunk;
 use crate::cpu::Isa;
 use crate::dtype::{DType, Float};
@@ -546,6 +546,8 @@ struct Ctx<'a, T> {
     mask: MaskSpec<'a>,
     q: &'a [T],
     kv: KvData<'a>,
+    /// Whether the caller asked for the log-sum-exp (else `finish` leaves it unwritten).
+    want_lse: bool,
 }
 
 /// K and V as the kernels of the chosen path want them.
@@ -554,11 +556,32 @@ enum KvData<'a> {
     Bf16(bf16::Kv<'a>),
 }
 
-/// A task's scratch, reused from task to task: `Qᵀ [D, MQ]`, `Oᵀ [D, MQ]`, `Sᵀ [KT, MQ]` and
-/// the bf16 path's `Pᵀ` pairs `[KT/2, MQ]`, each 64-byte aligned.
+/// A task's scratch: `Qᵀ [D, MQ]`, `Oᵀ [D, MQ]`, `Sᵀ [KT, MQ]` and the bf16 path's `Pᵀ` pairs
+/// `[KT/2, MQ]`, each 64-byte aligned. One per thread, kept between calls (at most 85 KiB, for
+/// `D = 256`): allocating and zeroing it per task costs a few percent on short sequences.
 struct Scratch {
     buf: Vec<f32>,
     d: usize,
+}
+
+std::thread_local! {
+    static SCRATCH: core::cell::RefCell<Scratch> = const { core::cell::RefCell::new(Scratch { buf: Vec::new(), d: 0 }) };
+}
+
+/// Runs `f` with this thread's scratch, sized for head dimension `d`.
+fn with_scratch<R>(d: usize, f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => {
+            s.ensure(d);
+            f(&mut s)
+        }
+        // Tasks do not nest, but should one ever run inside another: a scratch of its own.
+        Err(_) => {
+            let mut s = Scratch { buf: Vec::new(), d: 0 };
+            s.ensure(d);
+            f(&mut s)
+        }
+    })
 }
 
 /// The parts of a [`Scratch`].
@@ -570,9 +593,12 @@ struct Parts<'s> {
 }
 
 impl Scratch {
-    fn new(d: usize) -> Self {
-        let d = d.next_multiple_of(LANES);
-        Scratch { buf: vec![0.0; 2 * d * MQ + KT * MQ + KT / 2 * MQ + LANES], d }
+    fn ensure(&mut self, d: usize) {
+        self.d = d.next_multiple_of(LANES);
+        let len = 2 * self.d * MQ + KT * MQ + KT / 2 * MQ + LANES;
+        if self.buf.len() < len {
+            self.buf.resize(len, 0.0);
+        }
     }
 
     fn split(&mut self) -> Parts<'_> {
@@ -666,10 +692,18 @@ fn sweep(
     }
 }
 
-/// `O = Oᵀ / l` transposed back into `out[lane·o_stride..][..d]`, and `lse = m + ln l`
-/// (−∞ and zeros where `l = 0`: every score of the row was masked).
+/// `O = Oᵀ / l` transposed back into `out[lane·o_stride..][..d]`, and, if `want_lse`,
+/// `lse = m + ln l` (−∞ and zeros where `l = 0`: every score of the row was masked).
 #[inline(always)]
-fn finish<T: Float>(ot: &[f32], run: &Running, d: usize, out: &mut [T], o_stride: usize, lse: &mut [f32]) {
+fn finish<T: Float>(
+    ot: &[f32],
+    run: &Running,
+    d: usize,
+    out: &mut [T],
+    o_stride: usize,
+    lse: &mut [f32],
+    want_lse: bool,
+) {
     for (lane, lse) in lse.iter_mut().enumerate() {
         let l = run.l[lane];
         let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
@@ -677,7 +711,9 @@ fn finish<T: Float>(ot: &[f32], run: &Running, d: usize, out: &mut [T], o_stride
         for (c, o) in row.iter_mut().enumerate() {
             *o = T::from_f32(ot[c * MQ + lane] * inv);
         }
-        *lse = if l > 0.0 { (run.m[lane] as f64 + (l as f64).ln()) as f32 } else { f32::NEG_INFINITY };
+        if want_lse {
+            *lse = if l > 0.0 { (run.m[lane] as f64 + (l as f64).ln()) as f32 } else { f32::NEG_INFINITY };
+        }
     }
 }
 
@@ -735,7 +771,7 @@ impl<T: Float> Op for Tile<'_, '_, T> {
                 kern.pv(s, rows, vt, d, &run.alpha, ot);
             },
         );
-        finish(ot, &run, d, out, o_stride, lse);
+        finish(ot, &run, d, out, o_stride, lse, ctx.want_lse);
     }
 }
 
@@ -805,18 +841,57 @@ struct Task<'a, T> {
     lse: &'a mut [f32],
 }
 
-/// Runs `f(scratch, task)` for every task, in parallel when rayon is on; each worker reuses
-/// one scratch.
+/// Runs `f(scratch, task)` for every task, in parallel when rayon is on, with the scratch of
+/// the thread it runs on.
 fn run_tasks<T: Send>(tasks: Vec<Task<'_, T>>, d: usize, f: impl Fn(&mut Scratch, Task<'_, T>) + Sync + Send) {
     #[cfg(feature = "rayon")]
     {
         use rayon::prelude::*;
-        tasks.into_par_iter().for_each_init(|| Scratch::new(d), |s, t| f(s, t));
+        tasks.into_par_iter().for_each(|t| with_scratch(d, |s| f(s, t)));
     }
     #[cfg(not(feature = "rayon"))]
     {
-        let mut s = Scratch::new(d);
-        tasks.into_iter().for_each(|t| f(&mut s, t));
+        tasks.into_iter().for_each(|t| with_scratch(d, |s| f(s, t)));
+    }
+}
+
+/// Whether a block holds a bad value: a branch-free fold the compiler vectorises.
+struct AnyBad<'a, T>(&'a [T], Bad);
+
+impl<T: Float> Op for AnyBad<'_, T> {
+    type Output = bool;
+
+    #[inline(always)]
+    fn run<K: Kernel>(self, _k: K) -> bool {
+        match self.1 {
+            Bad::NonFinite => self.0.iter().fold(false, |acc, x| acc | !x.to_f32().is_finite()),
+            Bad::NanOrPosInf => self.0.iter().fold(false, |acc, x| {
+                let x = x.to_f32();
+                acc | x.is_nan() | (x == f32::INFINITY)
+            }),
+        }
+    }
+}
+
+/// The flat index of the first bad value of `x`: blocks scanned in parallel, the culprit
+/// located in the first failing block.
+fn first_bad<T: Float>(isa: Isa, bad: Bad, x: &[T]) -> Option<usize> {
+    const BLOCK: usize = 1 << 14;
+    let first = |(c, blk): (usize, &[T])| -> Option<usize> {
+        if dispatch(isa, AnyBad(blk, bad)) {
+            blk.iter().position(|v| bad.test(v.to_f32())).map(|i| c * BLOCK + i)
+        } else {
+            None
+        }
+    };
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        x.par_chunks(BLOCK).enumerate().filter_map(first).min()
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        x.chunks(BLOCK).enumerate().find_map(first)
     }
 }
 
@@ -865,6 +940,8 @@ pub(crate) fn forward<T: Float>(
     out: &mut [T],
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
+    // Inputs first (the reference reports the same error), then what this backend supports.
+    check_finite(p, q, k, v, |bad, x| first_bad(isa, bad, x), |bad, x| first_bad(isa, bad, x))?;
     if p.d > DMAX {
         return Err(Error::Unsupported {
             family: Family::Attention,
@@ -895,7 +972,7 @@ pub(crate) fn forward<T: Float>(
             KvData::F32(Kv { kp, panels: p.nk.div_ceil(RK), v, v_bhnd })
         }
     };
-    let ctx = Ctx { p, mask: MaskSpec::new(p), q, kv };
+    let ctx = Ctx { p, mask: MaskSpec::new(p), q, kv, want_lse: lse.is_some() };
     // One query tile of one head.
     let tile =
         |scratch: &mut Scratch, b: usize, h: usize, i0: usize, out: &mut [T], o_stride: usize, lse: &mut [f32]| {

@@ -2,8 +2,9 @@
 //! one query row at a time, straight from the contract in [`crate::attention`]. The mask rules
 //! are written out here from their definitions, independently of the fast paths.
 
-use crate::attention::{Mask, Problem, QkvLayout};
+use crate::attention::{check_finite, Mask, Problem, QkvLayout};
 use crate::dtype::Float;
+use crate::error::Result;
 
 /// Offset of element `(b, head, token, 0)` of a `[B, heads, N, D]` / `[B, N, heads, D]` tensor.
 fn row(p: &Problem<'_>, heads: usize, n: usize, b: usize, head: usize, token: usize) -> usize {
@@ -26,7 +27,8 @@ fn visible(p: &Problem<'_>, i: usize, j: usize) -> bool {
     }
 }
 
-/// `O` and (optionally) the log-sum-exp, for a validated problem.
+/// `O` and (optionally) the log-sum-exp, for a validated problem. Errors: a non-finite element
+/// of Q, K or V (the first).
 pub(crate) fn forward<T: Float>(
     p: &Problem<'_>,
     q: &[T],
@@ -34,7 +36,15 @@ pub(crate) fn forward<T: Float>(
     v: &[T],
     out: &mut [T],
     mut lse: Option<&mut [f32]>,
-) {
+) -> Result<()> {
+    check_finite(
+        p,
+        q,
+        k,
+        v,
+        |bad, x| x.iter().position(|e| bad.test(*e)),
+        |bad, x| x.iter().position(|e| bad.test(e.to_f32())),
+    )?;
     let x = |t: &[T], at: usize| t[at].to_f32() as f64;
     let group = p.h / p.hkv;
     let mut scores = vec![0.0f64; p.nk];
@@ -90,4 +100,5 @@ pub(crate) fn forward<T: Float>(
             }
         }
     }
+    Ok(())
 }

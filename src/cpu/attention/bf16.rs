@@ -236,7 +236,7 @@ fn tile_impl<T: Float>(
             pv(k, pt, rows.div_ceil(2), &vp[j0 / 2 * d..], d, &run.alpha, ot);
         },
     );
-    finish(ot, &run, d, out, o_stride, lse);
+    finish(ot, &run, d, out, o_stride, lse, ctx.want_lse);
 }
 
 /// `s[r][·] = scale · Σ_c kp[c·RK + r] · qt[c][·]` (pairs), and the lane-wise max of the first
