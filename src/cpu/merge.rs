@@ -29,6 +29,9 @@ use core::arch::x86_64::__m512;
 use pulp::x86::{V3, V4};
 use pulp::{f32x16, Simd, WithSimd};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+mod screen;
 
 /// A rows per scoring task, in micro-panels: big enough to reuse each B panel from L2 many
 /// times, small enough that a batch of a few hundred tokens still splits into several tasks.
@@ -226,20 +229,6 @@ impl Avx512 {
         }
     }
 
-    /// `dst[i] = T(op(acc[i], src[i]))` over whole vectors and a padded tail, for the row ops.
-    #[inline(always)]
-    fn rows(self, n: usize, mut op: impl FnMut(usize, usize)) {
-        let full = n / LANES * LANES;
-        let mut i = 0;
-        while i < full {
-            op(i, LANES);
-            i += LANES;
-        }
-        if full < n {
-            op(full, n - full);
-        }
-    }
-
     /// The f32 lanes of `acc[i..i+len]` (len ≤ 16, zeros past it).
     #[inline(always)]
     fn acc_load(self, acc: &[f32], i: usize, len: usize) -> __m512 {
@@ -270,6 +259,8 @@ impl Kernel for Avx512 {
     const MR: usize = 8;
     const NR: usize = 48;
 
+    // (Loops, not closures: a closure is not compiled with the caller's target features, so
+    // the intrinsics inside it would not inline.)
     #[inline(always)]
     fn normalize<M: Float>(self, x: &[M], u: &mut [f32]) -> bool {
         use core::arch::x86_64::_CMP_NLE_UQ;
@@ -278,11 +269,14 @@ impl Kernel for Avx512 {
         let big = f._mm512_set1_ps(f32::MAX);
         let mut mx = f._mm512_setzero_ps();
         let mut bad = 0u16;
-        self.rows(c, |i, len| {
+        let mut i = 0;
+        while i < c {
+            let len = (c - i).min(LANES);
             let a = pulp::cast(self.0.abs_f32x16(pulp::cast(self.src_load(x, i, len))));
             bad |= f._mm512_cmp_ps_mask::<_CMP_NLE_UQ>(a, big);
             mx = f._mm512_max_ps(mx, a);
-        });
+            i += LANES;
+        }
         if bad != 0 {
             return false;
         }
@@ -293,16 +287,22 @@ impl Kernel for Avx512 {
         }
         let p = f._mm512_set1_ps(scale_of(m));
         let mut lanes = f._mm512_setzero_ps();
-        self.rows(c, |i, len| {
+        let mut i = 0;
+        while i < c {
+            let len = (c - i).min(LANES);
             let y = f._mm512_mul_ps(self.src_load(x, i, len), p);
             lanes = f._mm512_fmadd_ps(y, y, lanes);
             self.acc_store(y, u, i, len);
-        });
+            i += LANES;
+        }
         let inv = f._mm512_set1_ps(1.0 / reduce_lanes(pulp::cast(lanes)).sqrt());
-        self.rows(c, |i, len| {
+        let mut i = 0;
+        while i < c {
+            let len = (c - i).min(LANES);
             let y = f._mm512_mul_ps(self.acc_load(u, i, len), inv);
             self.acc_store(y, u, i, len);
-        });
+            i += LANES;
+        }
         true
     }
 
@@ -329,33 +329,50 @@ impl Kernel for Avx512 {
 
     #[inline(always)]
     fn widen<T: Float>(self, src: &[T], acc: &mut [f32]) {
-        self.rows(acc.len(), |i, len| self.acc_store(self.src_load(src, i, len), acc, i, len));
+        let n = acc.len();
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(LANES);
+            self.acc_store(self.src_load(src, i, len), acc, i, len);
+            i += LANES;
+        }
     }
 
     #[inline(always)]
     fn add<T: Float>(self, src: &[T], acc: &mut [f32]) {
         let f = self.0.avx512f;
-        self.rows(acc.len(), |i, len| {
+        let n = acc.len();
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(LANES);
             let v = f._mm512_add_ps(self.acc_load(acc, i, len), self.src_load(src, i, len));
             self.acc_store(v, acc, i, len);
-        });
+            i += LANES;
+        }
     }
 
     #[inline(always)]
     fn fma<T: Float>(self, src: &[T], w: f32, acc: &mut [f32]) {
         let f = self.0.avx512f;
         let wv = f._mm512_set1_ps(w);
-        self.rows(acc.len(), |i, len| {
+        let n = acc.len();
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(LANES);
             let v = f._mm512_fmadd_ps(self.src_load(src, i, len), wv, self.acc_load(acc, i, len));
             self.acc_store(v, acc, i, len);
-        });
+            i += LANES;
+        }
     }
 
     #[inline(always)]
     fn narrow<T: Float>(self, acc: &[f32], d: Option<f32>, dst: &mut [T]) {
         let f = self.0.avx512f;
         let dv = f._mm512_set1_ps(d.unwrap_or(1.0));
-        self.rows(acc.len(), |i, len| {
+        let n = acc.len();
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(LANES);
             let mut v = self.acc_load(acc, i, len);
             if d.is_some() {
                 v = f._mm512_div_ps(v, dv);
@@ -367,7 +384,8 @@ impl Kernel for Avx512 {
                 self.store(v, &mut pad);
                 dst[i..i + len].copy_from_slice(&pad[..len]);
             }
-        });
+            i += LANES;
+        }
     }
 }
 
@@ -430,96 +448,223 @@ fn lowest(first: AtomicUsize) -> Option<usize> {
     Some(first.into_inner()).filter(|&i| i != usize::MAX)
 }
 
-/// Packed, normalised rows of one batch: panels of `rows_per_panel` rows, k-major.
-struct PackRows<'a, M> {
+/// Rows normalised together before packing.
+const GROUP: usize = 16;
+const _: () = assert!(
+    (Portable::MR.is_multiple_of(GROUP) || GROUP.is_multiple_of(Portable::MR))
+        && (Portable::NR.is_multiple_of(GROUP) || GROUP.is_multiple_of(Portable::NR))
+        && (Avx512::MR.is_multiple_of(GROUP) || GROUP.is_multiple_of(Avx512::MR))
+        && (Avx512::NR.is_multiple_of(GROUP) || GROUP.is_multiple_of(Avx512::NR))
+);
+
+/// Writes a `GROUP × GROUP` block (`blk[k][r]`: depth `k0 + k`, packed row `g·GROUP + r`) into
+/// k-major panels of `pp` rows and `depth` (channels or channel pairs), as contiguous runs.
+#[inline(always)]
+fn scatter_block<E: Copy>(blk: &[[E; GROUP]; GROUP], kn: usize, k0: usize, depth: usize, g: usize, pp: usize, out: &mut [E]) {
+    let out_rows = out.len() / depth;
+    for (kk, col) in blk.iter().enumerate().take(kn) {
+        let kc = k0 + kk;
+        if pp.is_multiple_of(GROUP) {
+            let row = g * GROUP;
+            out[row / pp * pp * depth + kc * pp + row % pp..][..GROUP].copy_from_slice(col);
+        } else {
+            for (piece, vals) in col.chunks_exact(pp).enumerate() {
+                let row = g * GROUP + piece * pp;
+                if row >= out_rows {
+                    break;
+                }
+                out[row / pp * pp * depth + kc * pp..][..pp].copy_from_slice(vals);
+            }
+        }
+    }
+}
+
+/// Writes up to `GROUP` row-major rows of `c` (the packed rows `g·GROUP + r`; missing rows are
+/// zero) into k-major f32 panels of `pp` rows. Through a block in L1, every store to the
+/// panels is a contiguous run (a direct scatter, one element per cache line, costs several
+/// times more).
+fn write_panels(rows: &[f32], c: usize, g: usize, pp: usize, out: &mut [f32]) {
+    let nrows = rows.len() / c;
+    for k0 in (0..c).step_by(GROUP) {
+        let kn = (c - k0).min(GROUP);
+        let mut blk = [[0.0f32; GROUP]; GROUP];
+        for r in 0..nrows {
+            for (kk, &v) in rows[r * c + k0..][..kn].iter().enumerate() {
+                blk[kk][r] = v;
+            }
+        }
+        scatter_block(&blk, kn, k0, c, g, pp, out);
+    }
+}
+
+/// Like [`write_panels`], in bf16 pairs: depth `kp` holds `(bf16(u[2kp]), bf16(u[2kp+1]))` in
+/// one u32, low half first (an odd `c` is padded with a zero), rounded to nearest even.
+fn write_pair_panels(rows: &[f32], c: usize, g: usize, pp: usize, out: &mut [u32]) {
+    let nrows = rows.len() / c;
+    let pairs = c.div_ceil(2);
+    let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+    for k0 in (0..pairs).step_by(GROUP) {
+        let kn = (pairs - k0).min(GROUP);
+        let mut blk = [[0u32; GROUP]; GROUP];
+        for r in 0..nrows {
+            let row = &rows[r * c..][..c];
+            for (kk, col) in blk.iter_mut().enumerate().take(kn) {
+                let k = 2 * (k0 + kk);
+                let hi = if k + 1 < c { bits(row[k + 1]) } else { 0 };
+                col[r] = bits(row[k]) | hi << 16;
+            }
+        }
+        scatter_block(&blk, kn, k0, pairs, g, pp, out);
+    }
+}
+
+/// Panels of `pp` rows from row-major rows (`rows.len() / c` of them; `out` padded).
+fn panels_from_rows(rows: &[f32], c: usize, pp: usize, out: &mut [f32]) {
+    for (g, group) in rows.chunks(GROUP * c).enumerate() {
+        write_panels(group, c, g, pp, out);
+    }
+}
+
+/// One side (A or B) of one batch: normalise tokens `first, first + step, …` and write them
+/// in the layouts asked for.
+struct PackSide<'a, M> {
     /// The batch's metric `[n, c]`.
     x: &'a [M],
     c: usize,
-    /// Tokens `first, first + step, …` (`< n`) go to consecutive packed rows.
     first: usize,
     step: usize,
-    /// Packed output, `ceil(rows / per_panel) · per_panel · c`.
-    out: &'a mut [f32],
-    per_panel: usize,
+    /// Rows per panel.
+    pp: usize,
+    /// k-major f32 panels.
+    panels: Option<&'a mut [f32]>,
+    /// Row-major f32 rows.
+    rows: Option<&'a mut [f32]>,
+    /// k-major bf16-pair panels.
+    pairs: Option<&'a mut [u32]>,
 }
 
-impl<M: Float> Op for PackRows<'_, M> {
+impl<M: Float> Op for PackSide<'_, M> {
     /// The first token (batch-relative) holding a non-finite value.
     type Output = Option<usize>;
 
     #[inline(always)]
-    fn run<K: Kernel>(self, k: K) -> Option<usize> {
-        let (c, pp) = (self.c, self.per_panel);
-        let mut u = vec![0.0f32; c];
-        let n = self.x.len() / c.max(1);
-        for (row, t) in (self.first..n).step_by(self.step).enumerate() {
-            if !k.normalize(&self.x[t * c..][..c], &mut u) {
-                return Some(t);
+    fn run<K: Kernel>(mut self, k: K) -> Option<usize> {
+        let (c, pp) = (self.c, self.pp);
+        let n = self.x.len() / c;
+        let tokens: Vec<usize> = (self.first..n).step_by(self.step).collect();
+        let mut tmp = vec![0.0f32; GROUP * c];
+        for (g, group) in tokens.chunks(GROUP).enumerate() {
+            for (r, &t) in group.iter().enumerate() {
+                if !k.normalize(&self.x[t * c..][..c], &mut tmp[r * c..][..c]) {
+                    return Some(t);
+                }
             }
-            let panel = &mut self.out[row / pp * pp * c..][..pp * c];
-            let lane = row % pp;
-            for (kk, &v) in u.iter().enumerate() {
-                panel[kk * pp + lane] = v;
+            let valid = &tmp[..group.len() * c];
+            if let Some(rows) = self.rows.as_deref_mut() {
+                rows[g * GROUP * c..][..valid.len()].copy_from_slice(valid);
+            }
+            if let Some(panels) = self.panels.as_deref_mut() {
+                write_panels(valid, c, g, pp, panels);
+            }
+            if let Some(pairs) = self.pairs.as_deref_mut() {
+                write_pair_panels(valid, c, g, pp, pairs);
             }
         }
         None
     }
 }
 
-/// Rows (and the zero padding) of the packed A and B sides of one batch.
+/// The sizes of one batch's packed sides.
 #[derive(Clone, Copy)]
-struct Packing {
+struct Geometry {
     c: usize,
     mr: usize,
     nr: usize,
-    /// Packed A / B rows, padded to whole panels.
+    na: usize,
+    nb: usize,
+    /// A / B rows padded to whole panels.
     na_pad: usize,
     nb_pad: usize,
+    /// bf16 pairs per row, `⌈c/2⌉`.
+    pairs: usize,
 }
 
-impl Packing {
-    fn new(isa: Isa, na: usize, nb: usize, c: usize) -> Packing {
+impl Geometry {
+    fn new(isa: Isa, na: usize, nb: usize, c: usize) -> Geometry {
         let (mr, nr) = tile_dims(isa);
-        Packing { c, mr, nr, na_pad: na.div_ceil(mr) * mr, nb_pad: nb.div_ceil(nr) * nr }
-    }
-
-    fn a_len(&self) -> usize {
-        self.na_pad * self.c
-    }
-
-    fn batch_len(&self) -> usize {
-        (self.na_pad + self.nb_pad) * self.c
+        let (na_pad, nb_pad) = (na.div_ceil(mr) * mr, nb.div_ceil(nr) * nr);
+        Geometry { c, mr, nr, na, nb, na_pad, nb_pad, pairs: c.div_ceil(2) }
     }
 }
 
-/// Normalises and packs every batch (A: tokens `a_first, a_first + a_step, …`; B likewise) into
-/// `packed` (`[B, batch_len]`); returns the flat index of the first non-finite element.
-#[allow(clippy::too_many_arguments)]
+/// The normalised metric of one batch. f32 mode: `a_panels` and `b_panels`. Screening mode:
+/// rows and bf16-pair panels of both sides, and `b_panels` built only if a block falls back
+/// to the f32 tiles.
+#[derive(Default)]
+struct Packed {
+    a_panels: Vec<f32>,
+    b_panels: OnceLock<Vec<f32>>,
+    a_rows: Vec<f32>,
+    b_rows: Vec<f32>,
+    a_pairs: Vec<u32>,
+    b_pairs: Vec<u32>,
+}
+
+impl Packed {
+    /// The f32 B panels (built from the rows on first use in screening mode).
+    fn b_panels(&self, geo: &Geometry) -> &[f32] {
+        self.b_panels.get_or_init(|| {
+            let mut out = vec![0.0f32; geo.nb_pad * geo.c];
+            panels_from_rows(&self.b_rows, geo.c, geo.nr, &mut out);
+            out
+        })
+    }
+}
+
+/// Normalises and packs every batch (A: tokens `a.0, a.0 + a.1, …`; B likewise); `Err` holds
+/// the flat index of the first non-finite element.
 fn pack<M: Float>(
     isa: Isa,
+    screen: bool,
     metric: &[M],
+    batch: usize,
     n: usize,
-    p: Packing,
-    a_side: (usize, usize),
-    b_side: (usize, usize),
-    packed: &mut [f32],
-) -> Option<usize> {
-    let c = p.c;
+    geo: Geometry,
+    a: (usize, usize),
+    b: (usize, usize),
+) -> std::result::Result<Vec<Packed>, usize> {
+    let c = geo.c;
     let first = AtomicUsize::new(usize::MAX);
-    for_each_chunk(packed, p.batch_len(), |bi, buf| {
+    let mut out: Vec<Packed> = (0..batch).map(|_| Packed::default()).collect();
+    for_each_chunk(&mut out, 1, |bi, slot| {
         let x = &metric[bi * n * c..][..n * c];
-        let (a, b) = buf.split_at_mut(p.a_len());
-        let bad_a = dispatch(isa, PackRows { x, c, first: a_side.0, step: a_side.1, out: a, per_panel: p.mr });
-        let bad_b = dispatch(isa, PackRows { x, c, first: b_side.0, step: b_side.1, out: b, per_panel: p.nr });
+        let p = &mut slot[0];
+        let side = |(first, step): (usize, usize), pp| PackSide { x, c, first, step, pp, panels: None, rows: None, pairs: None };
+        let (bad_a, bad_b);
+        if screen {
+            p.a_rows = vec![0.0; geo.na * c];
+            p.b_rows = vec![0.0; geo.nb * c];
+            p.a_pairs = vec![0; geo.na_pad * geo.pairs];
+            p.b_pairs = vec![0; geo.nb_pad * geo.pairs];
+            bad_a = dispatch(isa, PackSide { rows: Some(&mut p.a_rows), pairs: Some(&mut p.a_pairs), ..side(a, geo.mr) });
+            bad_b = dispatch(isa, PackSide { rows: Some(&mut p.b_rows), pairs: Some(&mut p.b_pairs), ..side(b, geo.nr) });
+        } else {
+            p.a_panels = vec![0.0; geo.na_pad * c];
+            let mut b_panels = vec![0.0; geo.nb_pad * c];
+            bad_a = dispatch(isa, PackSide { panels: Some(&mut p.a_panels), ..side(a, geo.mr) });
+            bad_b = dispatch(isa, PackSide { panels: Some(&mut b_panels), ..side(b, geo.nr) });
+            p.b_panels = OnceLock::from(b_panels);
+        }
         // The lowest bad token of the batch, then its first bad element.
         if let Some(t) = [bad_a, bad_b].into_iter().flatten().min() {
-            let row = &x[t * c..][..c];
-            let k = row.iter().position(|v| !v.to_f32().is_finite()).unwrap_or(0);
+            let k = x[t * c..][..c].iter().position(|v| !v.to_f32().is_finite()).unwrap_or(0);
             record(&first, Some((bi * n + t) * c + k));
         }
     });
-    // A bad token that neither side packed cannot exist: every token is on one side.
-    lowest(first)
+    match lowest(first) {
+        Some(i) => Err(i),
+        None => Ok(out),
+    }
 }
 
 /// Folds a tile into the running (max, argmax) of its rows: columns `[j_lo, j_hi)` of the
@@ -541,13 +686,13 @@ fn fold_tile(tile: &[f32], nr: usize, best: &mut [(f32, u32)], j0: usize, j_lo: 
     }
 }
 
-/// The best B (score, index) of `best.len()` consecutive A rows starting at A panel `panel0`.
+/// The best B (score, index) of `best.len()` consecutive A rows, the first in A panel `a[0]`.
 struct ScoreBlock<'a> {
+    /// The block's A panels.
     a: &'a [f32],
+    /// All B panels.
     b: &'a [f32],
-    p: Packing,
-    nb: usize,
-    panel0: usize,
+    geo: Geometry,
     /// Skip column 0 (distillation token).
     skip_col0: bool,
     /// Skip row 0 of the block (class token).
@@ -560,18 +705,18 @@ impl Op for ScoreBlock<'_> {
 
     #[inline(always)]
     fn run<K: Kernel>(self, k: K) {
-        let (c, mr, nr) = (self.p.c, K::MR, K::NR);
+        let (c, mr, nr, nb) = (self.geo.c, K::MR, K::NR, self.geo.nb);
         let mut tile = [0.0f32; MAX_TILE];
         let tile = &mut tile[..mr * nr];
         for (q, bp) in self.b.chunks_exact(nr * c).enumerate() {
             let j0 = q * nr;
             let j_lo = if self.skip_col0 && q == 0 { 1 } else { 0 };
-            let j_hi = (self.nb - j0).min(nr);
+            let j_hi = (nb - j0).min(nr);
             if j_lo >= j_hi {
                 continue;
             }
             for (pi, best) in self.best.chunks_mut(mr).enumerate() {
-                let ap = &self.a[(self.panel0 + pi) * mr * c..][..mr * c];
+                let ap = &self.a[pi * mr * c..][..mr * c];
                 k.tile(c, ap, bp, tile);
                 if self.skip_row0 && pi == 0 {
                     fold_tile(&tile[nr..], nr, &mut best[1..], j0, j_lo, j_hi);
@@ -597,9 +742,26 @@ fn first_non_finite<M: Float>(x: &[M]) -> Option<usize> {
     lowest(first)
 }
 
-/// ToMe's bipartite soft matching; `r` is already clamped.
+/// ToMe's bipartite soft matching; `r` is already clamped. Screens with bf16 dot products
+/// where the CPU has them ([`screen`]).
 pub(crate) fn bipartite<M: Float>(
     isa: Isa,
+    metric: &[M],
+    batch: usize,
+    n: usize,
+    c: usize,
+    cfg: &MatchConfig,
+    r: usize,
+) -> Result<Parts> {
+    bipartite_with(isa, screen::available(isa, c), metric, batch, n, c, cfg, r)
+}
+
+/// [`bipartite`] with the screening chosen by the caller (`screen` needs
+/// [`screen::available`]).
+#[allow(clippy::too_many_arguments)]
+fn bipartite_with<M: Float>(
+    isa: Isa,
+    screen: bool,
     metric: &[M],
     batch: usize,
     n: usize,
@@ -615,26 +777,28 @@ pub(crate) fn bipartite<M: Float>(
         };
     }
     let (na, nb) = (n.div_ceil(2), n / 2);
-    let p = Packing::new(isa, na, nb, c);
-    let mut packed = vec![0.0f32; batch * p.batch_len()];
-    if let Some(i) = pack(isa, metric, n, p, (0, 2), (1, 2), &mut packed) {
-        return Err(non_finite("metric", i, n, c));
-    }
+    let geo = Geometry::new(isa, na, nb, c);
+    let packed = pack(isa, screen, metric, batch, n, geo, (0, 2), (1, 2)).map_err(|i| non_finite("metric", i, n, c))?;
 
     // Scoring tasks: blocks of ROW_BLOCK A micro-panels.
-    let block = ROW_BLOCK * p.mr;
+    let block = ROW_BLOCK * geo.mr;
     let blocks = na.div_ceil(block);
     let mut best = vec![(f32::NEG_INFINITY, 0u32); batch * blocks * block];
     let packed = &packed;
     for_each_chunk(&mut best, block, |ci, best| {
         let (bi, blk) = (ci / blocks, ci % blocks);
         let rows = (na - blk * block).min(block);
-        let buf = &packed[bi * p.batch_len()..][..p.batch_len()];
-        let (a, b) = buf.split_at(p.a_len());
+        let pk = &packed[bi];
         // A's token 0 (a class token) scores −∞ everywhere: its row keeps (−∞, 0).
         let skip_row0 = cfg.class_token && blk == 0;
         let best = &mut best[..rows];
-        dispatch(isa, ScoreBlock { a, b, p, nb, panel0: blk * ROW_BLOCK, skip_col0: cfg.distill_token, skip_row0, best });
+        if screen {
+            screen::score_block(pk, geo, blk * block, cfg.distill_token, skip_row0, best);
+        } else {
+            let a = &pk.a_panels[blk * block * c..][..rows.div_ceil(geo.mr) * geo.mr * c];
+            let b = pk.b_panels(&geo);
+            dispatch(isa, ScoreBlock { a, b, geo, skip_col0: cfg.distill_token, skip_row0, best });
+        }
     });
 
     for bi in 0..batch {
@@ -777,7 +941,7 @@ pub(crate) fn top_k(score: &[f32], batch: usize, n: usize, k: usize, class_token
 struct SimMatrix<'a> {
     a: &'a [f32],
     b: &'a [f32],
-    p: Packing,
+    geo: Geometry,
     m: usize,
     out: &'a mut [f32],
 }
@@ -787,7 +951,7 @@ impl Op for SimMatrix<'_> {
 
     #[inline(always)]
     fn run<K: Kernel>(self, k: K) {
-        let (c, mr, nr, m) = (self.p.c, K::MR, K::NR, self.m);
+        let (c, mr, nr, m) = (self.geo.c, K::MR, K::NR, self.m);
         let mut tile = [0.0f32; MAX_TILE];
         let tile = &mut tile[..mr * nr];
         for (q, bp) in self.b.chunks_exact(nr * c).enumerate() {
@@ -816,21 +980,19 @@ pub(crate) fn div_prune<M: Float>(
 ) -> Result<Vec<u32>> {
     let first = class_token as usize;
     let m = n - first;
-    let p = Packing::new(isa, m, m, c);
-    let mut packed = vec![0.0f32; batch * p.batch_len()];
-    if let Some(i) = pack(isa, metric, n, p, (first, 1), (first, 1), &mut packed) {
-        return Err(non_finite("metric", i, n, c));
-    }
+    let geo = Geometry::new(isa, m, m, c);
+    let packed =
+        pack(isa, false, metric, batch, n, geo, (first, 1), (first, 1)).map_err(|i| non_finite("metric", i, n, c))?;
     let mut kept = vec![0u32; batch * k];
     if k == 0 {
         return Ok(kept);
     }
     let packed = &packed;
     for_each_chunk(&mut kept, k, |bi, kept| {
-        let buf = &packed[bi * p.batch_len()..][..p.batch_len()];
-        let (a, b) = buf.split_at(p.a_len());
+        let pk = &packed[bi];
+        let (a, b) = (&pk.a_panels[..], pk.b_panels(&geo));
         let mut sim = vec![0.0f32; m * m];
-        dispatch(isa, SimMatrix { a, b, p, m, out: &mut sim });
+        dispatch(isa, SimMatrix { a, b, geo, m, out: &mut sim });
         // First pick: the lowest highest similarity to any other token.
         let mut closest: Vec<f32> = (0..m)
             .map(|i| {
@@ -903,4 +1065,63 @@ pub(crate) fn gather_fused<T: Float>(sel: &Selection, isa: Isa, x: &[T], score: 
     for_each_chunk(out, o * c, |b, out| {
         dispatch(isa, FusedRows { sel, b, x, score, c, out });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64 → uniform in [−1, 1).
+    fn uniform(i: u64) -> f32 {
+        let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// The screened plan equals the f32 tiles' plan, bit for bit: on random tokens (the
+    /// candidate path), on near-duplicate tokens (the fallback path: most estimates tie) and
+    /// on data with both, for every flag combination and awkward sizes.
+    #[test]
+    fn screening_is_exact() {
+        if !screen::available(Isa::V4, 1) {
+            println!("skipped: this CPU has no AVX512-BF16, there is no screening to test");
+            return;
+        }
+        let mut seed = 0u64;
+        for &(b, n, c) in &[(1, 3, 1), (2, 9, 3), (1, 97, 33), (3, 130, 64), (1, 200, 7), (2, 301, 100), (1, 520, 16)] {
+            for kind in 0..3 {
+                seed += 1;
+                let x: Vec<f32> = (0..b * n * c)
+                    .map(|i| {
+                        let (t, k) = (i / c, i % c);
+                        let base = uniform((k as u64) << 20 ^ seed);
+                        match kind {
+                            0 => uniform(i as u64 ^ seed << 32),
+                            // Near-duplicates: one direction plus tiny noise.
+                            1 => base + 1e-4 * uniform(i as u64 ^ seed << 32),
+                            // Half duplicates, half random.
+                            _ if t % 2 == 0 => base,
+                            _ => uniform(i as u64 ^ seed << 32),
+                        }
+                    })
+                    .collect();
+                for flags in 0..8u8 {
+                    let cfg = MatchConfig::new(n / 3)
+                        .class_token(flags & 1 != 0)
+                        .distill_token(flags & 2 != 0)
+                        .keep_original_order(flags & 4 != 0);
+                    let r = cfg.effective_r(n);
+                    let want = bipartite_with(Isa::V4, false, &x, b, n, c, &cfg, r).unwrap();
+                    let got = bipartite_with(Isa::V4, true, &x, b, n, c, &cfg, r).unwrap();
+                    let ctx = format!("b={b} n={n} c={c} kind={kind} {cfg:?}");
+                    assert_eq!(got.kept, want.kept, "{ctx}");
+                    assert_eq!(got.merged, want.merged, "{ctx}");
+                    assert_eq!(got.dest, want.dest, "{ctx}");
+                }
+            }
+        }
+    }
+
 }
