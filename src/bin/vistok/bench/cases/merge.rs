@@ -1,8 +1,188 @@
-//! `vistok bench` cases of the merge family.
+//! Token-merging cases: ToMe's matching plus a mean merge (what ToMe's torch code does per
+//! layer) on the shapes of the merge issue, reference and cpu, plus one tiny `-ci` shape.
+//!
+//! Flops: the similarity, `2·B·(N/2)²·C` (the matching's dominant term). Bytes: the tokens
+//! read once and the merged tokens written once (the metric is the tokens themselves, as in
+//! the peers' ToMe timing).
+//!
+//! Data: B tokens are pseudo-random; A token `i` is a noisy copy of B token `(7i + 3) mod N/2`
+//! with a cosine that falls with `i`, so every best match wins by a wide margin and the ranking
+//! is spread out. (Merge plans may differ from the reference at near-ties; with this data the
+//! relevant score gaps are far above the f32 error, so the check can demand the reference's
+//! output.)
 
-use super::{Case, Env};
+use std::rc::Rc;
 
-/// The merge cases (none yet).
-pub fn cases(_env: &Env) -> Result<Vec<Case>, String> {
-    Ok(vec![])
+use vistok::merge::{MatchConfig, MergeMode, MergePlan};
+use vistok::{bf16, Float, View, ViewMut};
+
+use super::{compare, Backend, Case, Check, Env, Peak, Runner, Shared};
+
+struct Spec {
+    batch: usize,
+    tokens: usize,
+    channels: usize,
+    config: MatchConfig,
+    ci: bool,
+}
+
+impl Spec {
+    fn name(&self) -> String {
+        let ci = if self.ci { "-ci" } else { "" };
+        format!("{}x{}x{}-r{}{ci}", self.batch, self.tokens, self.channels, self.config.r)
+    }
+
+    fn dims(&self) -> [usize; 3] {
+        [self.batch, self.tokens, self.channels]
+    }
+
+    fn out_dims(&self) -> [usize; 3] {
+        [self.batch, self.tokens - self.config.effective_r(self.tokens), self.channels]
+    }
+}
+
+pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
+    let spec = |batch, tokens, channels, config, ci| Spec { batch, tokens, channels, config, ci };
+    // ViT-B/16 (with its class token), a 1024-token ViT, a Stable Diffusion 64×64 latent.
+    let vit = spec(8, 197, 768, MatchConfig::new(49).class_token(true), false);
+    let big = spec(8, 1024, 768, MatchConfig::new(256).class_token(true), false);
+    let sd = spec(2, 4096, 320, MatchConfig::new(2048), false);
+    let ci = spec(2, 64, 32, MatchConfig::new(16).class_token(true), true);
+    let mut out = vec![];
+    out.extend(shape::<f32>(env, &vit));
+    out.extend(shape::<f32>(env, &big));
+    out.extend(shape::<bf16>(env, &big));
+    out.extend(shape::<f32>(env, &sd));
+    out.extend(shape::<f32>(env, &ci));
+    Ok(out)
+}
+
+/// splitmix64 → uniform in [−1, 1).
+fn uniform(i: u64) -> f32 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+/// Tokens with clear best matches (see the module docs).
+fn tokens<T: Float>(s: &Spec) -> Vec<T> {
+    let [b, n, c] = s.dims();
+    let (na, nb) = (n.div_ceil(2), n / 2);
+    let mut x = vec![0.0f32; b * n * c];
+    for bi in 0..b {
+        for t in (1..n).step_by(2) {
+            for k in 0..c {
+                x[(bi * n + t) * c + k] = uniform(((bi * n + t) * c + k) as u64);
+            }
+        }
+        for i in 0..na {
+            let j = (7 * i + 3) % nb;
+            // Cosine about 0.95 → 0.45 as i grows; the noise is nearly orthogonal to the copy.
+            let w = 0.95 - 0.5 * i as f32 / na as f32;
+            let noise = (1.0 - w * w).sqrt();
+            for k in 0..c {
+                let copy = x[(bi * n + 2 * j + 1) * c + k];
+                let e = uniform((((bi * n + 2 * i) * c + k) as u64) ^ 0xABCD_EF01);
+                x[(bi * n + 2 * i) * c + k] = w * copy + noise * e;
+            }
+        }
+    }
+    x.into_iter().map(T::from_f32).collect()
+}
+
+/// What the backends of one shape share: the input (made once) and the reference output.
+struct Flow<T> {
+    spec: Rc<Spec>,
+    input: Rc<Shared<Vec<T>>>,
+    oracle: Rc<Shared<Vec<T>>>,
+}
+
+impl<T> Flow<T> {
+    fn share(&self) -> Flow<T> {
+        Flow { spec: self.spec.clone(), input: self.input.clone(), oracle: self.oracle.clone() }
+    }
+}
+
+/// Match + mean merge on `backend`, into `out`.
+fn run<T: Float>(s: &Spec, backend: vistok::Backend, x: &[T], out: &mut [T]) -> vistok::Result<()> {
+    let plan = MergePlan::bipartite(backend, View::new(x, &s.dims())?, &s.config)?;
+    plan.merge(backend, View::new(x, &s.dims())?, MergeMode::Mean, ViewMut::new(out, &s.out_dims())?)
+}
+
+fn shape<T: Float>(env: &Env, s: &Spec) -> Vec<Case> {
+    let spec = Rc::new(Spec { ..*s });
+    let input = {
+        let spec = spec.clone();
+        Shared::new(move || Ok(tokens::<T>(&spec)))
+    };
+    let out_len: usize = s.out_dims().iter().product();
+    let oracle = {
+        let (spec, input) = (spec.clone(), input.clone());
+        Shared::new(move || {
+            let mut y = vec![T::from_f32(f32::NAN); out_len];
+            run(&spec, vistok::Backend::Reference, input.get()?, &mut y).map_err(|e| e.to_string())?;
+            Ok(y)
+        })
+    };
+    let flow = Flow { spec, input, oracle };
+    let [b, n, c] = s.dims();
+    let half = (n / 2) as u64;
+    let case = |backend: Backend, setup: Box<dyn Fn() -> Result<Box<dyn Runner>, String>>| Case {
+        family: "merge",
+        backend,
+        dtype: T::DTYPE.name().to_string(),
+        shape: s.name(),
+        bytes: ((b * n * c + out_len) * size_of::<T>()) as u64,
+        flops: 2 * b as u64 * half * half * c as u64,
+        peak: Peak::F32,
+        setup,
+    };
+    let mut cases = vec![];
+    for (backend, on) in [(Backend::Reference, vistok::Backend::Reference), (Backend::Cpu, vistok::Backend::Cpu)] {
+        let flow = flow.share();
+        cases.push(case(
+            backend,
+            Box::new(move || {
+                let out = vec![T::from_f32(f32::NAN); out_len];
+                Ok(Box::new(HostRunner { flow: flow.share(), backend: on, out }) as Box<dyn Runner>)
+            }),
+        ));
+    }
+    let _ = env;
+    cases
+}
+
+struct HostRunner<T> {
+    flow: Flow<T>,
+    backend: vistok::Backend,
+    out: Vec<T>,
+}
+
+impl<T: Float> Runner for HostRunner<T> {
+    fn run(&mut self, n: u32) -> Result<(), String> {
+        let input = self.flow.input.get()?;
+        for _ in 0..n {
+            run(&self.flow.spec, self.backend, std::hint::black_box(input), &mut self.out).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn check(self: Box<Self>) -> Result<Check, String> {
+        if self.backend == vistok::Backend::Reference {
+            self.flow.oracle.offer(self.out);
+            return Ok(Check::Oracle);
+        }
+        // Same plan (no near-ties in this data); values: f32 sums against f64 ones, rounded
+        // once to T (a 2-ulp allowance at the largest magnitude).
+        let want = self.flow.oracle.get()?;
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.to_f32().abs() as f64));
+        let ulp = match T::DTYPE {
+            vistok::DType::F32 => f32::EPSILON as f64,
+            vistok::DType::F16 => 2f64.powi(-10),
+            _ => 2f64.powi(-7),
+        };
+        compare(&self.out, want, 2.0 * ulp * scale)
+    }
 }
