@@ -223,7 +223,8 @@ impl Avx512 {
                 let quiet = f._mm512_or_si512(x, f._mm512_set1_epi32(0x0040_0000));
                 let nan = f._mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
                 let bits = f._mm512_srli_epi32::<16>(f._mm512_mask_blend_epi32(nan, rounded, quiet));
-                bytes.copy_from_slice(bytemuck::bytes_of(&pulp::cast::<_, [u16; LANES]>(f._mm512_cvtepi32_epi16(bits))));
+                bytes
+                    .copy_from_slice(bytemuck::bytes_of(&pulp::cast::<_, [u16; LANES]>(f._mm512_cvtepi32_epi16(bits))));
             }
             DType::U8 => unreachable!("Float excludes u8"),
         }
@@ -460,7 +461,15 @@ const _: () = assert!(
 /// Writes a `GROUP × GROUP` block (`blk[k][r]`: depth `k0 + k`, packed row `g·GROUP + r`) into
 /// k-major panels of `pp` rows and `depth` (channels or channel pairs), as contiguous runs.
 #[inline(always)]
-fn scatter_block<E: Copy>(blk: &[[E; GROUP]; GROUP], kn: usize, k0: usize, depth: usize, g: usize, pp: usize, out: &mut [E]) {
+fn scatter_block<E: Copy>(
+    blk: &[[E; GROUP]; GROUP],
+    kn: usize,
+    k0: usize,
+    depth: usize,
+    g: usize,
+    pp: usize,
+    out: &mut [E],
+) {
     let out_rows = out.len() / depth;
     for (kk, col) in blk.iter().enumerate().take(kn) {
         let kc = k0 + kk;
@@ -623,6 +632,7 @@ impl Packed {
 
 /// Normalises and packs every batch (A: tokens `a.0, a.0 + a.1, …`; B likewise); `Err` holds
 /// the flat index of the first non-finite element.
+#[allow(clippy::too_many_arguments)] // one call site; the arguments are the packing geometry
 fn pack<M: Float>(
     isa: Isa,
     screen: bool,
@@ -639,15 +649,26 @@ fn pack<M: Float>(
     for_each_chunk(&mut out, 1, |bi, slot| {
         let x = &metric[bi * n * c..][..n * c];
         let p = &mut slot[0];
-        let side = |(first, step): (usize, usize), pp| PackSide { x, c, first, step, pp, panels: None, rows: None, pairs: None };
+        let side = |(first, step): (usize, usize), pp| PackSide {
+            x,
+            c,
+            first,
+            step,
+            pp,
+            panels: None,
+            rows: None,
+            pairs: None,
+        };
         let (bad_a, bad_b);
         if screen {
             p.a_rows = vec![0.0; geo.na * c];
             p.b_rows = vec![0.0; geo.nb * c];
             p.a_pairs = vec![0; geo.na_pad * geo.pairs];
             p.b_pairs = vec![0; geo.nb_pad * geo.pairs];
-            bad_a = dispatch(isa, PackSide { rows: Some(&mut p.a_rows), pairs: Some(&mut p.a_pairs), ..side(a, geo.mr) });
-            bad_b = dispatch(isa, PackSide { rows: Some(&mut p.b_rows), pairs: Some(&mut p.b_pairs), ..side(b, geo.nr) });
+            bad_a =
+                dispatch(isa, PackSide { rows: Some(&mut p.a_rows), pairs: Some(&mut p.a_pairs), ..side(a, geo.mr) });
+            bad_b =
+                dispatch(isa, PackSide { rows: Some(&mut p.b_rows), pairs: Some(&mut p.b_pairs), ..side(b, geo.nr) });
         } else {
             p.a_panels = vec![0.0; geo.na_pad * c];
             let mut b_panels = vec![0.0; geo.nb_pad * c];
@@ -896,7 +917,9 @@ pub(crate) fn merge<T: Float>(
             let off = &offsets[b * (o + 1) + s..][..2];
             // The same f32 sum, in the same order, as the values' weights.
             // (From +0, so a single source's size is copied exactly.)
-            *w = members[b * n..][off[0] as usize..off[1] as usize].iter().fold(0.0f32, |w, &t| w + sz[b * n + t as usize]);
+            *w = members[b * n..][off[0] as usize..off[1] as usize]
+                .iter()
+                .fold(0.0f32, |w, &t| w + sz[b * n + t as usize]);
         }
     }
 }
@@ -1123,5 +1146,4 @@ mod tests {
             }
         }
     }
-
 }

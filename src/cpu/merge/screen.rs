@@ -216,7 +216,9 @@ impl WithSimd for Block<'_> {
             for ii in first..best.len() {
                 let row = &approx[(pi * MR + ii) * width..][j_lo..nb];
                 let thr = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s)) - two_delta;
-                cands.extend(row.iter().enumerate().filter(|&(_, &s)| s >= thr).map(|(j, _)| (ii as u32, (j_lo + j) as u32)));
+                cands.extend(
+                    row.iter().enumerate().filter(|&(_, &s)| s >= thr).map(|(j, _)| (ii as u32, (j_lo + j) as u32)),
+                );
             }
             let a_rows = &pk.a_rows[(row0 + pi * MR) * c..][..best.len() * c];
             if cands.len() <= HEAVY_PER_ROW * best.len() {
