@@ -10,6 +10,8 @@
 //! | finite scalar quantization (FSQ), level / id statistics | [`fsq`] | reference, cpu, cuda (encode / decode) |
 //! | LFQ / group-wise LFQ / BSQ (sign → token ids), usage statistics, entropy terms | [`lfq`] | reference, cpu, cuda (encode / decode) |
 //! | codebook argmin (L2 / cosine), lookup, residual VQ | [`argmin`] | reference, cpu |
+//! | fused attention (in progress) | [`attention`] | reference, cpu |
+//! | token merging and pruning (in progress) | [`merge`] | reference, cpu |
 //!
 //! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
 //! [`Error`]s, never panics.
