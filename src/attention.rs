@@ -31,12 +31,16 @@
 //!   and a log-sum-exp of `−∞`, never NaN.
 //! - Q, K and V must be finite: NaN or `±∞` is an [`Error::NonFinite`] naming the first one
 //!   (checked in the order bias, Q, K, V, in flat order). The CPU backend accumulates in f32, so the
-//!   scores must stay within f32 range (`|scale·q·k| < 3·10³⁸`), and so must the unnormalised
+//!   scores must stay within f32 range (`|q·k|` and `|scale·q·k| < 3·10³⁸`), and so must the unnormalised
 //!   weighted sums `Σ_j exp(s_ij − max_j s_ij)·v_j` (at most the number of visible keys times
 //!   `max |v|`); beyond that its output is unspecified (it may be ±∞ or NaN).
 //! - Accuracy, judged as FlashAttention's tests judge it: the error of a backend against the f64
 //!   reference is at most twice the error of the naive three-step computation in the same
-//!   element type (scores and probabilities rounded to it), plus a small absolute term.
+//!   element type (scores and probabilities rounded to it), plus a small absolute term. bf16
+//!   inputs on a CPU with AVX-512 BF16 take dot-product instructions: the probabilities are
+//!   rounded to bf16 for `P·V` (as FlashAttention does) and come from a `2^x` good to
+//!   1.02·10⁻⁴, so the log-sum-exp is good to about 10⁻⁴ there (elsewhere: a few f32 ulps of
+//!   the largest score).
 //! - Every element of O (and of the log-sum-exp) is written. Results do not depend on the
 //!   thread count (bit for bit).
 //!

@@ -24,6 +24,17 @@
 //!
 //! Every query row is computed by the same sequence of operations whatever the thread count,
 //! so results are bit-identical across thread counts (not across ISA levels).
+//!
+//! The loop over key tiles ([`sweep`]) is shared by two operand formats: f32 (this file; every
+//! dtype at every ISA level, f16 / bf16 widened on load) and bf16 pairs for `vdpbf16ps`
+//! ([`bf16`]; bf16 inputs at `Isa::V4` on CPUs with AVX-512 BF16). Before the tiles run, one
+//! parallel vectorised pass checks Q, K, V (and the bias) for non-finite values.
+//!
+//! Tuning constants sit below: a tile is [`MQ`] = 32 queries × [`KT`] = 96 keys; each worker
+//! thread keeps one scratch (`Qᵀ`, `Oᵀ`, `Sᵀ`, `Pᵀ`: 28 KiB for `D = 64`) across calls.
+//! Measured on Zen 4 (one thread, fraction of the f32 FMA peak of the same run):
+//! 1×12×1024×64 f32 0.82, bf16 1.25 (the bf16 dot peak is 2.0); 1×16×1024×128 f32 0.85;
+//! causal 0.74; 1×12×256×64 f32 0.72.
 
 use crate::attention::{check_finite, Bad, Mask, Problem, QkvLayout};
 use crate::cpu::par::for_each_chunk;
@@ -48,7 +59,7 @@ const RK: usize = 12;
 const KT: usize = 8 * RK;
 /// Head-dim rows per PV register block: `RD × QV` accumulators.
 const RD: usize = 8;
-/// The largest head dimension (sizes the stack buffers).
+/// The largest head dimension.
 const DMAX: usize = crate::attention::MAX_HEAD_DIM_CPU;
 
 const _: () = assert!(KT.is_multiple_of(RK) && RK * QV <= 28 && RD * QV <= 28);

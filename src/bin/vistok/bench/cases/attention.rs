@@ -129,7 +129,9 @@ fn shape<T: Float>(spec: Spec) -> Vec<Case> {
             shape: spec.name(),
             bytes: (4 * spec.len() * size_of::<T>()) as u64,
             flops,
-            peak: Peak::F32,
+            // bf16 runs on the bf16 dot-product instructions where the CPU has them (the
+            // roofline falls back to the f32 FMA peak where it has not).
+            peak: if T::DTYPE == DType::BF16 && backend == Backend::Cpu { Peak::Bf16 } else { Peak::F32 },
             setup: Box::new(move || {
                 Ok(Box::new(HostRunner {
                     flow: flow.clone(),
