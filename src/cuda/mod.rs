@@ -25,8 +25,11 @@
 //! # Ok::<(), vistok::Error>(())
 //! ```
 
+pub mod argmin;
+pub mod attention;
 pub mod fsq;
 pub mod lfq;
+pub mod merge;
 pub mod patchify;
 
 pub use fsq::FsqKernel;

@@ -1,0 +1,1 @@
+//! The argmin family on the GPU (in progress): hand-written PTX from `kernels/gen_argmin.py`.

@@ -1,0 +1,1 @@
+//! The merge family on the GPU (in progress): hand-written PTX from `kernels/gen_merge.py`.
