@@ -44,11 +44,13 @@ pub mod reference;
 pub mod view;
 
 pub use argmin::{Codebook, Metric, ResidualCodebooks};
+pub use attention::{Attention, Bias, Mask, QkvLayout};
 pub use cpu::Isa;
 pub use dtype::{bf16, f16, DType, Element, Float};
 pub use error::{Error, Family, Result};
 pub use fsq::{Fsq, FsqDim, FsqStats};
 pub use lfq::{BitOrder, Lfq, LfqConfig, LfqEntropy, LfqStats};
+pub use merge::{MatchConfig, MergeMode, MergePlan, SourceMap};
 pub use patchify::{Layout, Normalize, PatchConfig, PatchOrder, Patchify};
 pub use view::{Shape, View, ViewMut};
 

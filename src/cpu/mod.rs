@@ -1,6 +1,20 @@
-//! The CPU backend: SIMD through `pulp` (instruction set detected once, overridable), threads
-//! through `rayon` (when the `rayon` feature is on). One file per kernel family; the shared
-//! element-run micro-kernels live in [`simd`].
+//! The CPU backend: SIMD through `pulp` (instruction set detected once by [`Isa::detect`],
+//! overridable with `VISTOK_ISA` or per call with `Backend::CpuIsa`), threads through `rayon`
+//! (when the `rayon` feature is on). One module per kernel family, each documenting its loop
+//! nest, micro-kernel and measured efficiency:
+//!
+//! | module | family | SIMD | threads over |
+//! |---|---|---|---|
+//! | `patchify` | patchify / unpatchify | element-run kernels of `simd` (AVX-512, AVX2, scalar); NT stores for large outputs | token rows / image rows |
+//! | `lfq` | LFQ / BSQ encode, decode, statistics, entropy | compare → bitmask → shift/or | chunks of ids |
+//! | `fsq` | FSQ encode, decode, statistics | 16 / 8 lanes of tokens, de-interleaved by permutes | chunks of tokens |
+//! | `argmin` | codebook argmin (L2, cosine), lookup | register-blocked broadcast-FMA micro-kernel over a packed codebook; `vdpbf16ps` for bf16 | row chunks |
+//! | `attention` | flash-style attention | queries in lanes, online softmax with a vectorised `exp2`; `vdpbf16ps` for bf16 | (batch, head, query tile) |
+//! | `merge` | ToMe matching, merge / unmerge, EViT and DivPrune pruning | register-blocked A·Bᵀ with fused row argmax; bf16 screening | batches / row blocks |
+//!
+//! Every family turns an [`Isa`] into code compiled for its target features through one
+//! dispatcher, `simd::run_isa`; discrete results (ids, indices, plans) are bit-identical at
+//! every level and for every thread count (`par` splits work into fixed chunks).
 
 pub(crate) mod argmin;
 pub(crate) mod attention;
