@@ -66,3 +66,6 @@ pub fn assert_bits_eq<T: Element>(got: &[T], want: &[T], ctx: &str) {
         panic!("{ctx}: {n} mismatches, first at {i}: got {:?} want {:?}", got[i], want[i]);
     }
 }
+
+#[cfg(feature = "cli")]
+pub mod cli;

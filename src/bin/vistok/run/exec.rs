@@ -10,7 +10,7 @@ use super::gpu::{self, Dev};
 /// A library error as one line without its family prefix (the subcommand adds its own).
 pub fn lib_err(e: vistok::Error) -> String {
     let s = e.to_string();
-    for family in ["patchify: ", "unpatchify: ", "lfq: ", "fsq: "] {
+    for family in ["patchify: ", "unpatchify: ", "lfq: ", "fsq: ", "argmin: ", "attention: ", "merge: "] {
         if let Some(rest) = s.strip_prefix(family) {
             return rest.to_string();
         }
@@ -23,8 +23,8 @@ pub fn host_only(backend: BackendChoice, family: &str) -> Result<Backend, String
     match backend {
         BackendChoice::Reference => Ok(Backend::Reference),
         BackendChoice::Cpu => Ok(Backend::Cpu),
-        // LFQ / FSQ have device kernels in the library (`vistok::cuda`), but the runner does
-        // not drive them yet; when it does, this becomes a call into `gpu` as for patchify.
+        // These families have (or are getting) device kernels in the library (`vistok::cuda`),
+        // but the runner does not drive them yet.
         BackendChoice::Cuda => Err(format!(
             "--backend cuda: vistok run does not drive the {family} family's CUDA kernel yet (use cpu or reference)"
         )),

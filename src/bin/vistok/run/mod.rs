@@ -22,9 +22,7 @@ mod unpatchify;
 use std::ffi::OsString;
 
 /// Families that can run now.
-const FAMILIES: &[&str] = &["patchify", "unpatchify", "lfq", "fsq"];
-/// Families the issues plan but vistok does not have yet.
-const PENDING: &[&str] = &["argmin", "attention", "merge"];
+const FAMILIES: &[&str] = &["patchify", "unpatchify", "lfq", "fsq", "argmin", "attention", "merge"];
 
 const HELP: &str = "\
 vistok run: run a kernel family on .npy files
@@ -36,7 +34,9 @@ families:
   unpatchify   patch tokens -> image / video
   lfq          tokens [..., G*D] -> LFQ / group-wise LFQ / BSQ ids [..., G] (--decode: back)
   fsq          tokens [..., D] -> FSQ ids [...] (--decode: ids -> codes)
-not in vistok yet: argmin, attention, merge
+  argmin       vectors [..., D] -> nearest codebook entry ids [...] (--lookup: ids -> entries)
+  attention    Q, K, V -> softmax(Q K^T scale + bias) V, with causal / window / segment masks
+  merge        ToMe bipartite matching + merge of [B, N, C] tokens (one layer)
 
 Common flags: --backend reference|cpu|cuda (default cpu), --dtype f32|f16|bf16.
 .npy files: format 1.0 / 2.0 / 3.0, little-endian, C order; dtypes |u1, <f2, <f4 (and <i4,
@@ -56,8 +56,6 @@ pub fn main(args: Vec<OsString>) -> Result<(), String> {
         Some("unpatchify") => unpatchify::main(rest),
         Some("lfq") => lfq::main(rest),
         Some("fsq") => fsq::main(rest),
-        // Families in progress: each file says so until its family lands, and moves from
-        // PENDING to FAMILIES when it does.
         Some("argmin") => argmin::main(rest),
         Some("attention") => attention::main(rest),
         Some("merge") => merge::main(rest),
@@ -65,13 +63,6 @@ pub fn main(args: Vec<OsString>) -> Result<(), String> {
             print!("{HELP}");
             Ok(())
         }
-        Some(f) if PENDING.contains(&f) => {
-            Err(format!("run {f}: the {f} family is not in vistok yet (see the issues)"))
-        }
-        _ => Err(format!(
-            "run: unknown family {family:?}; available: {} (not in vistok yet: {})",
-            FAMILIES.join(", "),
-            PENDING.join(", ")
-        )),
+        _ => Err(format!("run: unknown family {family:?}; available: {}", FAMILIES.join(", "))),
     }
 }
