@@ -43,10 +43,6 @@ for src, want in ((".tests.json", "test"), (".bench.json", "bench")):
         if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
             continue
         kinds, name = msg["target"]["kind"], msg["target"]["name"]
-        # The CLI tests start the vistok binary by its path on the build machine; they need
-        # no GPU and run in CI, so they stay here.
-        if want == "test" and name.startswith("cli_"):
-            continue
         if want == "test" and msg["profile"]["test"] and "bench" not in kinds:
             prefix = "lib" if ("lib" in kinds or "rlib" in kinds) else "test"
             dst = f"test-{prefix}-{name}" if prefix == "lib" else f"test-{name}"
@@ -94,6 +90,9 @@ run() {
     find_libcuda
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     export VISTOK_REQUIRE_GPU=1 RUST_BACKTRACE=1
+    # The CLI tests start this vistok (built with --features cuda) instead of the path cargo
+    # compiled into them, so `vistok run --backend cuda` is checked on the GPU too.
+    export VISTOK_BIN="$PWD/$BIN/vistok"
     export CRITERION_HOME="${TMPDIR:-/tmp}/vistok-criterion"
     local failed=() summary=() start t rc
     start=$(date +%s)

@@ -3,6 +3,8 @@
 //! the tiny `-ci` shape and uses `--quick`, so each test takes a second or two.
 #![cfg(feature = "cli")]
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -12,7 +14,7 @@ const CPU_CI: &str = "patchify/cpu/u8-f32/2x3x64x64-nchw-p16-ci";
 const REF_CI: &str = "patchify/reference/u8-f32/2x3x64x64-nchw-p16-ci";
 
 fn vistok(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vistok")).args(args).output().expect("the vistok binary runs")
+    Command::new(common::cli::vistok_bin()).args(args).output().expect("the vistok binary runs")
 }
 
 fn text(b: &[u8]) -> String {

@@ -84,7 +84,7 @@ fn read_npy(path: &Path) -> (String, Vec<usize>, Vec<u8>) {
 }
 
 fn vistok(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vistok")).args(args).output().expect("cannot start vistok")
+    Command::new(common::cli::vistok_bin()).args(args).output().expect("cannot start vistok")
 }
 
 fn p(path: &Path) -> &str {
@@ -398,8 +398,17 @@ fn lfq_bad_input_is_one_line_and_no_file() {
         (vec!["--order".into(), "msb".into(), d("u8.npy"), out.clone()], "not a token dtype"),
         (vec!["--order".into(), "msb".into(), d("missing.npy"), out.clone()], "missing.npy: cannot open"),
         (
-            vec!["--order".into(), "msb".into(), "--backend".into(), "cuda".into(), zp.clone(), out.clone()],
-            "does not drive the lfq family's CUDA kernel",
+            vec![
+                "--order".into(),
+                "msb".into(),
+                "--backend".into(),
+                "cuda".into(),
+                "--normalized".into(),
+                d("u.npy"),
+                zp.clone(),
+                out.clone(),
+            ],
+            "--normalized is not computed on the GPU",
         ),
         (
             vec!["--order".into(), "msb".into(), "--scale".into(), "-1".into(), zp.clone(), out.clone()],
@@ -581,7 +590,6 @@ fn fsq_bad_input_is_one_line_and_no_file() {
         (vec!["--levels", "65536,65536,2,2", &zp, &out], "exceeds 2^32"),
         (vec!["--levels", "8,5,5", &zp, &out], "expected [..., 3] (3 levels given)"),
         (vec!["--levels", "8,5,5,5", &nan, &out], "z[1, 2] is not finite"),
-        (vec!["--levels", "8,5,5,5", "--backend", "cuda", &zp, &out], "does not drive the fsq family's CUDA kernel"),
         (
             vec!["--levels", "8,5,5,5", "--ids-dtype", "i4", "--levels", "65536,65536", &zp, &out],
             "do not all fit --ids-dtype i4",
@@ -631,4 +639,59 @@ fn bench_ci_cases_run_and_check() {
     }
     assert_eq!(stdout.lines().filter(|l| l.starts_with("lfq/") || l.starts_with("fsq/")).count(), 8, "{stdout}");
     assert!(!stdout.contains("1048576"), "the filter let other cases through:\n{stdout}");
+}
+
+fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
+/// `--backend cuda`: ids and codes equal the cpu backend's bit for bit on a GPU; without the
+/// `cuda` feature a one-line "built without CUDA"; with it but no GPU, "no usable GPU" (and
+/// under `VISTOK_REQUIRE_GPU=1` that fails).
+#[test]
+fn lfq_fsq_cuda_backend_is_exact_or_a_clear_error() {
+    let dir = Dir::new("cuda");
+    let (n, c) = (1000, 18);
+    let z = signed(n * c, 3.0, 41);
+    let (zp, out, codes) = (dir.path("z.npy"), dir.path("ids.npy"), dir.path("codes.npy"));
+    write_npy_raw(&zp, "<f4", &[n, c], &le(&z));
+    let args = ["lfq", "--backend", "cuda", "--groups", "2", "--order", "lsb", "--codes", p(&codes), p(&zp), p(&out)];
+    if !cfg!(feature = "cuda") {
+        run_err(&dir, &args, "built without CUDA", &["z.npy"]);
+        run_err(
+            &dir,
+            &["fsq", "--backend", "cuda", "--levels", "8,5,5,5,5,5,3,3,3,3,2,2,2,2,2,2,2,2", p(&zp), p(&out)],
+            "built without CUDA",
+            &["z.npy"],
+        );
+        return;
+    }
+    let mut all = vec!["run"];
+    all.extend(args);
+    let o = vistok(&all);
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no usable GPU"), "{err}");
+        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
+        say_skipped(&format!("no GPU: {err}"));
+        return;
+    }
+    let plan = Lfq::new(&LfqConfig::new(2, 9, BitOrder::LsbFirst)).unwrap();
+    let ids = lib_lfq_encode(&plan, &z, Backend::Cpu);
+    let (_, _, got) = read_npy(&out);
+    assert_eq!(got, le(&ids), "lfq ids from the GPU");
+    assert_eq!(read_npy(&codes).2, le(&lib_lfq_decode(&plan, &ids)), "lfq codes from the GPU");
+    // Decode on the GPU.
+    run_ok(&["lfq", "--decode", "--backend", "cuda", "--bits", "9", "--order", "lsb", p(&out), p(&codes)]);
+    assert_eq!(read_npy(&codes).2, le(&lib_lfq_decode(&plan, &ids)), "lfq decode on the GPU");
+    // FSQ, 6 dimensions (D does not divide the warp).
+    let fz: Vec<f32> = signed(n * 6, 4.0, 42);
+    write_npy_raw(&zp, "<f4", &[n, 6], &le(&fz));
+    run_ok(&["fsq", "--backend", "cuda", "--levels", "8,8,8,5,5,5", "--codes", p(&codes), p(&zp), p(&out)]);
+    let fsq = Fsq::new(&[8, 8, 8, 5, 5, 5]).unwrap();
+    let ids = lib_fsq_encode(&fsq, &fz, Backend::Cpu);
+    assert_eq!(read_npy(&out).2, le(&ids), "fsq ids from the GPU");
+    assert_eq!(read_npy(&codes).2, le(&lib_fsq_decode(&fsq, &ids)), "fsq codes from the GPU");
+    eprintln!("lfq / fsq --backend cuda: {n} tokens, ids and codes identical to the cpu backend");
 }

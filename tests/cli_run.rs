@@ -107,7 +107,7 @@ fn read_npy(path: &Path) -> (String, Vec<usize>, Vec<u8>) {
 }
 
 fn vistok(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vistok")).arg("run").args(args).output().expect("cannot start vistok")
+    Command::new(common::cli::vistok_bin()).arg("run").args(args).output().expect("cannot start vistok")
 }
 
 fn p(path: &Path) -> &str {
@@ -625,7 +625,10 @@ r = subprocess.run([exe, "run", "patchify", "--patch", "4", f"{d}/f.npy", f"{d}/
 assert r.returncode == 1 and "Fortran" in r.stderr, r.stderr
 print("numpy interop ok")
 "#;
-    let o = Command::new("python3").args(["-c", script, env!("CARGO_BIN_EXE_vistok"), p(&dir.0)]).output().unwrap();
+    let o = Command::new("python3")
+        .args(["-c".as_ref(), script.as_ref(), common::cli::vistok_bin().as_os_str(), p(&dir.0).as_ref()])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     print!("{}", String::from_utf8_lossy(&o.stdout));
 }

@@ -79,8 +79,14 @@ pub fn read_as<T: bytemuck::Pod>(path: &Path, descr: &str, shape: &[usize]) -> V
     bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect()
 }
 
+/// The vistok binary under test: `$VISTOK_BIN` if set (scripts/gpu-check.sh runs these tests on
+/// a machine where the build path does not exist), else the one cargo built.
+pub fn vistok_bin() -> std::ffi::OsString {
+    std::env::var_os("VISTOK_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vistok").into())
+}
+
 pub fn vistok(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vistok")).args(args).output().expect("cannot start vistok")
+    Command::new(vistok_bin()).args(args).output().expect("cannot start vistok")
 }
 
 pub fn p(path: &Path) -> &str {

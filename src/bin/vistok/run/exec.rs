@@ -31,6 +31,31 @@ pub fn host_only(backend: BackendChoice, family: &str) -> Result<Backend, String
     }
 }
 
+/// Where a quantizer runs: a host backend of the library, or GPU 0 through [`gpu`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Where {
+    Host(Backend),
+    Gpu,
+}
+
+impl Where {
+    pub fn of(backend: BackendChoice) -> Where {
+        match backend {
+            BackendChoice::Reference => Where::Host(Backend::Reference),
+            BackendChoice::Cpu => Where::Host(Backend::Cpu),
+            BackendChoice::Cuda => Where::Gpu,
+        }
+    }
+
+    /// The host backend for work the GPU path does not do (statistics): the cpu.
+    pub fn host(self) -> Backend {
+        match self {
+            Where::Host(b) => b,
+            Where::Gpu => Backend::Cpu,
+        }
+    }
+}
+
 /// Image → tokens of type `out`.
 pub fn forward(backend: BackendChoice, plan: &Patchify, image: &Buf, out: FloatType) -> Result<Buf, String> {
     match image {

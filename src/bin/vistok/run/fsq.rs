@@ -4,11 +4,12 @@
 use std::ffi::OsString;
 
 use lexopt::Parser;
-use vistok::{Backend, Float, Fsq, View, ViewMut};
+use vistok::{Float, Fsq, View, ViewMut};
 
 use super::args::{distinct_outputs, next, parse_u32_list, value, FloatType, Next, QuantFlags};
 use super::buf::{self, zeroed, Buf};
-use super::exec::{host_only, lib_err};
+use super::exec::{lib_err, Where};
+use super::gpu::{self, Dev};
 use super::lfq::zeroed_ids;
 use super::npy;
 use super::output::Pending;
@@ -16,7 +17,7 @@ use super::output::Pending;
 pub const HELP: &str = "\
 vistok run fsq: tokens .npy -> FSQ ids .npy, or ids -> codes
 
-usage: vistok run fsq --levels L0,L1,... [--codes Q.npy] [--backend reference|cpu]
+usage: vistok run fsq --levels L0,L1,... [--codes Q.npy] [--backend reference|cpu|cuda]
                       [--dtype f32|f16|bf16] [--ids-dtype u4|i4|i8] Z.npy OUT_IDS.npy
        vistok run fsq --decode --levels L0,L1,... [--backend ..] [--dtype f32|f16|bf16]
                       IDS.npy OUT_CODES.npy
@@ -35,7 +36,8 @@ OUT_CODES [..., D]: (level - floor(L/2)) / floor(L/2) per dimension.
   --codes Q.npy        encode: also write the codes of the ids ([..., D])
   --decode             read ids, write codes; ids may be <u4, <i4 or <i8 and must be below
                        the product of the levels
-  --backend B          reference | cpu (default cpu). cuda: not driven by vistok run yet
+  --backend B          reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok
+                       built with --features cuda; ids identical to the cpu's)
   --dtype D            encode: round z to f32 | f16 | bf16 first (default: the file's own)
                        and write codes in it; decode: the codes' dtype (default f32). f16 is
                        written as <f2, f32 and bf16 as <f4 (bf16 values exactly)
@@ -81,7 +83,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
         return Err("--codes is for encoding, not with --decode".into());
     }
     distinct_outputs(&[("OUT", output.as_ref()), ("--codes", q.codes.as_ref())])?;
-    let backend = host_only(q.backend, "fsq")?;
+    let backend = Where::of(q.backend);
     let plan = Fsq::new(&levels).map_err(lib_err)?;
     if plan.codebook_size() > q.ids_dtype.max_codebook() {
         return Err(format!(
@@ -136,8 +138,12 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
 }
 
 /// z `[N, D]` → ids `[N]`.
-fn encode(backend: Backend, plan: &Fsq, z: &Buf, n: usize) -> Result<Vec<u32>, String> {
-    fn ids<T: Float>(backend: Backend, plan: &Fsq, z: &[T], n: usize) -> Result<Vec<u32>, String> {
+fn encode(backend: Where, plan: &Fsq, z: &Buf, n: usize) -> Result<Vec<u32>, String> {
+    fn ids<T: Float + Dev>(backend: Where, plan: &Fsq, z: &[T], n: usize) -> Result<Vec<u32>, String> {
+        let backend = match backend {
+            Where::Host(b) => b,
+            Where::Gpu => return gpu::fsq_encode(plan, z),
+        };
         let mut ids = zeroed_ids(n)?;
         let zv = View::new(z, &[n, plan.dim()]).map_err(lib_err)?;
         plan.encode(backend, zv, ViewMut::new(&mut ids, &[n]).map_err(lib_err)?).map_err(lib_err)?;
@@ -152,8 +158,12 @@ fn encode(backend: Backend, plan: &Fsq, z: &Buf, n: usize) -> Result<Vec<u32>, S
 }
 
 /// ids `[N]` → codes `[N, D]` of type `out`.
-fn decode(backend: Backend, plan: &Fsq, ids: &[u32], out: FloatType) -> Result<Buf, String> {
-    fn codes<O: Float>(backend: Backend, plan: &Fsq, ids: &[u32]) -> Result<Vec<O>, String> {
+fn decode(backend: Where, plan: &Fsq, ids: &[u32], out: FloatType) -> Result<Buf, String> {
+    fn codes<O: Float + Dev>(backend: Where, plan: &Fsq, ids: &[u32]) -> Result<Vec<O>, String> {
+        let backend = match backend {
+            Where::Host(b) => b,
+            Where::Gpu => return gpu::fsq_decode(plan, ids),
+        };
         let n = ids.len();
         let mut codes = zeroed::<O>(n * plan.dim())?;
         let iv = View::new(ids, &[n]).map_err(lib_err)?;

@@ -37,3 +37,57 @@ pub fn forward<I: Element + Dev, O: Float + Dev>(_plan: &Patchify, _image: &[I])
 pub fn inverse<I: Float + Dev, O: Element + Dev>(_plan: &Patchify, _tokens: &[I]) -> Result<Vec<O>, String> {
     Err(NO_CUDA.into())
 }
+
+/// GPU 0, or a one-line reason.
+#[cfg(feature = "cuda")]
+fn gpu0() -> Result<vistok::cuda::Gpu, String> {
+    vistok::cuda::Gpu::new(0).map_err(|e| format!("--backend cuda: no usable GPU ({e})"))
+}
+
+/// LFQ z → ids on GPU 0.
+#[cfg(feature = "cuda")]
+pub fn lfq_encode<T: Float + Dev>(plan: &vistok::Lfq, z: &[T]) -> Result<Vec<u32>, String> {
+    let k = vistok::cuda::LfqKernel::new(&gpu0()?, plan).map_err(super::exec::lib_err)?;
+    k.encode_host(z).map_err(super::exec::lib_err)
+}
+
+/// LFQ ids → codes on GPU 0.
+#[cfg(feature = "cuda")]
+pub fn lfq_decode<O: Float + Dev>(plan: &vistok::Lfq, ids: &[u32]) -> Result<Vec<O>, String> {
+    let k = vistok::cuda::LfqKernel::new(&gpu0()?, plan).map_err(super::exec::lib_err)?;
+    k.decode_host(ids).map_err(super::exec::lib_err)
+}
+
+/// FSQ z → ids on GPU 0.
+#[cfg(feature = "cuda")]
+pub fn fsq_encode<T: Float + Dev>(plan: &vistok::Fsq, z: &[T]) -> Result<Vec<u32>, String> {
+    let k = vistok::cuda::FsqKernel::new(&gpu0()?, plan).map_err(super::exec::lib_err)?;
+    k.encode_host(z).map_err(super::exec::lib_err)
+}
+
+/// FSQ ids → codes on GPU 0.
+#[cfg(feature = "cuda")]
+pub fn fsq_decode<O: Float + Dev>(plan: &vistok::Fsq, ids: &[u32]) -> Result<Vec<O>, String> {
+    let k = vistok::cuda::FsqKernel::new(&gpu0()?, plan).map_err(super::exec::lib_err)?;
+    k.decode_host(ids).map_err(super::exec::lib_err)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn lfq_encode<T: Float + Dev>(_plan: &vistok::Lfq, _z: &[T]) -> Result<Vec<u32>, String> {
+    Err(NO_CUDA.into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn lfq_decode<O: Float + Dev>(_plan: &vistok::Lfq, _ids: &[u32]) -> Result<Vec<O>, String> {
+    Err(NO_CUDA.into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn fsq_encode<T: Float + Dev>(_plan: &vistok::Fsq, _z: &[T]) -> Result<Vec<u32>, String> {
+    Err(NO_CUDA.into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn fsq_decode<O: Float + Dev>(_plan: &vistok::Fsq, _ids: &[u32]) -> Result<Vec<O>, String> {
+    Err(NO_CUDA.into())
+}

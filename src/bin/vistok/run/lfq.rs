@@ -5,11 +5,12 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use lexopt::Parser;
-use vistok::{Backend, BitOrder, Float, Lfq, LfqConfig, LfqStats, View, ViewMut};
+use vistok::{BitOrder, Float, Lfq, LfqConfig, LfqStats, View, ViewMut};
 
 use super::args::{distinct_outputs, next, number, positive, value, FloatType, Next, QuantFlags};
 use super::buf::{self, zeroed, Buf};
-use super::exec::{host_only, lib_err};
+use super::exec::{lib_err, Where};
+use super::gpu::{self, Dev};
 use super::npy;
 use super::output::Pending;
 
@@ -18,7 +19,7 @@ vistok run lfq: tokens .npy -> LFQ / group-wise LFQ / BSQ ids .npy, or ids -> co
 
 usage: vistok run lfq --order msb|lsb [--groups G] [--bits D] [--scale S] [--spherical]
                       [--codes Q.npy] [--normalized U.npy] [--stats] [--histogram H.npy]
-                      [--backend reference|cpu] [--dtype f32|f16|bf16] [--ids-dtype u4|i4|i8]
+                      [--backend reference|cpu|cuda] [--dtype f32|f16|bf16] [--ids-dtype u4|i4|i8]
                       Z.npy OUT_IDS.npy
        vistok run lfq --decode --order msb|lsb --bits D [--groups G] [--scale S] [--spherical]
                       [--stats] [--histogram H.npy] [--backend ..] [--dtype f32|f16|bf16]
@@ -52,7 +53,10 @@ IDS   [..., G] ids (<u4 by default; see --ids-dtype): bit k of a group is z_k > 
                        OUT may then be omitted too
   --decode             read ids, write codes (IDS.npy OUT_CODES.npy); ids may be <u4, <i4 or
                        <i8 and must be below 2^D
-  --backend B          reference | cpu (default cpu). cuda: not driven by vistok run yet
+  --backend B          reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok
+                       built with --features cuda; ids and codes identical to the cpu's;
+                       --stats / --histogram are then computed on the cpu from the GPU's
+                       ids; --normalized is not on the GPU yet)
   --dtype D            encode: round z to f32 | f16 | bf16 first (default: the file's own)
                        and write codes / normalized in it; decode: the codes' dtype (default
                        f32). f16 is written as <f2, f32 and bf16 as <f4 (bf16 values exactly)
@@ -128,7 +132,10 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
         ("--normalized", f.normalized.as_ref()),
         ("--histogram", f.histogram.as_ref()),
     ])?;
-    let backend = host_only(q.backend, "lfq")?;
+    let backend = Where::of(q.backend);
+    if backend == Where::Gpu && f.normalized.is_some() {
+        return Err("--normalized is not computed on the GPU yet (use --backend cpu)".into());
+    }
     let array = npy::read(&input)?;
     // [..., last]: N tokens of `last` values (C channels, or G ids).
     let Some((&last, lead)) = array.shape.split_last() else {
@@ -178,7 +185,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
     };
     let stats = if f.stats || f.histogram.is_some() {
         let view = View::new(&ids, &plan.ids_dims(n)).map_err(lib_err)?;
-        Some(plan.statistics(backend, view).map_err(lib_err)?)
+        Some(plan.statistics(backend.host(), view).map_err(lib_err)?)
     } else {
         None
     };
@@ -244,13 +251,7 @@ fn groups_bits(groups: Option<usize>, bits: Option<u32>, c: usize) -> Result<(us
 }
 
 /// z → ids (and z / ‖z‖ per group, in z's type, when `normalized`).
-fn encode(
-    backend: Backend,
-    plan: &Lfq,
-    z: &Buf,
-    n: usize,
-    normalized: bool,
-) -> Result<(Vec<u32>, Option<Buf>), String> {
+fn encode(backend: Where, plan: &Lfq, z: &Buf, n: usize, normalized: bool) -> Result<(Vec<u32>, Option<Buf>), String> {
     Ok(match z {
         Buf::F32(v) => encode_as(backend, plan, v, n, normalized).map(|(i, u)| (i, u.map(Buf::F32)))?,
         Buf::F16(v) => encode_as(backend, plan, v, n, normalized).map(|(i, u)| (i, u.map(Buf::F16)))?,
@@ -259,13 +260,18 @@ fn encode(
     })
 }
 
-fn encode_as<T: Float>(
-    backend: Backend,
+fn encode_as<T: Float + Dev>(
+    backend: Where,
     plan: &Lfq,
     z: &[T],
     n: usize,
     normalized: bool,
 ) -> Result<(Vec<u32>, Option<Vec<T>>), String> {
+    let backend = match backend {
+        Where::Host(b) => b,
+        // The caller rejected --normalized for the GPU.
+        Where::Gpu => return Ok((gpu::lfq_encode(plan, z)?, None)),
+    };
     let mut ids = zeroed_ids(n * plan.groups())?;
     let zv = View::new(z, &plan.codes_dims(n)).map_err(lib_err)?;
     let iv = ViewMut::new(&mut ids, &plan.ids_dims(n)).map_err(lib_err)?;
@@ -280,8 +286,12 @@ fn encode_as<T: Float>(
 }
 
 /// ids → codes of type `out`.
-fn decode(backend: Backend, plan: &Lfq, ids: &[u32], n: usize, out: FloatType) -> Result<Buf, String> {
-    fn codes<O: Float>(backend: Backend, plan: &Lfq, ids: &[u32], n: usize) -> Result<Vec<O>, String> {
+fn decode(backend: Where, plan: &Lfq, ids: &[u32], n: usize, out: FloatType) -> Result<Buf, String> {
+    fn codes<O: Float + Dev>(backend: Where, plan: &Lfq, ids: &[u32], n: usize) -> Result<Vec<O>, String> {
+        let backend = match backend {
+            Where::Host(b) => b,
+            Where::Gpu => return gpu::lfq_decode(plan, ids),
+        };
         let mut codes = zeroed::<O>(n * plan.channels())?;
         let iv = View::new(ids, &plan.ids_dims(n)).map_err(lib_err)?;
         plan.decode(backend, iv, ViewMut::new(&mut codes, &plan.codes_dims(n)).map_err(lib_err)?).map_err(lib_err)?;
