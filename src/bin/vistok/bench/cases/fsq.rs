@@ -1,7 +1,8 @@
 //! FSQ cases: the shape (1048576 tokens × 6 dimensions, levels `[8, 8, 8, 5, 5, 5]`,
 //! 64000 ids), with the criterion benches' ids: f32 and bf16 encode
 //! (`fsq/<backend>/<dtype>/1048576x6`), f32 decode (`fsq/<backend>/u32-f32/1048576x6`), plus a
-//! tiny `1031x6-ci` shape for fast tests (`--filter 'fsq/*-ci'`).
+//! tiny `1031x6-ci` shape for fast tests (`--filter 'fsq/*-ci'`), and on a GPU cuda-only
+//! `16777216x6-hbm` rows (400 MB of `z`: HBM, not L2), checked against the cpu backend.
 //!
 //! Bytes: input read + output written (`N·D·size(z) + N·4` encode, `N·4 + N·D·4` decode).
 //! Flops: [`ENCODE_FLOPS`] per value for encode (the shared rational `tanh` and the affine
@@ -19,7 +20,7 @@
 use vistok::reference::fsq::bound;
 use vistok::{bf16, Float, Fsq, View, ViewMut};
 
-use super::lfq::{compare_ids, hash, host_cases, signed, Quant};
+use super::lfq::{compare_ids, hash, host_cases, signed, Quant, HBM};
 use super::{compare, Case, Check, Env};
 
 /// Flops per encoded value: `z + shift`, `c·c`, 9 FMAs (18 flops), `p·c`, the division, the
@@ -34,6 +35,11 @@ pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
     out.extend(decode(env, &levels, 1 << 20, "")?);
     out.extend(encode::<f32>(env, &levels, 1031, "-ci")?);
     out.extend(decode(env, &levels, 1031, "-ci")?);
+    #[cfg(feature = "cuda")]
+    if env.gpu.is_some() {
+        out.extend(encode::<f32>(env, &levels, 1 << 24, HBM)?);
+        out.extend(decode(env, &levels, 1 << 24, HBM)?);
+    }
     Ok(out)
 }
 
@@ -54,6 +60,7 @@ fn encode<T: Float + crate::dev::Dev>(env: &Env, levels: &[u32], n: usize, suffi
             out_len: n,
             flops: ENCODE_FLOPS * (n * d) as u64,
             plan,
+            gpu_only: suffix == HBM,
             input: Box::new(move || signed::<T>(n * d, 4.0)),
             op: |p, b, z, ids| p.encode(b, View::new(z, &[ids.len(), p.dim()])?, ViewMut::new(ids, &[ids.len()])?),
             check: |p, z, got, want| Ok(near_ties(p, z, got, want)),
@@ -80,6 +87,7 @@ fn decode(env: &Env, levels: &[u32], n: usize, suffix: &str) -> Result<Vec<Case>
             out_len: n * d,
             flops: (n * d) as u64,
             plan,
+            gpu_only: suffix == HBM,
             input: Box::new(move || (0..n).map(|i| (hash(i) % size) as u32).collect()),
             op: |p, b, ids, codes| {
                 p.decode(b, View::new(ids, &[ids.len()])?, ViewMut::new(codes, &[ids.len(), p.dim()])?)

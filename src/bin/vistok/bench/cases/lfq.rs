@@ -8,6 +8,7 @@
 //! | `1048576x32` | 4 × 8 | group-wise LFQ (WeTok / Open-MAGVIT2 style), f32 encode |
 //! | `65536x18` | 1 × 18 | a cache-resident batch, f32 encode |
 //! | `1031x18-ci` | 2 × 9 | tests only (`--filter 'lfq/*-ci'`): odd N, two groups |
+//! | `16777216x18-hbm` | 1 × 18 | cuda rows only: 1.2 GB of `z`, far beyond a GPU's L2, for the HBM-bandwidth target |
 //!
 //! Encode is `lfq/<backend>/<dtype>/<N>x<C>` (dtype of `z`), decode `lfq/<backend>/u32-f32/…`
 //! (ids in, codes out). Bytes: what one call must move, input read + output written
@@ -15,6 +16,10 @@
 //! value of `z` (encode) or code written (decode), so that the cases sit on the roofline plot;
 //! the kernels are memory-bound either way. MSB-first for d = 18 (vector-quantize-pytorch),
 //! LSB-first for the group-wise shape (Open-MAGVIT2, WeTok).
+//!
+//! GPU-only rows ([`HBM`] shapes) have no reference / cpu rows (seconds per call on a CPU); their
+//! check is against the cpu backend, which the property tests hold bit-identical to the
+//! reference.
 //!
 //! Data: LFQ on non-negative data is trivial (every bit 1), so `z` is a deterministic hash
 //! mapped to `[−2, 2)`, centred on 0, with exact `±0` mixed in ([`signed`]). Decode reads hashed
@@ -40,8 +45,16 @@ pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
     out.extend(decode(env, msb18, 1 << 20, "")?);
     out.extend(encode::<f32>(env, ci, 1031, "-ci")?);
     out.extend(decode(env, ci, 1031, "-ci")?);
+    #[cfg(feature = "cuda")]
+    if env.gpu.is_some() {
+        out.extend(encode::<f32>(env, msb18, 1 << 24, HBM)?);
+        out.extend(decode(env, msb18, 1 << 24, HBM)?);
+    }
     Ok(out)
 }
+
+/// The shape suffix of GPU-only rows, sized to stream from HBM rather than L2.
+pub(super) const HBM: &str = "-hbm";
 
 fn plan(config: LfqConfig) -> Result<Lfq, String> {
     Lfq::new(&config).map_err(|e| format!("built-in lfq shape {config:?}: {e}"))
@@ -60,6 +73,7 @@ fn encode<T: Float + Dev>(env: &Env, config: LfqConfig, n: usize, suffix: &str) 
             out_len: n * g,
             flops: (n * c) as u64,
             plan,
+            gpu_only: suffix == HBM,
             input: Box::new(move || signed::<T>(n * c, 2.0)),
             op: |p, b, z, ids| {
                 let n = ids.len() / p.groups();
@@ -89,6 +103,7 @@ fn decode(env: &Env, config: LfqConfig, n: usize, suffix: &str) -> Result<Vec<Ca
             out_len: n * c,
             flops: (n * c) as u64,
             plan,
+            gpu_only: suffix == HBM,
             input: Box::new(move || (0..n * g).map(|i| hash(i) as u32 & max).collect()),
             op: |p, b, ids, codes| {
                 let n = ids.len() / p.groups();
@@ -156,6 +171,8 @@ pub(super) struct Quant<P, I, O> {
     pub out_len: usize,
     pub flops: u64,
     pub plan: P,
+    /// Only a cuda row (a GPU-sized shape), checked against the cpu backend.
+    pub gpu_only: bool,
     /// Makes the input (deferred: only when a case of this shape passes the filter).
     pub input: Box<dyn Fn() -> Vec<I>>,
     pub op: HostOp<P, I, O>,
@@ -200,14 +217,15 @@ pub(super) fn host_cases<P: 'static, I: Dev + 'static, O: Dev + Copy + 'static>(
 ) -> Vec<Case> {
     #[cfg(feature = "cuda")]
     let make = q.device;
-    let Quant { family, dtype, shape, in_len, out_len, flops, plan, input, op, check, poison, .. } = q;
+    let Quant { family, dtype, shape, in_len, out_len, flops, plan, gpu_only, input, op, check, poison, .. } = q;
+    let oracle_backend = if gpu_only { vistok::Backend::Cpu } else { vistok::Backend::Reference };
     let plan = Rc::new(plan);
     let input = Shared::new(move || Ok(input()));
     let oracle = {
         let (plan, input) = (plan.clone(), input.clone());
         Shared::new(move || {
             let mut y = vec![poison; out_len];
-            op(&plan, vistok::Backend::Reference, input.get()?, &mut y).map_err(|e| e.to_string())?;
+            op(&plan, oracle_backend, input.get()?, &mut y).map_err(|e| e.to_string())?;
             Ok(y)
         })
     };
@@ -223,7 +241,12 @@ pub(super) fn host_cases<P: 'static, I: Dev + 'static, O: Dev + Copy + 'static>(
         setup,
     };
     let mut cases = vec![];
-    for (backend, on) in [(Backend::Reference, vistok::Backend::Reference), (Backend::Cpu, vistok::Backend::Cpu)] {
+    let hosts: &[_] = if gpu_only {
+        &[]
+    } else {
+        &[(Backend::Reference, vistok::Backend::Reference), (Backend::Cpu, vistok::Backend::Cpu)]
+    };
+    for &(backend, on) in hosts {
         let flow = flow.share();
         cases.push(case(
             backend,
