@@ -5,8 +5,11 @@
 #                                and the patchify_cuda bench, copies them into gpu-bin/
 #                                (git-ignored; carry it to the GPU machine).
 #   scripts/gpu-check.sh run     there, from the repository root: runs every test executable
-#                                with VISTOK_REQUIRE_GPU=1 (no silent skips), then the bench;
-#                                prints a summary; exits non-zero if anything failed.
+#                                with VISTOK_REQUIRE_GPU=1 (no silent skips), then the benches
+#                                (criterion patchify_cuda, `vistok bench --quick --filter cuda`),
+#                                then torch on the same shapes (scripts/gpu_peers.py) for
+#                                same-session ratios; prints a summary; exits non-zero if a test
+#                                or bench failed.
 #   scripts/gpu-check.sh         build if cargo exists, then run.
 #
 # The binaries load libcuda at run time and embed the PTX; they need nothing from the tree
@@ -17,7 +20,8 @@ cd "$(dirname "$0")/.."
 
 BIN=gpu-bin
 TEST_TIMEOUT="${TEST_TIMEOUT:-240}"  # seconds per test executable
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-150}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+PEERS_TIMEOUT="${PEERS_TIMEOUT:-150}"
 
 build() {
     command -v cargo >/dev/null || { echo "gpu-check build: cargo not found" >&2; exit 1; }
@@ -126,6 +130,15 @@ run() {
         timeout "$BENCH_TIMEOUT" "$BIN/vistok" bench --quick --filter cuda "${extra[@]}" || rc=$?
         summary+=("$(printf '%-40s %s %4ss' "vistok bench (cuda)" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
         [ $rc -eq 0 ] || failed+=("vistok-bench")
+    fi
+    if command -v python3 >/dev/null; then
+        echo
+        echo "=== torch on the same GPU, same session (scripts/gpu_peers.py): the peers' numbers for ratios"
+        t=$(date +%s)
+        rc=0
+        timeout "$PEERS_TIMEOUT" python3 scripts/gpu_peers.py || rc=$?
+        # A peer is context, not a check: its failure is reported, not fatal.
+        summary+=("$(printf '%-40s %s %4ss' "gpu peers (torch)" "$([ $rc -eq 0 ] && echo ok || echo "rc=$rc (not fatal)")" $(($(date +%s) - t)))")
     fi
     echo
     echo "=== summary ($(($(date +%s) - start)) s)"
