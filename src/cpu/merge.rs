@@ -65,6 +65,16 @@ trait Kernel: Copy + Send + Sync {
     fn narrow<T: Float>(self, acc: &[f32], d: Option<f32>, dst: &mut [T]);
     /// The transpose of a block: `out[k][r] = m[r][k]`.
     fn transpose(self, m: Block) -> Block;
+    /// `out[k] = bf16(u[k])` (nearest even; `u` finite), and 16 lane sums (`k mod 16`, f32
+    /// fma) of the squared rounding errors `(bf16(u[k]) − u[k])²`, each of which is exact.
+    fn round_bf16(self, u: &[f32], out: &mut [u16]) -> [f32; 16];
+}
+
+/// bf16 bits of a finite `x`, rounded to nearest even.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    (b + 0x7fff + ((b >> 16) & 1)) >> 16
 }
 
 const _: () = assert!(Portable::MR * Portable::NR <= MAX_TILE && Avx512::MR * Avx512::NR <= MAX_TILE);
@@ -97,6 +107,21 @@ struct Portable;
 impl Kernel for Portable {
     const MR: usize = 4;
     const NR: usize = 16;
+
+    #[inline(always)]
+    fn round_bf16(self, u: &[f32], out: &mut [u16]) -> [f32; 16] {
+        let mut lanes = [0.0f32; 16];
+        for (us, os) in u.chunks(16).zip(out.chunks_mut(16)) {
+            for ((l, &x), o) in lanes.iter_mut().zip(us).zip(os) {
+                let h = bf16_bits(x);
+                *o = h as u16;
+                // Exact: the rounding stays within a factor 2 of `x` (Sterbenz).
+                let d = f32::from_bits(h << 16) - x;
+                *l = d.mul_add(d, *l);
+            }
+        }
+        lanes
+    }
 
     #[inline(always)]
     fn transpose(self, m: Block) -> Block {
@@ -278,6 +303,33 @@ impl Kernel for Avx512 {
     const MR: usize = 8;
     const NR: usize = 48;
 
+    #[inline(always)]
+    fn round_bf16(self, u: &[f32], out: &mut [u16]) -> [f32; 16] {
+        use core::arch::x86_64::__m512i;
+        let f = self.0.avx512f;
+        let (one, bias, top) = (f._mm512_set1_epi32(1), f._mm512_set1_epi32(0x7fff), f._mm512_set1_epi32(-65536));
+        let mut acc = f._mm512_setzero_ps();
+        let n = u.len();
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(LANES);
+            let x = self.acc_load(u, i, len);
+            let b: __m512i = pulp::cast(x);
+            let lsb = f._mm512_and_si512(f._mm512_srli_epi32::<16>(b), one);
+            let r = f._mm512_add_epi32(f._mm512_add_epi32(b, bias), lsb);
+            let d = f._mm512_sub_ps(pulp::cast(f._mm512_and_si512(r, top)), x);
+            acc = f._mm512_fmadd_ps(d, d, acc);
+            let h: [u16; LANES] = pulp::cast(f._mm512_cvtepi32_epi16(f._mm512_srli_epi32::<16>(r)));
+            if len == LANES {
+                *out[i..].first_chunk_mut::<LANES>().expect("16 lanes") = h;
+            } else {
+                out[i..i + len].copy_from_slice(&h[..len]);
+            }
+            i += LANES;
+        }
+        pulp::cast(acc)
+    }
+
     /// Four rounds of two-source permutes: round `b = 8, 4, 2, 1` swaps the off-diagonal
     /// `b × b` sub-blocks of every `2b × 2b` block (rows `i`, `i + b` exchange lane chunks).
     #[inline(always)]
@@ -285,26 +337,14 @@ impl Kernel for Avx512 {
         use core::arch::x86_64::__m512i;
         let f = self.0.avx512f;
         let mut v: [__m512i; GROUP] = pulp::cast(m);
-        let mut b = GROUP / 2;
-        while b > 0 {
-            // Lane l of chunk q (2b lanes): low output takes a[2bq + o] (o < b) then
-            // b[2bq + o − b]; high output the next b lanes of each.
-            let mut lo = [0i32; GROUP];
-            let mut hi = [0i32; GROUP];
-            for l in 0..GROUP {
-                let (q, o) = (l / (2 * b), l % (2 * b));
-                let base = (2 * b * q) as i32;
-                let (src, off) = if o < b { (0, o) } else { (GROUP as i32, o - b) };
-                lo[l] = src + base + off as i32;
-                hi[l] = src + base + (b + off) as i32;
-            }
-            let (lo, hi): (__m512i, __m512i) = (pulp::cast(lo), pulp::cast(hi));
+        for (round, idx) in TRANSPOSE_INDEX.iter().enumerate() {
+            let b = GROUP >> (round + 1);
+            let (lo, hi): (__m512i, __m512i) = (pulp::cast(idx[0]), pulp::cast(idx[1]));
             for i in (0..GROUP).filter(|i| (i / b).is_multiple_of(2)) {
                 let (x, y) = (v[i], v[i + b]);
                 v[i] = f._mm512_permutex2var_epi32(x, lo, y);
                 v[i + b] = f._mm512_permutex2var_epi32(x, hi, y);
             }
-            b /= 2;
         }
         pulp::cast(v)
     }
@@ -523,11 +563,39 @@ fn scatter_block<E: Copy>(blk: &[[E; GROUP]; GROUP], kn: usize, k0: usize, depth
                 if row >= out_rows {
                     break;
                 }
-                out[row / pp * pp * depth + kc * pp..][..pp].copy_from_slice(vals);
+                let dst = &mut out[row / pp * pp * depth + kc * pp..][..pp];
+                // Fixed-size copies for the panel heights in use (a runtime-length copy is a
+                // call per piece).
+                match pp {
+                    8 => *dst.first_chunk_mut::<8>().expect("8") = *vals.first_chunk::<8>().expect("8"),
+                    4 => *dst.first_chunk_mut::<4>().expect("4") = *vals.first_chunk::<4>().expect("4"),
+                    _ => dst.copy_from_slice(vals),
+                }
             }
         }
     }
 }
+
+/// The permute indices of [`Avx512`]'s transpose, round `b = 8, 4, 2, 1`: lane `l` of chunk
+/// `q` (of `2b` lanes) takes, for the low output, `x[2bq + o]` (`o < b`) then
+/// `y[2bq + o − b]`; for the high output the next `b` lanes of each (`y` is indices 16..32).
+const TRANSPOSE_INDEX: [[[i32; GROUP]; 2]; 4] = {
+    let mut t = [[[0i32; GROUP]; 2]; 4];
+    let mut round = 0;
+    while round < 4 {
+        let b = GROUP >> (round + 1);
+        let mut l = 0;
+        while l < GROUP {
+            let (q, o) = (l / (2 * b), l % (2 * b));
+            let (src, off) = if o < b { (0, o) } else { (GROUP, o - b) };
+            t[round][0][l] = (src + 2 * b * q + off) as i32;
+            t[round][1][l] = (src + 2 * b * q + b + off) as i32;
+            l += 1;
+        }
+        round += 1;
+    }
+    t
+};
 
 /// A `GROUP × GROUP` block of 32-bit words: `m[r][k]`.
 type Block = [[u32; GROUP]; GROUP];
@@ -584,27 +652,13 @@ fn write_pair_panels<K: Kernel>(
 ) {
     let nrows = rows.len() / c;
     let np = c.div_ceil(2);
-    let bf = |v: f32| {
-        let x = v.to_bits();
-        (x + 0x7fff + ((x >> 16) & 1)) >> 16
-    };
-    // Round every row first, into the halves of the words (plain loops the compiler
-    // vectorises), and bound the rounding error: 16 lane sums of squares in f32, enlarged by
-    // their worst relative rounding `c·2⁻²²` and an absolute `c·2⁻¹⁴⁰` for underflow.
+    // Round every row first, into the halves of the words, and bound the rounding error: 16
+    // lane sums of squares in f32, enlarged by their worst relative rounding `c·2⁻²²` and an
+    // absolute `c·2⁻¹⁴⁰` for underflow.
     let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
     for ((src, dst), e) in rows.chunks_exact(c).zip(halves.chunks_exact_mut(2 * np)).zip(errs.iter_mut()) {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = bf(v) as u16;
-        }
+        let lanes = k.round_bf16(src, &mut dst[..c]);
         dst[c..].fill(0);
-        let mut lanes = [0.0f32; 16];
-        for (xs, hs) in src.chunks(16).zip(dst.chunks(16)) {
-            for ((l, &x), &h) in lanes.iter_mut().zip(xs).zip(hs) {
-                // Exact: the rounding stays within a factor 2 of `x` (Sterbenz).
-                let d = f32::from_bits((h as u32) << 16) - x;
-                *l = d.mul_add(d, *l);
-            }
-        }
         let sq = lanes.iter().map(|&l| l as f64).sum::<f64>() * (1.0 + c as f64 * 2f64.powi(-22)) + c as f64 * 2f64.powi(-140);
         *e = (sq.sqrt() * 1.0001) as f32;
     }
@@ -619,6 +673,24 @@ fn write_pair_panels<K: Kernel>(
 fn panels_from_rows<K: Kernel>(k: K, rows: &[f32], c: usize, pp: usize, out: &mut [f32]) {
     for (g, group) in rows.chunks(GROUP * c).enumerate() {
         write_panels(k, group, c, g, pp, out);
+    }
+}
+
+/// Asks for every cache line of `x` (a hint: no effect on results).
+#[inline(always)]
+fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes: usize = size_of_val(x);
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults and the address is inside `x`; SSE is part of
+            // x86-64.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().cast::<i8>().add(off));
+            }
+        }
     }
 }
 
@@ -660,6 +732,11 @@ impl<M: Float> Op for PackSide<'_, M> {
                 None => &mut tmp[..group.len() * c],
             };
             for (&t, u) in group.iter().zip(dst.chunks_exact_mut(c)) {
+                // The rows of a side are `step` apart: fetch the next one while this one is
+                // normalised (the hardware prefetchers miss the stride at row starts).
+                if let Some(next) = self.x.get((t + self.step) * c..(t + self.step + 1) * c) {
+                    prefetch(next);
+                }
                 if !k.normalize(&self.x[t * c..][..c], u) {
                     return Some(t);
                 }
@@ -894,7 +971,7 @@ pub(crate) fn bipartite<M: Float>(
     cfg: &MatchConfig,
     r: usize,
 ) -> Result<Parts> {
-    bipartite_with(isa, screen::available(isa, c), metric, batch, n, c, cfg, r)
+    bipartite_with(isa, screen::available(isa, c) && std::env::var("NOSCREEN").is_err(), metric, batch, n, c, cfg, r)
 }
 
 /// [`bipartite`] with the screening chosen by the caller (`screen` needs
