@@ -1297,6 +1297,45 @@ mod tests {
         (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
+    /// bf16 rounding: the AVX-512 kernel's bits equal the portable ones and the per-row error
+    /// bound of the packing covers the true error (f64), on rows with ties to even, tiny and
+    /// subnormal values, and lengths that are not multiples of 16.
+    #[test]
+    fn bf16_rounding_and_its_error_bound() {
+        let Some(simd) = V4::try_new() else {
+            println!("skipped: no AVX-512 on this CPU");
+            return;
+        };
+        for (n, seed) in [(1usize, 1u64), (15, 2), (16, 3), (17, 4), (100, 5), (768, 6)] {
+            let u: Vec<f32> = (0..n)
+                .map(|i| match i % 5 {
+                    0 => f32::from_bits((uniform(i as u64 ^ seed).to_bits() & 0xffff_0000) | 0x8000), // a tie
+                    1 => uniform(i as u64 ^ seed) * 1e-40,                                           // subnormal
+                    2 => uniform(i as u64 ^ seed) * 1e-30,
+                    _ => uniform(i as u64 ^ seed),
+                })
+                .collect();
+            let (mut hp, mut ha) = (vec![0u16; n], vec![0u16; n]);
+            let lp = Portable.round_bf16(&u, &mut hp);
+            let la = Avx512(simd).round_bf16(&u, &mut ha);
+            assert_eq!(hp, ha, "n={n}");
+            assert_eq!(lp, la, "n={n}: lane sums");
+            // The packing's bound, as write_pair_panels computes it.
+            let mut words = vec![0u32; GROUP * n.div_ceil(2)];
+            let mut errs = [0.0f32; 1];
+            let mut out = vec![0u32; 8 * n.div_ceil(2)];
+            write_pair_panels(Portable, &u, n, 0, 8, &mut words, &mut errs, &mut out);
+            let truth = u
+                .iter()
+                .zip(&hp)
+                .map(|(&x, &h)| (f32::from_bits((h as u32) << 16) as f64 - x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(errs[0] as f64 >= truth, "n={n}: bound {} < error {truth}", errs[0]);
+            assert!(errs[0] as f64 <= truth * 1.01 + 1e-30, "n={n}: bound {} far above {truth}", errs[0]);
+        }
+    }
+
     /// The screened plan equals the f32 tiles' plan, bit for bit: on random tokens (the
     /// candidate path), on near-duplicate tokens (the fallback path: most estimates tie) and
     /// on data with both, for every flag combination and awkward sizes.
