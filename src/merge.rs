@@ -321,7 +321,18 @@ impl MergePlan {
                 fill[s as usize] += 1;
             }
         }
-        MergePlan { batch, tokens: n, r, config, kept: parts.kept, merged: parts.merged, dest: parts.dest, slots, members, offsets }
+        MergePlan {
+            batch,
+            tokens: n,
+            r,
+            config,
+            kept: parts.kept,
+            merged: parts.merged,
+            dest: parts.dest,
+            slots,
+            members,
+            offsets,
+        }
     }
 
     /// Batch size B.
@@ -424,7 +435,13 @@ impl MergePlan {
     /// assert_eq!(y, [1.0, 5.0, 4.0]);
     /// # Ok::<(), vistok::Error>(())
     /// ```
-    pub fn merge<T: Float>(&self, backend: Backend, x: View<'_, T>, mode: MergeMode, mut out: ViewMut<'_, T>) -> Result<()> {
+    pub fn merge<T: Float>(
+        &self,
+        backend: Backend,
+        x: View<'_, T>,
+        mode: MergeMode,
+        mut out: ViewMut<'_, T>,
+    ) -> Result<()> {
         let c = self.check_in("x", x.dims(), self.tokens)?;
         self.check_out("merged output", out.dims(), self.out_tokens(), c)?;
         let (x, out) = (x.data(), out.data_mut());
@@ -518,7 +535,15 @@ impl MergePlan {
 }
 
 /// `out[b, t] = y[b, slots[b, t]]` for `slots` `[B, n]` with values `< ny`.
-fn gather_rows<T: Float>(backend: Backend, slots: &[u32], n: usize, ny: usize, y: &[T], c: usize, out: &mut [T]) -> Result<()> {
+fn gather_rows<T: Float>(
+    backend: Backend,
+    slots: &[u32],
+    n: usize,
+    ny: usize,
+    y: &[T],
+    c: usize,
+    out: &mut [T],
+) -> Result<()> {
     match backend {
         Backend::Reference => crate::reference::merge::gather(slots, n, ny, y, c, out),
         Backend::Cpu => crate::cpu::merge::unmerge(crate::cpu::Isa::detect(), slots, n, ny, y, c, out),
@@ -760,7 +785,12 @@ impl Selection {
     /// assert_eq!(sel.kept(0), &[3, 0]);
     /// # Ok::<(), vistok::Error>(())
     /// ```
-    pub fn div_prune<M: Float>(backend: Backend, metric: View<'_, M>, k: usize, class_token: bool) -> Result<Selection> {
+    pub fn div_prune<M: Float>(
+        backend: Backend,
+        metric: View<'_, M>,
+        k: usize,
+        class_token: bool,
+    ) -> Result<Selection> {
         let dims = metric.dims();
         if dims.len() != 3 || dims[2] == 0 {
             return Err(shape_err(format!("metric dims {dims:?}, expected [B, N, C] with C ≥ 1")));
@@ -769,7 +799,9 @@ impl Selection {
         check_k(k, n, class_token)?;
         let kept = match backend {
             Backend::Reference => crate::reference::merge::div_prune(metric.data(), b, n, c, k, class_token)?,
-            Backend::Cpu => crate::cpu::merge::div_prune(crate::cpu::Isa::detect(), metric.data(), b, n, c, k, class_token)?,
+            Backend::Cpu => {
+                crate::cpu::merge::div_prune(crate::cpu::Isa::detect(), metric.data(), b, n, c, k, class_token)?
+            }
             Backend::CpuIsa(isa) => crate::cpu::merge::div_prune(isa.check()?, metric.data(), b, n, c, k, class_token)?,
         };
         Ok(Selection { batch: b, tokens: n, k, class_token, kept })

@@ -28,9 +28,8 @@ fn plan<M: Float>(be: Backend, m: &[M], dims: [usize; 3], cfg: &MatchConfig) -> 
 /// exact and near ties).
 fn metric<M: Float>(len: usize, c: usize, integer: bool, seed: u64) -> Vec<M> {
     let mut r = Rng(seed);
-    let mut v: Vec<f32> = (0..len)
-        .map(|_| if integer { (r.next_u64() % 5) as f32 - 2.0 } else { r.uniform(-1.0, 1.0) })
-        .collect();
+    let mut v: Vec<f32> =
+        (0..len).map(|_| if integer { (r.next_u64() % 5) as f32 - 2.0 } else { r.uniform(-1.0, 1.0) }).collect();
     if integer && c > 0 {
         for t in 0..len / c {
             match r.next_u64() % 8 {
@@ -175,7 +174,15 @@ fn ulp_f64<T: Float>(v: f64) -> f64 {
 /// Checks merged values against an f64 oracle of the plan's groups: single-source slots are
 /// exact copies; others err at most twice a naive same-dtype implementation (sources
 /// accumulated in `T`) plus the f32 accumulation bound.
-fn check_values<T: Float>(p: &MergePlan, x: &[T], c: usize, mode: MergeMode, sizes: Option<&[f32]>, got: &[T], ctx: &str) {
+fn check_values<T: Float>(
+    p: &MergePlan,
+    x: &[T],
+    c: usize,
+    mode: MergeMode,
+    sizes: Option<&[f32]>,
+    got: &[T],
+    ctx: &str,
+) {
     let (n, o) = (p.tokens(), p.out_tokens());
     let round = |v: f64| T::from_f32(v as f32).to_f32() as f64;
     for bi in 0..p.batch() {
@@ -230,8 +237,14 @@ fn weighted<T: Float>(plan: &MergePlan, be: Backend, x: &[T], c: usize, sizes: O
     let mut y = vec![poison::<T>(); b * o * c];
     let mut s = vec![f32::NAN; b * o];
     let sv = sizes.map(|s| View::new(s, &[b, n]).unwrap());
-    plan.merge_weighted(be, View::new(x, &[b, n, c]).unwrap(), sv, ViewMut::new(&mut y, &[b, o, c]).unwrap(), ViewMut::new(&mut s, &[b, o]).unwrap())
-        .unwrap();
+    plan.merge_weighted(
+        be,
+        View::new(x, &[b, n, c]).unwrap(),
+        sv,
+        ViewMut::new(&mut y, &[b, o, c]).unwrap(),
+        ViewMut::new(&mut s, &[b, o]).unwrap(),
+    )
+    .unwrap();
     (y, s)
 }
 
@@ -270,7 +283,9 @@ fn check_case<M: Float, T: Float>(b: usize, n: usize, c: usize, cx: usize, cfg: 
     // Values, on the CPU plan (any backend may apply any plan).
     let x = random_data::<T>(b * n * cx, seed ^ 0x5555);
     let mut r = Rng(seed ^ 0x7777);
-    let sizes: Vec<f32> = (0..b * n).map(|_| if r.next_u64() % 2 == 0 { (1 + r.next_u64() % 9) as f32 } else { r.uniform(0.1, 5.0) }).collect();
+    let sizes: Vec<f32> = (0..b * n)
+        .map(|_| if r.next_u64().is_multiple_of(2) { (1 + r.next_u64() % 9) as f32 } else { r.uniform(0.1, 5.0) })
+        .collect();
     for mode in [MergeMode::Sum, MergeMode::Mean] {
         for be in all_backends() {
             let y = merged(&cpu, be, &x, cx, mode);
@@ -286,7 +301,10 @@ fn check_case<M: Float, T: Float>(b: usize, n: usize, c: usize, cx: usize, cfg: 
         }
         // Without sizes: all ones, so the sizes are the slot counts.
         let (_, ones) = weighted(&cpu, be, &x, cx, None);
-        let counts: Vec<f32> = (0..b).flat_map(|bi| (0..cpu.out_tokens()).map(move |s| (bi, s))).map(|(bi, s)| cpu.sources(bi, s).len() as f32).collect();
+        let counts: Vec<f32> = (0..b)
+            .flat_map(|bi| (0..cpu.out_tokens()).map(move |s| (bi, s)))
+            .map(|(bi, s)| cpu.sources(bi, s).len() as f32)
+            .collect();
         assert_eq!(ones, counts, "{ctx} {be:?}: unit sizes");
     }
     let _ = want_y;
@@ -302,7 +320,11 @@ fn check_case<M: Float, T: Float>(b: usize, n: usize, c: usize, cx: usize, cfg: 
     for (i, &slot) in cpu.slots().iter().enumerate() {
         let bi = i / n;
         assert!((slot as usize) < o, "{ctx}: slot {slot}");
-        assert_bits_eq(&want_z[i * cx..][..cx], &y[(bi * o + slot as usize) * cx..][..cx], &format!("{ctx}: token {i}"));
+        assert_bits_eq(
+            &want_z[i * cx..][..cx],
+            &y[(bi * o + slot as usize) * cx..][..cx],
+            &format!("{ctx}: token {i}"),
+        );
     }
 }
 
@@ -391,19 +413,75 @@ fn golden_data(len: usize) -> Vec<f32> {
 /// `merge(metric, mode="mean")`. The relevant score gaps are all above 1e-5.
 type Golden = (usize, usize, usize, usize, bool, bool, &'static [&'static [&'static [u32]]], &'static [f32]);
 const GOLDEN: &[Golden] = &[
-    (2, 9, 5, 3, false, false, &[&[&[2], &[8], &[0, 1, 6], &[3, 4], &[5], &[7]], &[&[4], &[2], &[0, 1, 6], &[3, 8], &[5], &[7]]],
-     &[-0.290709, -0.21978, -0.148851, -0.077922, -0.006993, -0.163836, -0.092907, -0.021978, 0.048951, 0.11988, -0.839494, -0.768565]),
-    (2, 10, 4, 3, true, false, &[&[&[0], &[4], &[1, 8], &[3], &[5, 6], &[7], &[2, 9]], &[&[0], &[4], &[1, 8], &[3], &[5, 6], &[7], &[2, 9]]],
-     &[-1.0, -0.929071, -0.858142, -0.787213, 0.134865, 0.205794, 0.276723, 0.347652, -0.723776, -0.652847, -0.581918, -0.510989]),
-    (1, 12, 6, 4, true, true, &[&[&[0], &[1], &[4], &[3, 8], &[5, 6, 10], &[2, 7], &[9], &[11]]],
-     &[-1.0, -0.929071, -0.858142, -0.787213, -0.716284, -0.645355, -0.574426, -0.503497, -0.432567, -0.361638, -0.290709, -0.21978]),
-    (1, 11, 3, 100, false, false, &[&[&[4], &[0, 1, 2, 10], &[3], &[5], &[6, 7, 8], &[9]]],
-     &[-0.148851, -0.077922, -0.006993, -0.808691, -0.737762, -0.666833, -0.361638, -0.290709, -0.21978, 0.063936, 0.134865, 0.205794]),
-    (3, 16, 8, 5, false, true, &[
-        &[&[8], &[1], &[0], &[12], &[3, 10], &[5], &[7, 14], &[2, 9], &[4, 11], &[6, 13], &[15]],
-        &[&[6], &[1], &[14], &[10], &[3], &[5, 12], &[0, 7], &[2, 9], &[4, 11], &[13], &[8, 15]],
-        &[&[10], &[1], &[12], &[8], &[3], &[5], &[0, 7, 14], &[2, 9], &[4, 11], &[6, 13], &[15]]],
-     &[-0.462537, -0.391608, -0.320679, -0.24975, -0.178821, -0.107892, -0.036963, 0.033966, -0.432567, -0.361638, -0.290709, -0.21978]),
+    (
+        2,
+        9,
+        5,
+        3,
+        false,
+        false,
+        &[&[&[2], &[8], &[0, 1, 6], &[3, 4], &[5], &[7]], &[&[4], &[2], &[0, 1, 6], &[3, 8], &[5], &[7]]],
+        &[
+            -0.290709, -0.21978, -0.148851, -0.077922, -0.006993, -0.163836, -0.092907, -0.021978, 0.048951, 0.11988,
+            -0.839494, -0.768565,
+        ],
+    ),
+    (
+        2,
+        10,
+        4,
+        3,
+        true,
+        false,
+        &[&[&[0], &[4], &[1, 8], &[3], &[5, 6], &[7], &[2, 9]], &[&[0], &[4], &[1, 8], &[3], &[5, 6], &[7], &[2, 9]]],
+        &[
+            -1.0, -0.929071, -0.858142, -0.787213, 0.134865, 0.205794, 0.276723, 0.347652, -0.723776, -0.652847,
+            -0.581918, -0.510989,
+        ],
+    ),
+    (
+        1,
+        12,
+        6,
+        4,
+        true,
+        true,
+        &[&[&[0], &[1], &[4], &[3, 8], &[5, 6, 10], &[2, 7], &[9], &[11]]],
+        &[
+            -1.0, -0.929071, -0.858142, -0.787213, -0.716284, -0.645355, -0.574426, -0.503497, -0.432567, -0.361638,
+            -0.290709, -0.21978,
+        ],
+    ),
+    (
+        1,
+        11,
+        3,
+        100,
+        false,
+        false,
+        &[&[&[4], &[0, 1, 2, 10], &[3], &[5], &[6, 7, 8], &[9]]],
+        &[
+            -0.148851, -0.077922, -0.006993, -0.808691, -0.737762, -0.666833, -0.361638, -0.290709, -0.21978, 0.063936,
+            0.134865, 0.205794,
+        ],
+    ),
+    (
+        3,
+        16,
+        8,
+        5,
+        false,
+        true,
+        &[
+            &[&[8], &[1], &[0], &[12], &[3, 10], &[5], &[7, 14], &[2, 9], &[4, 11], &[6, 13], &[15]],
+            &[&[6], &[1], &[14], &[10], &[3], &[5, 12], &[0, 7], &[2, 9], &[4, 11], &[13], &[8, 15]],
+            &[&[10], &[1], &[12], &[8], &[3], &[5], &[0, 7, 14], &[2, 9], &[4, 11], &[6, 13], &[15]],
+        ],
+        &[
+            -0.462537, -0.391608, -0.320679, -0.24975, -0.178821, -0.107892, -0.036963, 0.033966, -0.432567, -0.361638,
+            -0.290709, -0.21978,
+        ],
+    ),
 ];
 
 #[test]
@@ -483,7 +561,9 @@ fn r_zero_is_the_identity_and_r_is_clamped() {
     let m = metric::<f32>(b * n * c, c, false, 3);
     let x = random_data::<f16>(b * n * 6, 4);
     for be in all_backends() {
-        for cfg in [MatchConfig::new(0), MatchConfig::new(5).distill_token(true).class_token(true).keep_original_order(true)] {
+        for cfg in
+            [MatchConfig::new(0), MatchConfig::new(5).distill_token(true).class_token(true).keep_original_order(true)]
+        {
             let cfg = if cfg.r == 5 { MatchConfig { r: 0, ..cfg } } else { cfg };
             let p = plan(be, &m, [b, n, c], &cfg);
             assert_eq!((p.r(), p.out_tokens()), (0, n));
@@ -570,40 +650,81 @@ fn bad_input_is_a_typed_error() {
         bad[3 * 3 * 3 + 1] = f32::NAN;
         for r in [0, 2] {
             let e = MergePlan::bipartite(be, View::new(&bad, &[2, 6, 3]).unwrap(), &MatchConfig::new(r)).unwrap_err();
-            assert!(matches!(&e, Error::NonFinite { family: Family::Merge, what } if what == "metric[1, 1, 1]"), "{be:?}: {e}");
+            assert!(
+                matches!(&e, Error::NonFinite { family: Family::Merge, what } if what == "metric[1, 1, 1]"),
+                "{be:?}: {e}"
+            );
         }
         let p = plan(be, &m, [2, 6, 3], &cfg);
         let x = vec![1.0f32; 2 * 6 * 4];
         let mut y = vec![0.0f32; 2 * 4 * 4];
         let mut so = vec![0.0f32; 2 * 4];
         let xv = || View::new(&x, &[2, 6, 4]).unwrap();
-        assert!(shape(p.merge(be, View::new(&x, &[2, 4, 6]).unwrap(), MergeMode::Sum, ViewMut::new(&mut y, &[2, 4, 4]).unwrap()).unwrap_err()));
+        assert!(shape(
+            p.merge(be, View::new(&x, &[2, 4, 6]).unwrap(), MergeMode::Sum, ViewMut::new(&mut y, &[2, 4, 4]).unwrap())
+                .unwrap_err()
+        ));
         assert!(shape(p.merge(be, xv(), MergeMode::Sum, ViewMut::new(&mut y, &[2, 2, 8]).unwrap()).unwrap_err()));
         let wrong_sizes = vec![1.0f32; 2 * 5];
-        let e = p.merge_weighted(be, xv(), Some(View::new(&wrong_sizes, &[2, 5]).unwrap()), ViewMut::new(&mut y, &[2, 4, 4]).unwrap(), ViewMut::new(&mut so, &[2, 4]).unwrap());
+        let e = p.merge_weighted(
+            be,
+            xv(),
+            Some(View::new(&wrong_sizes, &[2, 5]).unwrap()),
+            ViewMut::new(&mut y, &[2, 4, 4]).unwrap(),
+            ViewMut::new(&mut so, &[2, 4]).unwrap(),
+        );
         assert!(shape(e.unwrap_err()), "sizes of the wrong shape");
         for (v, nonfinite) in [(0.0f32, false), (-1.0, false), (f32::NAN, true), (f32::INFINITY, true)] {
             let mut sz = vec![1.0f32; 12];
             sz[7] = v;
-            let e = p.merge_weighted(be, xv(), Some(View::new(&sz, &[2, 6]).unwrap()), ViewMut::new(&mut y, &[2, 4, 4]).unwrap(), ViewMut::new(&mut so, &[2, 4]).unwrap()).unwrap_err();
+            let e = p
+                .merge_weighted(
+                    be,
+                    xv(),
+                    Some(View::new(&sz, &[2, 6]).unwrap()),
+                    ViewMut::new(&mut y, &[2, 4, 4]).unwrap(),
+                    ViewMut::new(&mut so, &[2, 4]).unwrap(),
+                )
+                .unwrap_err();
             if nonfinite {
                 assert!(matches!(&e, Error::NonFinite { what, .. } if what == "sizes[1, 1]"), "{e}");
             } else {
-                assert!(matches!(&e, Error::Invalid { family: Family::Merge, msg } if msg.contains("sizes[1, 1]")), "{e}");
+                assert!(
+                    matches!(&e, Error::Invalid { family: Family::Merge, msg } if msg.contains("sizes[1, 1]")),
+                    "{e}"
+                );
             }
         }
-        assert!(shape(p.merge_weighted(be, xv(), None, ViewMut::new(&mut y, &[2, 4, 4]).unwrap(), ViewMut::new(&mut so, &[1, 8]).unwrap()).unwrap_err()));
-        assert!(shape(p.unmerge(be, View::new(&y, &[2, 4, 4]).unwrap(), ViewMut::new(&mut vec![0.0; 40], &[2, 5, 4]).unwrap()).unwrap_err()));
+        assert!(shape(
+            p.merge_weighted(
+                be,
+                xv(),
+                None,
+                ViewMut::new(&mut y, &[2, 4, 4]).unwrap(),
+                ViewMut::new(&mut so, &[1, 8]).unwrap()
+            )
+            .unwrap_err()
+        ));
+        assert!(shape(
+            p.unmerge(be, View::new(&y, &[2, 4, 4]).unwrap(), ViewMut::new(&mut [0.0; 40], &[2, 5, 4]).unwrap())
+                .unwrap_err()
+        ));
         // Pruning: k > N, wrong dims, non-finite scores.
         let score = vec![0.5f32; 12];
         let sv = || View::new(&score, &[2, 6]).unwrap();
         assert!(matches!(Selection::top_k(be, sv(), 7, false), Err(Error::Invalid { family: Family::Merge, .. })));
         assert!(matches!(Selection::top_k(be, sv(), 6, true), Err(Error::Invalid { family: Family::Merge, .. })));
-        assert!(matches!(Selection::div_prune(be, View::new(&m, &[2, 6, 3]).unwrap(), 7, false), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            Selection::div_prune(be, View::new(&m, &[2, 6, 3]).unwrap(), 7, false),
+            Err(Error::Invalid { .. })
+        ));
         assert!(shape(Selection::top_k(be, View::new(&score, &[12]).unwrap(), 1, false).unwrap_err()));
         let mut s2 = score.clone();
         s2[3] = f32::NAN;
-        assert!(matches!(Selection::top_k(be, View::new(&s2, &[2, 6]).unwrap(), 1, false), Err(Error::NonFinite { .. })));
+        assert!(matches!(
+            Selection::top_k(be, View::new(&s2, &[2, 6]).unwrap(), 1, false),
+            Err(Error::NonFinite { .. })
+        ));
         let e = Selection::div_prune(be, View::new(&bad, &[2, 6, 3]).unwrap(), 2, false).unwrap_err();
         assert!(matches!(&e, Error::NonFinite { what, .. } if what == "metric[1, 1, 1]"), "{be:?}: {e}");
         let sel = Selection::top_k(be, sv(), 2, false).unwrap();
@@ -627,7 +748,8 @@ fn div_prune_oracle(m: &[f32], n: usize, c: usize, bi: usize, k: usize, class_to
     let u: Vec<Vec<f64>> = cand.iter().map(|&t| unit(t)).collect();
     let sim = |i: usize, j: usize| u[i].iter().zip(&u[j]).map(|(a, b)| a * b).sum::<f64>();
     let mm = cand.len();
-    let mut key: Vec<f64> = (0..mm).map(|i| (0..mm).filter(|&j| j != i).map(|j| sim(i, j)).fold(f64::NEG_INFINITY, f64::max)).collect();
+    let mut key: Vec<f64> =
+        (0..mm).map(|i| (0..mm).filter(|&j| j != i).map(|j| sim(i, j)).fold(f64::NEG_INFINITY, f64::max)).collect();
     let mut sel = vec![false; mm];
     let (mut picks, mut gaps) = (vec![], vec![]);
     for step in 0..k {

@@ -204,8 +204,14 @@ fn apply<M: Float>(plan: &MergePlan, case: &Case) {
     let (mut y, mut s) = (vec![M::from_f32(0.0); b * o * cx], vec![0.0f32; b * o]);
     for &be in cpu_backends() {
         let sv = View::new(&sizes, &[b, n]).unwrap();
-        plan.merge_weighted(be, xv, Some(sv), ViewMut::new(&mut y, &[b, o, cx]).unwrap(), ViewMut::new(&mut s, &[b, o]).unwrap())
-            .unwrap();
+        plan.merge_weighted(
+            be,
+            xv,
+            Some(sv),
+            ViewMut::new(&mut y, &[b, o, cx]).unwrap(),
+            ViewMut::new(&mut s, &[b, o]).unwrap(),
+        )
+        .unwrap();
     }
     let mut want = vec![M::from_f32(0.0); b * n * cx];
     let yv = View::new(&y, &[b, o, cx]).unwrap();

@@ -261,7 +261,8 @@ impl Avx512 {
                 let quiet = f._mm512_or_si512(x, f._mm512_set1_epi32(0x0040_0000));
                 let nan = f._mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
                 let bits = f._mm512_srli_epi32::<16>(f._mm512_mask_blend_epi32(nan, rounded, quiet));
-                bytes.copy_from_slice(bytemuck::bytes_of(&pulp::cast::<_, [u16; LANES]>(f._mm512_cvtepi32_epi16(bits))));
+                bytes
+                    .copy_from_slice(bytemuck::bytes_of(&pulp::cast::<_, [u16; LANES]>(f._mm512_cvtepi32_epi16(bits))));
             }
             DType::U8 => unreachable!("Float excludes u8"),
         }
@@ -550,7 +551,15 @@ const _: () = assert!(
 /// Writes a `GROUP × GROUP` block (`blk[k][r]`: depth `k0 + k`, packed row `g·GROUP + r`) into
 /// k-major panels of `pp` rows and `depth` (channels or channel pairs), as contiguous runs.
 #[inline(always)]
-fn scatter_block<E: Copy>(blk: &[[E; GROUP]; GROUP], kn: usize, k0: usize, depth: usize, g: usize, pp: usize, out: &mut [E]) {
+fn scatter_block<E: Copy>(
+    blk: &[[E; GROUP]; GROUP],
+    kn: usize,
+    k0: usize,
+    depth: usize,
+    g: usize,
+    pp: usize,
+    out: &mut [E],
+) {
     let out_rows = out.len() / depth;
     for (kk, col) in blk.iter().enumerate().take(kn) {
         let kc = k0 + kk;
@@ -659,7 +668,8 @@ fn write_pair_panels<K: Kernel>(
     for ((src, dst), e) in rows.chunks_exact(c).zip(halves.chunks_exact_mut(2 * np)).zip(errs.iter_mut()) {
         let lanes = k.round_bf16(src, &mut dst[..c]);
         dst[c..].fill(0);
-        let sq = lanes.iter().map(|&l| l as f64).sum::<f64>() * (1.0 + c as f64 * 2f64.powi(-22)) + c as f64 * 2f64.powi(-140);
+        let sq = lanes.iter().map(|&l| l as f64).sum::<f64>() * (1.0 + c as f64 * 2f64.powi(-22))
+            + c as f64 * 2f64.powi(-140);
         *e = (sq.sqrt() * 1.0001) as f32;
     }
     for k0 in (0..np).step_by(GROUP) {
@@ -806,6 +816,7 @@ impl Packed {
 
 /// Normalises and packs every batch (A: tokens `a.0, a.0 + a.1, …`; B likewise); `Err` holds
 /// the flat index of the first non-finite element.
+#[allow(clippy::too_many_arguments)]
 fn pack<M: Float>(
     isa: Isa,
     screen: bool,
@@ -822,7 +833,17 @@ fn pack<M: Float>(
     for_each_chunk(&mut out, 1, |bi, slot| {
         let x = &metric[bi * n * c..][..n * c];
         let p = &mut slot[0];
-        let side = |(first, step): (usize, usize), pp| PackSide { x, c, first, step, pp, panels: None, rows: None, pairs: None, errs: None };
+        let side = |(first, step): (usize, usize), pp| PackSide {
+            x,
+            c,
+            first,
+            step,
+            pp,
+            panels: None,
+            rows: None,
+            pairs: None,
+            errs: None,
+        };
         let (bad_a, bad_b);
         let mut b_panels = p.b_panels.take().unwrap_or_default();
         if screen {
@@ -1115,7 +1136,9 @@ pub(crate) fn merge<T: Float>(
             let off = &offsets[b * (o + 1) + s..][..2];
             // The same f32 sum, in the same order, as the values' weights.
             // (From +0, so a single source's size is copied exactly.)
-            *w = members[b * n..][off[0] as usize..off[1] as usize].iter().fold(0.0f32, |w, &t| w + sz[b * n + t as usize]);
+            *w = members[b * n..][off[0] as usize..off[1] as usize]
+                .iter()
+                .fold(0.0f32, |w, &t| w + sz[b * n + t as usize]);
         }
     }
 }
@@ -1310,7 +1333,7 @@ mod tests {
             let u: Vec<f32> = (0..n)
                 .map(|i| match i % 5 {
                     0 => f32::from_bits((uniform(i as u64 ^ seed).to_bits() & 0xffff_0000) | 0x8000), // a tie
-                    1 => uniform(i as u64 ^ seed) * 1e-40,                                           // subnormal
+                    1 => uniform(i as u64 ^ seed) * 1e-40,                                            // subnormal
                     2 => uniform(i as u64 ^ seed) * 1e-30,
                     _ => uniform(i as u64 ^ seed),
                 })
@@ -1386,5 +1409,4 @@ mod tests {
             }
         }
     }
-
 }

@@ -164,7 +164,8 @@ impl<T: Float> Runner for HostRunner<T> {
     fn run(&mut self, n: u32) -> Result<(), String> {
         let input = self.flow.input.get()?;
         for _ in 0..n {
-            run(&self.flow.spec, self.backend, std::hint::black_box(input), &mut self.out).map_err(|e| e.to_string())?;
+            run(&self.flow.spec, self.backend, std::hint::black_box(input), &mut self.out)
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
