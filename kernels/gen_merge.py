@@ -728,6 +728,7 @@ def simulate(seed=0, count=4):
     import random
     import re
     import struct
+    sys.dont_write_bytecode = True  # no __pycache__ in the tree
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import ptx_sim as S
 
