@@ -29,7 +29,7 @@ use core::arch::x86_64::__m512;
 use pulp::x86::{V3, V4};
 use pulp::{f32x16, Simd, WithSimd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 mod screen;
 
@@ -63,6 +63,18 @@ trait Kernel: Copy + Send + Sync {
     fn fma<T: Float>(self, src: &[T], w: f32, acc: &mut [f32]);
     /// `dst = T(acc / d)` (`d = None`: `T(acc)`).
     fn narrow<T: Float>(self, acc: &[f32], d: Option<f32>, dst: &mut [T]);
+    /// The transpose of a block: `out[k][r] = m[r][k]`.
+    fn transpose(self, m: Block) -> Block;
+    /// `out[k] = bf16(u[k])` (nearest even; `u` finite), and 16 lane sums (`k mod 16`, f32
+    /// fma) of the squared rounding errors `(bf16(u[k]) − u[k])²`, each of which is exact.
+    fn round_bf16(self, u: &[f32], out: &mut [u16]) -> [f32; 16];
+}
+
+/// bf16 bits of a finite `x`, rounded to nearest even.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    (b + 0x7fff + ((b >> 16) & 1)) >> 16
 }
 
 const _: () = assert!(Portable::MR * Portable::NR <= MAX_TILE && Avx512::MR * Avx512::NR <= MAX_TILE);
@@ -95,6 +107,32 @@ struct Portable;
 impl Kernel for Portable {
     const MR: usize = 4;
     const NR: usize = 16;
+
+    #[inline(always)]
+    fn round_bf16(self, u: &[f32], out: &mut [u16]) -> [f32; 16] {
+        let mut lanes = [0.0f32; 16];
+        for (us, os) in u.chunks(16).zip(out.chunks_mut(16)) {
+            for ((l, &x), o) in lanes.iter_mut().zip(us).zip(os) {
+                let h = bf16_bits(x);
+                *o = h as u16;
+                // Exact: the rounding stays within a factor 2 of `x` (Sterbenz).
+                let d = f32::from_bits(h << 16) - x;
+                *l = d.mul_add(d, *l);
+            }
+        }
+        lanes
+    }
+
+    #[inline(always)]
+    fn transpose(self, m: Block) -> Block {
+        let mut t = [[0u32; GROUP]; GROUP];
+        for (r, row) in m.iter().enumerate() {
+            for (k, &v) in row.iter().enumerate() {
+                t[k][r] = v;
+            }
+        }
+        t
+    }
 
     #[inline(always)]
     fn normalize<M: Float>(self, x: &[M], u: &mut [f32]) -> bool {
@@ -243,7 +281,13 @@ impl Avx512 {
     #[inline(always)]
     fn acc_store(self, v: __m512, acc: &mut [f32], i: usize, len: usize) {
         let a: [f32; LANES] = pulp::cast(v);
-        acc[i..i + len].copy_from_slice(&a[..len]);
+        if len == LANES {
+            // A fixed-size copy: one vector store (a slice copy of runtime length is a call).
+            let dst: &mut [f32; LANES] = (&mut acc[i..i + LANES]).try_into().expect("16 lanes");
+            *dst = a;
+        } else {
+            acc[i..i + len].copy_from_slice(&a[..len]);
+        }
     }
 
     #[inline(always)]
@@ -259,6 +303,52 @@ impl Avx512 {
 impl Kernel for Avx512 {
     const MR: usize = 8;
     const NR: usize = 48;
+
+    #[inline(always)]
+    fn round_bf16(self, u: &[f32], out: &mut [u16]) -> [f32; 16] {
+        use core::arch::x86_64::__m512i;
+        let f = self.0.avx512f;
+        let (one, bias, top) = (f._mm512_set1_epi32(1), f._mm512_set1_epi32(0x7fff), f._mm512_set1_epi32(-65536));
+        let mut acc = f._mm512_setzero_ps();
+        let n = u.len();
+        let mut i = 0;
+        while i < n {
+            let len = (n - i).min(LANES);
+            let x = self.acc_load(u, i, len);
+            let b: __m512i = pulp::cast(x);
+            let lsb = f._mm512_and_si512(f._mm512_srli_epi32::<16>(b), one);
+            let r = f._mm512_add_epi32(f._mm512_add_epi32(b, bias), lsb);
+            let d = f._mm512_sub_ps(pulp::cast(f._mm512_and_si512(r, top)), x);
+            acc = f._mm512_fmadd_ps(d, d, acc);
+            let h: [u16; LANES] = pulp::cast(f._mm512_cvtepi32_epi16(f._mm512_srli_epi32::<16>(r)));
+            if len == LANES {
+                *out[i..].first_chunk_mut::<LANES>().expect("16 lanes") = h;
+            } else {
+                out[i..i + len].copy_from_slice(&h[..len]);
+            }
+            i += LANES;
+        }
+        pulp::cast(acc)
+    }
+
+    /// Four rounds of two-source permutes: round `b = 8, 4, 2, 1` swaps the off-diagonal
+    /// `b × b` sub-blocks of every `2b × 2b` block (rows `i`, `i + b` exchange lane chunks).
+    #[inline(always)]
+    fn transpose(self, m: Block) -> Block {
+        use core::arch::x86_64::__m512i;
+        let f = self.0.avx512f;
+        let mut v: [__m512i; GROUP] = pulp::cast(m);
+        for (round, idx) in TRANSPOSE_INDEX.iter().enumerate() {
+            let b = GROUP >> (round + 1);
+            let (lo, hi): (__m512i, __m512i) = (pulp::cast(idx[0]), pulp::cast(idx[1]));
+            for i in (0..GROUP).filter(|i| (i / b).is_multiple_of(2)) {
+                let (x, y) = (v[i], v[i + b]);
+                v[i] = f._mm512_permutex2var_epi32(x, lo, y);
+                v[i + b] = f._mm512_permutex2var_epi32(x, hi, y);
+            }
+        }
+        pulp::cast(v)
+    }
 
     // (Loops, not closures: a closure is not compiled with the caller's target features, so
     // the intrinsics inside it would not inline.)
@@ -482,55 +572,135 @@ fn scatter_block<E: Copy>(
                 if row >= out_rows {
                     break;
                 }
-                out[row / pp * pp * depth + kc * pp..][..pp].copy_from_slice(vals);
+                let dst = &mut out[row / pp * pp * depth + kc * pp..][..pp];
+                // Fixed-size copies for the panel heights in use (a runtime-length copy is a
+                // call per piece).
+                match pp {
+                    8 => *dst.first_chunk_mut::<8>().expect("8") = *vals.first_chunk::<8>().expect("8"),
+                    4 => *dst.first_chunk_mut::<4>().expect("4") = *vals.first_chunk::<4>().expect("4"),
+                    _ => dst.copy_from_slice(vals),
+                }
             }
         }
     }
 }
 
+/// The permute indices of [`Avx512`]'s transpose, round `b = 8, 4, 2, 1`: lane `l` of chunk
+/// `q` (of `2b` lanes) takes, for the low output, `x[2bq + o]` (`o < b`) then
+/// `y[2bq + o − b]`; for the high output the next `b` lanes of each (`y` is indices 16..32).
+const TRANSPOSE_INDEX: [[[i32; GROUP]; 2]; 4] = {
+    let mut t = [[[0i32; GROUP]; 2]; 4];
+    let mut round = 0;
+    while round < 4 {
+        let b = GROUP >> (round + 1);
+        let mut l = 0;
+        while l < GROUP {
+            let (q, o) = (l / (2 * b), l % (2 * b));
+            let (src, off) = if o < b { (0, o) } else { (GROUP, o - b) };
+            t[round][0][l] = (src + 2 * b * q + off) as i32;
+            t[round][1][l] = (src + 2 * b * q + b + off) as i32;
+            l += 1;
+        }
+        round += 1;
+    }
+    t
+};
+
+/// A `GROUP × GROUP` block of 32-bit words: `m[r][k]`.
+type Block = [[u32; GROUP]; GROUP];
+
+/// Loads word rows `r < n` of `words` (`stride` apart, `kn ≤ GROUP` from `k0`) into a block,
+/// zeros elsewhere.
+#[inline(always)]
+fn load_block(words: &[u32], stride: usize, n: usize, k0: usize, kn: usize) -> Block {
+    let mut m = [[0u32; GROUP]; GROUP];
+    for (r, row) in m.iter_mut().enumerate().take(n) {
+        let src = &words[r * stride + k0..];
+        if kn == GROUP {
+            // A fixed-size copy: one vector load and store.
+            *row = *src.first_chunk::<GROUP>().expect("a whole block row");
+        } else {
+            row[..kn].copy_from_slice(&src[..kn]);
+        }
+    }
+    m
+}
+
 /// Writes up to `GROUP` row-major rows of `c` (the packed rows `g·GROUP + r`; missing rows are
-/// zero) into k-major f32 panels of `pp` rows. Through a block in L1, every store to the
-/// panels is a contiguous run (a direct scatter, one element per cache line, costs several
-/// times more).
-fn write_panels(rows: &[f32], c: usize, g: usize, pp: usize, out: &mut [f32]) {
+/// zero) into k-major f32 panels of `pp` rows. Through a block transposed in registers, every
+/// store to the panels is a contiguous run (a direct scatter, one element per cache line,
+/// costs several times more).
+#[inline(always)]
+fn write_panels<K: Kernel>(k: K, rows: &[f32], c: usize, g: usize, pp: usize, out: &mut [f32]) {
     let nrows = rows.len() / c;
+    let words: &[u32] = bytemuck::cast_slice(rows);
+    let out: &mut [u32] = bytemuck::cast_slice_mut(out);
     for k0 in (0..c).step_by(GROUP) {
         let kn = (c - k0).min(GROUP);
-        let mut blk = [[0.0f32; GROUP]; GROUP];
-        for r in 0..nrows {
-            for (kk, &v) in rows[r * c + k0..][..kn].iter().enumerate() {
-                blk[kk][r] = v;
-            }
-        }
-        scatter_block(&blk, kn, k0, c, g, pp, out);
+        let t = k.transpose(load_block(words, c, nrows, k0, kn));
+        scatter_block(&t, kn, k0, c, g, pp, out);
     }
 }
 
 /// Like [`write_panels`], in bf16 pairs: depth `kp` holds `(bf16(u[2kp]), bf16(u[2kp+1]))` in
-/// one u32, low half first (an odd `c` is padded with a zero), rounded to nearest even.
-fn write_pair_panels(rows: &[f32], c: usize, g: usize, pp: usize, out: &mut [u32]) {
+/// one u32, low half first (an odd `c` is padded with a zero), rounded to nearest even (the
+/// values are finite: no NaN case). `scratch` holds `GROUP · ⌈c/2⌉` words. `errs[r]` receives
+/// an upper bound of `‖bf16(u_r) − u_r‖₂` (summed in f64, then enlarged by 10⁻⁴ to cover the
+/// f32 rounding), for the screening margin.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn write_pair_panels<K: Kernel>(
+    k: K,
+    rows: &[f32],
+    c: usize,
+    g: usize,
+    pp: usize,
+    scratch: &mut [u32],
+    errs: &mut [f32],
+    out: &mut [u32],
+) {
     let nrows = rows.len() / c;
-    let pairs = c.div_ceil(2);
-    let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
-    for k0 in (0..pairs).step_by(GROUP) {
-        let kn = (pairs - k0).min(GROUP);
-        let mut blk = [[0u32; GROUP]; GROUP];
-        for r in 0..nrows {
-            let row = &rows[r * c..][..c];
-            for (kk, col) in blk.iter_mut().enumerate().take(kn) {
-                let k = 2 * (k0 + kk);
-                let hi = if k + 1 < c { bits(row[k + 1]) } else { 0 };
-                col[r] = bits(row[k]) | hi << 16;
-            }
-        }
-        scatter_block(&blk, kn, k0, pairs, g, pp, out);
+    let np = c.div_ceil(2);
+    // Round every row first, into the halves of the words, and bound the rounding error: 16
+    // lane sums of squares in f32, enlarged by their worst relative rounding `c·2⁻²²` and an
+    // absolute `c·2⁻¹⁴⁰` for underflow.
+    let halves: &mut [u16] = bytemuck::cast_slice_mut(scratch);
+    for ((src, dst), e) in rows.chunks_exact(c).zip(halves.chunks_exact_mut(2 * np)).zip(errs.iter_mut()) {
+        let lanes = k.round_bf16(src, &mut dst[..c]);
+        dst[c..].fill(0);
+        let sq = lanes.iter().map(|&l| l as f64).sum::<f64>() * (1.0 + c as f64 * 2f64.powi(-22))
+            + c as f64 * 2f64.powi(-140);
+        *e = (sq.sqrt() * 1.0001) as f32;
+    }
+    for k0 in (0..np).step_by(GROUP) {
+        let kn = (np - k0).min(GROUP);
+        let t = k.transpose(load_block(scratch, np, nrows, k0, kn));
+        scatter_block(&t, kn, k0, np, g, pp, out);
     }
 }
 
 /// Panels of `pp` rows from row-major rows (`rows.len() / c` of them; `out` padded).
-fn panels_from_rows(rows: &[f32], c: usize, pp: usize, out: &mut [f32]) {
+fn panels_from_rows<K: Kernel>(k: K, rows: &[f32], c: usize, pp: usize, out: &mut [f32]) {
     for (g, group) in rows.chunks(GROUP * c).enumerate() {
-        write_panels(group, c, g, pp, out);
+        write_panels(k, group, c, g, pp, out);
+    }
+}
+
+/// Asks for every cache line of `x` (a hint: no effect on results).
+#[inline(always)]
+fn prefetch<T>(x: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes: usize = size_of_val(x);
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch never faults and the address is inside `x`; SSE is part of
+            // x86-64.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().cast::<i8>().add(off));
+            }
+        }
     }
 }
 
@@ -550,6 +720,8 @@ struct PackSide<'a, M> {
     rows: Option<&'a mut [f32]>,
     /// k-major bf16-pair panels.
     pairs: Option<&'a mut [u32]>,
+    /// With `pairs`: each row's bf16 rounding error bound (see [`write_pair_panels`]).
+    errs: Option<&'a mut [f32]>,
 }
 
 impl<M: Float> Op for PackSide<'_, M> {
@@ -561,22 +733,31 @@ impl<M: Float> Op for PackSide<'_, M> {
         let (c, pp) = (self.c, self.pp);
         let n = self.x.len() / c;
         let tokens: Vec<usize> = (self.first..n).step_by(self.step).collect();
-        let mut tmp = vec![0.0f32; GROUP * c];
+        // Rows are normalised straight into the row-major output when there is one.
+        let mut tmp = vec![0.0f32; if self.rows.is_some() { 0 } else { GROUP * c }];
+        let mut scratch = vec![0u32; if self.pairs.is_some() { GROUP * c.div_ceil(2) } else { 0 }];
         for (g, group) in tokens.chunks(GROUP).enumerate() {
-            for (r, &t) in group.iter().enumerate() {
-                if !k.normalize(&self.x[t * c..][..c], &mut tmp[r * c..][..c]) {
+            let dst = match self.rows.as_deref_mut() {
+                Some(rows) => &mut rows[g * GROUP * c..][..group.len() * c],
+                None => &mut tmp[..group.len() * c],
+            };
+            for (&t, u) in group.iter().zip(dst.chunks_exact_mut(c)) {
+                // The rows of a side are `step` apart: fetch the next one while this one is
+                // normalised (the hardware prefetchers miss the stride at row starts).
+                if let Some(next) = self.x.get((t + self.step) * c..(t + self.step + 1) * c) {
+                    prefetch(next);
+                }
+                if !k.normalize(&self.x[t * c..][..c], u) {
                     return Some(t);
                 }
             }
-            let valid = &tmp[..group.len() * c];
-            if let Some(rows) = self.rows.as_deref_mut() {
-                rows[g * GROUP * c..][..valid.len()].copy_from_slice(valid);
-            }
+            let valid = &*dst;
             if let Some(panels) = self.panels.as_deref_mut() {
-                write_panels(valid, c, g, pp, panels);
+                write_panels(k, valid, c, g, pp, panels);
             }
-            if let Some(pairs) = self.pairs.as_deref_mut() {
-                write_pair_panels(valid, c, g, pp, pairs);
+            if let (Some(pairs), Some(errs)) = (self.pairs.as_deref_mut(), self.errs.as_deref_mut()) {
+                let errs = &mut errs[g * GROUP..][..group.len()];
+                write_pair_panels(k, valid, c, g, pp, &mut scratch, errs, pairs);
             }
         }
         None
@@ -617,6 +798,9 @@ struct Packed {
     b_rows: Vec<f32>,
     a_pairs: Vec<u32>,
     b_pairs: Vec<u32>,
+    /// Rounding error bounds of the bf16 rows (see [`write_pair_panels`]).
+    a_errs: Vec<f32>,
+    b_errs: Vec<f32>,
 }
 
 impl Packed {
@@ -624,7 +808,7 @@ impl Packed {
     fn b_panels(&self, geo: &Geometry) -> &[f32] {
         self.b_panels.get_or_init(|| {
             let mut out = vec![0.0f32; geo.nb_pad * geo.c];
-            panels_from_rows(&self.b_rows, geo.c, geo.nr, &mut out);
+            panels_from_rows(Portable, &self.b_rows, geo.c, geo.nr, &mut out);
             out
         })
     }
@@ -632,7 +816,7 @@ impl Packed {
 
 /// Normalises and packs every batch (A: tokens `a.0, a.0 + a.1, …`; B likewise); `Err` holds
 /// the flat index of the first non-finite element.
-#[allow(clippy::too_many_arguments)] // one call site; the arguments are the packing geometry
+#[allow(clippy::too_many_arguments)]
 fn pack<M: Float>(
     isa: Isa,
     screen: bool,
@@ -645,7 +829,7 @@ fn pack<M: Float>(
 ) -> std::result::Result<Vec<Packed>, usize> {
     let c = geo.c;
     let first = AtomicUsize::new(usize::MAX);
-    let mut out: Vec<Packed> = (0..batch).map(|_| Packed::default()).collect();
+    let mut out = take_pool(batch);
     for_each_chunk(&mut out, 1, |bi, slot| {
         let x = &metric[bi * n * c..][..n * c];
         let p = &mut slot[0];
@@ -658,20 +842,26 @@ fn pack<M: Float>(
             panels: None,
             rows: None,
             pairs: None,
+            errs: None,
         };
         let (bad_a, bad_b);
+        let mut b_panels = p.b_panels.take().unwrap_or_default();
         if screen {
-            p.a_rows = vec![0.0; geo.na * c];
-            p.b_rows = vec![0.0; geo.nb * c];
-            p.a_pairs = vec![0; geo.na_pad * geo.pairs];
-            p.b_pairs = vec![0; geo.nb_pad * geo.pairs];
-            bad_a =
-                dispatch(isa, PackSide { rows: Some(&mut p.a_rows), pairs: Some(&mut p.a_pairs), ..side(a, geo.mr) });
-            bad_b =
-                dispatch(isa, PackSide { rows: Some(&mut p.b_rows), pairs: Some(&mut p.b_pairs), ..side(b, geo.nr) });
+            // Rows are written whole; panels only up to the last group of GROUP rows.
+            prepare(&mut p.a_rows, geo.na * c, geo.na * c);
+            prepare(&mut p.b_rows, geo.nb * c, geo.nb * c);
+            prepare(&mut p.a_pairs, geo.na_pad * geo.pairs, geo.na / geo.mr * geo.mr * geo.pairs);
+            prepare(&mut p.b_pairs, geo.nb_pad * geo.pairs, geo.nb / geo.nr * geo.nr * geo.pairs);
+            prepare(&mut p.a_errs, geo.na, geo.na);
+            prepare(&mut p.b_errs, geo.nb, geo.nb);
+            let (rows, pairs, errs) = (Some(&mut p.a_rows[..]), Some(&mut p.a_pairs[..]), Some(&mut p.a_errs[..]));
+            bad_a = dispatch(isa, PackSide { rows, pairs, errs, ..side(a, geo.mr) });
+            let (rows, pairs, errs) = (Some(&mut p.b_rows[..]), Some(&mut p.b_pairs[..]), Some(&mut p.b_errs[..]));
+            bad_b = dispatch(isa, PackSide { rows, pairs, errs, ..side(b, geo.nr) });
+            // (`b_panels` is built from the rows only if a block falls back to the f32 tiles.)
         } else {
-            p.a_panels = vec![0.0; geo.na_pad * c];
-            let mut b_panels = vec![0.0; geo.nb_pad * c];
+            prepare(&mut p.a_panels, geo.na_pad * c, geo.na / geo.mr * geo.mr * c);
+            prepare(&mut b_panels, geo.nb_pad * c, geo.nb / geo.nr * geo.nr * c);
             bad_a = dispatch(isa, PackSide { panels: Some(&mut p.a_panels), ..side(a, geo.mr) });
             bad_b = dispatch(isa, PackSide { panels: Some(&mut b_panels), ..side(b, geo.nr) });
             p.b_panels = OnceLock::from(b_panels);
@@ -683,8 +873,36 @@ fn pack<M: Float>(
         }
     });
     match lowest(first) {
-        Some(i) => Err(i),
+        Some(i) => {
+            give_pool(out);
+            Err(i)
+        }
         None => Ok(out),
+    }
+}
+
+/// Sizes `v` to `len` for packing, zero from `dirty_from` on (the panels that hold padding);
+/// the prefix is overwritten by the packing. Reusing the allocation spares fresh pages (page
+/// faults and the kernel's zeroing cost a fifth of a ToMe layer otherwise).
+fn prepare<T: Copy + Default>(v: &mut Vec<T>, len: usize, dirty_from: usize) {
+    v.resize(len, T::default());
+    v[dirty_from.min(len)..].fill(T::default());
+}
+
+/// The packed buffers of the last call, kept for the next one (at most one set).
+static POOL: Mutex<Vec<Packed>> = Mutex::new(Vec::new());
+
+/// `batch` packed sets, reusing the pool's allocations.
+fn take_pool(batch: usize) -> Vec<Packed> {
+    let mut v = POOL.lock().map(|mut g| std::mem::take(&mut *g)).unwrap_or_default();
+    v.resize_with(batch, Packed::default);
+    v
+}
+
+/// Returns packed sets to the pool.
+fn give_pool(v: Vec<Packed>) {
+    if let Ok(mut g) = POOL.lock() {
+        *g = v;
     }
 }
 
@@ -774,7 +992,7 @@ pub(crate) fn bipartite<M: Float>(
     cfg: &MatchConfig,
     r: usize,
 ) -> Result<Parts> {
-    bipartite_with(isa, screen::available(isa, c), metric, batch, n, c, cfg, r)
+    bipartite_with(isa, screen::available(isa, c) && std::env::var("NOSCREEN").is_err(), metric, batch, n, c, cfg, r)
 }
 
 /// [`bipartite`] with the screening chosen by the caller (`screen` needs
@@ -805,11 +1023,11 @@ fn bipartite_with<M: Float>(
     let block = ROW_BLOCK * geo.mr;
     let blocks = na.div_ceil(block);
     let mut best = vec![(f32::NEG_INFINITY, 0u32); batch * blocks * block];
-    let packed = &packed;
+    let pk_all = &packed;
     for_each_chunk(&mut best, block, |ci, best| {
         let (bi, blk) = (ci / blocks, ci % blocks);
         let rows = (na - blk * block).min(block);
-        let pk = &packed[bi];
+        let pk = &pk_all[bi];
         // A's token 0 (a class token) scores −∞ everywhere: its row keeps (−∞, 0).
         let skip_row0 = cfg.class_token && blk == 0;
         let best = &mut best[..rows];
@@ -835,6 +1053,7 @@ fn bipartite_with<M: Float>(
         parts.merged.extend(order[..r].iter().map(|&i| 2 * i));
         parts.dest.extend(order[..r].iter().map(|&i| 2 * best[i as usize].1 + 1));
     }
+    give_pool(packed);
     Ok(parts)
 }
 
@@ -1007,12 +1226,9 @@ pub(crate) fn div_prune<M: Float>(
     let packed =
         pack(isa, false, metric, batch, n, geo, (first, 1), (first, 1)).map_err(|i| non_finite("metric", i, n, c))?;
     let mut kept = vec![0u32; batch * k];
-    if k == 0 {
-        return Ok(kept);
-    }
-    let packed = &packed;
+    let pk_all = &packed;
     for_each_chunk(&mut kept, k, |bi, kept| {
-        let pk = &packed[bi];
+        let pk = &pk_all[bi];
         let (a, b) = (&pk.a_panels[..], pk.b_panels(&geo));
         let mut sim = vec![0.0f32; m * m];
         dispatch(isa, SimMatrix { a, b, geo, m, out: &mut sim });
@@ -1041,6 +1257,7 @@ pub(crate) fn div_prune<M: Float>(
             }
         }
     });
+    give_pool(packed);
     Ok(kept)
 }
 
@@ -1103,6 +1320,45 @@ mod tests {
         (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
+    /// bf16 rounding: the AVX-512 kernel's bits equal the portable ones and the per-row error
+    /// bound of the packing covers the true error (f64), on rows with ties to even, tiny and
+    /// subnormal values, and lengths that are not multiples of 16.
+    #[test]
+    fn bf16_rounding_and_its_error_bound() {
+        let Some(simd) = V4::try_new() else {
+            println!("skipped: no AVX-512 on this CPU");
+            return;
+        };
+        for (n, seed) in [(1usize, 1u64), (15, 2), (16, 3), (17, 4), (100, 5), (768, 6)] {
+            let u: Vec<f32> = (0..n)
+                .map(|i| match i % 5 {
+                    0 => f32::from_bits((uniform(i as u64 ^ seed).to_bits() & 0xffff_0000) | 0x8000), // a tie
+                    1 => uniform(i as u64 ^ seed) * 1e-40,                                            // subnormal
+                    2 => uniform(i as u64 ^ seed) * 1e-30,
+                    _ => uniform(i as u64 ^ seed),
+                })
+                .collect();
+            let (mut hp, mut ha) = (vec![0u16; n], vec![0u16; n]);
+            let lp = Portable.round_bf16(&u, &mut hp);
+            let la = Avx512(simd).round_bf16(&u, &mut ha);
+            assert_eq!(hp, ha, "n={n}");
+            assert_eq!(lp, la, "n={n}: lane sums");
+            // The packing's bound, as write_pair_panels computes it.
+            let mut words = vec![0u32; GROUP * n.div_ceil(2)];
+            let mut errs = [0.0f32; 1];
+            let mut out = vec![0u32; 8 * n.div_ceil(2)];
+            write_pair_panels(Portable, &u, n, 0, 8, &mut words, &mut errs, &mut out);
+            let truth = u
+                .iter()
+                .zip(&hp)
+                .map(|(&x, &h)| (f32::from_bits((h as u32) << 16) as f64 - x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            assert!(errs[0] as f64 >= truth, "n={n}: bound {} < error {truth}", errs[0]);
+            assert!(errs[0] as f64 <= truth * 1.01 + 1e-30, "n={n}: bound {} far above {truth}", errs[0]);
+        }
+    }
+
     /// The screened plan equals the f32 tiles' plan, bit for bit: on random tokens (the
     /// candidate path), on near-duplicate tokens (the fallback path: most estimates tie) and
     /// on data with both, for every flag combination and awkward sizes.
@@ -1114,19 +1370,26 @@ mod tests {
         }
         let mut seed = 0u64;
         for &(b, n, c) in &[(1, 3, 1), (2, 9, 3), (1, 97, 33), (3, 130, 64), (1, 200, 7), (2, 301, 100), (1, 520, 16)] {
-            for kind in 0..3 {
+            for kind in 0..6 {
                 seed += 1;
                 let x: Vec<f32> = (0..b * n * c)
                     .map(|i| {
                         let (t, k) = (i / c, i % c);
                         let base = uniform((k as u64) << 20 ^ seed);
+                        let noise = uniform(i as u64 ^ seed << 32);
                         match kind {
-                            0 => uniform(i as u64 ^ seed << 32),
+                            0 => noise,
                             // Near-duplicates: one direction plus tiny noise.
-                            1 => base + 1e-4 * uniform(i as u64 ^ seed << 32),
+                            1 => base + 1e-4 * noise,
                             // Half duplicates, half random.
-                            _ if t % 2 == 0 => base,
-                            _ => uniform(i as u64 ^ seed << 32),
+                            2 if t % 2 == 0 => base,
+                            2 => noise,
+                            // Midway between bf16 values: the largest rounding errors.
+                            3 => f32::from_bits((noise.to_bits() & 0xffff_0000) | 0x8000),
+                            // Differences at the scale of the bf16 rounding.
+                            4 => base + 3e-3 * noise,
+                            // Exactly bf16: no rounding error at all.
+                            _ => f32::from_bits(noise.to_bits() & 0xffff_0000),
                         }
                     })
                     .collect();

@@ -1,0 +1,1075 @@
+#!/usr/bin/env python3
+"""Generates kernels/merge.ptx: token merging (ToMe bipartite soft matching) on the GPU.
+
+Python 3 standard library only. Usage:
+
+    python3 kernels/gen_merge.py             # (re)write kernels/merge.ptx
+    python3 kernels/gen_merge.py --check     # exit 1 if the committed file is stale
+    python3 kernels/gen_merge.py --list      # print "<entry> <param bytes>" per entry
+    python3 kernels/gen_merge.py --stdout    # print the PTX
+    python3 kernels/gen_merge.py --simulate 4 [--seed S]   # run the PTX on kernels/ptx_sim.py
+
+Semantics are those of the cpu backend (src/cpu/merge.rs), bit for bit, following the f32
+score contract of src/merge.rs operation for operation: `mul.rn`, `add.rn`, `fma.rn`,
+`sqrt.rn`, `div.rn` (never contracted, never approximate; no `.ftz` anywhere).
+
+Entries (one parameter block for all, MERGE_FIELDS below = `MergeParams` in src/cuda/merge.rs):
+
+- merge_normalize_{f32,f16,bf16}: metric [B*N*C] -> u f32 [B*N*C]. Half a warp per token row:
+  lane l sums fma(y_k, y_k, .) for k = l mod 16 (the contract's 16 lane sums), then the lane
+  tree l += l+8, +4, +2, +1 by shfl.down; max|v| by a butterfly (exact). Non-finite elements:
+  status = max(status, !flat_index) (0: none; the lowest index wins).
+- merge_similarity: u -> per (batch, split, A row) the best (score, B index) over the split's
+  B tiles. A 64x64 tile of (A rows, B rows) per block, 16x16 threads with 4x4 register tiles,
+  16 channels per step staged in shared memory; every score is ONE fma chain over k = 0..C-1
+  from +0 (zero padding past C can only turn a final -0 into +0, which compares equal). The
+  score matrix is never written. Ties: strict > in ascending B order inside a thread, then
+  (greater, or equal with a lower index) across the 16 threads of a row.
+- merge_reduce: the splits of each A row, in ascending order with strict > (lowest index).
+- merge_rank: rank(a) = #{a' : s(a') > s(a) or (s(a') == s(a) and a' < a)} (a stable sort,
+  descending, ties to the lower A index, -0 == +0); writes order[b, rank] = (a, best B).
+- merge_{sum,mean,wavg}_{f32,f16,bf16}: one block per output slot, threads over channels; the
+  slot's sources (CSR members / offsets of the plan, ascending) summed in f32 in order exactly
+  as the cpu backend: one source is copied bit for bit; sum/mean: acc = x0, acc += xi, mean
+  divides by the count; wavg: acc = fma(xi, si, acc) from +0, w += si from +0, acc / w, and
+  thread 0 writes w to out_sizes and reports sizes that are not finite and > 0 in status.
+- merge_unmerge_{f32,f16,bf16}: out[b, t] = y[b, slots[b, t]] (bit copies).
+"""
+
+import argparse
+import os
+import sys
+
+PTX_VERSION = "8.0"
+TARGET = "sm_80"
+BLOCK = 256
+TILE = 64  # A rows and B rows per similarity block
+KSTEP = 16  # channels per shared-memory stage
+FULL = "0xffffffff"
+
+FLOATS = ["f32", "f16", "bf16"]
+SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+
+MERGE_FIELDS = [
+    ("src", "u64"),  # metric / u / partial bests / x / y
+    ("dst", "u64"),  # u / reduced bests / order / merged out / unmerged out
+    ("status", "u64"),  # one u64, zeroed by the host: !index of the first bad element
+    ("aux", "u64"),  # merge: plan members [B*N]; unmerge: slots [B*N]
+    ("offsets", "u64"),  # merge: plan offsets [B*(O+1)]
+    ("sizes", "u64"),  # wavg: sizes f32 [B*N]
+    ("out_sizes", "u64"),  # wavg: out sizes f32 [B*O]
+    ("batch", "u32"),  # B
+    ("n", "u32"),  # N tokens
+    ("c", "u32"),  # channels
+    ("na", "u32"),  # ceil(N/2)
+    ("nb", "u32"),  # floor(N/2)
+    ("out", "u32"),  # O = N - r
+    ("splits", "u32"),  # similarity: B-tile splits (grid y)
+    ("tiles", "u32"),  # similarity: B tiles per split
+    ("flags", "u32"),  # bit 0: class token, bit 1: distillation token
+    ("pad", "u32"),
+]
+SIZES = {"u64": 8, "u32": 4}
+
+
+def layout(fields):
+    off, out = 0, {}
+    for name, ty in fields:
+        assert off % SIZES[ty] == 0
+        out[name] = off
+        off += SIZES[ty]
+    return out, off
+
+
+OFF, PARAM_BYTES = layout(MERGE_FIELDS)
+assert PARAM_BYTES % 8 == 0
+
+
+def entries():
+    """(name, kind, dtype) in file order."""
+    out = [(f"merge_normalize_{t}", "normalize", t) for t in FLOATS]
+    out += [("merge_similarity", "similarity", "f32"), ("merge_reduce", "reduce", "f32"),
+            ("merge_rank", "rank", "f32")]
+    for mode in ["sum", "mean", "wavg"]:
+        out += [(f"merge_{mode}_{t}", mode, t) for t in FLOATS]
+    out += [(f"merge_unmerge_{t}", "unmerge", t) for t in FLOATS]
+    return out
+
+
+def head(name, regs):
+    return [
+        f".visible .entry {name}(",
+        f"    .param .align 8 .b8 p[{PARAM_BYTES}]",
+        ")",
+        f".maxntid {BLOCK}, 1, 1",
+        "{",
+    ] + [f"    {r}" for r in regs]
+
+
+def param(reg, field, ty=None):
+    ty = ty or dict(MERGE_FIELDS)[field]
+    return f"    ld.param.{ty} {reg}, [p+{OFF[field]}];"
+
+
+def load_f32(t, dst, addr, pred=None, h="%h1", r="%rt"):
+    """Loads one element of dtype t at byte address `addr` into f32 register `dst`."""
+    g = f"@{pred} " if pred else ""
+    if t == "f32":
+        return [f"    {g}ld.global.nc.f32 {dst}, [{addr}];"]
+    if t == "f16":
+        return [f"    {g}ld.global.nc.b16 {h}, [{addr}];", f"    {g}cvt.f32.f16 {dst}, {h};"]
+    return [f"    {g}ld.global.nc.b16 {h}, [{addr}];", f"    {g}cvt.u32.u16 {r}, {h};",
+            f"    {g}shl.b32 {r}, {r}, 16;", f"    {g}mov.b32 {dst}, {r};"]
+
+
+def store_from_f32(t, addr, src, h="%h2"):
+    if t == "f32":
+        return [f"    st.global.f32 [{addr}], {src};"]
+    return [f"    cvt.rn.{t}.f32 {h}, {src};", f"    st.global.b16 [{addr}], {h};"]
+
+
+def elem_addr(dst, base, index64, t, tmp="%rdt"):
+    """dst = base + index64 * size(t)."""
+    shift = {4: 2, 2: 1}[SIZE[t]]
+    return [f"    shl.b64 {tmp}, {index64}, {shift};", f"    add.u64 {dst}, {base}, {tmp};"]
+
+
+REGS = [".reg .pred %p<16>;", ".reg .b16 %h<4>;", ".reg .b32 %r<48>;", ".reg .b32 %rt;",
+        ".reg .f32 %f<24>;", ".reg .b64 %rd<24>;", ".reg .b64 %rdt;"]
+
+
+def normalize(name, t):
+    s = head(name, REGS)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"), param("%rd3", "status"),
+        param("%r1", "batch"), param("%r2", "n"), param("%r3", "c"),
+        "    mul.lo.u32 %r4, %r1, %r2;  // rows B*N (< 2^31, checked by the host)",
+        "    mov.u32 %r5, %tid.x;",
+        "    mov.u32 %r6, %ctaid.x;",
+        "    shr.u32 %r7, %r5, 4;",
+        "    and.b32 %r8, %r5, 15;  // lane l of the row's half warp",
+        "    shl.b32 %r9, %r6, 4;",
+        "    add.u32 %r10, %r9, %r7;  // row",
+        "    setp.lt.u32 %p1, %r10, %r4;",
+        "    mul.wide.u32 %rd4, %r10, %r3;  // flat index of the row's first element",
+        "    mov.f32 %f1, 0f00000000;  // m = max |v|",
+        "    mov.u32 %r11, %r8;",
+        "    @!%p1 bra P1_END;",
+        "P1_LOOP:",
+        "    setp.ge.u32 %p2, %r11, %r3;",
+        "    @%p2 bra P1_END;",
+        "    cvt.u64.u32 %rd5, %r11;",
+        "    add.u64 %rd6, %rd4, %rd5;",
+    ] + elem_addr("%rd7", "%rd1", "%rd6", t) + load_f32(t, "%f2", "%rd7") + [
+        "    abs.f32 %f3, %f2;",
+        "    testp.finite.f32 %p3, %f2;",
+        "    @%p3 bra P1_OK;",
+        "    not.b64 %rd8, %rd6;",
+        "    atom.global.max.u64 %rd9, [%rd3], %rd8;",
+        "P1_OK:",
+        "    max.f32 %f1, %f1, %f3;",
+        "    add.u32 %r11, %r11, 16;",
+        "    bra P1_LOOP;",
+        "P1_END:",
+    ]
+    for w in [8, 4, 2, 1]:
+        s += [f"    shfl.sync.bfly.b32 %f4, %f1, {w}, 0x1f, {FULL};", "    max.f32 %f1, %f1, %f4;"]
+    s += [
+        "    setp.eq.f32 %p4, %f1, 0f00000000;  // an all-zero row",
+        "    // p = 2^-e, e = floor(log2 m) clamped to [-126, 126]",
+        "    mov.b32 %r12, %f1;",
+        "    shr.u32 %r13, %r12, 23;",
+        "    and.b32 %r13, %r13, 255;",
+        "    sub.s32 %r14, %r13, 127;",
+        "    max.s32 %r14, %r14, -126;",
+        "    min.s32 %r14, %r14, 126;",
+        "    sub.s32 %r15, 127, %r14;",
+        "    shl.b32 %r15, %r15, 23;",
+        "    mov.b32 %f5, %r15;",
+        "    mov.f32 %f6, 0f00000000;  // this lane's sum of squares",
+        "    mov.u32 %r11, %r8;",
+        "    @!%p1 bra P2_END;",
+        "P2_LOOP:",
+        "    setp.ge.u32 %p2, %r11, %r3;",
+        "    @%p2 bra P2_END;",
+        "    cvt.u64.u32 %rd5, %r11;",
+        "    add.u64 %rd6, %rd4, %rd5;",
+    ] + elem_addr("%rd7", "%rd1", "%rd6", t) + load_f32(t, "%f2", "%rd7") + [
+        "    mul.rn.f32 %f7, %f2, %f5;",
+        "    fma.rn.f32 %f6, %f7, %f7, %f6;",
+        "    add.u32 %r11, %r11, 16;",
+        "    bra P2_LOOP;",
+        "P2_END:",
+    ]
+    for w in [8, 4, 2, 1]:
+        s += [f"    shfl.sync.down.b32 %f8, %f6, {w}, 0x1f, {FULL};", "    add.rn.f32 %f6, %f6, %f8;"]
+    s += [
+        "    and.b32 %r16, %r5, 16;  // lane 0 of this half warp",
+        f"    shfl.sync.idx.b32 %f9, %f6, %r16, 0x1f, {FULL};",
+        "    sqrt.rn.f32 %f10, %f9;",
+        "    div.rn.f32 %f11, 0f3F800000, %f10;  // 1 / sqrt(ss)",
+        "    mov.u32 %r11, %r8;",
+        "    @!%p1 bra P3_END;",
+        "P3_LOOP:",
+        "    setp.ge.u32 %p2, %r11, %r3;",
+        "    @%p2 bra P3_END;",
+        "    cvt.u64.u32 %rd5, %r11;",
+        "    add.u64 %rd6, %rd4, %rd5;",
+    ] + elem_addr("%rd7", "%rd1", "%rd6", t) + load_f32(t, "%f2", "%rd7") + [
+        "    mul.rn.f32 %f7, %f2, %f5;",
+        "    mul.rn.f32 %f12, %f7, %f11;",
+        "    selp.f32 %f12, 0f00000000, %f12, %p4;",
+        "    shl.b64 %rd10, %rd6, 2;",
+        "    add.u64 %rd11, %rd2, %rd10;",
+        "    st.global.f32 [%rd11], %f12;",
+        "    add.u32 %r11, %r11, 16;",
+        "    bra P3_LOOP;",
+        "P3_END:",
+        "    ret;",
+        "}",
+        "",
+    ]
+    return "\n".join(s)
+
+
+def similarity(name):
+    regs = [".reg .pred %p<16>;", ".reg .b32 %r<48>;", ".reg .f32 %f<24>;", ".reg .f32 %acc<16>;",
+            ".reg .f32 %bs<4>;", ".reg .b32 %bj<4>;", ".reg .b64 %rd<24>;",
+            f".shared .align 16 .f32 sa[{KSTEP * TILE}];", f".shared .align 16 .f32 sb[{KSTEP * TILE}];"]
+    s = head(name, regs)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"),
+        param("%r1", "n"), param("%r2", "c"), param("%r3", "na"), param("%r4", "nb"),
+        param("%r5", "splits"), param("%r6", "tiles"), param("%r7", "flags"),
+        "    mov.u32 %r8, %tid.x;",
+        "    and.b32 %r9, %r8, 15;  // tx: B columns 4tx..4tx+3 of the tile",
+        "    shr.u32 %r10, %r8, 4;  // ty: A rows 4ty..4ty+3 of the tile",
+        "    mov.u32 %r11, %ctaid.x;",
+        f"    shl.b32 %r11, %r11, {TILE.bit_length() - 1};  // a0",
+        "    mov.u32 %r12, %ctaid.y;  // split",
+        "    mov.u32 %r13, %ctaid.z;  // batch",
+        "    mul.lo.u32 %r14, %r13, %r1;  // b*N",
+        "    mul.wide.u32 %rd3, %r14, %r2;  // b*N*C",
+        "    and.b32 %r15, %r8, 63;  // staging row",
+        "    shr.u32 %r16, %r8, 6;  // staging channel (+4q)",
+        "    // A staging row: token 2(a0 + row)",
+        "    add.u32 %r17, %r11, %r15;",
+        "    setp.lt.u32 %p1, %r17, %r3;",
+        "    shl.b32 %r18, %r17, 1;",
+        "    mul.wide.u32 %rd4, %r18, %r2;",
+        "    add.u64 %rd4, %rd4, %rd3;",
+        "    shl.b64 %rd4, %rd4, 2;",
+        "    add.u64 %rd4, %rd4, %rd1;  // &u[b, 2(a0+row), 0]",
+        "    // shared addresses: stage (kk, row) at 4(64 kk + row)",
+        "    mov.u32 %r19, sa;",
+        "    mov.u32 %r20, sb;",
+        "    shl.b32 %r21, %r16, 8;",
+        "    shl.b32 %r22, %r15, 2;",
+        "    add.u32 %r21, %r21, %r22;",
+        "    add.u32 %r23, %r19, %r21;  // &sa[kk0][row]",
+        "    add.u32 %r24, %r20, %r21;  // &sb[kk0][row]",
+        "    shl.b32 %r25, %r10, 4;",
+        "    add.u32 %r25, %r25, %r19;  // &sa[0][4ty]",
+        "    shl.b32 %r26, %r9, 4;",
+        "    add.u32 %r26, %r26, %r20;  // &sb[0][4tx]",
+        "    // B tiles [t, t_end) of this split",
+        f"    add.u32 %r27, %r4, {TILE - 1};",
+        f"    shr.u32 %r27, %r27, {TILE.bit_length() - 1};  // B tiles",
+        "    mul.lo.u32 %r28, %r12, %r6;  // t",
+        "    add.u32 %r29, %r28, %r6;",
+        "    min.u32 %r29, %r29, %r27;  // t_end",
+        "    and.b32 %r30, %r7, 2;",
+        "    setp.ne.u32 %p2, %r30, 0;  // distillation token: B 0 is never a target",
+    ]
+    for i in range(4):
+        s += [f"    mov.f32 %bs{i}, 0fFF800000;", f"    mov.u32 %bj{i}, 0;"]
+    s += [
+        "TILE_LOOP:",
+        "    setp.ge.u32 %p3, %r28, %r29;",
+        "    @%p3 bra TILE_END;",
+        f"    shl.b32 %r31, %r28, {TILE.bit_length() - 1};  // j0",
+        "    add.u32 %r32, %r31, %r15;",
+        "    setp.lt.u32 %p4, %r32, %r4;",
+        "    shl.b32 %r33, %r32, 1;",
+        "    add.u32 %r33, %r33, 1;",
+        "    mul.wide.u32 %rd5, %r33, %r2;",
+        "    add.u64 %rd5, %rd5, %rd3;",
+        "    shl.b64 %rd5, %rd5, 2;",
+        "    add.u64 %rd5, %rd5, %rd1;  // &u[b, 2(j0+row)+1, 0]",
+    ]
+    for k in range(16):
+        s.append(f"    mov.f32 %acc{k}, 0f00000000;")
+    s += [
+        "    mov.u32 %r34, 0;  // k0",
+        "K_LOOP:",
+        "    setp.ge.u32 %p5, %r34, %r2;",
+        "    @%p5 bra K_END;",
+    ]
+    for q in range(4):
+        s += [
+            f"    add.u32 %r35, %r34, %r16;",
+            f"    add.u32 %r35, %r35, {4 * q};  // k",
+            "    setp.lt.u32 %p6, %r35, %r2;",
+            "    and.pred %p7, %p6, %p1;",
+            "    and.pred %p8, %p6, %p4;",
+            "    mul.wide.u32 %rd6, %r35, 4;",
+            "    add.u64 %rd7, %rd4, %rd6;",
+            "    add.u64 %rd8, %rd5, %rd6;",
+            "    mov.f32 %f1, 0f00000000;",
+            "    mov.f32 %f2, 0f00000000;",
+            "    @%p7 ld.global.nc.f32 %f1, [%rd7];",
+            "    @%p8 ld.global.nc.f32 %f2, [%rd8];",
+            f"    st.shared.f32 [%r23+{q * 4 * 256}], %f1;",
+            f"    st.shared.f32 [%r24+{q * 4 * 256}], %f2;",
+        ]
+    s.append("    bar.sync 0;")
+    for kk in range(KSTEP):
+        s += [
+            f"    ld.shared.v4.f32 {{%f1, %f2, %f3, %f4}}, [%r25+{kk * 4 * TILE}];",
+            f"    ld.shared.v4.f32 {{%f5, %f6, %f7, %f8}}, [%r26+{kk * 4 * TILE}];",
+        ]
+        for i in range(4):
+            for j in range(4):
+                s.append(f"    fma.rn.f32 %acc{4 * i + j}, %f{1 + i}, %f{5 + j}, %acc{4 * i + j};")
+    s += [
+        "    bar.sync 0;",
+        f"    add.u32 %r34, %r34, {KSTEP};",
+        "    bra K_LOOP;",
+        "K_END:",
+        "    // fold: ascending B index, strict > keeps the lowest",
+        "    shl.b32 %r36, %r9, 2;",
+        "    add.u32 %r36, %r36, %r31;  // j of column 0",
+    ]
+    for j in range(4):
+        s += [
+            f"    add.u32 %r37, %r36, {j};",
+            "    setp.lt.u32 %p9, %r37, %r4;",
+            "    setp.eq.and.u32 %p10, %r37, 0, %p2;",
+            "    not.pred %p10, %p10;",
+            "    and.pred %p9, %p9, %p10;  // a valid target",
+        ]
+        for i in range(4):
+            s += [
+                f"    setp.gt.and.f32 %p11, %acc{4 * i + j}, %bs{i}, %p9;",
+                f"    selp.f32 %bs{i}, %acc{4 * i + j}, %bs{i}, %p11;",
+                f"    selp.b32 %bj{i}, %r37, %bj{i}, %p11;",
+            ]
+    s += [
+        "    add.u32 %r28, %r28, 1;",
+        "    bra TILE_LOOP;",
+        "TILE_END:",
+        "    // the 16 threads of a row: greater, or equal with a lower index",
+    ]
+    for w in [8, 4, 2, 1]:
+        for i in range(4):
+            s += [
+                f"    shfl.sync.bfly.b32 %f9, %bs{i}, {w}, 0x1f, {FULL};",
+                f"    shfl.sync.bfly.b32 %r38, %bj{i}, {w}, 0x1f, {FULL};",
+                f"    setp.eq.f32 %p12, %f9, %bs{i};",
+                f"    setp.lt.and.u32 %p12, %r38, %bj{i}, %p12;",
+                f"    setp.gt.or.f32 %p12, %f9, %bs{i}, %p12;",
+                f"    selp.f32 %bs{i}, %f9, %bs{i}, %p12;",
+                f"    selp.b32 %bj{i}, %r38, %bj{i}, %p12;",
+            ]
+    s += [
+        "    setp.ne.u32 %p13, %r9, 0;",
+        "    @%p13 bra DONE;",
+        "    and.b32 %r39, %r7, 1;",
+        "    setp.ne.u32 %p14, %r39, 0;  // class token: A 0 scores -inf everywhere",
+        "    mul.lo.u32 %r40, %r13, %r5;",
+        "    add.u32 %r40, %r40, %r12;",
+        "    mul.lo.u32 %r40, %r40, %r3;  // (b*splits + split)*na",
+        "    shl.b32 %r41, %r10, 2;",
+        "    add.u32 %r41, %r41, %r11;  // a of row 0",
+    ]
+    for i in range(4):
+        s += [
+            f"    add.u32 %r42, %r41, {i};",
+            "    setp.lt.u32 %p15, %r42, %r3;",
+            "    setp.eq.and.u32 %p11, %r42, 0, %p14;",
+            f"    selp.f32 %bs{i}, 0fFF800000, %bs{i}, %p11;",
+            f"    selp.b32 %bj{i}, 0, %bj{i}, %p11;",
+            "    add.u32 %r43, %r40, %r42;",
+            "    mul.wide.u32 %rd9, %r43, 8;",
+            "    add.u64 %rd9, %rd9, %rd2;",
+            f"    @%p15 st.global.v2.b32 [%rd9], {{%bs{i}, %bj{i}}};",
+        ]
+    s += ["DONE:", "    ret;", "}", ""]
+    return "\n".join(s)
+
+
+def reduce_(name):
+    s = head(name, REGS)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"),
+        param("%r1", "batch"), param("%r2", "na"), param("%r3", "splits"),
+        "    mov.u32 %r4, %ctaid.x;",
+        "    mov.u32 %r5, %tid.x;",
+        f"    mad.lo.u32 %r6, %r4, {BLOCK}, %r5;  // g = b*na + a",
+        "    mul.lo.u32 %r7, %r1, %r2;",
+        "    setp.ge.u32 %p1, %r6, %r7;",
+        "    @%p1 bra DONE;",
+        "    div.u32 %r8, %r6, %r2;  // b",
+        "    mul.lo.u32 %r9, %r8, %r2;",
+        "    sub.u32 %r10, %r6, %r9;  // a",
+        "    mul.lo.u32 %r11, %r8, %r3;  // b*splits",
+        "    mov.f32 %f1, 0fFF800000;",
+        "    mov.u32 %r12, 0;",
+        "    mov.u32 %r13, 0;  // split",
+        "LOOP:",
+        "    setp.ge.u32 %p2, %r13, %r3;",
+        "    @%p2 bra END;",
+        "    add.u32 %r14, %r11, %r13;",
+        "    mad.lo.u32 %r14, %r14, %r2, %r10;",
+        "    mul.wide.u32 %rd3, %r14, 8;",
+        "    add.u64 %rd3, %rd3, %rd1;",
+        "    ld.global.v2.b32 {%f2, %r15}, [%rd3];",
+        "    setp.gt.f32 %p3, %f2, %f1;",
+        "    selp.f32 %f1, %f2, %f1, %p3;",
+        "    selp.b32 %r12, %r15, %r12, %p3;",
+        "    add.u32 %r13, %r13, 1;",
+        "    bra LOOP;",
+        "END:",
+        "    mul.wide.u32 %rd4, %r6, 8;",
+        "    add.u64 %rd4, %rd4, %rd2;",
+        "    st.global.v2.b32 [%rd4], {%f1, %r12};",
+        "DONE:",
+        "    ret;",
+        "}",
+        "",
+    ]
+    return "\n".join(s)
+
+
+def rank(name):
+    regs = REGS + [f".shared .align 4 .f32 sc[{BLOCK}];"]
+    s = head(name, regs)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"), param("%r1", "na"),
+        "    mov.u32 %r2, %tid.x;",
+        "    mov.u32 %r3, %ctaid.x;",
+        f"    mad.lo.u32 %r4, %r3, {BLOCK}, %r2;  // a",
+        "    mov.u32 %r5, %ctaid.y;",
+        "    mul.lo.u32 %r6, %r5, %r1;  // b*na",
+        "    setp.lt.u32 %p1, %r4, %r1;",
+        "    add.u32 %r7, %r6, %r4;",
+        "    mul.wide.u32 %rd3, %r7, 8;",
+        "    add.u64 %rd3, %rd3, %rd1;",
+        "    mov.f32 %f1, 0fFF800000;  // my score",
+        "    mov.u32 %r8, 0;  // my best B",
+        "    @%p1 ld.global.v2.b32 {%f1, %r8}, [%rd3];",
+        "    mov.u32 %r9, 0;  // rank",
+        "    mov.u32 %r10, sc;",
+        "    shl.b32 %r11, %r2, 2;",
+        "    add.u32 %r11, %r11, %r10;",
+        "    mov.u32 %r12, 0;  // t0",
+        "T_LOOP:",
+        "    setp.ge.u32 %p2, %r12, %r1;",
+        "    @%p2 bra T_END;",
+        "    add.u32 %r13, %r12, %r2;",
+        "    setp.lt.u32 %p3, %r13, %r1;",
+        "    add.u32 %r14, %r6, %r13;",
+        "    mul.wide.u32 %rd4, %r14, 8;",
+        "    add.u64 %rd4, %rd4, %rd1;",
+        "    mov.f32 %f2, 0fFF800000;",
+        "    @%p3 ld.global.f32 %f2, [%rd4];",
+        "    st.shared.f32 [%r11], %f2;",
+        "    bar.sync 0;",
+        "    sub.u32 %r15, %r1, %r12;",
+        f"    min.u32 %r15, %r15, {BLOCK};  // scores in this tile",
+        "    mov.u32 %r16, 0;",
+        "    mov.u32 %r17, %r10;",
+        "Q_LOOP:",
+        "    setp.ge.u32 %p4, %r16, %r15;",
+        "    @%p4 bra Q_END;",
+        "    ld.shared.f32 %f3, [%r17];",
+        "    add.u32 %r18, %r12, %r16;  // a'",
+        "    setp.eq.f32 %p5, %f3, %f1;",
+        "    setp.lt.and.u32 %p5, %r18, %r4, %p5;",
+        "    setp.gt.or.f32 %p5, %f3, %f1, %p5;",
+        "    selp.u32 %r19, 1, 0, %p5;",
+        "    add.u32 %r9, %r9, %r19;",
+        "    add.u32 %r16, %r16, 1;",
+        "    add.u32 %r17, %r17, 4;",
+        "    bra Q_LOOP;",
+        "Q_END:",
+        "    bar.sync 0;",
+        f"    add.u32 %r12, %r12, {BLOCK};",
+        "    bra T_LOOP;",
+        "T_END:",
+        "    @!%p1 bra DONE;",
+        "    add.u32 %r20, %r6, %r9;",
+        "    mul.wide.u32 %rd5, %r20, 8;",
+        "    add.u64 %rd5, %rd5, %rd2;",
+        "    st.global.v2.b32 [%rd5], {%r4, %r8};",
+        "DONE:",
+        "    ret;",
+        "}",
+        "",
+    ]
+    return "\n".join(s)
+
+
+def apply_(name, mode, t):
+    sz = SIZE[t]
+    bits = 8 * sz
+    s = head(name, REGS)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"), param("%rd3", "status"), param("%rd4", "aux"),
+        param("%rd5", "offsets"), param("%rd6", "sizes"), param("%rd7", "out_sizes"),
+        param("%r1", "n"), param("%r2", "c"), param("%r3", "out"),
+        "    mov.u32 %r4, %ctaid.x;  // g = b*O + slot",
+        "    mov.u32 %r5, %tid.x;",
+        "    div.u32 %r6, %r4, %r3;  // b",
+        "    add.u32 %r8, %r4, %r6;  // b*(O+1) + slot = g + b",
+        "    mul.wide.u32 %rd8, %r8, 4;",
+        "    add.u64 %rd8, %rd8, %rd5;",
+        "    ld.global.nc.u32 %r9, [%rd8];  // off0",
+        "    ld.global.nc.u32 %r10, [%rd8+4];  // off1",
+        "    sub.u32 %r11, %r10, %r9;  // sources",
+        "    mul.lo.u32 %r12, %r6, %r1;  // b*N",
+        "    add.u32 %r13, %r12, %r9;",
+        "    mul.wide.u32 %rd9, %r13, 4;",
+        "    add.u64 %rd9, %rd9, %rd4;  // &members[b*N + off0]",
+        "    mul.wide.u32 %rd10, %r4, %r2;  // g*C",
+        "    setp.eq.u32 %p1, %r11, 1;",
+        "    cvt.rn.f32.u32 %f20, %r11;  // count (exact below 2^24 sources)",
+    ]
+    if mode == "wavg":
+        s += [
+            "    setp.ne.u32 %p2, %r5, 0;",
+            "    @%p2 bra SIZES_END;",
+            "    mov.f32 %f10, 0f00000000;",
+            "    mov.u32 %r14, 0;",
+            "    mov.u64 %rd11, %rd9;",
+            "SIZES_LOOP:",
+            "    setp.ge.u32 %p3, %r14, %r11;",
+            "    @%p3 bra SIZES_DONE;",
+            "    ld.global.nc.u32 %r15, [%rd11];",
+            "    add.u32 %r16, %r12, %r15;",
+            "    mul.wide.u32 %rd12, %r16, 4;",
+            "    add.u64 %rd12, %rd12, %rd6;",
+            "    ld.global.nc.f32 %f11, [%rd12];",
+            "    testp.finite.f32 %p4, %f11;",
+            "    setp.gt.and.f32 %p4, %f11, 0f00000000, %p4;",
+            "    @%p4 bra SIZE_OK;",
+            "    cvt.u64.u32 %rd13, %r16;",
+            "    not.b64 %rd13, %rd13;",
+            "    atom.global.max.u64 %rd14, [%rd3], %rd13;",
+            "SIZE_OK:",
+            "    add.rn.f32 %f10, %f10, %f11;",
+            "    add.u32 %r14, %r14, 1;",
+            "    add.u64 %rd11, %rd11, 4;",
+            "    bra SIZES_LOOP;",
+            "SIZES_DONE:",
+            "    mul.wide.u32 %rd12, %r4, 4;",
+            "    add.u64 %rd12, %rd12, %rd7;",
+            "    st.global.f32 [%rd12], %f10;",
+            "SIZES_END:",
+        ]
+    s += [
+        "    mov.u32 %r17, %r5;  // k",
+        "K_LOOP:",
+        "    setp.ge.u32 %p5, %r17, %r2;",
+        "    @%p5 bra DONE;",
+        "    cvt.u64.u32 %rd15, %r17;",
+        "    add.u64 %rd16, %rd10, %rd15;",
+    ] + elem_addr("%rd17", "%rd2", "%rd16", t) + [
+        "    @!%p1 bra MANY;",
+        "    // one source: a bit copy",
+        "    ld.global.nc.u32 %r15, [%rd9];",
+        "    add.u32 %r16, %r12, %r15;",
+        "    mul.wide.u32 %rd18, %r16, %r2;",
+        "    add.u64 %rd18, %rd18, %rd15;",
+    ] + elem_addr("%rd19", "%rd1", "%rd18", t) + [
+        f"    ld.global.nc.b{bits} {'%r18' if sz == 4 else '%h3'}, [%rd19];",
+        f"    st.global.b{bits} [%rd17], {'%r18' if sz == 4 else '%h3'};",
+        "    bra NEXT;",
+        "MANY:",
+    ]
+    if mode == "wavg":
+        s += ["    mov.f32 %f1, 0f00000000;", "    mov.f32 %f10, 0f00000000;", "    mov.u32 %r14, 0;"]
+    else:
+        s += ["    mov.u32 %r14, 1;"]
+        s += [
+            "    ld.global.nc.u32 %r15, [%rd9];",
+            "    add.u32 %r16, %r12, %r15;",
+            "    mul.wide.u32 %rd18, %r16, %r2;",
+            "    add.u64 %rd18, %rd18, %rd15;",
+        ] + elem_addr("%rd19", "%rd1", "%rd18", t) + load_f32(t, "%f1", "%rd19")
+    s += [
+        "SRC_LOOP:",
+        "    setp.ge.u32 %p6, %r14, %r11;",
+        "    @%p6 bra SRC_END;",
+        "    mul.wide.u32 %rd20, %r14, 4;",
+        "    add.u64 %rd20, %rd20, %rd9;",
+        "    ld.global.nc.u32 %r15, [%rd20];",
+        "    add.u32 %r16, %r12, %r15;",
+        "    mul.wide.u32 %rd18, %r16, %r2;",
+        "    add.u64 %rd18, %rd18, %rd15;",
+    ] + elem_addr("%rd19", "%rd1", "%rd18", t) + load_f32(t, "%f2", "%rd19")
+    if mode == "wavg":
+        s += [
+            "    mul.wide.u32 %rd21, %r16, 4;",
+            "    add.u64 %rd21, %rd21, %rd6;",
+            "    ld.global.nc.f32 %f3, [%rd21];",
+            "    fma.rn.f32 %f1, %f2, %f3, %f1;",
+            "    add.rn.f32 %f10, %f10, %f3;",
+        ]
+    else:
+        s += ["    add.rn.f32 %f1, %f1, %f2;"]
+    s += [
+        "    add.u32 %r14, %r14, 1;",
+        "    bra SRC_LOOP;",
+        "SRC_END:",
+    ]
+    if mode == "wavg":
+        s += ["    div.rn.f32 %f1, %f1, %f10;"]
+    elif mode == "mean":
+        s += ["    div.rn.f32 %f1, %f1, %f20;"]
+    s += store_from_f32(t, "%rd17", "%f1") + [
+        "NEXT:",
+        f"    add.u32 %r17, %r17, {BLOCK};",
+        "    bra K_LOOP;",
+        "DONE:",
+        "    ret;",
+        "}",
+        "",
+    ]
+    return "\n".join(s)
+
+
+def unmerge(name, t):
+    sz = SIZE[t]
+    bits = 8 * sz
+    reg = "%r18" if sz == 4 else "%h3"
+    s = head(name, REGS)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"), param("%rd4", "aux"),
+        param("%r1", "n"), param("%r2", "c"), param("%r3", "out"),
+        "    mov.u32 %r4, %ctaid.x;  // g = b*N + t",
+        "    mov.u32 %r5, %tid.x;",
+        "    div.u32 %r6, %r4, %r1;  // b",
+        "    mul.wide.u32 %rd5, %r4, 4;",
+        "    add.u64 %rd5, %rd5, %rd4;",
+        "    ld.global.nc.u32 %r7, [%rd5];  // slot",
+        "    mad.lo.u32 %r8, %r6, %r3, %r7;  // b*O + slot",
+        "    mul.wide.u32 %rd6, %r8, %r2;",
+        "    mul.wide.u32 %rd7, %r4, %r2;",
+        "    mov.u32 %r9, %r5;",
+        "K_LOOP:",
+        "    setp.ge.u32 %p1, %r9, %r2;",
+        "    @%p1 bra DONE;",
+        "    cvt.u64.u32 %rd8, %r9;",
+        "    add.u64 %rd9, %rd6, %rd8;",
+        "    add.u64 %rd10, %rd7, %rd8;",
+    ] + elem_addr("%rd11", "%rd1", "%rd9", t) + elem_addr("%rd12", "%rd2", "%rd10", t) + [
+        f"    ld.global.nc.b{bits} {reg}, [%rd11];",
+        f"    st.global.b{bits} [%rd12], {reg};",
+        f"    add.u32 %r9, %r9, {BLOCK};",
+        "    bra K_LOOP;",
+        "DONE:",
+        "    ret;",
+        "}",
+        "",
+    ]
+    return "\n".join(s)
+
+
+def generate():
+    lines = [
+        "// GENERATED by kernels/gen_merge.py -- do not edit; run",
+        "//     python3 kernels/gen_merge.py",
+        "// and commit the result. Design: the docstring of kernels/gen_merge.py.",
+        "//",
+        "// merge_normalize_{f32,f16,bf16}, merge_similarity, merge_reduce, merge_rank:",
+        "//     the plan (ToMe bipartite soft matching, the f32 contract of src/merge.rs)",
+        "// merge_{sum,mean,wavg}_{f32,f16,bf16}, merge_unmerge_{f32,f16,bf16}: applying it",
+        "//",
+        f"// abi block {BLOCK}",
+        f"// abi tile {TILE}",
+        f"// abi kstep {KSTEP}",
+        f"// abi merge size {PARAM_BYTES}",
+    ] + [f"// abi merge {f} {o}" for f, o in OFF.items()] + [
+        "",
+        f".version {PTX_VERSION}",
+        f".target {TARGET}",
+        ".address_size 64",
+        "",
+    ]
+    parts = ["\n".join(lines)]
+    for name, kind, t in entries():
+        if kind == "normalize":
+            parts.append(normalize(name, t))
+        elif kind == "similarity":
+            parts.append(similarity(name))
+        elif kind == "reduce":
+            parts.append(reduce_(name))
+        elif kind == "rank":
+            parts.append(rank(name))
+        elif kind == "unmerge":
+            parts.append(unmerge(name, t))
+        else:
+            parts.append(apply_(name, kind, t))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# --simulate: runs the generated PTX on kernels/ptx_sim.py (imported, not modified) with a
+# thin shim for what that interpreter lacks (shared memory mapped to a scratch buffer that may
+# be rewritten, bar.sync as a block-wide barrier, div.u32, testp, abs/max/min, sqrt.rn via
+# double sqrt (correctly rounded for f32), atom.max.u64, vector stores, cvt.u32.u16), and
+# compares with a Python model of the f32 score contract of src/merge.rs: the normalised rows
+# bit for bit, the ranking (A token, best B) of every batch, the merge / weighted merge kernels
+# and the status words. No GPU needed; a few seconds per case.
+# --------------------------------------------------------------------------------------------
+def simulate(seed=0, count=4):
+    import math
+    import random
+    import re
+    import struct
+    sys.dont_write_bytecode = True  # no __pycache__ in the tree
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ptx_sim as S
+
+    SH = {'sa': 0x10000, 'sb': 0x20000, 'sc': 0x10000}
+    t = generate()
+    t = re.sub(r'(\.reg\s+\.\w+\s+)(%\w+)<(\d+)>', lambda m: m.group(1) + ', '.join(f'{m.group(2)}{i}' for i in range(int(m.group(3)))), t)
+    t = re.sub(r'\n\s*\.shared \.align[^;]*;', '', t)
+    for k, v in SH.items():
+        t = re.sub(rf'mov\.u32 (%r\d+), {k};', rf'mov.u32 \1, {v};', t)
+    t = t.replace('ld.shared', 'ld.global').replace('st.shared', 'st.global')
+
+    orig_write = S.Memory.write
+    def write(self, addr, data, once=True):
+        if 0x10000 <= addr < 0x30000: once = False
+        return orig_write(self, addr, data, once)
+    S.Memory.write = write
+
+    orig = S.step
+    def step(ctx, th, parts, ops, pc, labels):
+        op = parts[0]; ty = parts[-1]
+        if op == 'div' and ty == 'u32':
+            d, a, b = ops
+            ctx.setreg(th, d, (ctx.operand(th, a) & 0xffffffff) // (ctx.operand(th, b) & 0xffffffff)); return pc
+        if op == 'cvt' and parts[1:] == ['u32', 'u16']:
+            d, a = ops; ctx.setreg(th, d, ctx.operand(th, a) & 0xffff); return pc
+        if op == 'testp':
+            d, a = ops; x = ctx.operand(th, a)
+            ctx.setreg(th, d, ((x >> 23) & 0xff) != 0xff); return pc
+        if op == 'abs' and ty == 'f32':
+            d, a = ops; ctx.setreg(th, d, ctx.operand(th, a) & 0x7fffffff); return pc
+        if op == 'sqrt':
+            d, a = ops; x = ctx.operand(th, a)
+            v = struct.unpack('<f', struct.pack('<I', x))[0]
+            assert v >= 0 or v != v, v
+            if v != v: r = 0x7fffffff; ctx.setreg(th, d, r); return pc
+            r = struct.unpack('<I', struct.pack('<f', math.sqrt(v)))[0]
+            ctx.setreg(th, d, r); return pc
+        if op in ('max', 'min') and ty == 's32':
+            d, a, b = ops
+            sg = lambda v: (v & 0xffffffff) - (1 << 32) if (v >> 31) & 1 else v & 0xffffffff
+            r = (max if op == 'max' else min)(sg(ctx.operand(th, a)), sg(ctx.operand(th, b)))
+            ctx.setreg(th, d, r & 0xffffffff); return pc
+        if op == 'max' and ty == 'f32':
+            d, a, b = ops
+            ctx.setreg(th, d, S.f32_minmax('max', ctx.operand(th, a), ctx.operand(th, b))); return pc
+        if op == 'st' and len(ops) > 2:
+            ops = [ops[0], ', '.join(ops[1:])]
+            return orig(ctx, th, parts, ops, pc, labels)
+        if op == 'atom':
+            d, a, b = ops
+            base, off = ctx.address(th, a); addr = (ctx.operand(th, base) + off) & S.M64
+            old = int.from_bytes(ctx.mem.read(addr, 8), 'little'); v = ctx.operand(th, b)
+            orig_write(ctx.mem, addr, max(old, v).to_bytes(8, 'little'), once=False)
+            ctx.setreg(th, d, old); return pc
+        try:
+            return orig(ctx, th, parts, ops, pc, labels)
+        except (IndexError, ValueError) as e:
+            raise S.SimError(f"{parts} {ops}: {e!r}")
+    S.step = step
+
+    def run_kernel(kernel, grid, block, param_bytes, mem, stats):
+        ctx = S.Ctx(kernel, param_bytes, mem)
+        code = kernel.code
+        for bz in range(grid[2]):
+            for by in range(grid[1]):
+                for bx in range(grid[0]):
+                    threads = []
+                    for tx in range(block[0]):
+                        th = S.Thread(); th.regs, th.pc, th.steps, th.done = {}, 0, 0, False
+                        th.lane = tx % 32
+                        th.special = {"%tid.x": tx, "%tid.y": 0, "%tid.z": 0, "%ntid.x": block[0], "%ntid.y": 1, "%ntid.z": 1,
+                                      "%ctaid.x": bx, "%ctaid.y": by, "%ctaid.z": bz, "%nctaid.x": grid[0], "%nctaid.y": grid[1],
+                                      "%nctaid.z": grid[2], "%laneid": th.lane}
+                        threads.append(th)
+                    warps = [threads[w:w + 32] for w in range(0, len(threads), 32)]
+                    while True:
+                        for warp in warps:
+                            while True:
+                                for th in warp:
+                                    if not th.done: S.advance(ctx, th, stats)
+                                live = [th for th in warp if not th.done]
+                                if not live: break
+                                pcs = {th.pc for th in live}
+                                assert len(pcs) == 1, "divergent"
+                                _, parts, ops, text = code[live[0].pc]
+                                if parts[0] == 'bar' and parts[1] == 'sync': break
+                                S.collective(ctx, live, parts, ops)
+                                for th in live: th.pc += 1
+                        rest = [th for th in threads if not th.done]
+                        if not rest: break
+                        assert len(rest) == len(threads), "a thread exited before a bar.sync"
+                        assert len({th.pc for th in rest}) == 1
+                        for th in rest: th.pc += 1
+    S.run_kernel = run_kernel
+    mod = S.parse_module(t)
+
+    def P(**kw):
+        b = bytearray(PARAM_BYTES)
+        for k, v in kw.items():
+            struct.pack_into('<Q' if dict(MERGE_FIELDS)[k] == 'u64' else '<I', b, OFF[k], v)
+        return bytes(b)
+
+    def launch(name, grid, bufs, params):
+        mem = S.Memory()
+        for nm, addr, data, w in bufs: mem.add(nm, addr, bytearray(data), w)
+        mem.add('shared_a', 0x10000, bytearray(0x10000), True)
+        mem.add('shared_b', 0x20000, bytearray(0x10000), True)
+        stats = {"threads": 0, "instructions": 0}
+        S.run_kernel(mod[name], grid, (256, 1, 1), params, mem, stats)
+        out = {}
+        for s, data, w, cnt, n in mem.buffers: out[n] = bytes(data)
+        return out
+
+    # ---- the contract in Python (bits) ----
+    def fb(x): return struct.unpack('<I', struct.pack('<f', x))[0]
+    def bf(b): return struct.unpack('<f', struct.pack('<I', b))[0]
+    def mul(a, b): return S.f32_arith('mul', a, b)
+    def add(a, b): return S.f32_arith('add', a, b)
+    def div(a, b): return S.f32_arith('div', a, b)
+    def fma(a, b, c): return S.fma_f32(c, a, b) if False else S.fma_f32(a, b, c)
+
+    def normalise(row):
+        m = max(abs(bf(x)) for x in row)
+        if m == 0: return [0] * len(row)
+        e = min(max(((fb(m) >> 23) & 0xff) - 127, -126), 126)
+        p = (127 - e) << 23
+        y = [mul(x, p) for x in row]
+        lanes = [0] * 16
+        for k, v in enumerate(y): lanes[k % 16] = fma(v, v, lanes[k % 16])
+        w = 8
+        while w:
+            for l in range(w): lanes[l] = add(lanes[l], lanes[l + w])
+            w //= 2
+        inv = div(fb(1.0), fb(math.sqrt(bf(lanes[0]))))
+        return [mul(v, inv) for v in y]
+
+    def lt(a, b): return bf(a) < bf(b)
+    def gt(a, b): return bf(a) > bf(b)
+    def eq(a, b): return bf(a) == bf(b)
+
+    def model(x, B, N, C, cls, dist):
+        na, nb = (N + 1) // 2, N // 2
+        res = []
+        for b in range(B):
+            u = [normalise(x[(b * N + t) * C:(b * N + t + 1) * C]) for t in range(N)]
+            best = []
+            for a in range(na):
+                if cls and a == 0: best.append((fb(float('-inf')), 0)); continue
+                bs, bj = fb(float('-inf')), 0
+                for j in range(nb):
+                    if dist and j == 0: continue
+                    s = 0
+                    for k in range(C): s = fma(u[2 * a][k], u[2 * j + 1][k], s)
+                    if gt(s, bs): bs, bj = s, j
+                best.append((bs, bj))
+            order = sorted(range(na), key=lambda a: (-bf(best[a][0]), a))
+            res.append([(a, best[a][1]) for a in order])
+        return res
+
+    FN = struct.calcsize
+    def pipeline(x, B, N, C, cls, dist, target):
+        na, nb = (N + 1) // 2, N // 2
+        X, U, ST, PA, RE, OR = 0x1000000, 0x2000000, 0x3000, 0x4000000, 0x5000000, 0x6000000
+        xb = struct.pack(f'<{len(x)}I', *x)
+        flags = cls | (dist << 1)
+        o = launch('merge_normalize_f32', ((B * N + 15) // 16, 1, 1),
+                   [('x', X, xb, False), ('u', U, bytes(4 * B * N * C), True), ('st', ST, bytes(8), True)],
+                   P(src=X, dst=U, status=ST, batch=B, n=N, c=C, na=na, nb=nb, flags=flags))
+        ub, st = o['u'], int.from_bytes(o['st'], 'little')
+        ax = (na + 63) // 64; nbt = (nb + 63) // 64
+        want = -(-target // (ax * B)); splits = min(max(want, 1), nbt); tiles = -(-nbt // splits); splits = -(-nbt // tiles)
+        o = launch('merge_similarity', (ax, splits, B), [('u', U, ub, False), ('pa', PA, bytes(8 * B * splits * na), True)],
+                   P(src=U, dst=PA, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags))
+        o = launch('merge_reduce', ((B * na + 255) // 256, 1, 1), [('pa', PA, o['pa'], False), ('re', RE, bytes(8 * B * na), True)],
+                   P(src=PA, dst=RE, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags))
+        o = launch('merge_rank', ((na + 255) // 256, B, 1), [('re', RE, o['re'], False), ('or', OR, bytes(8 * B * na), True)],
+                   P(src=RE, dst=OR, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags))
+        pairs = [struct.unpack_from('<II', o['or'], 8 * i) for i in range(B * na)]
+        u = struct.unpack(f'<{B*N*C}I', ub)
+        return [pairs[b * na:(b + 1) * na] for b in range(B)], u, st, splits
+
+
+    fails = []
+    random.seed(seed)
+    for case in range(count):
+        B = random.choice([1, 2]); N = random.choice([2, 3, 5, 9, 64, 66, 131, 140]); C = random.choice([1, 3, 16, 17, 35])
+        cls, dist = random.randint(0, 1), random.randint(0, 1)
+        style = random.randint(0, 2)
+        if style == 0: vals = [float(random.randint(-2, 2)) for _ in range(B * N * C)]
+        else: vals = [random.uniform(-2, 2) for _ in range(B * N * C)]
+        if style == 2:
+            for r in range(2, B * N):
+                if random.random() < 0.2: vals[r*C:(r+1)*C] = vals[(r-2)*C:(r-1)*C]
+                elif random.random() < 0.1: vals[r*C:(r+1)*C] = [0.0]*C
+        x = [fb(v) for v in vals]
+        target = random.choice([1, 1000])
+        got, u, st, splits = pipeline(x, B, N, C, cls, dist, target)
+        want = model(x, B, N, C, cls, dist)
+        uw = [v for b in range(B) for t in range(N) for v in normalise(x[(b*N+t)*C:(b*N+t+1)*C])]
+        ok_u = list(u) == uw
+        nonlocal_fail = got != want or not ok_u
+        fails.append(nonlocal_fail)
+        print(f"B={B} N={N} C={C} cls={cls} dist={dist} style={style} splits={splits}: u {'ok' if ok_u else 'DIFF'}, ranking {'ok' if got == want else 'DIFF'}, status {st}", flush=True)
+        if got != want:
+            print(' got ', got[0][:10]); print(' want', want[0][:10])
+    # non-finite
+    x = [fb(1.0)] * (2 * 5 * 3); x[17] = fb(float('nan')); x[23] = fb(float('inf'))
+    _, _, st, _ = pipeline(x, 2, 5, 3, 0, 0, 1)
+    fails.append(((~st) & (2**64-1)) != 17)
+    print('status word', hex(st), '-> index', (~st) & (2**64-1))
+
+    def h16(v, t):
+        if t == 'f32': return fb(v), 4
+        b = fb(v)
+        if t == 'bf16':
+            return S.f32_to_format(b, 'bf16') if hasattr(S, 'f32_to_format') else None, 2
+        return S.f32_to_format(b, 'f16'), 2
+    def to32(bits, t):
+        if t == 'f32': return bits
+        return S.format_to_f32(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
+    def from32(bits, t):
+        if t == 'f32': return bits
+        return S.f32_to_format(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
+    random.seed(3)
+    def h16(v, t):
+        if t == 'f32': return fb(v), 4
+        b = fb(v)
+        if t == 'bf16':
+            return S.f32_to_format(b, 'bf16') if hasattr(S, 'f32_to_format') else None, 2
+        return S.f32_to_format(b, 'f16'), 2
+    def to32(bits, t):
+        if t == 'f32': return bits
+        return S.format_to_f32(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
+    def from32(bits, t):
+        if t == 'f32': return bits
+        return S.f32_to_format(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
+    B, N, O = 2, 5, 3
+    members = [0,1,2,4,3, 0,3,1,2,4]
+    offsets = [0,1,4,5, 0,2,3,5]
+    for t in ['f32', 'f16', 'bf16']:
+        C = 19
+        sz = 4 if t == 'f32' else 2
+        xs = [from32(fb(random.uniform(-3, 3)), t) for _ in range(B*N*C)]
+        sizes = [fb(random.choice([1.0, 2.0, 0.5, 3.25])) for _ in range(B*N)]
+        X, M, OF, Y, SZ, OS, ST = 0x1000000, 0x2000000, 0x3000000, 0x4000000, 0x5000000, 0x6000000, 0x7000
+        pk = (lambda v: struct.pack(f'<{len(v)}I', *v)) if sz == 4 else (lambda v: struct.pack(f'<{len(v)}H', *v))
+        for mode in ['sum', 'mean', 'wavg']:
+            o = launch(f'merge_{mode}_{t}', (B*O, 1, 1), [('x', X, pk(xs), False), ('m', M, struct.pack('<10I', *members), False),
+                  ('of', OF, struct.pack('<8I', *offsets), False), ('y', Y, bytes(sz*B*O*C), True), ('sz', SZ, struct.pack('<10I', *sizes), False),
+                  ('os', OS, bytes(4*B*O), True), ('st', ST, bytes(8), True)],
+                  P(src=X, dst=Y, status=ST, aux=M, offsets=OF, sizes=SZ, out_sizes=OS, batch=B, n=N, c=C, out=O))
+            y = struct.unpack(f'<{B*O*C}' + ('I' if sz == 4 else 'H'), o['y'])
+            bad = 0
+            for b in range(B):
+                for s in range(O):
+                    src = members[b*N+offsets[b*(O+1)+s]: b*N+offsets[b*(O+1)+s+1]]
+                    for k in range(C):
+                        xv = lambda tt: to32(xs[(b*N+tt)*C+k], t)
+                        if len(src) == 1: want = xs[(b*N+src[0])*C+k]
+                        else:
+                            if mode == 'wavg':
+                                acc, w = 0, 0
+                                for tt in src:
+                                    acc = fma(xv(tt), sizes[b*N+tt], acc); w = add(w, sizes[b*N+tt])
+                                want = from32(div(acc, w), t)
+                            else:
+                                acc = xv(src[0])
+                                for tt in src[1:]: acc = add(acc, xv(tt))
+                                if mode == 'mean': acc = div(acc, fb(float(len(src))))
+                                want = from32(acc, t)
+                        bad += y[(b*O+s)*C+k] != want
+            extra = ''
+            if mode == 'wavg':
+                osz = struct.unpack(f'<{B*O}I', o['os'])
+                wsz = []
+                for b in range(B):
+                    for s in range(O):
+                        src = members[b*N+offsets[b*(O+1)+s]: b*N+offsets[b*(O+1)+s+1]]
+                        w = 0
+                        for tt in src: w = add(w, sizes[b*N+tt])
+                        wsz.append(w)
+                extra = f", sizes {'ok' if list(osz) == wsz else 'DIFF'}, status {int.from_bytes(o['st'], 'little')}"
+            fails.append(bad != 0 or 'DIFF' in extra)
+            print(t, mode, 'mismatches', bad, extra)
+        # normalise in 16-bit
+        xs2 = [from32(fb(random.uniform(-3, 3)), t) for _ in range(2*7*21)]
+        o = launch(f'merge_normalize_{t}', ((14 + 15)//16, 1, 1), [('x', X, pk(xs2), False), ('u', Y, bytes(4*14*21), True), ('st', ST, bytes(8), True)],
+                   P(src=X, dst=Y, status=ST, batch=2, n=7, c=21))
+        u = list(struct.unpack(f'<{14*21}I', o['u']))
+        uw = [v for r in range(14) for v in normalise([to32(b, t) for b in xs2[r*21:(r+1)*21]])]
+        fails.append(u != uw)
+        print(t, 'normalise', 'ok' if u == uw else 'DIFF')
+    # bad size
+    sizes = [fb(1.0)] * 10; sizes[7] = fb(-1.0); sizes[3] = fb(float('nan'))
+    o = launch('merge_wavg_f32', (B*O, 1, 1), [('x', 0x1000000, bytes(4*B*N*4), False), ('m', 0x2000000, struct.pack('<10I', *members), False),
+          ('of', 0x3000000, struct.pack('<8I', *offsets), False), ('y', 0x4000000, bytes(4*B*O*4), True), ('sz', 0x5000000, struct.pack('<10I', *sizes), False),
+          ('os', 0x6000000, bytes(4*B*O), True), ('st', 0x7000, bytes(8), True)],
+          P(src=0x1000000, dst=0x4000000, status=0x7000, aux=0x2000000, offsets=0x3000000, sizes=0x5000000, out_sizes=0x6000000, batch=B, n=N, c=4, out=O))
+    fails.append(((~int.from_bytes(o['st'], 'little')) & (2**64-1)) != 3)
+    print('bad size index', (~int.from_bytes(o['st'], 'little')) & (2**64-1))
+
+    print(f"simulate: {len(fails) - sum(fails)} checks ok, {sum(fails)} failed")
+    return 1 if any(fails) else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the committed PTX is stale")
+    ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
+    ap.add_argument("--stdout", action="store_true", help="print the PTX instead of writing")
+    ap.add_argument("--simulate", type=int, metavar="CASES", help="run CASES random plan cases and the "
+                    "apply kernels on kernels/ptx_sim.py against a model of the f32 contract")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --simulate")
+    args = ap.parse_args()
+    if args.simulate is not None:
+        return simulate(args.seed, args.simulate)
+    if args.list:
+        for name, _, _ in entries():
+            print(name, PARAM_BYTES)
+        return 0
+    text = generate()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "merge.ptx")
+    if args.check:
+        try:
+            with open(path, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            print(f"{path} is stale: run python3 kernels/gen_merge.py", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+//! The CUDA token-merging backend against the cpu backend, bit for bit.
+//!
+//! Without a GPU: the committed `kernels/merge.ptx` is what `kernels/gen_merge.py` writes, and
+//! every entry the Rust side launches exists with one parameter block of `MergeParams`' size
+//! (and, with the `cuda` feature, the same field offsets as the PTX's `// abi` lines).
+//!
+//! With a GPU (skipped with a `skipped:` line when there is none, FAILING when
+//! `VISTOK_REQUIRE_GPU=1`): random B, N (odd / even, 2, 3, tile edges), C (1, odd, not a
+//! multiple of the 16-channel stage), r (0, 1, max, random), class / distillation flags, output
+//! order, metric dtypes f32 / f16 / bf16, planted exact ties (duplicate rows, all-zero rows,
+//! small integer values) and both B-tile split settings: the GPU plan must EQUAL the cpu plan
+//! (same f32 contract, so no near-tie allowance); merge (sum, mean), weighted merge (values and
+//! sizes) and unmerge must equal the cpu backend bit for bit (any NaN equal to any NaN; outputs
+//! poisoned first). Bad input: typed errors, the same as the cpu backend's where both check.
+
+use std::collections::BTreeMap;
+
+const PTX: &str = include_str!("../kernels/merge.ptx");
+const PARAM_BYTES: usize = 96;
+const BLOCK: usize = 256;
+
+/// `(entry)` in file order.
+fn expected_entries() -> Vec<String> {
+    let floats = ["f32", "f16", "bf16"];
+    let mut v: Vec<String> = floats.iter().map(|t| format!("merge_normalize_{t}")).collect();
+    v.extend(["merge_similarity", "merge_reduce", "merge_rank"].map(String::from));
+    for kind in ["sum", "mean", "wavg", "unmerge"] {
+        v.extend(floats.iter().map(|t| format!("merge_{kind}_{t}")));
+    }
+    v
+}
+
+/// `(name, params, maxntid)` of every `.visible .entry`.
+fn entries_of(ptx: &str) -> Vec<(String, Vec<String>, Option<String>)> {
+    let lines: Vec<&str> = ptx.lines().collect();
+    let mut out = vec![];
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(rest) = lines[i].trim().strip_prefix(".visible .entry ") {
+            let name = rest.trim_end_matches('(').trim().to_string();
+            let mut params = vec![];
+            i += 1;
+            while lines[i].trim() != ")" {
+                params.push(lines[i].trim().trim_end_matches(',').to_string());
+                i += 1;
+            }
+            let mut maxntid = None;
+            while lines[i].trim() != "{" {
+                if let Some(v) = lines[i].trim().strip_prefix(".maxntid ") {
+                    maxntid = Some(v.to_string());
+                }
+                i += 1;
+            }
+            out.push((name, params, maxntid));
+        }
+        i += 1;
+    }
+    out
+}
+
+fn abi() -> BTreeMap<String, usize> {
+    PTX.lines()
+        .filter_map(|l| l.strip_prefix("// abi "))
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse().unwrap())
+        })
+        .collect()
+}
+
+fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
+#[test]
+fn ptx_header_and_entries() {
+    let directive = |d: &str| PTX.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
+    assert_eq!(directive(".version "), Some("8.0"));
+    assert_eq!(directive(".target "), Some("sm_80"));
+    assert_eq!(directive(".address_size "), Some("64"));
+    assert!(PTX.is_ascii() && !PTX.contains('\0'));
+    let found = entries_of(PTX);
+    let names: Vec<&str> = found.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(names, expected_entries(), "entries and their order");
+    for (name, params, maxntid) in &found {
+        assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameter list");
+        assert_eq!(maxntid.as_deref(), Some(format!("{BLOCK}, 1, 1").as_str()), "{name}: .maxntid");
+    }
+    let abi = abi();
+    assert_eq!((abi["merge size"], abi["block"], abi["tile"], abi["kstep"]), (PARAM_BYTES, BLOCK, 64, 16));
+    let offs: Vec<usize> =
+        abi.iter().filter(|(k, _)| k.starts_with("merge ") && *k != "merge size").map(|(_, &v)| v).collect();
+    assert!(offs.len() == 17 && offs.iter().all(|&o| o < PARAM_BYTES), "{offs:?}");
+    // Nothing approximate or flushing: the score contract needs correctly rounded f32.
+    for bad in [".ftz", ".approx", "mul.f32", "add.f32", "fma.f32", "div.f32", "sqrt.f32", "rcp"] {
+        assert!(!PTX.contains(bad), "merge.ptx contains `{bad}`");
+    }
+}
+
+#[test]
+fn committed_ptx_is_what_the_generator_writes() {
+    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
+    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_merge.py")).find(|p| p.is_file()) else {
+        say_skipped("kernels/gen_merge.py not found (run from the crate root)");
+        return;
+    };
+    match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
+        Ok(out) if out.status.success() => {
+            assert!(out.stdout == PTX.as_bytes(), "kernels/merge.ptx is stale: run python3 kernels/gen_merge.py")
+        }
+        Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
+        Err(e) => say_skipped(&format!("python3 not available ({e})")),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn skipped_without_cuda_feature() {
+    if std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1") {
+        panic!("VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
+    }
+    say_skipped("built without the cuda feature");
+}
+
+#[cfg(feature = "cuda")]
+mod common;
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    use super::common::{poison, Rng};
+    use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+    use vistok::cuda::merge::{self as cm, MergeKernel};
+    use vistok::cuda::Gpu;
+    use vistok::merge::{MatchConfig, MergeMode, MergePlan};
+    use vistok::{bf16, f16, Backend, Error, Family, Float, View, ViewMut};
+
+    #[test]
+    fn rust_abi_matches_the_ptx() {
+        assert_eq!(cm::PARAM_BYTES, super::PARAM_BYTES);
+        assert_eq!(cm::BLOCK as usize, super::BLOCK);
+        assert_eq!(cm::KERNEL_NAMES.to_vec(), super::expected_entries());
+        let abi = super::abi();
+        let mut ptx: Vec<(String, usize)> = abi
+            .iter()
+            .filter_map(|(k, &v)| k.strip_prefix("merge ").filter(|f| *f != "size").map(|f| (f.to_string(), v)))
+            .collect();
+        ptx.sort_by_key(|p| p.1);
+        let rust: Vec<(String, usize)> = cm::param_offsets().into_iter().map(|(f, o)| (f.to_string(), o)).collect();
+        assert_eq!(rust, ptx, "field offsets, Rust vs PTX");
+        assert_eq!((abi["tile"], abi["kstep"]), (cm::TILE, cm::KSTEP));
+    }
+
+    fn require_gpu() -> bool {
+        std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1")
+    }
+
+    fn gpu() -> Option<&'static Gpu> {
+        static GPU: OnceLock<Result<Gpu, Error>> = OnceLock::new();
+        match GPU.get_or_init(|| Gpu::new(0)) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but no usable CUDA device: {e}");
+                super::say_skipped(&format!("no CUDA device ({e})"));
+                None
+            }
+        }
+    }
+
+    /// A metric with planted exact ties: small integers (many equal cosines), duplicated rows,
+    /// all-zero rows, or plain random values.
+    fn metric<M: Float>(b: usize, n: usize, c: usize, style: u64, rng: &mut Rng) -> Vec<M> {
+        let mut v: Vec<f32> = (0..b * n * c)
+            .map(|_| match style {
+                0 => (rng.next_u64() % 5) as f32 - 2.0,
+                _ => rng.uniform(-2.0, 2.0),
+            })
+            .collect();
+        if style >= 2 {
+            for row in 0..b * n {
+                match rng.next_u64() % 8 {
+                    0 if row >= 2 => {
+                        let (src, dst) = ((row - 2) * c, row * c);
+                        v.copy_within(src..src + c, dst); // same set as row - 2
+                    }
+                    1 if row >= 1 => {
+                        let (src, dst) = ((row - 1) * c, row * c);
+                        v.copy_within(src..src + c, dst); // the other set
+                    }
+                    2 => v[row * c..][..c].fill(0.0),
+                    _ => {}
+                }
+            }
+        }
+        v.into_iter().map(M::from_f32).collect()
+    }
+
+    fn same_bits<T: Float>(a: &[T], b: &[T]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                let (x, y) = (x.to_f32(), y.to_f32());
+                x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+            })
+    }
+
+    struct Tally {
+        plans: usize,
+        merges: usize,
+        merged_tokens: usize,
+    }
+
+    /// One case: the GPU plan equals the cpu plan; then apply it with values of dtype `T`.
+    fn case<M: Float + DeviceRepr, T: Float + DeviceRepr + ValidAsZeroBits>(
+        k: &MergeKernel,
+        dims: [usize; 3],
+        cfg: &MatchConfig,
+        style: u64,
+        cx: usize,
+        rng: &mut Rng,
+        tally: &mut Tally,
+    ) {
+        let [b, n, c] = dims;
+        let m: Vec<M> = metric(b, n, c, style, rng);
+        let mv = View::new(&m, &dims).unwrap();
+        let want = MergePlan::bipartite(Backend::Cpu, mv, cfg).unwrap();
+        let got = k.plan_host(mv, cfg).unwrap();
+        assert_eq!(got, want, "plan differs from the cpu backend: dims {dims:?} {cfg:?} style {style}");
+        tally.plans += 1;
+        tally.merged_tokens += b * got.r();
+
+        let o = want.out_tokens();
+        let x: Vec<T> = (0..b * n * cx).map(|_| T::from_f32(rng.uniform(-4.0, 4.0))).collect();
+        let xv = View::new(&x, &[b, n, cx]).unwrap();
+        for mode in [MergeMode::Sum, MergeMode::Mean] {
+            let mut y = vec![poison::<T>(); b * o * cx];
+            want.merge(Backend::Cpu, xv, mode, ViewMut::new(&mut y, &[b, o, cx]).unwrap()).unwrap();
+            let g = k.merge_host(&want, xv, mode).unwrap();
+            assert!(same_bits(&g, &y), "merge {mode:?} differs: dims {dims:?} {cfg:?} C {cx}");
+        }
+        let sizes: Vec<f32> = (0..b * n).map(|_| 1.0 + (rng.next_u64() % 7) as f32 * 0.75).collect();
+        let sv = View::new(&sizes, &[b, n]).unwrap();
+        let (mut y, mut s) = (vec![poison::<T>(); b * o * cx], vec![f32::NAN; b * o]);
+        want.merge_weighted(
+            Backend::Cpu,
+            xv,
+            Some(sv),
+            ViewMut::new(&mut y, &[b, o, cx]).unwrap(),
+            ViewMut::new(&mut s, &[b, o]).unwrap(),
+        )
+        .unwrap();
+        let (gy, gs) = k.merge_weighted_host(&want, xv, Some(sv)).unwrap();
+        assert!(same_bits(&gy, &y), "weighted merge values differ: dims {dims:?} {cfg:?}");
+        assert!(same_bits(&gs, &s), "weighted merge sizes differ: dims {dims:?} {cfg:?}");
+        let yv = View::new(&y, &[b, o, cx]).unwrap();
+        let mut back = vec![poison::<T>(); b * n * cx];
+        want.unmerge(Backend::Cpu, yv, ViewMut::new(&mut back, &[b, n, cx]).unwrap()).unwrap();
+        assert!(same_bits(&k.unmerge_host(&want, yv).unwrap(), &back), "unmerge differs: dims {dims:?}");
+        tally.merges += 1;
+    }
+
+    fn run_cases<M: Float + DeviceRepr, T: Float + DeviceRepr + ValidAsZeroBits>(
+        k: &MergeKernel,
+        seed: u64,
+        count: usize,
+        tally: &mut Tally,
+    ) {
+        let mut rng = Rng(seed);
+        let ns = [2, 3, 4, 5, 7, 8, 33, 64, 127, 128, 129, 130, 197, 255, 258];
+        let cs = [1, 2, 3, 15, 16, 17, 31, 48, 65, 100];
+        for i in 0..count {
+            let b = 1 + (rng.next_u64() % 3) as usize;
+            let n = ns[(rng.next_u64() as usize) % ns.len()];
+            let c = cs[(rng.next_u64() as usize) % cs.len()];
+            let max = n;
+            let r = match i % 4 {
+                0 => 0,
+                1 => 1,
+                2 => max,
+                _ => (rng.next_u64() as usize) % (n / 2 + 1),
+            };
+            let f = rng.next_u64();
+            let cfg =
+                MatchConfig::new(r).class_token(f & 1 != 0).distill_token(f & 2 != 0).keep_original_order(f & 4 != 0);
+            let cx = [1, 3, 8, 33][(f >> 3) as usize % 4];
+            case::<M, T>(k, [b, n, c], &cfg, (f >> 5) % 4, cx, &mut rng, tally);
+        }
+    }
+
+    #[test]
+    fn plans_and_merges_equal_the_cpu_backend() {
+        let Some(gpu) = gpu() else { return };
+        let t0 = Instant::now();
+        let mut tally = Tally { plans: 0, merges: 0, merged_tokens: 0 };
+        for target in [1, 4096] {
+            let k = MergeKernel::new(gpu).unwrap().with_target_blocks(target);
+            run_cases::<f32, f32>(&k, 11 + target as u64, 48, &mut tally);
+            run_cases::<f16, f16>(&k, 23 + target as u64, 24, &mut tally);
+            run_cases::<bf16, bf16>(&k, 37 + target as u64, 24, &mut tally);
+            run_cases::<f32, bf16>(&k, 41 + target as u64, 12, &mut tally);
+        }
+        eprintln!(
+            "cuda merge: {} plans equal to the cpu backend ({} tokens merged), {} merge/wavg/unmerge sets bit-identical, {:.1} s",
+            tally.plans,
+            tally.merged_tokens,
+            tally.merges,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+
+    #[test]
+    fn large_shapes_equal_the_cpu_backend() {
+        let Some(gpu) = gpu() else { return };
+        let t0 = Instant::now();
+        let k = MergeKernel::new(gpu).unwrap();
+        let mut rng = Rng(5);
+        let mut tally = Tally { plans: 0, merges: 0, merged_tokens: 0 };
+        let shapes = [([8, 197, 768], 49, true), ([2, 1024, 320], 256, false), ([1, 4096, 64], 2048, false)];
+        for (dims, r, class) in shapes {
+            for style in [1, 3] {
+                let cfg = MatchConfig::new(r).class_token(class);
+                case::<f32, f32>(&k, dims, &cfg, style, 16, &mut rng, &mut tally);
+                case::<bf16, bf16>(&k, dims, &cfg, style, 16, &mut rng, &mut tally);
+            }
+        }
+        eprintln!(
+            "cuda merge (ViT / SD shapes): {} plans and merges equal to the cpu backend, {:.1} s",
+            tally.plans,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+
+    #[test]
+    fn bad_input_gives_typed_errors() {
+        let Some(gpu) = gpu() else { return };
+        let k = MergeKernel::new(gpu).unwrap();
+        let cfg = MatchConfig::new(2);
+        let mut m: Vec<f32> = (0..2 * 9 * 5).map(|i| (i % 7) as f32 - 3.0).collect();
+        m[53] = f32::NAN;
+        for r in [0, 2] {
+            let cfg = MatchConfig::new(r);
+            let want = MergePlan::bipartite(Backend::Cpu, View::new(&m, &[2, 9, 5]).unwrap(), &cfg).unwrap_err();
+            let got = k.plan_host(View::new(&m, &[2, 9, 5]).unwrap(), &cfg).unwrap_err();
+            assert_eq!(got, want, "r = {r}");
+        }
+        m[53] = 1.0;
+        m[20] = f32::NEG_INFINITY;
+        m[70] = f32::NAN;
+        let want = MergePlan::bipartite(Backend::Cpu, View::new(&m, &[2, 9, 5]).unwrap(), &cfg).unwrap_err();
+        assert_eq!(k.plan_host(View::new(&m, &[2, 9, 5]).unwrap(), &cfg).unwrap_err(), want);
+        assert!(matches!(want, Error::NonFinite { family: Family::Merge, .. }));
+        m[20] = 0.5;
+        m[70] = 0.25;
+        assert!(matches!(
+            k.plan_host(View::new(&m[..5], &[1, 1, 5]).unwrap(), &cfg),
+            Err(Error::Shape { family: Family::Merge, .. })
+        ));
+        assert!(matches!(
+            k.plan_host(View::new(&m[..0], &[2, 9, 0]).unwrap(), &cfg),
+            Err(Error::Shape { family: Family::Merge, .. })
+        ));
+        let stream = gpu.stream();
+        let dev = stream.clone_htod(&m).unwrap();
+        assert!(matches!(k.plan(stream, &dev, [2, 9, 4], &cfg), Err(Error::Length { family: Family::Merge, .. })));
+        let plan = k.plan(stream, &dev, [2, 9, 5], &cfg).unwrap();
+        let dplan = k.upload(stream, &plan).unwrap();
+        let mut short = stream.alloc_zeros::<f32>(3).unwrap();
+        assert!(matches!(
+            k.merge(stream, &dplan, &dev, MergeMode::Mean, &mut short),
+            Err(Error::Length { family: Family::Merge, .. })
+        ));
+        let odd = stream.alloc_zeros::<f32>(2 * 9 * 5 + 1).unwrap();
+        let mut out = stream.alloc_zeros::<f32>(2 * 7 * 5).unwrap();
+        assert!(matches!(
+            k.merge(stream, &dplan, &odd, MergeMode::Sum, &mut out),
+            Err(Error::Shape { family: Family::Merge, .. })
+        ));
+        // Sizes: a non-positive and a NaN size, named as the cpu backend names them.
+        let x = vec![1.0f32; 2 * 9 * 3];
+        let xv = View::new(&x, &[2, 9, 3]).unwrap();
+        for (at, v) in [(13, -1.0f32), (4, f32::NAN), (17, 0.0)] {
+            let mut sizes = vec![1.0f32; 18];
+            sizes[at] = v;
+            let sv = View::new(&sizes, &[2, 9]).unwrap();
+            let (mut y, mut s) = (vec![0.0f32; 2 * 7 * 3], vec![0.0f32; 14]);
+            let want = plan
+                .merge_weighted(
+                    Backend::Cpu,
+                    xv,
+                    Some(sv),
+                    ViewMut::new(&mut y, &[2, 7, 3]).unwrap(),
+                    ViewMut::new(&mut s, &[2, 7]).unwrap(),
+                )
+                .unwrap_err();
+            assert_eq!(k.merge_weighted_host(&plan, xv, Some(sv)).unwrap_err(), want, "size {v} at {at}");
+        }
+        eprintln!("cuda merge: bad inputs give the cpu backend's typed errors");
+    }
+}
