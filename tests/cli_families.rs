@@ -332,3 +332,69 @@ fn merge_bad_input_is_one_line_and_no_file() {
     run_err(&dir, &["merge", "--r", "2", "--mode", "max", p(&mp), p(&op)], "--mode", &inputs);
     run_err(&dir, &["merge", "--r", "2", p(&xp), p(&xp), p(&op)], "expected two paths", &inputs);
 }
+
+/// `vistok run merge --backend cuda`: the plan (slots) and merged values equal the cpu's bit for
+/// bit on a GPU; a one-line error without the feature or without a GPU (a failure under
+/// `VISTOK_REQUIRE_GPU=1`).
+#[test]
+fn merge_cuda_backend_is_exact_or_a_clear_error() {
+    let dir = Dir::new("merge-cuda");
+    let (b, n, c) = (3, 41, 24);
+    let x = values(b * n * c, 31);
+    let (mp, op, slp, sop) = (dir.path("m.npy"), dir.path("o.npy"), dir.path("slots.npy"), dir.path("so.npy"));
+    write_npy_raw(&mp, "<f4", &[b, n, c], &le(&x));
+    let args = ["merge", "--backend", "cuda", "--r", "13", "--class-token", "--slots", p(&slp), p(&mp), p(&op)];
+    if !cfg!(feature = "cuda") {
+        run_err(&dir, &args, "built without CUDA", &["m.npy"]);
+        return;
+    }
+    let mut all = vec!["run"];
+    all.extend(args);
+    let o = common::cli::vistok(&all);
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no usable GPU"), "{err}");
+        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
+        eprintln!("skipped: no GPU: {err}");
+        return;
+    }
+    let config = MatchConfig::new(13).class_token(true);
+    let plan = MergePlan::bipartite(Backend::Cpu, View::new(&x, &[b, n, c]).unwrap(), &config).unwrap();
+    let o_dims = [b, plan.out_tokens(), c];
+    let mut want = vec![0f32; b * plan.out_tokens() * c];
+    plan.merge(
+        Backend::Cpu,
+        View::new(&x, &[b, n, c]).unwrap(),
+        MergeMode::Mean,
+        ViewMut::new(&mut want, &o_dims).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(read_as::<u32>(&slp, "<u4", &[b, n]), plan.slots(), "plan from the GPU");
+    assert_eq!(f32_bits(&read_as::<f32>(&op, "<f4", &o_dims)), f32_bits(&want), "mean merge on the GPU");
+    run_ok(&[
+        "merge",
+        "--backend",
+        "cuda",
+        "--r",
+        "13",
+        "--class-token",
+        "--mode",
+        "wavg",
+        "--out-sizes",
+        p(&sop),
+        p(&mp),
+        p(&op),
+    ]);
+    let (mut want_sizes, mut want) = (vec![0f32; b * plan.out_tokens()], vec![0f32; want.len()]);
+    plan.merge_weighted(
+        Backend::Cpu,
+        View::new(&x, &[b, n, c]).unwrap(),
+        None,
+        ViewMut::new(&mut want, &o_dims).unwrap(),
+        ViewMut::new(&mut want_sizes, &[b, plan.out_tokens()]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(f32_bits(&read_as::<f32>(&op, "<f4", &o_dims)), f32_bits(&want), "wavg merge on the GPU");
+    assert_eq!(f32_bits(&read_as::<f32>(&sop, "<f4", &[b, plan.out_tokens()])), f32_bits(&want_sizes));
+    eprintln!("merge --backend cuda: [{b}, {n}, {c}] r=13, plan and values identical to the cpu backend");
+}

@@ -8,6 +8,8 @@
 //! - [`LfqKernel`], [`FsqKernel`]: LFQ / BSQ and FSQ encode / decode on device buffers (see
 //!   [`lfq`], [`fsq`]), bit-identical to the cpu backend; [`DeferredCheck`] reads their NaN /
 //!   bad-id verdict later, so that back-to-back launches need no sync.
+//! - [`MergeKernel`]: ToMe bipartite matching (plans equal to the cpu backend's), merge (sum,
+//!   mean, size-weighted) and unmerge on device buffers (see [`merge`]).
 //!
 //! Nothing here panics without a GPU: every entry point returns a [`Result`].
 //!
@@ -34,6 +36,7 @@ pub mod patchify;
 
 pub use fsq::FsqKernel;
 pub use lfq::{DeferredCheck, LfqKernel};
+pub use merge::{DevicePlan, MergeKernel};
 pub use patchify::PatchifyKernel;
 
 use std::collections::HashMap;

@@ -91,3 +91,49 @@ pub fn fsq_encode<T: Float + Dev>(_plan: &vistok::Fsq, _z: &[T]) -> Result<Vec<u
 pub fn fsq_decode<O: Float + Dev>(_plan: &vistok::Fsq, _ids: &[u32]) -> Result<Vec<O>, String> {
     Err(NO_CUDA.into())
 }
+
+/// ToMe matching on GPU 0 (the plan equals the cpu backend's).
+#[cfg(feature = "cuda")]
+pub fn merge_plan<M: Float + Dev>(
+    metric: vistok::View<'_, M>,
+    config: &vistok::MatchConfig,
+) -> Result<vistok::MergePlan, String> {
+    let k = vistok::cuda::MergeKernel::new(&gpu0()?).map_err(super::exec::lib_err)?;
+    k.plan_host(metric, config).map_err(super::exec::lib_err)
+}
+
+/// Applies a plan on GPU 0: `mode` Some → sum / mean, None → size-weighted (returns the sizes).
+#[cfg(feature = "cuda")]
+pub fn merge_apply<T: Float + Dev>(
+    plan: &vistok::MergePlan,
+    x: vistok::View<'_, T>,
+    mode: Option<vistok::MergeMode>,
+    sizes: Option<vistok::View<'_, f32>>,
+) -> Result<(Vec<T>, Option<Vec<f32>>), String> {
+    let k = vistok::cuda::MergeKernel::new(&gpu0()?).map_err(super::exec::lib_err)?;
+    match mode {
+        Some(m) => Ok((k.merge_host(plan, x, m).map_err(super::exec::lib_err)?, None)),
+        None => {
+            let (y, s) = k.merge_weighted_host(plan, x, sizes).map_err(super::exec::lib_err)?;
+            Ok((y, Some(s)))
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn merge_plan<M: Float + Dev>(
+    _metric: vistok::View<'_, M>,
+    _config: &vistok::MatchConfig,
+) -> Result<vistok::MergePlan, String> {
+    Err(NO_CUDA.into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn merge_apply<T: Float + Dev>(
+    _plan: &vistok::MergePlan,
+    _x: vistok::View<'_, T>,
+    _mode: Option<vistok::MergeMode>,
+    _sizes: Option<vistok::View<'_, f32>>,
+) -> Result<(Vec<T>, Option<Vec<f32>>), String> {
+    Err(NO_CUDA.into())
+}

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 
 use lexopt::Parser;
 use vistok::merge::{MatchConfig, MergeMode, MergePlan};
-use vistok::{Backend, Float, View, ViewMut};
+use vistok::{Float, View, ViewMut};
 
 use super::args::{distinct_outputs, next, parse_backend, parse_float_type, value, BackendChoice, FloatType, Next};
 use super::buf::{zeroed, Buf};
-use super::exec::{host_only, lib_err};
+use super::exec::{lib_err, Where};
+use super::gpu::{self, Dev};
 use super::npy;
 use super::output::Pending;
 
@@ -20,7 +21,7 @@ vistok run merge: ToMe token merging (bipartite soft matching), one layer
 usage: vistok run merge --r R [--class-token] [--distill-token] [--keep-order]
                         [--mode mean|sum|wavg] [--x X.npy] [--sizes S.npy]
                         [--out-sizes S_OUT.npy] [--slots SLOTS.npy]
-                        [--backend reference|cpu] [--dtype f32|f16|bf16]
+                        [--backend reference|cpu|cuda] [--dtype f32|f16|bf16]
                         METRIC.npy OUT.npy
 
 METRIC  [B, N, Cm] (<f4 or <f2): what tokens are matched on (ToMe: the keys averaged over
@@ -39,7 +40,8 @@ OUT     [B, N - r, C]: the merged tokens (X, or METRIC when --x is not given), i
   --sizes S.npy     wavg: token sizes [B, N] (<f4, positive)
   --out-sizes S.npy wavg: write the merged sizes [B, N - r] (f32)
   --slots S.npy     write the assignment map [B, N] (<u4): the output slot of every token
-  --backend B       reference | cpu (default cpu). cuda: not driven by vistok run yet
+  --backend B       reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok built
+                    with --features cuda; the same plan and values as the cpu)
   --dtype D         round METRIC and X to f32 | f16 | bf16 first (default: each file's own)
   -h, --help        this help
 
@@ -109,7 +111,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
         return Err("--sizes and --out-sizes go with --mode wavg".into());
     }
     distinct_outputs(&[("OUT", Some(out_path)), ("--out-sizes", out_sizes.as_ref()), ("--slots", slots.as_ref())])?;
-    let backend = host_only(backend, "merge")?;
+    let backend = Where::of(backend);
 
     let metric = npy::read(metric_path)?;
     let mshape = metric.shape.clone();
@@ -162,14 +164,23 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
     Ok(())
 }
 
-fn plan_of<T: Float>(backend: Backend, m: &[T], shape: &[usize], config: &MatchConfig) -> Result<MergePlan, String> {
-    MergePlan::bipartite(backend, View::new(m, shape).map_err(lib_err)?, config).map_err(lib_err)
+fn plan_of<T: Float + Dev>(
+    backend: Where,
+    m: &[T],
+    shape: &[usize],
+    config: &MatchConfig,
+) -> Result<MergePlan, String> {
+    let view = View::new(m, shape).map_err(lib_err)?;
+    match backend {
+        Where::Host(b) => MergePlan::bipartite(b, view, config).map_err(lib_err),
+        Where::Gpu => gpu::merge_plan(view, config),
+    }
 }
 
 type Merged<T> = (Vec<T>, Vec<usize>, Option<Vec<f32>>);
 
-fn apply<T: Float>(
-    backend: Backend,
+fn apply<T: Float + Dev>(
+    backend: Where,
     plan: &MergePlan,
     x: &[T],
     shape: &[usize],
@@ -187,6 +198,23 @@ fn apply<T: Float>(
         ));
     }
     let oshape = vec![b, plan.out_tokens(), c];
+    let backend = match backend {
+        Where::Host(b) => b,
+        Where::Gpu => {
+            let xv = View::new(x, shape).map_err(lib_err)?;
+            let sv = match sizes {
+                Some((d, dims)) => Some(View::new(d, dims).map_err(lib_err)?),
+                None => None,
+            };
+            let m = match mode {
+                Mode::Mean => Some(MergeMode::Mean),
+                Mode::Sum => Some(MergeMode::Sum),
+                Mode::Wavg => None,
+            };
+            let (y, s) = gpu::merge_apply(plan, xv, m, sv)?;
+            return Ok((y, oshape, s));
+        }
+    };
     let mut out = zeroed::<T>(b * plan.out_tokens() * c)?;
     let xv = View::new(x, shape).map_err(lib_err)?;
     let ov = ViewMut::new(&mut out, &oshape).map_err(lib_err)?;
