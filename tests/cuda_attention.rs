@@ -74,15 +74,17 @@ fn abi() -> BTreeMap<String, usize> {
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
     let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) =
-        roots.into_iter().flatten().map(|r| r.join("kernels/gen_attention.py")).find(|p| p.is_file())
+    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_attention.py")).find(|p| p.is_file())
     else {
         say_skipped("kernels/gen_attention.py not found (run from the crate root)");
         return;
     };
     match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
         Ok(out) if out.status.success() => {
-            assert!(out.stdout == PTX.as_bytes(), "kernels/attention.ptx is stale: run python3 kernels/gen_attention.py")
+            assert!(
+                out.stdout == PTX.as_bytes(),
+                "kernels/attention.ptx is stale: run python3 kernels/gen_attention.py"
+            )
         }
         Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
         Err(e) => say_skipped(&format!("python3 not available ({e})")),
@@ -126,7 +128,10 @@ fn launcher_agrees_with_the_ptx() {
         (abi["flag lse"], abi["flag bias"], abi["flag seg"]),
         (ca::FLAG_LSE as usize, ca::FLAG_BIAS as usize, ca::FLAG_SEG as usize)
     );
-    assert_eq!((abi["bn"], abi["f32 bm"], abi["f32 bn"], abi["f32 dmax"]), (ca::BN, ca::F32_BM, ca::F32_BN, ca::F32_DMAX));
+    assert_eq!(
+        (abi["bn"], abi["f32 bm"], abi["f32 bn"], abi["f32 dmax"]),
+        (ca::BN, ca::F32_BM, ca::F32_BN, ca::F32_DMAX)
+    );
     // Threads per entry: 32 per warp of TC_HEAD_DIMS, F32_THREADS for f32.
     for (name, threads) in ENTRIES {
         let want = if name == "attention_f32" {
@@ -341,8 +346,7 @@ mod gpu {
                     let qs: Vec<f32> = data.q[qi..][..dm.d].iter().map(|x| rt(x.to_f32() * scale)).collect();
                     for (j, sj) in s.iter_mut().enumerate() {
                         let kj = dm.at(dm.hkv, dm.nk, b, h / group, j);
-                        let dot =
-                            qs.iter().zip(&data.k[kj..][..dm.d]).fold(0.0f32, |acc, (x, y)| acc + x * y.to_f32());
+                        let dot = qs.iter().zip(&data.k[kj..][..dm.d]).fold(0.0f32, |acc, (x, y)| acc + x * y.to_f32());
                         let mut v = rt(dot);
                         v = match o.bias {
                             BiasKind::None => v,
@@ -427,10 +431,11 @@ mod gpu {
         let mut l = s.clone_htod(&vec![poison::<f32>(); l_len.max(1)]).unwrap();
         let nk_len = data.k.len();
         let (k, v) = (k.slice(0..nk_len), v.slice(0..nk_len));
-        let mut ov = o.slice_mut(0..nq_len);
-        let mut lv = l.slice_mut(0..l_len);
-        kernel.forward_lse(s, &q.slice(0..data.q.len()), &k, &v, &mut ov, &mut lv)?;
-        drop((ov, lv));
+        {
+            let mut ov = o.slice_mut(0..nq_len);
+            let mut lv = l.slice_mut(0..l_len);
+            kernel.forward_lse(s, &q.slice(0..data.q.len()), &k, &v, &mut ov, &mut lv)?;
+        }
         let out = s.clone_dtoh(&o).unwrap();
         let lse = s.clone_dtoh(&l).unwrap();
         gpu.synchronize()?;
@@ -556,8 +561,7 @@ mod gpu {
         fn one<T: Float + DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, dm: &Dims, o: &Opts, data: &Data<T>) -> usize {
             let a = attention(o, dm, data);
             let (out, lse) = run_gpu(gpu, &a, dm, data).unwrap();
-            let masked: Vec<usize> =
-                (0..dm.nq).filter(|&i| (0..dm.nk).all(|j| !visible(o, dm, data, i, j))).collect();
+            let masked: Vec<usize> = (0..dm.nq).filter(|&i| (0..dm.nk).all(|j| !visible(o, dm, data, i, j))).collect();
             assert!(!masked.is_empty(), "{dm:?} {o:?} has no fully masked row");
             for b in 0..dm.b {
                 for h in 0..dm.h {

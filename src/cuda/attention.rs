@@ -232,8 +232,8 @@ pub fn param_offsets() -> Vec<(&'static str, usize)> {
         ($($f:ident),*) => { vec![$((stringify!($f), offset_of!(AttentionParams, $f))),*] };
     }
     offs!(
-        q, k, v, o, lse, bias, qseg, kseg, qmax, kmin, q_sb, q_sh, q_sn, kv_sb, kv_sh, kv_sn, bias_sb, bias_sh, bias_si, nq,
-        nk, d, group, lo, hi, scale, scale_log2, flags, pad
+        q, k, v, o, lse, bias, qseg, kseg, qmax, kmin, q_sb, q_sh, q_sn, kv_sb, kv_sh, kv_sn, bias_sb, bias_sh,
+        bias_si, nq, nk, d, group, lo, hi, scale, scale_log2, flags, pad
     )
 }
 
@@ -343,7 +343,13 @@ impl AttentionKernel {
     /// ([`Error::NonFinite`]), `D = 0`, and [`Error::Unsupported`] for what the GPU kernels do
     /// not take (dtype / D, more than 2²⁹ tokens, more than 65535 batches or heads); then
     /// driver errors.
-    pub fn new(gpu: &Gpu, attention: &Attention<'_>, dtype: DType, q_dims: &[usize], kv_dims: &[usize]) -> Result<Self> {
+    pub fn new(
+        gpu: &Gpu,
+        attention: &Attention<'_>,
+        dtype: DType,
+        q_dims: &[usize],
+        kv_dims: &[usize],
+    ) -> Result<Self> {
         let p = validate(attention, q_dims, kv_dims)?;
         let s = Sizes { b: p.b, h: p.h, hkv: p.hkv, nq: p.nq, nk: p.nk, d: p.d };
         let traits = traits(dtype, s.d)?;
@@ -634,12 +640,8 @@ impl AttentionKernel {
         let stream = self.gpu.stream();
         // cudarc cannot allocate 0 elements: an empty K / V (Nk = 0) gets one unread element.
         let up = |x: &[T], what: &str| {
-            if x.is_empty() {
-                stream.alloc_zeros::<T>(1)
-            } else {
-                stream.clone_htod(x)
-            }
-            .map_err(|e| driver_error(&format!("copying {what} to the device"), e))
+            if x.is_empty() { stream.alloc_zeros::<T>(1) } else { stream.clone_htod(x) }
+                .map_err(|e| driver_error(&format!("copying {what} to the device"), e))
         };
         let (dq, dk, dv) = (up(q, "q")?, up(k, "k")?, up(v, "v")?);
         let mut o = stream.alloc_zeros::<T>(nq_len).map_err(|e| driver_error("allocating out", e))?;
@@ -702,7 +704,9 @@ fn validate<'a>(a: &Attention<'a>, qd: &[usize], kd: &[usize]) -> Result<Problem
         )));
     }
     if hkv == 0 || h == 0 || !h.is_multiple_of(hkv) {
-        return Err(shape_err(format!("query heads H = {h} is not a positive multiple of key/value heads Hkv = {hkv}")));
+        return Err(shape_err(format!(
+            "query heads H = {h} is not a positive multiple of key/value heads Hkv = {hkv}"
+        )));
     }
     for (what, dims) in [("q", qd), ("k", kd)] {
         if dims.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x)).and_then(|n| n.checked_mul(4)).is_none() {
@@ -791,7 +795,8 @@ mod tests {
                         let want = match m {
                             Mask::Causal => j as i64 <= diag,
                             Mask::Window { left, right } => {
-                                diag - left.min(1 << 40) as i64 <= j as i64 && j as i64 <= diag + right.min(1 << 40) as i64
+                                diag - left.min(1 << 40) as i64 <= j as i64
+                                    && j as i64 <= diag + right.min(1 << 40) as i64
                             }
                             _ => true,
                         };
