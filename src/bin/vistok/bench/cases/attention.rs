@@ -7,12 +7,21 @@
 //!
 //! The check compares the output of batch 0, head 0 with the reference computed on that head
 //! alone (f64, from the inputs widened to f32): the whole problem would take the naive
-//! reference minutes on the big shapes.
+//! reference minutes on the big shapes (on the GPU-sized shapes: the last 256 query rows).
+//!
+//! CUDA rows (`attention/cuda/{bf16,f16,f32}/…`, with `--features cuda` and a device): every
+//! shape above plus GPU-sized ones (`8x16x4096x{64,128}`, also causal) that have no host rows.
+//! Data stays on the device; timing covers the launches only (no transfers). The H200
+//! target is bf16 / f16 at D = 64 and 128, N ≥ 2048: ≥ 350 TFLOP/s, i.e. 35% of the H200's
+//! dense bf16 tensor peak of ≈ 989 TFLOP/s (NVIDIA's SXM figure without sparsity); the
+//! GFLOP/s column of these rows divided by 989 000 is that fraction.
 
 use std::rc::Rc;
 
 use vistok::attention::{Attention, Mask};
-use vistok::{bf16, DType, Float, View, ViewMut};
+use vistok::{bf16, f16, DType, Float, View, ViewMut};
+
+use crate::dev::Dev;
 
 use super::{compare, Backend, Case, Check, Env, Peak, Runner, Shared};
 
@@ -27,6 +36,8 @@ struct Spec {
     ci: bool,
     /// Whether the reference gets a row.
     reference: bool,
+    /// Only a CUDA row (too big for the host backends).
+    gpu_only: bool,
 }
 
 impl Spec {
@@ -44,14 +55,26 @@ impl Spec {
         self.b * self.h * self.n * self.d
     }
 
+    /// Query rows of batch 0, head 0 the check compares: the last ones (all rows on the host
+    /// shapes; 256 on the GPU-sized ones, which the naive reference would take minutes on).
+    /// With the bottom-right alignment the last rows against all keys are the same problem
+    /// under a causal mask too.
+    fn checked_rows(&self) -> usize {
+        if self.gpu_only {
+            self.n.min(256)
+        } else {
+            self.n
+        }
+    }
+
     fn attention(&self) -> Attention<'static> {
         Attention::new().mask(if self.causal { Mask::Causal } else { Mask::None })
     }
 }
 
 pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
-    let _ = env;
-    let s = |b, h, n, d, causal, reference| Spec { b, h, n, d, causal, ci: false, reference };
+    let s = |b, h, n, d, causal, reference| Spec { b, h, n, d, causal, ci: false, reference, gpu_only: false };
+    let g = |b, h, n, d, causal| Spec { b, h, n, d, causal, ci: false, reference: false, gpu_only: true };
     let specs = [
         s(1, 12, 256, 64, false, true),
         s(1, 12, 1024, 64, false, false),
@@ -59,12 +82,18 @@ pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
         s(1, 16, 1024, 128, false, false),
         s(1, 12, 1024, 64, true, false),
         // Not part of the suite: small enough for the test suite (`--filter '*-ci'`).
-        Spec { b: 1, h: 2, n: 64, d: 32, causal: true, ci: true, reference: true },
+        Spec { b: 1, h: 2, n: 64, d: 32, causal: true, ci: true, reference: true, gpu_only: false },
+        // GPU-sized (cuda rows only).
+        g(8, 16, 4096, 64, false),
+        g(8, 16, 4096, 128, false),
+        g(8, 16, 4096, 64, true),
+        g(8, 16, 4096, 128, true),
     ];
     let mut out = vec![];
     for spec in specs {
-        out.extend(shape::<f32>(spec));
-        out.extend(shape::<bf16>(spec));
+        out.extend(shape::<f32>(env, spec));
+        out.extend(shape::<bf16>(env, spec));
+        out.extend(shape::<f16>(env, spec));
     }
     Ok(out)
 }
@@ -88,11 +117,11 @@ struct Inputs<T> {
 struct Flow<T> {
     spec: Spec,
     input: Rc<Shared<Inputs<T>>>,
-    /// Batch 0, head 0 of the output, from the reference on that head alone.
+    /// Batch 0, head 0 of the output (its last `checked_rows`), from the reference on that head alone.
     oracle: Rc<Shared<Vec<f32>>>,
 }
 
-fn shape<T: Float>(spec: Spec) -> Vec<Case> {
+fn shape<T: Float + Dev>(env: &Env, spec: Spec) -> Vec<Case> {
     let input = Shared::new(move || {
         let n = spec.len();
         Ok(Inputs { q: values::<T>(n, 1), k: values::<T>(n, 2), v: values::<T>(n, 3) })
@@ -102,18 +131,19 @@ fn shape<T: Float>(spec: Spec) -> Vec<Case> {
         Shared::new(move || {
             let x = input.get()?;
             let head = spec.n * spec.d;
-            let wide = |t: &[T]| t[..head].iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
-            let (q, k, v) = (wide(&x.q), wide(&x.k), wide(&x.v));
-            let dims = [1, 1, spec.n, spec.d];
-            let mut o = vec![f32::NAN; head];
+            let rows = spec.checked_rows();
+            let wide = |t: &[T]| t.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+            let (q, k, v) = (wide(&x.q[(spec.n - rows) * spec.d..head]), wide(&x.k[..head]), wide(&x.v[..head]));
+            let (qdims, kdims) = ([1, 1, rows, spec.d], [1, 1, spec.n, spec.d]);
+            let mut o = vec![f32::NAN; rows * spec.d];
             let e = |e: vistok::Error| e.to_string();
             spec.attention()
                 .forward(
                     vistok::Backend::Reference,
-                    View::new(&q, &dims).map_err(e)?,
-                    View::new(&k, &dims).map_err(e)?,
-                    View::new(&v, &dims).map_err(e)?,
-                    ViewMut::new(&mut o, &dims).map_err(e)?,
+                    View::new(&q, &qdims).map_err(e)?,
+                    View::new(&k, &kdims).map_err(e)?,
+                    View::new(&v, &kdims).map_err(e)?,
+                    ViewMut::new(&mut o, &qdims).map_err(e)?,
                 )
                 .map_err(e)?;
             Ok(o)
@@ -131,7 +161,11 @@ fn shape<T: Float>(spec: Spec) -> Vec<Case> {
             flops,
             // bf16 runs on the bf16 dot-product instructions where the CPU has them (the
             // roofline falls back to the f32 FMA peak where it has not).
-            peak: if T::DTYPE == DType::BF16 && backend == Backend::Cpu { Peak::Bf16 } else { Peak::F32 },
+            peak: match (T::DTYPE, backend) {
+                (DType::BF16, Backend::Cpu) => Peak::Bf16,
+                (DType::BF16 | DType::F16, Backend::Cuda) => Peak::Bf16,
+                _ => Peak::F32,
+            },
             setup: Box::new(move || {
                 Ok(Box::new(HostRunner {
                     flow: flow.clone(),
@@ -142,11 +176,23 @@ fn shape<T: Float>(spec: Spec) -> Vec<Case> {
         }
     };
     let mut cases = vec![];
-    // The reference in f32 only: it computes in f64 whatever the input type.
-    if spec.reference && T::DTYPE == DType::F32 {
-        cases.push(case(Backend::Reference, vistok::Backend::Reference));
+    // The reference in f32 only: it computes in f64 whatever the input type. No f16 host rows
+    // (the suite's host dtypes are f32 and bf16).
+    if !spec.gpu_only && T::DTYPE != DType::F16 {
+        if spec.reference && T::DTYPE == DType::F32 {
+            cases.push(case(Backend::Reference, vistok::Backend::Reference));
+        }
+        cases.push(case(Backend::Cpu, vistok::Backend::Cpu));
     }
-    cases.push(case(Backend::Cpu, vistok::Backend::Cpu));
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = &env.gpu {
+        let mut c = case(Backend::Cuda, vistok::Backend::Reference);
+        let (gpu, flow) = (gpu.clone(), Rc::new(Flow { spec, input: input.clone(), oracle: oracle.clone() }));
+        c.setup = Box::new(move || device::runner::<T>(&gpu, flow.clone()));
+        cases.push(c);
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = env;
     cases
 }
 
@@ -180,11 +226,72 @@ impl<T: Float> Runner for HostRunner<T> {
         if self.backend == vistok::Backend::Reference {
             return Ok(Check::Oracle);
         }
-        let head = self.flow.spec.n * self.flow.spec.d;
-        let got: Vec<f32> = self.out[..head].iter().map(|v| v.to_f32()).collect();
-        // |O| ≤ 1; f32 within a few ulps of accumulated error, bf16 within its rounding of
-        // inputs, probabilities and outputs.
-        let tol = if T::DTYPE == DType::F32 { 1e-5 } else { 2e-2 };
-        compare(&got, self.flow.oracle.get()?, tol)
+        check_head(&self.flow, &self.out)
+    }
+}
+
+/// Batch 0, head 0 of `out` (its last `checked_rows`) against the oracle. |O| ≤ 1; f32 within a few ulps of accumulated
+/// error, f16 / bf16 within their rounding of inputs, probabilities and outputs.
+fn check_head<T: Float>(flow: &Flow<T>, out: &[T]) -> Result<Check, String> {
+    let spec = flow.spec;
+    let got: Vec<f32> =
+        out[(spec.n - spec.checked_rows()) * spec.d..spec.n * spec.d].iter().map(|v| v.to_f32()).collect();
+    let tol = if T::DTYPE == DType::F32 { 1e-5 } else { 2e-2 };
+    compare(&got, flow.oracle.get()?, tol)
+}
+
+/// The CUDA rows: Q, K, V uploaded once, `n` launches back to back, then one wait.
+#[cfg(feature = "cuda")]
+mod device {
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream};
+    use vistok::cuda::attention::AttentionKernel;
+    use vistok::cuda::Gpu;
+    use vistok::Float;
+
+    use super::{check_head, Check, Flow, Runner};
+    use crate::dev::Dev;
+
+    struct DeviceRunner<T: Float> {
+        flow: Rc<Flow<T>>,
+        kernel: AttentionKernel,
+        stream: Arc<CudaStream>,
+        q: CudaSlice<T>,
+        k: CudaSlice<T>,
+        v: CudaSlice<T>,
+        out: CudaSlice<T>,
+    }
+
+    pub(super) fn runner<T: Float + Dev + 'static>(gpu: &Gpu, flow: Rc<Flow<T>>) -> Result<Box<dyn Runner>, String> {
+        let spec = flow.spec;
+        let e = |e: vistok::Error| e.to_string();
+        let kernel = AttentionKernel::new(gpu, &spec.attention(), T::DTYPE, &spec.dims(), &spec.dims()).map_err(e)?;
+        let stream = gpu.stream().clone();
+        let x = flow.input.get()?;
+        let up = |v: &[T]| stream.clone_htod(v).map_err(|e| format!("copying the input to the GPU: {e}"));
+        let (q, k, v) = (up(&x.q)?, up(&x.k)?, up(&x.v)?);
+        let out = stream
+            .clone_htod(&vec![T::from_f32(f32::NAN); spec.len()])
+            .map_err(|e| format!("allocating the output on the GPU: {e}"))?;
+        Ok(Box::new(DeviceRunner { flow, kernel, stream, q, k, v, out }))
+    }
+
+    impl<T: Float + Dev> Runner for DeviceRunner<T> {
+        fn run(&mut self, n: u32) -> Result<(), String> {
+            for _ in 0..n {
+                self.kernel
+                    .forward(&self.stream, &self.q, &self.k, &self.v, &mut self.out)
+                    .map_err(|e| e.to_string())?;
+            }
+            self.stream.synchronize().map_err(|e| format!("cuStreamSynchronize: {e}"))
+        }
+
+        fn check(self: Box<Self>) -> Result<Check, String> {
+            let got = self.stream.clone_dtoh(&self.out).map_err(|e| format!("copying the output to the host: {e}"))?;
+            self.stream.synchronize().map_err(|e| format!("cuStreamSynchronize: {e}"))?;
+            check_head(&self.flow, &got)
+        }
     }
 }

@@ -1,0 +1,888 @@
+#!/usr/bin/env python3
+"""Generates kernels/attention.ptx: the fused attention forward entries (FlashAttention-2 style).
+
+Python 3 standard library only. Usage:
+
+    python3 kernels/gen_attention.py            # (re)write kernels/attention.ptx
+    python3 kernels/gen_attention.py --check    # exit 1 if the committed file is stale
+    python3 kernels/gen_attention.py --list     # print "<entry> <param bytes>" per entry
+    python3 kernels/gen_attention.py --stdout   # print the PTX
+
+Entries (all take one parameter block, ATTN_FIELDS below, shared with src/cuda/attention.rs):
+
+- `attention_{bf16,f16}_d{32,64,128}`: tensor cores. One CTA per (query tile of BM = 16*WARPS
+  rows, head, batch); each warp owns 16 query rows whose Q fragments stay in registers (loaded
+  once with ldmatrix). Key tiles of BN = 64 keys stream through shared memory: K and V have one
+  buffer each and overlap as in FlashAttention-2 (V[t] loads while S = Q*K[t]^T computes, K[t+1]
+  loads while O += P*V[t] computes), cp.async.cg 16-byte copies, tails zero-filled (src-size 0).
+  Shared rows are 16-byte chunks XOR-swizzled by row (chunk ^ (row & 7); D = 32: ^ ((row >> 1) & 3))
+  so that ldmatrix phases and cp.async stores hit 8 distinct bank groups. mma.sync m16n8k16
+  (f32 accumulators) for S and for O; P is rounded to the input type in registers (the S
+  accumulator layout is the A-operand layout of the next mma). Online softmax in f32 in the
+  log2 domain: x = s * (scale * log2 e) + bias * log2 e, p = ex2.approx(x - m) (PTX: at most
+  2 ulp relative error; ex2(-inf) = 0), row max by two quad shuffles, row sums kept per thread
+  and reduced once at the end. O = acc / l rounded to the input type, lse = (m + lg2 l) * ln 2.
+- `attention_f32`: CUDA cores, any D <= 256 (runtime). 4 warps x 4 query rows, key tiles of 16;
+  Q in shared memory, K then V through one padded shared buffer; scores s * scale + bias in
+  natural units, p = ex2.approx((x - m) * log2 e) as the cpu backend does (no systematic error
+  from rounding scale * log2 e).
+
+Masks (both kernels, same rule as vistok::attention): key j is visible to query i iff
+lo <= j - i <= hi (the host folds none / causal / window into lo, hi, with the bottom-right
+offset Nk - Nq) and, with segment ids, kseg[j] <= qseg[i]. Key tiles outside the band of the
+CTA's rows are never visited; with segment ids, tiles whose smallest key id exceeds the CTA's
+largest query id (host-computed per tile: `kmin`, `qmax`) are skipped. Tiles fully inside the
+band without bias or segments take a path without per-element masking. A row with no visible
+key (or only -inf biases) ends with l = 0: O = 0 and lse = -inf, never NaN.
+"""
+
+import argparse
+import os
+import sys
+
+PTX_VERSION = "8.0"
+TARGET = "sm_80"
+LOG2E = 0x3FB8AA3B  # f32 bits of log2(e)
+LN2 = 0x3F317218  # f32 bits of ln(2)
+NEG_INF = "0fFF800000"
+
+# --------------------------------------------------------------------------------------------
+# ABI: one parameter struct for every entry (#[repr(C)] AttentionParams in src/cuda/attention.rs).
+# --------------------------------------------------------------------------------------------
+ATTN_FIELDS = [
+    ("q", "u64"),  # Q base (element 0)
+    ("k", "u64"),
+    ("v", "u64"),
+    ("o", "u64"),  # O: same dims, dtype and strides as Q
+    ("lse", "u64"),  # f32 [B, H, Nq] (flags bit 0)
+    ("bias", "u64"),  # f32, element (b, h, i, j) at b*bias_sb + h*bias_sh + i*bias_si + 4j bytes
+    ("qseg", "u64"),  # u32 [Nq] (flags bit 2)
+    ("kseg", "u64"),  # u32 [Nk]
+    ("qmax", "u64"),  # u32 per query tile of the entry's BM: max qseg
+    ("kmin", "u64"),  # u32 per key tile of the entry's BN: min kseg
+    ("q_sb", "u64"),  # byte strides of Q (and O): batch, head, token
+    ("q_sh", "u64"),
+    ("q_sn", "u64"),
+    ("kv_sb", "u64"),  # byte strides of K and V
+    ("kv_sh", "u64"),
+    ("kv_sn", "u64"),
+    ("bias_sb", "u64"),  # byte strides of the bias (0: broadcast)
+    ("bias_sh", "u64"),
+    ("bias_si", "u64"),
+    ("nq", "u32"),
+    ("nk", "u32"),
+    ("d", "u32"),  # head dimension (the f32 entry; tensor entries have it built in)
+    ("group", "u32"),  # H / Hkv
+    ("lo", "s32"),  # visible iff lo <= j - i <= hi (clamped to [-Nq-1, Nk+1])
+    ("hi", "s32"),
+    ("scale", "f32"),  # the score scale
+    ("scale_log2", "f32"),  # scale * log2(e)
+    ("flags", "u32"),  # bit 0: write lse, bit 1: bias, bit 2: segment ids
+    ("pad", "u32"),
+]
+SIZES = {"u64": 8, "u32": 4, "s32": 4, "f32": 4}
+FLAG_LSE, FLAG_BIAS, FLAG_SEG = 1, 2, 4
+
+
+def layout(fields):
+    offsets, off = {}, 0
+    for name, ty in fields:
+        size = SIZES[ty]
+        off = (off + size - 1) // size * size
+        offsets[name] = off
+        off += size
+    return offsets, (off + 7) // 8 * 8
+
+
+OFF, SIZE = layout(ATTN_FIELDS)
+
+# Kernel traits: every compile-time choice of the tensor-core entries.
+BN = 64  # keys per tile
+TC_CONFIGS = [  # (dtype, D, warps)
+    (t, d, w) for t in ("bf16", "f16") for (d, w) in ((32, 4), (64, 4), (128, 8))
+]
+F32_WARPS, F32_ROWS, F32_BN, F32_DMAX = 4, 4, 16, 256
+F32_BM = F32_WARPS * F32_ROWS
+F32_KSTRIDE = F32_DMAX + 1  # padded row of the K / V buffer (floats)
+
+for _t, _d, _w in TC_CONFIGS:
+    assert _d % 16 == 0 and _d // 8 in (4, 8, 16)
+    assert 16 * _w <= 2 * BN  # the Q tile fits in the K + V buffers it aliases
+    assert (32 * _w) % (_d // 8) == 0
+    assert 2 * BN * _d * 2 <= 48 * 1024  # static shared memory
+
+
+def entries():
+    """(name, dtype, D, warps) in file order; D = 0 and warps = F32_WARPS for the f32 entry."""
+    out = [(f"attention_{t}_d{d}", t, d, w) for t, d, w in TC_CONFIGS]
+    out.append(("attention_f32", "f32", 0, F32_WARPS))
+    return out
+
+
+def f32imm(bits):
+    return f"0f{bits:08X}"
+
+
+class Kernel:
+    """Collects virtual register declarations and instructions of one entry."""
+
+    def __init__(self):
+        self.decls = {}
+        self.body = []
+        self.labels = 0
+
+    def r(self, ty, name):
+        prev = self.decls.setdefault(name, ty)
+        assert prev == ty, (name, prev, ty)
+        return name
+
+    def __call__(self, line):
+        self.body.append("    " + line)
+
+    def label(self, name):
+        self.body.append(f"{name}:")
+
+    def new_label(self, stem):
+        self.labels += 1
+        return f"{stem}_{self.labels}"
+
+    def param(self, ty, field, name=None):
+        name = name or f"%p_{field}"
+        self.r(ty, name)
+        self(f"ld.param.{ty} {name}, [p+{OFF[field]}];")
+        return name
+
+    def render(self, name, threads, shared):
+        head = [f".visible .entry {name}(", f"    .param .align 8 .b8 p[{SIZE}]", ")", f".maxntid {threads}, 1, 1", ".maxnreg 255", "{"]
+        decl = []
+        for reg, ty in sorted(self.decls.items()):
+            decl.append(f"    .reg .{ty} {reg};")
+        decl += shared
+        return "\n".join(head + decl + self.body + ["}", ""])
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces shared by both kernels.
+# --------------------------------------------------------------------------------------------
+def common_prologue(k, bm, bn):
+    """Loads the parameters, derives the block's query tile, head, batch and base addresses,
+    the key-tile range [t, t_end) of the band and the segment skip state."""
+    for f in ("q", "k", "v", "o", "lse", "bias", "qseg", "kseg", "qmax", "kmin",
+              "q_sb", "q_sh", "q_sn", "kv_sb", "kv_sh", "kv_sn", "bias_sb", "bias_sh", "bias_si"):
+        k.param("u64", f)
+    for f in ("nq", "nk", "d", "group", "flags"):
+        k.param("u32", f)
+    k.param("s32", "lo")
+    k.param("s32", "hi")
+    k.param("f32", "scale")
+    k.param("f32", "scale_log2")
+    k.r("u32", "%tx"); k.r("u32", "%lane"); k.r("u32", "%warp")
+    k("mov.u32 %tx, %tid.x;")
+    k("and.b32 %lane, %tx, 31;")
+    k("shr.u32 %warp, %tx, 5;")
+    k.r("u32", "%qt"); k.r("u32", "%h"); k.r("u32", "%b"); k.r("u32", "%nqt"); k.r("u32", "%hk"); k.r("u32", "%nh")
+    # Heaviest query tiles (causal: the last) first.
+    k("mov.u32 %nqt, %nctaid.x;")
+    k("mov.u32 %qt, %ctaid.x;")
+    k("sub.u32 %qt, %nqt, %qt;")
+    k("sub.u32 %qt, %qt, 1;")
+    k("mov.u32 %h, %ctaid.y;")
+    k("mov.u32 %nh, %nctaid.y;")
+    k("mov.u32 %b, %ctaid.z;")
+    k("div.u32 %hk, %h, %p_group;")
+    k.r("s32", "%i0")
+    k(f"mul.lo.s32 %i0, %qt, {bm};")
+    # Base addresses (bytes).
+    k.r("u64", "%bw"); k.r("u64", "%hw"); k.r("u64", "%hkw"); k.r("u64", "%tmp64")
+    k("cvt.u64.u32 %bw, %b;")
+    k("cvt.u64.u32 %hw, %h;")
+    k("cvt.u64.u32 %hkw, %hk;")
+    for base, ptr, sb, sh, hh in (("%qbase", "%p_q", "%p_q_sb", "%p_q_sh", "%hw"),
+                                  ("%obase", "%p_o", "%p_q_sb", "%p_q_sh", "%hw"),
+                                  ("%kbase", "%p_k", "%p_kv_sb", "%p_kv_sh", "%hkw"),
+                                  ("%vbase", "%p_v", "%p_kv_sb", "%p_kv_sh", "%hkw"),
+                                  ("%bbase", "%p_bias", "%p_bias_sb", "%p_bias_sh", "%hw")):
+        k.r("u64", base)
+        k(f"mad.lo.u64 {base}, %bw, {sb}, {ptr};")
+        k(f"mad.lo.u64 {base}, {hh}, {sh}, {base};")
+    k.r("pred", "%has_seg"); k.r("pred", "%has_bias"); k.r("pred", "%has_lse"); k.r("u32", "%ftmp")
+    for pred, bit in (("%has_lse", FLAG_LSE), ("%has_bias", FLAG_BIAS), ("%has_seg", FLAG_SEG)):
+        k(f"and.b32 %ftmp, %p_flags, {bit};")
+        k(f"setp.ne.u32 {pred}, %ftmp, 0;")
+    # Band: keys [max(0, i0 + lo), min(nk, imax + hi + 1)).
+    k.r("s32", "%imax"); k.r("s32", "%nqs"); k.r("s32", "%nks"); k.r("s32", "%jfirst"); k.r("s32", "%jend")
+    k.r("s32", "%t"); k.r("s32", "%tend")
+    k("mov.b32 %nqs, %p_nq;")
+    k("mov.b32 %nks, %p_nk;")
+    k(f"add.s32 %imax, %i0, {bm - 1};")
+    k("sub.s32 %jfirst, %nqs, 1;")
+    k("min.s32 %imax, %imax, %jfirst;")
+    k("add.s32 %jfirst, %i0, %p_lo;")
+    k("max.s32 %jfirst, %jfirst, 0;")
+    k(f"div.s32 %t, %jfirst, {bn};")
+    k("add.s32 %jend, %imax, %p_hi;")
+    k("add.s32 %jend, %jend, 1;")
+    k("min.s32 %jend, %jend, %nks;")
+    k("max.s32 %jend, %jend, 0;")
+    k(f"add.s32 %tend, %jend, {bn - 1};")
+    k(f"div.s32 %tend, %tend, {bn};")
+    # Segment skip state: the tile's largest query id.
+    k.r("u32", "%qmaxv")
+    k("mov.u32 %qmaxv, 0;")
+    k("@%has_seg cvt.u64.u32 %tmp64, %qt;")
+    k("@%has_seg mad.lo.u64 %tmp64, %tmp64, 4, %p_qmax;")
+    k("@%has_seg ld.global.nc.u32 %qmaxv, [%tmp64];")
+
+
+def seg_skip(k):
+    """Advances %t past key tiles that no query of the block sees by segment ids."""
+    top, done = k.new_label("SKIP"), k.new_label("SKIPPED")
+    k.r("pred", "%pskip"); k.r("u32", "%kminv"); k.r("u64", "%skip64")
+    k(f"@!%has_seg bra.uni {done};")
+    k.label(top)
+    k("setp.ge.s32 %pskip, %t, %tend;")
+    k(f"@%pskip bra.uni {done};")
+    k("cvt.u64.s32 %skip64, %t;")
+    k("mad.lo.u64 %skip64, %skip64, 4, %p_kmin;")
+    k("ld.global.nc.u32 %kminv, [%skip64];")
+    k("setp.le.u32 %pskip, %kminv, %qmaxv;")
+    k(f"@%pskip bra.uni {done};")
+    k("add.s32 %t, %t, 1;")
+    k(f"bra.uni {top};")
+    k.label(done)
+
+
+def row_state(k, rows, row_index):
+    """Per owned row: clamped index, its bias row address and its segment id."""
+    for r in range(rows):
+        i, ic = f"%i_{r}", f"%ic_{r}"
+        k.r("s32", i); k.r("s32", ic)
+        row_index(i, r)
+        k(f"sub.s32 {ic}, %nqs, 1;")
+        k(f"min.s32 {ic}, {i}, {ic};")
+        k.r("u64", f"%brow_{r}"); k.r("u32", f"%qs_{r}")
+        k(f"cvt.u64.s32 %tmp64, {ic};")
+        k(f"mad.lo.u64 %brow_{r}, %tmp64, %p_bias_si, %bbase;")
+        k(f"mov.u32 %qs_{r}, -1;")
+        k(f"@%has_seg mad.lo.u64 %tmp64, %tmp64, 4, %p_qseg;")
+        k(f"@%has_seg ld.global.nc.u32 %qs_{r}, [%tmp64];")
+
+
+def masked_logit(k, s, x, j, r, natural):
+    """x = visible(i_r, j) ? logit(s) : -inf, with the per-key segment id in %ks_j loaded."""
+    k.r("pred", "%pv"); k.r("s32", "%dd"); k.r("f32", "%bv")
+    k(f"sub.s32 %dd, {j}, %i_{r};")
+    k("setp.ge.s32 %pv, %dd, %p_lo;")
+    k("setp.le.and.s32 %pv, %dd, %p_hi, %pv;")
+    k(f"setp.lt.and.s32 %pv, {j}, %nks, %pv;")
+    k(f"setp.le.and.u32 %pv, %ks, %qs_{r}, %pv;")
+    k("mov.f32 %bv, 0f00000000;")
+    k.r("u64", "%baddr"); k.r("pred", "%pb")
+    k("and.pred %pb, %pv, %has_bias;")
+    k(f"cvt.u64.s32 %tmp64, {j};")
+    k(f"mad.lo.u64 %baddr, %tmp64, 4, %brow_{r};")
+    k("@%pb ld.global.nc.f32 %bv, [%baddr];")
+    if natural:
+        k(f"fma.rn.f32 {x}, {s}, %p_scale, %bv;")
+    else:
+        k(f"mul.f32 %bv, %bv, {f32imm(LOG2E)};")
+        k(f"fma.rn.f32 {x}, {s}, %p_scale_log2, %bv;")
+    k(f"selp.f32 {x}, {x}, {NEG_INF}, %pv;")
+
+
+def key_segment(k, j):
+    """%ks = kseg[min(j, nk - 1)] with segment ids, else 0 (then every key passes)."""
+    k.r("u32", "%ks"); k.r("s32", "%jc")
+    k("mov.u32 %ks, 0;")
+    k("sub.s32 %jc, %nks, 1;")
+    k(f"min.s32 %jc, {j}, %jc;")
+    k("@%has_seg cvt.u64.s32 %tmp64, %jc;")
+    k("@%has_seg mad.lo.u64 %tmp64, %tmp64, 4, %p_kseg;")
+    k("@%has_seg ld.global.nc.u32 %ks, [%tmp64];")
+
+
+# --------------------------------------------------------------------------------------------
+# The tensor-core kernel.
+# --------------------------------------------------------------------------------------------
+def tc_kernel(name, ty, D, warps):
+    k = Kernel()
+    T = 32 * warps
+    BM = 16 * warps
+    C = D // 8  # 16-byte chunks per row
+    ROWB = D * 2  # bytes per shared row
+    R = T // C  # rows per copy pass
+    KREG = 0  # K buffer offset
+    VREG = BN * ROWB  # V buffer offset
+    SMEM = 2 * BN * ROWB
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    pack = f"cvt.rn.{ty}x2.f32"
+
+    def swz(row_reg, out):
+        """out = f(row) for the XOR swizzle."""
+        if C >= 8:
+            k(f"and.b32 {out}, {row_reg}, 7;")
+        else:
+            k(f"shr.u32 {out}, {row_reg}, 1;")
+            k(f"and.b32 {out}, {out}, 3;")
+
+    common_prologue(k, BM, BN)
+    k.r("u32", "%g"); k.r("u32", "%t4")
+    k("shr.u32 %g, %lane, 2;")
+    k("and.b32 %t4, %lane, 3;")
+    k.r("u32", "%sm")
+    k("mov.u32 %sm, smem;")
+    # Copy assignment: chunk cc of rows cr + i*R.
+    k.r("u32", "%cc"); k.r("u32", "%cr"); k.r("u32", "%cdst"); k.r("u32", "%u")
+    k(f"and.b32 %cc, %tx, {C - 1};")
+    k(f"shr.u32 %cr, %tx, {C.bit_length() - 1};")
+    swz("%cr", "%u")
+    k("xor.b32 %u, %u, %cc;")
+    k("shl.b32 %u, %u, 4;")
+    k(f"mad.lo.u32 %cdst, %cr, {ROWB}, %u;")
+    k("add.u32 %cdst, %cdst, %sm;")
+    k.r("u64", "%ccol"); k.r("u64", "%rstep_q"); k.r("u64", "%rstep_kv")
+    k("cvt.u64.u32 %ccol, %cc;")
+    k("shl.b64 %ccol, %ccol, 4;")
+    k(f"mul.lo.u64 %rstep_q, %p_q_sn, {R};")
+    k(f"mul.lo.u64 %rstep_kv, %p_kv_sn, {R};")
+
+    def copy_tile(base, first_row, n, rows, rstep, sn, dst_off, tag):
+        """cp.async rows [first_row, first_row + rows) of a [n, D] matrix into the buffer at
+        dst_off, zero-filling rows >= n (their source address is clamped to row 0)."""
+        k.r("s32", "%crow"); k.r("u64", "%csrc"); k.r("u64", "%crow64"); k.r("u32", "%csz"); k.r("pred", "%cok")
+        k.r("u64", "%csrc0")
+        k(f"add.s32 %crow, {first_row}, %cr;")
+        k("cvt.u64.s32 %crow64, %crow;")
+        k(f"mad.lo.u64 %csrc, %crow64, {sn}, {base};")
+        k("add.u64 %csrc, %csrc, %ccol;")
+        k(f"add.u64 %csrc0, {base}, %ccol;")
+        for i in range(rows // R):
+            k(f"setp.lt.s32 %cok, %crow, {n};")
+            k("selp.u32 %csz, 16, 0, %cok;")
+            k.r("u64", "%cs")
+            k("selp.u64 %cs, %csrc, %csrc0, %cok;")
+            k(f"cp.async.cg.shared.global [%cdst+{dst_off + i * R * ROWB}], [%cs], 16, %csz;")
+            if i + 1 < rows // R:
+                k(f"add.s32 %crow, %crow, {R};")
+                k(f"add.u64 %csrc, %csrc, {rstep};")
+        k("cp.async.commit_group;")
+
+    # Per-lane ldmatrix addressing: row within a 16-row block and chunk XOR.
+    # Q and V (trans): row = lane & 15, hi = lane >> 4; K: row = (lane & 7) + ((lane >> 4) << 3), hi = (lane >> 3) & 1.
+    k.r("u32", "%lrA"); k.r("u32", "%xA"); k.r("u32", "%lrK"); k.r("u32", "%xK"); k.r("u32", "%hiA"); k.r("u32", "%hiK")
+    k("and.b32 %lrA, %lane, 15;")
+    k("shr.u32 %hiA, %lane, 4;")
+    swz("%lrA", "%xA")
+    k("xor.b32 %xA, %xA, %hiA;")
+    k("shl.b32 %xA, %xA, 4;")
+    k("and.b32 %lrK, %lane, 7;")
+    k("shl.b32 %hiK, %hiA, 3;")
+    k("or.b32 %lrK, %lrK, %hiK;")
+    k("shr.u32 %hiK, %lane, 3;")
+    k("and.b32 %hiK, %hiK, 1;")
+    swz("%lrK", "%xK")
+    k("xor.b32 %xK, %xK, %hiK;")
+    k("shl.b32 %xK, %xK, 4;")
+    k.r("u32", "%rowA"); k.r("u32", "%rowK"); k.r("u32", "%lq")
+    k(f"mad.lo.u32 %rowA, %lrA, {ROWB}, %sm;")
+    k(f"mad.lo.u32 %rowK, %lrK, {ROWB}, %sm;")
+
+    # Q tile -> shared -> registers.
+    copy_tile("%qbase", "%i0", "%nqs", BM, "%rstep_q", "%p_q_sn", 0, "q")
+    k("cp.async.wait_group 0;")
+    k("bar.sync 0;")
+    k(f"mad.lo.u32 %lq, %warp, {16 * ROWB}, %rowA;")
+    KK = D // 16
+    for kk in range(KK):
+        qa = [k.r("b32", f"%qa{kk}_{e}") for e in range(4)]
+        k.r("u32", "%la")
+        k(f"xor.b32 %la, %xA, {2 * kk * 16};")
+        k("add.u32 %la, %la, %lq;")
+        k(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(qa)}}}, [%la];")
+    k("bar.sync 0;")
+
+    # Rows owned by this thread: i0 + warp*16 + g (+8).
+    def row_index(i, r):
+        k(f"mad.lo.s32 {i}, %warp, 16, %i0;")
+        k(f"add.s32 {i}, {i}, %g;")
+        if r:
+            k(f"add.s32 {i}, {i}, 8;")
+
+    row_state(k, 2, row_index)
+    NB = BN // 8  # n-blocks of S
+    DB = D // 8  # n-blocks of O
+    for r in range(2):
+        k.r("f32", f"%m_{r}"); k.r("f32", f"%l_{r}")
+        k(f"mov.f32 %m_{r}, {NEG_INF};")
+        k(f"mov.f32 %l_{r}, 0f00000000;")
+    O = [[k.r("f32", f"%o{n}_{e}") for e in range(4)] for n in range(DB)]
+    for n in range(DB):
+        for e in range(4):
+            k(f"mov.f32 {O[n][e]}, 0f00000000;")
+
+    seg_skip(k)
+    k.r("pred", "%pdone")
+    k("setp.ge.s32 %pdone, %t, %tend;")
+    k("@%pdone bra.uni EPILOGUE;")
+    k.r("s32", "%j0")
+    k(f"mul.lo.s32 %j0, %t, {BN};")
+    copy_tile("%kbase", "%j0", "%nks", BN, "%rstep_kv", "%p_kv_sn", KREG, "k")
+
+    k.label("LOOP")
+    k(f"mul.lo.s32 %j0, %t, {BN};")
+    k("cp.async.wait_group 0;")
+    k("bar.sync 0;")
+    copy_tile("%vbase", "%j0", "%nks", BN, "%rstep_kv", "%p_kv_sn", VREG, "v")
+    # S = Q K^T.
+    S = [[k.r("f32", f"%s{n}_{e}") for e in range(4)] for n in range(NB)]
+    for n in range(NB):
+        for e in range(4):
+            k(f"mov.f32 {S[n][e]}, 0f00000000;")
+    for kk in range(KK):
+        qa = [f"%qa{kk}_{e}" for e in range(4)]
+        for npair in range(NB // 2):
+            kb = [k.r("b32", f"%kb{e}") for e in range(4)]
+            k.r("u32", "%la")
+            k(f"xor.b32 %la, %xK, {2 * kk * 16};")
+            k(f"add.u32 %la, %la, %rowK;")
+            k(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(kb)}}}, [%la+{KREG + npair * 16 * ROWB}];")
+            for half in range(2):
+                s = S[2 * npair + half]
+                k(f"{mma} {{{', '.join(s)}}}, {{{', '.join(qa)}}}, {{{kb[2 * half]}, {kb[2 * half + 1]}}}, {{{', '.join(s)}}};")
+    # Logits: fast path (tile inside the band, no bias, no segments) or per element.
+    k.r("pred", "%pfast"); k.r("s32", "%jt")
+    k("sub.s32 %jt, %j0, %imax;")
+    k("setp.ge.s32 %pfast, %jt, %p_lo;")
+    k(f"add.s32 %jt, %j0, {BN - 1};")
+    k("sub.s32 %jt, %jt, %i0;")
+    k("setp.le.and.s32 %pfast, %jt, %p_hi, %pfast;")
+    k(f"add.s32 %jt, %j0, {BN};")
+    k("setp.le.and.s32 %pfast, %jt, %nks, %pfast;")
+    k.r("pred", "%pany")
+    k("or.pred %pany, %has_bias, %has_seg;")
+    k("and.pred %pfast, %pfast, !%pany;")
+    slow, joined = k.new_label("SLOW"), k.new_label("LOGITS")
+    k(f"@!%pfast bra.uni {slow};")
+    for n in range(NB):
+        for e in range(4):
+            k(f"mul.f32 {S[n][e]}, {S[n][e]}, %p_scale_log2;")
+    k(f"bra.uni {joined};")
+    k.label(slow)
+    k.r("s32", "%jb"); k.r("s32", "%j")
+    k("shl.b32 %jb, %t4, 1;")
+    k("add.s32 %jb, %jb, %j0;")
+    for n in range(NB):
+        for c in range(2):
+            k(f"add.s32 %j, %jb, {n * 8 + c};")
+            key_segment(k, "%j")
+            for r in range(2):
+                masked_logit(k, S[n][2 * r + c], S[n][2 * r + c], "%j", r, natural=False)
+    k.label(joined)
+    # Online softmax, rows g (r = 0) and g + 8 (r = 1).
+    k.r("f32", "%mx"); k.r("f32", "%sh"); k.r("f32", "%muse"); k.r("f32", "%alpha"); k.r("pred", "%pinf"); k.r("f32", "%rs")
+    for r in range(2):
+        vals = [S[n][2 * r + c] for n in range(NB) for c in range(2)]
+        k(f"max.f32 %mx, {vals[0]}, {vals[1]};")
+        for v in vals[2:]:
+            k(f"max.f32 %mx, %mx, {v};")
+        for sh in (1, 2):
+            k(f"shfl.sync.bfly.b32 %sh, %mx, {sh}, 31, -1;")
+            k("max.f32 %mx, %mx, %sh;")
+        k(f"max.f32 %mx, %mx, %m_{r};")
+        k(f"setp.eq.f32 %pinf, %mx, {NEG_INF};")
+        k("selp.f32 %muse, 0f00000000, %mx, %pinf;")
+        k(f"sub.f32 %alpha, %m_{r}, %muse;")
+        k("ex2.approx.ftz.f32 %alpha, %alpha;")
+        k(f"mov.f32 %m_{r}, %mx;")
+        k("mov.f32 %rs, 0f00000000;")
+        for v in vals:
+            k(f"sub.f32 {v}, {v}, %muse;")
+            k(f"ex2.approx.ftz.f32 {v}, {v};")
+            k(f"add.f32 %rs, %rs, {v};")
+        k(f"fma.rn.f32 %l_{r}, %l_{r}, %alpha, %rs;")
+        for n in range(DB):
+            for c in range(2):
+                k(f"mul.f32 {O[n][2 * r + c]}, {O[n][2 * r + c]}, %alpha;")
+    # P in the input type: A fragments of the P*V mma.
+    P = [[k.r("b32", f"%pk{n}_{r}") for r in range(2)] for n in range(NB)]
+    for n in range(NB):
+        for r in range(2):
+            k(f"{pack} {P[n][r]}, {S[n][2 * r + 1]}, {S[n][2 * r]};")
+    k("cp.async.wait_group 0;")
+    k("bar.sync 0;")
+    # Next tile's K, overlapping P*V.
+    k("add.s32 %t, %t, 1;")
+    seg_skip(k)
+    k.r("pred", "%pmore")
+    k("setp.lt.s32 %pmore, %t, %tend;")
+    nok = k.new_label("NOK")
+    k(f"@!%pmore bra.uni {nok};")
+    k.r("s32", "%jn")
+    k(f"mul.lo.s32 %jn, %t, {BN};")
+    copy_tile("%kbase", "%jn", "%nks", BN, "%rstep_kv", "%p_kv_sn", KREG, "k")
+    k.label(nok)
+    # O += P V.
+    for kk in range(BN // 16):
+        pa = [P[2 * kk][0], P[2 * kk][1], P[2 * kk + 1][0], P[2 * kk + 1][1]]
+        for dpair in range(D // 16):
+            vb = [k.r("b32", f"%vb{e}") for e in range(4)]
+            k.r("u32", "%la")
+            k(f"xor.b32 %la, %xA, {2 * dpair * 16};")
+            k("add.u32 %la, %la, %rowA;")
+            k(f"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{', '.join(vb)}}}, [%la+{VREG + kk * 16 * ROWB}];")
+            for half in range(2):
+                o = O[2 * dpair + half]
+                k(f"{mma} {{{', '.join(o)}}}, {{{', '.join(pa)}}}, {{{vb[2 * half]}, {vb[2 * half + 1]}}}, {{{', '.join(o)}}};")
+    k("@%pmore bra.uni LOOP;")
+
+    k.label("EPILOGUE")
+    k.r("f32", "%inv"); k.r("pred", "%plz"); k.r("pred", "%prow"); k.r("u64", "%oaddr"); k.r("b32", "%ov")
+    k.r("u32", "%dcol"); k.r("u64", "%dcol64"); k.r("f32", "%lse"); k.r("u64", "%laddr"); k.r("pred", "%pl")
+    k.r("u32", "%li")
+    k("shl.b32 %dcol, %t4, 2;")
+    k("cvt.u64.u32 %dcol64, %dcol;")
+    for r in range(2):
+        for sh in (1, 2):
+            k(f"shfl.sync.bfly.b32 %sh, %l_{r}, {sh}, 31, -1;")
+            k(f"add.f32 %l_{r}, %l_{r}, %sh;")
+        k(f"setp.gt.f32 %plz, %l_{r}, 0f00000000;")
+        k(f"rcp.rn.f32 %inv, %l_{r};")
+        k("selp.f32 %inv, %inv, 0f00000000, %plz;")
+        k(f"setp.lt.s32 %prow, %i_{r}, %nqs;")
+        k(f"cvt.u64.s32 %tmp64, %i_{r};")
+        k("mad.lo.u64 %oaddr, %tmp64, %p_q_sn, %obase;")
+        k("add.u64 %oaddr, %oaddr, %dcol64;")
+        for n in range(DB):
+            a, b2 = O[n][2 * r], O[n][2 * r + 1]
+            k(f"mul.f32 {a}, {a}, %inv;")
+            k(f"mul.f32 {b2}, {b2}, %inv;")
+            k(f"selp.f32 {a}, {a}, 0f00000000, %plz;")
+            k(f"selp.f32 {b2}, {b2}, 0f00000000, %plz;")
+            k(f"{pack} %ov, {b2}, {a};")
+            k(f"@%prow st.global.b32 [%oaddr+{n * 16}], %ov;")
+        # lse = (m + lg2 l) * ln 2, -inf for an empty row; one lane of the quad writes it.
+        k(f"lg2.approx.f32 %lse, %l_{r};")
+        k(f"add.f32 %lse, %lse, %m_{r};")
+        k(f"mul.f32 %lse, %lse, {f32imm(LN2)};")
+        k(f"selp.f32 %lse, %lse, {NEG_INF}, %plz;")
+        k("setp.eq.u32 %pl, %t4, 0;")
+        k("and.pred %pl, %pl, %prow;")
+        k("and.pred %pl, %pl, %has_lse;")
+        k("mad.lo.u32 %li, %b, %nh, %h;")
+        k("cvt.u64.u32 %laddr, %li;")
+        k("cvt.u64.u32 %tmp64, %p_nq;")
+        k("mul.lo.u64 %laddr, %laddr, %tmp64;")
+        k(f"cvt.u64.s32 %tmp64, %i_{r};")
+        k("add.u64 %laddr, %laddr, %tmp64;")
+        k("mad.lo.u64 %laddr, %laddr, 4, %p_lse;")
+        k("@%pl st.global.f32 [%laddr], %lse;")
+    k("ret;")
+    return k.render(name, T, [f"    .shared .align 128 .b8 smem[{SMEM}];"])
+
+
+# --------------------------------------------------------------------------------------------
+# The f32 kernel (CUDA cores, runtime D <= 256).
+# --------------------------------------------------------------------------------------------
+def f32_kernel(name):
+    k = Kernel()
+    W, RW, BK = F32_WARPS, F32_ROWS, F32_BN
+    T = 32 * W
+    KS = F32_KSTRIDE
+    NC = F32_DMAX // 32
+    common_prologue(k, F32_BM, BK)
+    k.r("u32", "%qs"); k.r("u32", "%kvs"); k.r("u32", "%pss")
+    k("mov.u32 %qs, qsm;")
+    k("mov.u32 %kvs, kvsm;")
+    k("mov.u32 %pss, psm;")
+    # Loader role: row tid >> 3, columns (tid & 7) + 8 c.
+    k.r("u32", "%lr"); k.r("u32", "%lc"); k.r("pred", "%pc"); k.r("u32", "%cidx"); k.r("f32", "%val")
+    k.r("u64", "%src"); k.r("s32", "%grow"); k.r("pred", "%pr"); k.r("u32", "%saddr")
+    k("shr.u32 %lr, %tx, 3;")
+    k("and.b32 %lc, %tx, 7;")
+
+    def load_rows(base, first, n, sn, smem, stride):
+        """smem[lr*stride + c] = row (first + lr) of a [n, D] f32 matrix (0 past n), c < D."""
+        top, done = k.new_label("LD"), k.new_label("LDDONE")
+        k(f"add.s32 %grow, {first}, %lr;")
+        k(f"setp.lt.s32 %pr, %grow, {n};")
+        k("cvt.u64.s32 %tmp64, %grow;")
+        k(f"mad.lo.u64 %src, %tmp64, {sn}, {base};")
+        k("mov.u32 %cidx, %lc;")
+        k.label(top)
+        k("setp.lt.u32 %pc, %cidx, %p_d;")
+        k(f"@!%pc bra {done};")
+        k("mov.f32 %val, 0f00000000;")
+        k("mul.wide.u32 %tmp64, %cidx, 4;")
+        k("add.u64 %tmp64, %tmp64, %src;")
+        k("@%pr ld.global.f32 %val, [%tmp64];")
+        k(f"mad.lo.u32 %saddr, %lr, {stride}, %cidx;")
+        k(f"shl.b32 %saddr, %saddr, 2;")
+        k(f"add.u32 %saddr, %saddr, {smem};")
+        k("st.shared.f32 [%saddr], %val;")
+        k("add.u32 %cidx, %cidx, 8;")
+        k(f"bra {top};")
+        k.label(done)
+
+    load_rows("%qbase", "%i0", "%nqs", "%p_q_sn", "%qs", F32_DMAX)
+    # QK role: key jj = lane & 15, rows 2*rp and 2*rp + 1 of the warp's four, rp = lane >> 4.
+    k.r("u32", "%jj"); k.r("u32", "%rp")
+    k("and.b32 %jj, %lane, 15;")
+    k("shr.u32 %rp, %lane, 4;")
+
+    def row_index(i, r):
+        k(f"mad.lo.s32 {i}, %warp, {RW}, %i0;")
+        k(f"mad.lo.s32 {i}, %rp, 2, {i};")
+        if r:
+            k(f"add.s32 {i}, {i}, 1;")
+
+    row_state(k, 2, row_index)
+    for r in range(RW):
+        k.r("f32", f"%m_{r}"); k.r("f32", f"%l_{r}")
+        k(f"mov.f32 %m_{r}, {NEG_INF};")
+        k(f"mov.f32 %l_{r}, 0f00000000;")
+    O = [[k.r("f32", f"%o{r}_{c}") for c in range(NC)] for r in range(RW)]
+    for r in range(RW):
+        for c in range(NC):
+            k(f"mov.f32 {O[r][c]}, 0f00000000;")
+    seg_skip(k)
+    k.r("pred", "%pdone")
+    k("setp.ge.s32 %pdone, %t, %tend;")
+    k("@%pdone bra.uni EPILOGUE;")
+    # Addresses of this lane's Q rows and K row in shared memory.
+    k.r("u32", "%qa0"); k.r("u32", "%ka")
+    k(f"mul.lo.u32 %qa0, %warp, {RW};")
+    k("mad.lo.u32 %qa0, %rp, 2, %qa0;")
+    k(f"mul.lo.u32 %qa0, %qa0, {F32_DMAX * 4};")
+    k("add.u32 %qa0, %qa0, %qs;")
+    k(f"mad.lo.u32 %ka, %jj, {KS * 4}, %kvs;")
+    k.r("s32", "%j0"); k.r("s32", "%j")
+    k.label("LOOP")
+    k(f"mul.lo.s32 %j0, %t, {BK};")
+    k("bar.sync 0;")
+    load_rows("%kbase", "%j0", "%nks", "%p_kv_sn", "%kvs", KS)
+    k("bar.sync 0;")
+    # s_r = q_r . k_jj over d (runtime loop).
+    k.r("f32", "%s_0"); k.r("f32", "%s_1"); k.r("f32", "%kv"); k.r("f32", "%q0"); k.r("f32", "%q1")
+    k.r("u32", "%dd4"); k.r("u32", "%dend"); k.r("pred", "%pd")
+    k("mov.f32 %s_0, 0f00000000;")
+    k("mov.f32 %s_1, 0f00000000;")
+    k("mov.u32 %dd4, 0;")
+    k("shl.b32 %dend, %p_d, 2;")
+    k.label("QK")
+    k.r("u32", "%a1")
+    k("add.u32 %a1, %ka, %dd4;")
+    k("ld.shared.f32 %kv, [%a1];")
+    k("add.u32 %a1, %qa0, %dd4;")
+    k("ld.shared.f32 %q0, [%a1];")
+    k(f"ld.shared.f32 %q1, [%a1+{F32_DMAX * 4}];")
+    k("fma.rn.f32 %s_0, %q0, %kv, %s_0;")
+    k("fma.rn.f32 %s_1, %q1, %kv, %s_1;")
+    k("add.u32 %dd4, %dd4, 4;")
+    k("setp.lt.u32 %pd, %dd4, %dend;")
+    k("@%pd bra.uni QK;")
+    k("add.s32 %j, %j0, %jj;")
+    key_segment(k, "%j")
+    for r in range(2):
+        masked_logit(k, f"%s_{r}", f"%s_{r}", "%j", r, natural=True)
+    # Softmax: row maxima over the 16 lanes of a half warp, exchanged between halves.
+    k.r("f32", "%mx"); k.r("f32", "%sh"); k.r("f32", "%muse"); k.r("pred", "%pinf"); k.r("pred", "%plow")
+    k("setp.lt.u32 %plow, %lane, 16;")
+    tm = [k.r("f32", f"%tm_{r}") for r in range(2)]
+    for r in range(2):
+        k(f"mov.f32 {tm[r]}, %s_{r};")
+        for sh in (1, 2, 4, 8):
+            k(f"shfl.sync.bfly.b32 %sh, {tm[r]}, {sh}, 31, -1;")
+            k(f"max.f32 {tm[r]}, {tm[r]}, %sh;")
+    # Rows 0, 1 from the low half, 2, 3 from the high half: every lane gets all four.
+    rowmax = [k.r("f32", f"%rm_{r}") for r in range(RW)]
+    for r in range(2):
+        k(f"shfl.sync.bfly.b32 %sh, {tm[r]}, 16, 31, -1;")
+        k(f"selp.f32 {rowmax[r]}, {tm[r]}, %sh, %plow;")
+        k(f"selp.f32 {rowmax[r + 2]}, %sh, {tm[r]}, %plow;")
+    alpha = [k.r("f32", f"%al_{r}") for r in range(RW)]
+    muse = [k.r("f32", f"%mu_{r}") for r in range(RW)]
+    for r in range(RW):
+        k(f"max.f32 {rowmax[r]}, {rowmax[r]}, %m_{r};")
+        k(f"setp.eq.f32 %pinf, {rowmax[r]}, {NEG_INF};")
+        k(f"selp.f32 {muse[r]}, 0f00000000, {rowmax[r]}, %pinf;")
+        k(f"sub.f32 {alpha[r]}, %m_{r}, {muse[r]};")
+        k(f"mul.f32 {alpha[r]}, {alpha[r]}, {f32imm(LOG2E)};")
+        k(f"ex2.approx.f32 {alpha[r]}, {alpha[r]};")
+        k(f"mov.f32 %m_{r}, {rowmax[r]};")
+    # p for the lane's two rows (row 2rp + r uses muse of that row).
+    k.r("f32", "%mown")
+    for r in range(2):
+        k(f"selp.f32 %mown, {muse[r]}, {muse[r + 2]}, %plow;")
+        k(f"sub.f32 %s_{r}, %s_{r}, %mown;")
+        k(f"mul.f32 %s_{r}, %s_{r}, {f32imm(LOG2E)};")
+        k(f"ex2.approx.f32 %s_{r}, %s_{r};")
+    # Row sums, then l = l * alpha + sum for all four rows.
+    for r in range(2):
+        k(f"mov.f32 {tm[r]}, %s_{r};")
+        for sh in (1, 2, 4, 8):
+            k(f"shfl.sync.bfly.b32 %sh, {tm[r]}, {sh}, 31, -1;")
+            k(f"add.f32 {tm[r]}, {tm[r]}, %sh;")
+    for r in range(2):
+        k(f"shfl.sync.bfly.b32 %sh, {tm[r]}, 16, 31, -1;")
+        k(f"selp.f32 {rowmax[r]}, {tm[r]}, %sh, %plow;")
+        k(f"selp.f32 {rowmax[r + 2]}, %sh, {tm[r]}, %plow;")
+    for r in range(RW):
+        k(f"fma.rn.f32 %l_{r}, %l_{r}, {alpha[r]}, {rowmax[r]};")
+    # P to shared: psm[warp][row][key].
+    k.r("u32", "%pa")
+    k(f"mad.lo.u32 %pa, %warp, {RW * BK}, %jj;")
+    k(f"mad.lo.u32 %pa, %rp, {2 * BK}, %pa;")
+    k("shl.b32 %pa, %pa, 2;")
+    k("add.u32 %pa, %pa, %pss;")
+    k("st.shared.f32 [%pa], %s_0;")
+    k(f"st.shared.f32 [%pa+{BK * 4}], %s_1;")
+    k("bar.sync 0;")
+    load_rows("%vbase", "%j0", "%nks", "%p_kv_sn", "%kvs", KS)
+    k("bar.sync 0;")
+    # O[r][c] = alpha_r O[r][c] + sum_j p[r][j] V[j][lane + 32 c].
+    for r in range(RW):
+        for c in range(NC):
+            k(f"mul.f32 {O[r][c]}, {O[r][c]}, {alpha[r]};")
+    k.r("u32", "%pw"); k.r("u32", "%va"); k.r("f32", "%vv")
+    k(f"mad.lo.u32 %pw, %warp, {RW * BK * 4}, %pss;")
+    k("shl.b32 %va, %lane, 2;")
+    k("add.u32 %va, %va, %kvs;")
+    pr = [[k.r("f32", f"%p{r}_{j}") for j in range(BK)] for r in range(RW)]
+    for r in range(RW):
+        for j in range(BK):
+            k(f"ld.shared.f32 {pr[r][j]}, [%pw+{(r * BK + j) * 4}];")
+    k.r("u32", "%c32")
+    for c in range(NC):
+        skip = k.new_label("PV")
+        k(f"setp.le.u32 %pd, %p_d, {c * 32};")
+        k(f"@%pd bra.uni {skip};")
+        for j in range(BK):
+            k(f"ld.shared.f32 %vv, [%va+{(j * KS + c * 32) * 4}];")
+            for r in range(RW):
+                k(f"fma.rn.f32 {O[r][c]}, {pr[r][j]}, %vv, {O[r][c]};")
+        k.label(skip)
+    k("add.s32 %t, %t, 1;")
+    seg_skip(k)
+    k.r("pred", "%pmore")
+    k("setp.lt.s32 %pmore, %t, %tend;")
+    k("@%pmore bra.uni LOOP;")
+
+    k.label("EPILOGUE")
+    # Every lane holds m, l of the warp's four rows: lane writes columns lane + 32 c.
+    k.r("f32", "%inv"); k.r("pred", "%plz"); k.r("pred", "%prow"); k.r("u64", "%oaddr"); k.r("s32", "%ir")
+    k.r("f32", "%lse"); k.r("u64", "%laddr"); k.r("pred", "%pl"); k.r("u32", "%li"); k.r("u32", "%col")
+    for r in range(RW):
+        k(f"mad.lo.s32 %ir, %warp, {RW}, %i0;")
+        k(f"add.s32 %ir, %ir, {r};")
+        k(f"setp.gt.f32 %plz, %l_{r}, 0f00000000;")
+        k(f"rcp.rn.f32 %inv, %l_{r};")
+        k("selp.f32 %inv, %inv, 0f00000000, %plz;")
+        k("setp.lt.s32 %prow, %ir, %nqs;")
+        k("cvt.u64.s32 %tmp64, %ir;")
+        k("mad.lo.u64 %oaddr, %tmp64, %p_q_sn, %obase;")
+        k("mul.wide.u32 %tmp64, %lane, 4;")
+        k("add.u64 %oaddr, %oaddr, %tmp64;")
+        for c in range(NC):
+            k(f"mul.f32 {O[r][c]}, {O[r][c]}, %inv;")
+            k(f"selp.f32 {O[r][c]}, {O[r][c]}, 0f00000000, %plz;")
+            k(f"add.u32 %col, %lane, {c * 32};")
+            k("setp.lt.u32 %pc, %col, %p_d;")
+            k("and.pred %pc, %pc, %prow;")
+            k(f"@%pc st.global.f32 [%oaddr+{c * 128}], {O[r][c]};")
+        k(f"lg2.approx.f32 %lse, %l_{r};")
+        k(f"fma.rn.f32 %lse, %lse, {f32imm(LN2)}, %m_{r};")
+        k(f"selp.f32 %lse, %lse, {NEG_INF}, %plz;")
+        k("setp.eq.u32 %pl, %lane, 0;")
+        k("and.pred %pl, %pl, %prow;")
+        k("and.pred %pl, %pl, %has_lse;")
+        k("mad.lo.u32 %li, %b, %nh, %h;")
+        k("cvt.u64.u32 %laddr, %li;")
+        k("cvt.u64.u32 %tmp64, %p_nq;")
+        k("mul.lo.u64 %laddr, %laddr, %tmp64;")
+        k("cvt.u64.s32 %tmp64, %ir;")
+        k("add.u64 %laddr, %laddr, %tmp64;")
+        k("mad.lo.u64 %laddr, %laddr, 4, %p_lse;")
+        k("@%pl st.global.f32 [%laddr], %lse;")
+    k("ret;")
+    shared = [
+        f"    .shared .align 16 .b8 qsm[{F32_BM * F32_DMAX * 4}];",
+        f"    .shared .align 16 .b8 kvsm[{BK * KS * 4}];",
+        f"    .shared .align 16 .b8 psm[{W * RW * BK * 4}];",
+    ]
+    return k.render(name, T, shared)
+
+
+# --------------------------------------------------------------------------------------------
+# Module.
+# --------------------------------------------------------------------------------------------
+def abi_lines():
+    lines = [f"// abi attention size {SIZE}"]
+    for field, off in OFF.items():
+        lines.append(f"// abi attention {field} {off}")
+    lines.append(f"// abi flag lse {FLAG_LSE}")
+    lines.append(f"// abi flag bias {FLAG_BIAS}")
+    lines.append(f"// abi flag seg {FLAG_SEG}")
+    lines.append(f"// abi bn {BN}")
+    lines.append(f"// abi f32 bm {F32_BM}")
+    lines.append(f"// abi f32 bn {F32_BN}")
+    lines.append(f"// abi f32 dmax {F32_DMAX}")
+    return lines
+
+
+def generate():
+    head = [
+        "// GENERATED by kernels/gen_attention.py -- do not edit; run",
+        "//     python3 kernels/gen_attention.py",
+        "// and commit the result. Design: the generator's docstring.",
+        "//",
+        "// attention_{bf16,f16}_d{32,64,128}: mma.sync m16n8k16 FlashAttention-2 forward",
+        "// attention_f32: CUDA-core forward, D <= 256",
+        "// vistok: max-regs 255",
+        "//",
+    ] + abi_lines() + [
+        "",
+        f".version {PTX_VERSION}",
+        f".target {TARGET}",
+        ".address_size 64",
+        "",
+    ]
+    parts = ["\n".join(head)]
+    for name, ty, d, w in entries():
+        parts.append(f32_kernel(name) if ty == "f32" else tc_kernel(name, ty, d, w))
+    return "\n".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the committed PTX file is stale")
+    ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
+    ap.add_argument("--stdout", action="store_true", help="print the PTX instead of writing")
+    args = ap.parse_args()
+    if args.list:
+        for name, _, _, _ in entries():
+            print(name, SIZE)
+        return 0
+    text = generate()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention.ptx")
+    if args.check:
+        try:
+            with open(path, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            print(f"{path} is stale: run python3 kernels/gen_attention.py", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
