@@ -50,6 +50,11 @@ pub struct GpuRoofline {
     pub peak_memory_gb_per_s: Option<f64>,
     /// From the properties: SMs × f32 lanes per SM (by architecture) × 2 × SM clock.
     pub peak_f32_gflop_per_s: Option<f64>,
+    /// From the properties: SMs × dense bf16 tensor-core flops per SM per clock (by
+    /// architecture: 2048 on sm_80, 4096 on sm_90) × SM clock; what bf16 / f16 rows are judged
+    /// against.
+    #[serde(default)]
+    pub peak_tensor_bf16_gflop_per_s: Option<f64>,
     pub note: String,
 }
 
@@ -60,6 +65,11 @@ impl GpuRoofline {
         writeln!(out, "  device-to-device copy (measured)        {:>10.1} GB/s", self.copy_gb_per_s)?;
         writeln!(out, "  memory peak (properties)                {:>10} GB/s", f(self.peak_memory_gb_per_s))?;
         writeln!(out, "  f32 FMA peak (properties)               {:>10} GFLOP/s", f(self.peak_f32_gflop_per_s))?;
+        writeln!(
+            out,
+            "  bf16 tensor-core peak (properties)      {:>10} GFLOP/s",
+            f(self.peak_tensor_bf16_gflop_per_s)
+        )?;
         if !self.note.is_empty() {
             writeln!(out, "  ({})", self.note)?;
         }
@@ -97,6 +107,16 @@ mod cuda {
         }
     }
 
+    /// Dense bf16 / f16 tensor-core flops per SM per clock (mma with f32 accumulation; A100
+    /// and H100 datasheets: 312 and 989 TFLOP/s); `None` where we don't know it.
+    fn tensor_bf16_flops_per_sm_clock(major: i32, minor: i32) -> Option<u32> {
+        match (major, minor) {
+            (8, 0) => Some(2048),
+            (9, 0) => Some(4096),
+            _ => None,
+        }
+    }
+
     pub fn roofline(gpu: &Gpu, quick: bool) -> Result<GpuRoofline, String> {
         let name = gpu.name().map_err(|e| e.to_string())?;
         let (major, minor) = gpu.compute_capability().map_err(|e| e.to_string())?;
@@ -112,6 +132,10 @@ mod cuda {
             (Some(k), Some(lanes)) => Some(f64::from(gpu.sm_count()) * f64::from(lanes) * 2.0 * k as f64 * 1e3 / 1e9),
             _ => None,
         };
+        let peak_tc = match (sm_khz, tensor_bf16_flops_per_sm_clock(major, minor)) {
+            (Some(k), Some(f)) => Some(f64::from(gpu.sm_count()) * f64::from(f) * k as f64 * 1e3 / 1e9),
+            _ => None,
+        };
         let copy = copy_gb_per_s(gpu, quick)?;
         let mut note = String::from("the copy is the memory ceiling of the cuda rows");
         if peak_f32.is_none() {
@@ -124,6 +148,7 @@ mod cuda {
             copy_gb_per_s: copy,
             peak_memory_gb_per_s: peak_memory,
             peak_f32_gflop_per_s: peak_f32,
+            peak_tensor_bf16_gflop_per_s: peak_tc,
             note,
         })
     }

@@ -129,7 +129,7 @@ impl Roofline {
     pub fn compute(&self, backend: Backend, peak: Peak) -> Option<f64> {
         match (backend, peak) {
             (Backend::Cuda, Peak::F32) => self.gpu.as_ref().and_then(|g| g.peak_f32_gflop_per_s),
-            (Backend::Cuda, Peak::Bf16) => None,
+            (Backend::Cuda, Peak::Bf16) => self.gpu.as_ref().and_then(|g| g.peak_tensor_bf16_gflop_per_s),
             (_, Peak::F32) => self.f32_fma.best(),
             // Without a bf16 unit the f32 FMA is what bf16 work runs on.
             (_, Peak::Bf16) => self.bf16_dot.best().or(self.f32_fma.best()),
