@@ -398,3 +398,69 @@ fn merge_cuda_backend_is_exact_or_a_clear_error() {
     assert_eq!(f32_bits(&read_as::<f32>(&sop, "<f4", &[b, plan.out_tokens()])), f32_bits(&want_sizes));
     eprintln!("merge --backend cuda: [{b}, {n}, {c}] r=13, plan and values identical to the cpu backend");
 }
+
+/// `vistok run attention --backend cuda`: f32 and bf16 outputs within a small tolerance of the
+/// cpu backend's on a GPU (the kernels differ in exp and summation order, see
+/// tests/cuda_attention.rs for the FlashAttention-style judge); a one-line error otherwise.
+#[test]
+fn attention_cuda_backend_is_close_or_a_clear_error() {
+    let dir = Dir::new("attention-cuda");
+    let (b, h, hkv, nq, nk, d) = (2, 4, 2, 70, 93, 64);
+    let (qs, ks) = ([b, h, nq, d], [b, hkv, nk, d]);
+    let (q, k, v) = (values(b * h * nq * d, 51), values(b * hkv * nk * d, 52), values(b * hkv * nk * d, 53));
+    let path = |n: &str| dir.path(n);
+    write_npy_raw(&path("q.npy"), "<f4", &qs, &le(&q));
+    write_npy_raw(&path("k.npy"), "<f4", &ks, &le(&k));
+    write_npy_raw(&path("v.npy"), "<f4", &ks, &le(&v));
+    let (qp, kp, vp, op, lp) = (path("q.npy"), path("k.npy"), path("v.npy"), path("o.npy"), path("lse.npy"));
+    let args = ["attention", "--backend", "cuda", "--causal", "--lse", p(&lp), p(&qp), p(&kp), p(&vp), p(&op)];
+    if !cfg!(feature = "cuda") {
+        run_err(&dir, &args, "built without CUDA", &["k.npy", "q.npy", "v.npy"]);
+        return;
+    }
+    let mut all = vec!["run"];
+    all.extend(args);
+    let o = common::cli::vistok(&all);
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no usable GPU"), "{err}");
+        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
+        eprintln!("skipped: no GPU: {err}");
+        return;
+    }
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let (mut want, mut want_lse) = (vec![0f32; q.len()], vec![0f32; b * h * nq]);
+    Attention::new()
+        .mask(Mask::Causal)
+        .forward_lse(
+            Backend::Cpu,
+            View::new(&q, &qs).unwrap(),
+            View::new(&k, &ks).unwrap(),
+            View::new(&v, &ks).unwrap(),
+            ViewMut::new(&mut want, &qs).unwrap(),
+            ViewMut::new(&mut want_lse, &[b, h, nq]).unwrap(),
+        )
+        .unwrap();
+    let (eo, el) = (
+        max_diff(&read_as::<f32>(&op, "<f4", &qs), &want),
+        max_diff(&read_as::<f32>(&lp, "<f4", &[b, h, nq]), &want_lse),
+    );
+    assert!(eo <= 1e-5 && el <= 1e-5, "f32 on the GPU vs the cpu: O {eo:e}, lse {el:e}");
+    // bf16 on tensor cores: P is rounded to bf16 before P·V, as FlashAttention-2 does.
+    run_ok(&["attention", "--backend", "cuda", "--dtype", "bf16", p(&qp), p(&kp), p(&vp), p(&op)]);
+    let (qb, kb, vb) = (to::<vistok::bf16>(&q), to::<vistok::bf16>(&k), to::<vistok::bf16>(&v));
+    let mut wb = vec![vistok::bf16::from_f32(0.0); q.len()];
+    Attention::new()
+        .forward(
+            Backend::Cpu,
+            View::new(&qb, &qs).unwrap(),
+            View::new(&kb, &ks).unwrap(),
+            View::new(&vb, &ks).unwrap(),
+            ViewMut::new(&mut wb, &qs).unwrap(),
+        )
+        .unwrap();
+    let wb: Vec<f32> = wb.iter().map(|x| x.to_f32()).collect();
+    let eb = max_diff(&read_as::<f32>(&op, "<f4", &qs), &wb);
+    assert!(eb <= 2e-2, "bf16 on the GPU vs the cpu: O {eb:e}");
+    eprintln!("attention --backend cuda: f32 causal O {eo:e} lse {el:e}, bf16 O {eb:e} from the cpu backend");
+}

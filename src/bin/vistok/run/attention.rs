@@ -6,11 +6,12 @@ use std::path::PathBuf;
 
 use lexopt::Parser;
 use vistok::attention::{Attention, Bias, Mask, QkvLayout};
-use vistok::{Backend, Float, View, ViewMut};
+use vistok::{Float, View, ViewMut};
 
 use super::args::{distinct_outputs, next, number, parse_backend, parse_float_type, value, FloatType, Next};
 use super::buf::{self, zeroed, Buf};
-use super::exec::{host_only, lib_err};
+use super::exec::{lib_err, Where};
+use super::gpu::{self, Dev};
 use super::npy;
 use super::output::Pending;
 
@@ -20,7 +21,7 @@ vistok run attention: O = softmax(Q K^T scale + bias) V, flash-style (no score m
 usage: vistok run attention [--layout bhnd|bnhd] [--scale S]
                             [--causal | --window L,R | --segments SQ.npy,SK.npy]
                             [--key-bias KB.npy | --bias B.npy] [--lse LSE.npy]
-                            [--backend reference|cpu] [--dtype f32|f16|bf16]
+                            [--backend reference|cpu|cuda] [--dtype f32|f16|bf16]
                             Q.npy K.npy V.npy OUT.npy
 
 Q     [B, H, Nq, D] (bhnd, PyTorch's SDPA layout, the default) or [B, Nq, H, D] (bnhd,
@@ -36,7 +37,9 @@ Biases (f32, added to the scaled scores; -inf masks):
   --bias B.npy         [B or 1, H or 1, Nq, Nk]
   --lse LSE.npy        also write the log-sum-exp [B, H, Nq] (f32, natural log)
   --scale S            score scale (default 1/sqrt(D)); a fraction like 1/8 is fine
-  --backend B          reference | cpu (default cpu). cuda: not driven by vistok run yet
+  --backend B          reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok
+                       built with --features cuda; bf16 / f16 with D = 32, 64, 128 on tensor
+                       cores, f32 any D <= 256; within the same tolerance as the cpu)
   --dtype D            round Q, K, V to f32 | f16 | bf16 first (default: Q's own); the cpu
                        computes scores and softmax in f32 whatever the dtype
   -h, --help           this help
@@ -128,7 +131,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
         return Err(format!("expected four paths, Q.npy K.npy V.npy OUT.npy, got {} (see --help)", paths.len()));
     };
     distinct_outputs(&[("OUT", Some(op)), ("--lse", lse.as_ref())])?;
-    let backend = host_only(backend, "attention")?;
+    let backend = Where::of(backend);
 
     let q = npy::read(qp)?;
     let k = npy::read(kp)?;
@@ -196,13 +199,28 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
 
 type Lse = Option<(Vec<f32>, Vec<usize>)>;
 
-fn forward<T: Float>(
-    backend: Backend,
+fn forward<T: Float + Dev>(
+    backend: Where,
     attn: &Attention<'_>,
     [q, k, v]: [&[T]; 3],
     [qs, ks, vs]: [&[usize]; 3],
     want_lse: bool,
 ) -> Result<(Vec<T>, Lse), String> {
+    // [B, H, Nq] whichever the layout.
+    let lse_shape = match (qs, attn.layout) {
+        (&[b, h, n, _], QkvLayout::Bhnd) | (&[b, n, h, _], QkvLayout::Bnhd) => vec![b, h, n],
+        _ => return Err(format!("Q has shape {qs:?}; expected rank 4")),
+    };
+    let backend = match backend {
+        Where::Host(b) => b,
+        Where::Gpu => {
+            if vs != ks {
+                return Err(format!("V has shape {vs:?}; expected K's {ks:?}"));
+            }
+            let (o, l) = gpu::attention(attn, [q, k, v], [qs, ks], want_lse)?;
+            return Ok((o, l.map(|l| (l, lse_shape))));
+        }
+    };
     let mut o = zeroed::<T>(q.len())?;
     let (qv, kv, vv) =
         (View::new(q, qs).map_err(lib_err)?, View::new(k, ks).map_err(lib_err)?, View::new(v, vs).map_err(lib_err)?);
@@ -211,11 +229,6 @@ fn forward<T: Float>(
         attn.forward(backend, qv, kv, vv, ov).map_err(lib_err)?;
         return Ok((o, None));
     }
-    // [B, H, Nq] whichever the layout.
-    let lse_shape = match (qs, attn.layout) {
-        (&[b, h, n, _], QkvLayout::Bhnd) | (&[b, n, h, _], QkvLayout::Bnhd) => vec![b, h, n],
-        _ => return Err(format!("Q has shape {qs:?}; expected rank 4")),
-    };
     let mut lse = zeroed::<f32>(lse_shape.iter().product())?;
     let lv = ViewMut::new(&mut lse, &lse_shape).map_err(lib_err)?;
     attn.forward_lse(backend, qv, kv, vv, ov, lv).map_err(lib_err)?;

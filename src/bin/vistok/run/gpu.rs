@@ -137,3 +137,30 @@ pub fn merge_apply<T: Float + Dev>(
 ) -> Result<(Vec<T>, Option<Vec<f32>>), String> {
     Err(NO_CUDA.into())
 }
+
+/// Attention on GPU 0: `(O, lse if asked)`.
+#[cfg(feature = "cuda")]
+pub fn attention<T: Float + Dev>(
+    attn: &vistok::Attention<'_>,
+    [q, k, v]: [&[T]; 3],
+    [qs, ks]: [&[usize]; 2],
+    want_lse: bool,
+) -> Result<(Vec<T>, Option<Vec<f32>>), String> {
+    let kern = vistok::cuda::AttentionKernel::new(&gpu0()?, attn, T::DTYPE, qs, ks).map_err(super::exec::lib_err)?;
+    if want_lse {
+        let (o, l) = kern.forward_lse_host(q, k, v).map_err(super::exec::lib_err)?;
+        Ok((o, Some(l)))
+    } else {
+        Ok((kern.forward_host(q, k, v).map_err(super::exec::lib_err)?, None))
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn attention<T: Float + Dev>(
+    _attn: &vistok::Attention<'_>,
+    _qkv: [&[T]; 3],
+    _dims: [&[usize]; 2],
+    _want_lse: bool,
+) -> Result<(Vec<T>, Option<Vec<f32>>), String> {
+    Err(NO_CUDA.into())
+}
