@@ -200,7 +200,12 @@ mod cuda {
     fn host<T: Float>(cb: &Codebook<T>, be: Backend, x: &[T]) -> Result<(Vec<u32>, Vec<f32>), Error> {
         let n = x.len() / cb.dim();
         let (mut idx, mut dist) = (vec![0xDEAD_BEEF; n], vec![f32::NAN; n]);
-        cb.argmin(be, View::new(x, &[n, cb.dim()])?, ViewMut::new(&mut idx, &[n])?, Some(ViewMut::new(&mut dist, &[n])?))?;
+        cb.argmin(
+            be,
+            View::new(x, &[n, cb.dim()])?,
+            ViewMut::new(&mut idx, &[n])?,
+            Some(ViewMut::new(&mut dist, &[n])?),
+        )?;
         Ok((idx, dist))
     }
 
@@ -220,13 +225,15 @@ mod cuda {
                 if T::DTYPE != DType::BF16 {
                     return 0.0;
                 }
-                let lost: f64 = xr.iter().zip(e).filter(|(a, b)| tiny(**a) || tiny(**b)).map(|(a, b)| (a * b).abs()).sum();
+                let lost: f64 =
+                    xr.iter().zip(e).filter(|(a, b)| tiny(**a) || tiny(**b)).map(|(a, b)| (a * b).abs()).sum();
                 lost + d as f64 * 2f64.powi(-126)
             };
             let (worse, tol) = match cb.metric() {
                 Metric::L2 => {
                     let dist = |e: &[f64]| xr.iter().zip(e).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
-                    let tol = 2.0 * (d as f64 + 2.0) * U * (n2(&xr) + n2(&eg) + n2(&ew)) + 2.0 * (flush(&eg) + flush(&ew));
+                    let tol =
+                        2.0 * (d as f64 + 2.0) * U * (n2(&xr) + n2(&eg) + n2(&ew)) + 2.0 * (flush(&eg) + flush(&ew));
                     (dist(&eg) - dist(&ew), tol)
                 }
                 Metric::Cosine => {
@@ -403,7 +410,8 @@ mod cuda {
                 let mut want = vec![O::from_f32(0.0); n * d];
                 cb.lookup(Backend::Cpu, View::new(&ids, &[n]).unwrap(), ViewMut::new(&mut want, &[n, d]).unwrap())
                     .unwrap();
-                let (gb, wb): (Vec<f32>, Vec<f32>) = (got.iter().map(|v| v.to_f32()).collect(), want.iter().map(|v| v.to_f32()).collect());
+                let (gb, wb): (Vec<f32>, Vec<f32>) =
+                    (got.iter().map(|v| v.to_f32()).collect(), want.iter().map(|v| v.to_f32()).collect());
                 assert_eq!(gb, wb, "lookup {} -> {} k={k} d={d}", T::DTYPE.name(), O::DTYPE.name());
                 let mut bad = ids.clone();
                 bad[n / 2] = k as u32;

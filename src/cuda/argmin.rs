@@ -230,7 +230,7 @@ const _: () = {
     assert!(PARAM_BYTES == 112 && offset_of!(ArgminParams, n) == 80 && offset_of!(ArgminParams, metric) == 108);
     assert!(BLOCK == 256 && BM == 128 && BN == 128);
     // 256 threads stage a [BM][bd] x chunk evenly, and every depth divides 256.
-    assert!((BM * 4).is_multiple_of(BLOCK as usize) && 256 % 16 == 0);
+    assert!((BM * 4).is_multiple_of(BLOCK as usize) && (BLOCK as usize).is_multiple_of(16));
 };
 
 /// The error a search status word reports (0: none; else `(!index) << 32 | bits` of the first
