@@ -7,6 +7,7 @@ Python 3 standard library only. Usage:
     python3 kernels/gen_argmin.py --check     # exit 1 if the committed file is stale
     python3 kernels/gen_argmin.py --list      # print "argmin <entry> <param bytes>" per entry
     python3 kernels/gen_argmin.py --stdout    # print the PTX
+    python3 kernels/gen_argmin.py --emulate quick|full   # run it on kernels/ptx_sim.py (no GPU)
 
 Entries (all take one parameter block, ARGMIN_FIELDS below; src/cuda/argmin.rs mirrors it):
 
@@ -635,12 +636,215 @@ def generate():
     return "\n".join(parts)
 
 
+# --------------------------------------------------------------------------------------------
+# --emulate: the committed PTX on kernels/ptx_sim.py against an independent model of the
+# contract (src/argmin.rs), without a GPU. The host side (packing, padding, grid) is modelled
+# as src/cuda/argmin.rs does it.
+# --------------------------------------------------------------------------------------------
+def emulate(quick):
+    import random
+    import struct
+    import time
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ptx_sim as S
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "argmin.ptx"), encoding="utf-8") as f:
+        mods = S.parse_module(f.read())
+
+    def fbits(v):
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+
+    def in_dtype(v, ty):
+        b = fbits(v)
+        return b if ty == "f32" else S.f32_to_format(b, S.BF16 if ty == "bf16" else S.F16)
+
+    def widen(b, ty):
+        return b if ty == "f32" else (b << 16 if ty == "bf16" else S.format_to_f32(b, S.F16))
+
+    def params(**kw):
+        b = bytearray(PARAM_SIZE)
+        for name, t in ARGMIN_FIELDS:
+            struct.pack_into("<Q" if t == "u64" else "<I", b, OFF[name], kw.get(name, 0))
+        return bytes(b)
+
+    def u32s(vals):
+        return b"".join(struct.pack("<I", v) for v in vals)
+
+    def lt(a, b):
+        return S.f32_compare("lt", S.f32_value(a), S.f32_value(b))
+
+    def model(xw, ew, n, k, d, metric, ty):
+        """Indices and distances (bits) by the contract, and the norms / biases."""
+        fl = S.flush_f32 if ty == "bf16" else (lambda v: v)
+        norms, bias = [], []
+        for c in range(k):
+            nn = 0
+            for j in range(d):
+                nn = S.fma_f32(ew[c * d + j], ew[c * d + j], nn)
+            norms.append(nn)
+            if metric == "l2":
+                bias.append(S.f32_arith("mul", 0x3F000000, nn))
+            else:
+                inv = S.f32_arith("div", 0x3F800000, S.sqrt_f32(nn))
+                bias.append(0 if nn == 0 else inv ^ 0x80000000)
+        idx, dist = [], []
+        for r in range(n):
+            xs = xw[r * d:(r + 1) * d]
+            best, bi = 0x7F800000, 0
+            for c in range(k):
+                p = 0
+                for j in range(d):
+                    p = fl(S.fma_f32(fl(xs[j]), fl(ew[c * d + j]), p))
+                s = S.f32_arith("sub", bias[c], p) if metric == "l2" else S.f32_arith("mul", p, bias[c])
+                if lt(s, best):
+                    best, bi = s, c
+            idx.append(bi)
+            es = ew[bi * d:(bi + 1) * d]
+            if metric == "l2":
+                acc = 0
+                for a, b in zip(xs, es):
+                    t = S.f32_arith("sub", a, b)
+                    acc = S.fma_f32(t, t, acc)
+            else:
+                xx = p = 0
+                for a, b in zip(xs, es):
+                    xx = S.fma_f32(a, a, xx)
+                    p = S.fma_f32(a, b, p)
+                if S.f32_value(xx) == 0 or S.f32_value(norms[bi]) == 0:
+                    acc = 0x3F800000
+                else:
+                    q = S.f32_arith("div", p, S.f32_arith("mul", S.sqrt_f32(xx), S.sqrt_f32(norms[bi])))
+                    q = 0xBF800000 if lt(q, 0xBF800000) else (0x3F800000 if lt(0x3F800000, q) else q)
+                    acc = S.f32_arith("sub", 0x3F800000, q)
+            dist.append(acc)
+        return idx, dist, norms, bias
+
+    def search(n, k, d, ty, metric, seed, lattice, splits_target):
+        rng = random.Random(seed)
+
+        def val():
+            if lattice:
+                return float(rng.randrange(5) - 2)
+            u = rng.random()
+            if u < 0.08:
+                return [0.0, -0.0, 1e-39][int(u * 100) % 3]
+            return rng.uniform(-1, 1)
+
+        xb = [in_dtype(val(), ty) for _ in range(n * d)]
+        eb = [in_dtype(val(), ty) for _ in range(k * d)]
+        xw, ew = [widen(b, ty) for b in xb], [widen(b, ty) for b in eb]
+        want, wdist, norms, bias = model(xw, ew, n, k, d, metric, ty)
+        bd = 4 if d <= 4 else (16 if d % 16 == 0 else 8)
+        d_pad, tiles = (d + bd - 1) // bd * bd, (k + BN - 1) // BN
+        packed = [0] * (tiles * d_pad * BN)
+        for c in range(k):
+            for j in range(d):
+                packed[((c // BN) * d_pad + j) * BN + c % BN] = ew[c * d + j]
+        biasp = bias + [0x7F800000] * (tiles * BN - k)
+        sz = SIZE[ty]
+        A = dict(x=1 << 20, packed=2 << 20, bias=3 << 20, ws=4 << 20, rows=5 << 20, norms=6 << 20,
+                 out=7 << 20, dist=8 << 20, status=9 << 20)
+        mem = S.Memory()
+        mem.add("x", A["x"], b"".join(v.to_bytes(sz, "little") for v in xb), False)
+        mem.add("packed", A["packed"], u32s(packed), False)
+        mem.add("bias", A["bias"], u32s(biasp), False)
+        mem.add("ws", A["ws"], bytes(8 * n), True)
+        mem.add("rows", A["rows"], u32s(ew), False)
+        mem.add("norms", A["norms"], u32s(norms), False)
+        mem.add("out", A["out"], bytes(4 * n), True)
+        mem.add("dist", A["dist"], bytes(4 * n), True)
+        mem.add("status", A["status"], bytes(8), True)
+        row_tiles = (n + BM - 1) // BM
+        splits = max(1, min(tiles, -(-splits_target // row_tiles)))
+        per = -(-tiles // splits)
+        splits = -(-tiles // per)
+        pb = params(n=n, d=d, k=k, d_pad=d_pad, tiles=tiles, tiles_per_split=per, count=n * d,
+                    metric=int(metric == "cos"), **A)
+        st = {"threads": 0, "instructions": 0}
+        t0 = time.time()
+        S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1], pb, mem, st)
+        S.run_kernel(mods[f"argmin_search_{ty}_{metric}_bd{bd}"], [row_tiles, splits, 1], [BLOCK, 1, 1], pb, mem, st)
+        S.run_kernel(mods[f"argmin_finish_{ty}"], [1, 1, 1], [BLOCK, 1, 1], pb, mem, st)
+        got = list(struct.unpack(f"<{n}I", mem.read(A["out"], 4 * n)))
+        gdist = list(struct.unpack(f"<{n}I", mem.read(A["dist"], 4 * n)))
+        status = struct.unpack("<Q", mem.read(A["status"], 8))[0]
+        what = f"search {ty} {metric} n={n} k={k} d={d} (bd {bd}, grid {row_tiles}x{splits})"
+        assert status == 0, f"{what}: status {status:#x}"
+        bad = [(r, got[r], want[r]) for r in range(n) if got[r] != want[r]]
+        assert not bad, f"{what}: {len(bad)} indices differ from the contract, first {bad[0]}"
+        assert gdist == wdist, f"{what}: distances differ from the contract"
+        print(f"{what}: indices and distances as the contract ({time.time() - t0:.1f} s)")
+
+    def check(ty, count, bad):
+        sz = SIZE[ty]
+        xb = [in_dtype(0.5 * (i % 7) - 1, ty) for i in range(count)]
+        special = {"f32": [0x7FC00000, 0x7F800000, 0xFF800000], "bf16": [0x7FC0, 0x7F80, 0xFF80],
+                   "f16": [0x7E00, 0x7C00, 0xFC00]}[ty]
+        for i, pos in enumerate(bad):
+            xb[pos] = special[i % 3]
+        mem = S.Memory()
+        mem.add("x", 1 << 20, b"".join(v.to_bytes(sz, "little") for v in xb), False)
+        mem.add("status", 2 << 20, bytes(8), True)
+        S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1],
+                     params(x=1 << 20, status=2 << 20, count=count), mem, {"threads": 0, "instructions": 0})
+        w = struct.unpack("<Q", mem.read(2 << 20, 8))[0]
+        want = 0 if not bad else ((~min(bad) & 0xFFFFFFFF) << 32) | xb[min(bad)]
+        assert w == want, f"check {ty} {bad}: status {w:#x}, want {want:#x}"
+        print(f"check {ty} count={count} bad={bad}: status as expected")
+
+    def lookup(ty, k, d, ids):
+        rng = random.Random(k * d)
+        rows = [fbits(rng.uniform(-3, 3)) for _ in range(k * d)]
+        n, sz = len(ids), SIZE[ty]
+        mem = S.Memory()
+        mem.add("rows", 1 << 20, u32s(rows), False)
+        mem.add("ids", 2 << 20, u32s(ids), False)
+        mem.add("out", 3 << 20, bytes(sz * n * d), True)
+        mem.add("status", 4 << 20, bytes(8), True)
+        S.run_kernel(mods[f"argmin_lookup_{ty}"], [1, 1, 1], [BLOCK, 1, 1],
+                     params(rows=1 << 20, ids=2 << 20, out=3 << 20, status=4 << 20, n=n, d=d, k=k, count=n * d),
+                     mem, {"threads": 0, "instructions": 0})
+        w = struct.unpack("<Q", mem.read(4 << 20, 8))[0]
+        bad = [i for i, c in enumerate(ids) if c >= k]
+        want = 0 if not bad else ((~bad[0] & 0xFFFFFFFF) << 32) | ids[bad[0]]
+        assert w == want, f"lookup {ty}: status {w:#x}, want {want:#x}"
+        out = mem.read(3 << 20, sz * n * d)
+        for r, c in enumerate(ids):
+            for j in range(d if c < k else 0):
+                v = rows[c * d + j]
+                e = v if ty == "f32" else S.f32_to_format(v, S.BF16 if ty == "bf16" else S.F16)
+                g = int.from_bytes(out[(r * d + j) * sz:(r * d + j + 1) * sz], "little")
+                assert g == e, f"lookup {ty}: out[{r}, {j}] = {g:#x}, want {e:#x}"
+        print(f"lookup {ty} k={k} d={d} n={n}: values and status as expected")
+
+    # (n, k, d, dtype, metric, seed, lattice, K splits wanted): one row tile and two, K split
+    # across the grid, every depth, ties (lattice), subnormals (bf16 flushes them).
+    cases = [(3, 5, 3, "f32", "l2", 1, False, 1), (6, 140, 2, "f32", "l2", 5, True, 2),
+             (5, 130, 5, "f32", "cos", 2, False, 2), (3, 129, 4, "bf16", "cos", 6, True, 3)]
+    if not quick:
+        cases += [(130, 7, 16, "bf16", "l2", 3, False, 1), (4, 300, 9, "f16", "l2", 4, False, 3),
+                  (2, 260, 17, "bf16", "cos", 7, False, 2), (129, 3, 1, "f16", "cos", 8, True, 1)]
+    for c in cases:
+        search(*c)
+    for ty in FLOATS:
+        check(ty, 700, [])
+        check(ty, 700, [650, 3, 699])
+        lookup(ty, 5, 7, [0, 4, 5, 1, 0xFFFFFFFF, 3, 9] * 10)
+    print("argmin emulation passed")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="fail if the committed PTX file is stale")
     ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
     ap.add_argument("--stdout", action="store_true", help="print the PTX instead of writing it")
+    ap.add_argument("--emulate", choices=["quick", "full"],
+                    help="run the committed PTX on kernels/ptx_sim.py against a model of the contract")
     args = ap.parse_args()
+    if args.emulate:
+        return emulate(args.emulate == "quick")
     if args.list:
         for name, *_ in entries():
             print("argmin", name, PARAM_SIZE)

@@ -106,6 +106,30 @@ fn committed_ptx_is_what_the_generator_writes() {
     }
 }
 
+/// The committed PTX run on `kernels/ptx_sim.py` (no GPU): search (every dtype, both metrics,
+/// each chunk depth, ties, K split over the grid, two row tiles), the NaN check and lookup,
+/// against a Python model of the contract in `kernels/gen_argmin.py --emulate`.
+#[test]
+fn ptx_runs_on_the_interpreter_as_the_contract_says() {
+    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
+    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_argmin.py")).find(|p| p.is_file()) else {
+        say_skipped("kernels/gen_argmin.py not found (run from the crate root)");
+        return;
+    };
+    match std::process::Command::new("python3").arg(&gen).args(["--emulate", "quick"]).output() {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("argmin emulation passed"),
+                "emulation failed:\n{text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("{}", text.trim_end());
+        }
+        Err(e) => say_skipped(&format!("python3 not runnable ({e})")),
+    }
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn rust_launches_match_the_ptx_abi() {
