@@ -292,7 +292,7 @@ fn alloc_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_
 /// let e: Vec<bf16> = [1.0f32, 0.0, 0.0, 1.0].map(bf16::from_f32).to_vec();
 /// let cb = CodebookGpu::new(&gpu, &Codebook::new(View::new(&e, &[2, 2])?, Metric::Cosine)?)?;
 /// let stream = gpu.stream();
-/// let x = stream.clone_htod(&[bf16::from_f32(0.1), bf16::from_f32(3.0)]).unwrap();
+/// let x = stream.clone_htod(&vec![bf16::from_f32(0.1), bf16::from_f32(3.0)]).unwrap();
 /// let mut idx = stream.alloc_zeros::<u32>(1).unwrap();
 /// cb.argmin(stream, &x, &mut idx, None)?; // waits for the NaN check
 /// assert_eq!(stream.clone_dtoh(&idx).unwrap(), [1]);
