@@ -78,8 +78,9 @@ pub const DEPTHS: [usize; 3] = [4, 8, 16];
 pub const SEARCH_BLOCKS_PER_SM: u32 = 4;
 /// Grid cap of the grid-stride entries (check, finish, lookup), per SM.
 pub const BLOCKS_PER_SM: u32 = 8;
-/// Largest `N·D` (elements are indexed with 32-bit integers).
-pub const MAX_ELEMS: usize = u32::MAX as usize;
+/// Largest `N·D`: elements are indexed with 32-bit integers, and a grid-stride index plus the
+/// grid's thread count (at most 2³⁰, see `grid_stride_blocks`) must not wrap.
+pub const MAX_ELEMS: usize = 1 << 31;
 /// Largest `K` (code indices plus tile padding stay below 2³²).
 pub const MAX_CODES: usize = 1 << 31;
 /// Input dtypes, in entry order.
@@ -426,7 +427,7 @@ impl<T: Float> CodebookGpu<T> {
 
     fn grid_stride_blocks(&self, units: usize) -> u32 {
         let blocks = units.div_ceil(BLOCK as usize).max(1);
-        u32::try_from(blocks).unwrap_or(u32::MAX).min(self.max_blocks.clamp(1, 1 << 24))
+        u32::try_from(blocks).unwrap_or(u32::MAX).min(self.max_blocks.clamp(1, 1 << 22))
     }
 
     /// Nearest entry of every row of `x` `[N, D]` (`N = x.len() / D`) into `indices` `[N]`
