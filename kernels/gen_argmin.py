@@ -54,6 +54,7 @@ BDS = [4, 8, 16]
 FLOATS = ["f32", "f16", "bf16"]
 SIZE = {"f32": 4, "f16": 2, "bf16": 2}
 METRICS = ["l2", "cos"]
+MMA_TYPES = ["f16", "bf16"]
 
 ARGMIN_FIELDS = [
     ("x", "u64"),  # x [N, D] (T)
@@ -100,6 +101,7 @@ def entries():
                 out.append((f"argmin_search_{t}_{m}_bd{bd}", "search", t, m, bd))
     out += [(f"argmin_finish_{t}", "finish", t, None, None) for t in FLOATS]
     out += [(f"argmin_lookup_{t}", "lookup", t, None, None) for t in FLOATS]
+    out += [(f"argmin_mma_{t}_{m}", "mma", t, m, 16) for t in MMA_TYPES for m in METRICS]
     return out
 
 
@@ -171,7 +173,7 @@ class Entry:
         lines.append("{")
         for name, size in self.shared:
             lines.append(f"    .shared .align 16 .b8 {name}[{size}];")
-        for ty in ["pred", "b16", "u32", "u64", "f32"]:
+        for ty in ["pred", "b16", "b32", "u32", "u64", "f32"]:
             names = decl.get(ty, [])
             for i in range(0, len(names), 8):
                 lines.append(f"    .reg .{ty} " + ", ".join(names[i:i + 8]) + ";")
@@ -597,6 +599,178 @@ def lookup_entry(name, ty):
     return k.render([f"{name}: ids u32 [N] -> out {ty} [N, D] (entries, checked ids)."])
 
 
+# --------------------------------------------------------------------------------------------
+# mma: the tensor-core search for f16 / bf16 (m16n8k16, f32 accumulation).
+# --------------------------------------------------------------------------------------------
+def mma_entry(name, ty, metric):
+    """Warp w of the block owns rows row0 + 16 w + [0, 16); per code tile (128 codes, two
+    halves of 8 n-tiles of 8 codes) it accumulates over D in k-steps of 16 with mma.sync.
+    A fragments come straight from x (L1-cached u16 loads, zero past N and D); B fragments
+    from the host's fragment-ordered copy of the codebook: [n-tile][k-step][lane][2] u32, each
+    lane's b0 = (e[g][k0+2t], e[g][k0+2t+1]) and b1 = the same 8 dims later, low half first.
+    Lane (g = lane / 4, t = lane % 4) holds the dot products of rows g, g+8 with codes 2t, 2t+1
+    of each n-tile; scores and the running best per row as in the FFMA search (codes ascending
+    per thread), merged over the 4 lanes of a row, then red.max of ~key into ws."""
+    k = Entry(name)
+    shape = f"m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    k.comment(f"Tensor-core search, mma.sync.aligned.{shape}; see the generator.")
+    tid, lane, warp, g, t4 = (k.u32(v) for v in ("tid", "lane", "warp", "g", "t4"))
+    k.op(f"mov.u32 {tid}, %tid.x")
+    k.op(f"and.b32 {lane}, {tid}, 31")
+    k.op(f"shr.u32 {warp}, {tid}, 5")
+    k.op(f"shr.u32 {g}, {lane}, 2")
+    k.op(f"and.b32 {t4}, {lane}, 3")
+    n, d, d_pad = k.param("u32", "n"), k.param("u32", "d"), k.param("u32", "d_pad")
+    tiles, tps = k.param("u32", "tiles"), k.param("u32", "tiles_per_split")
+    x, packed, bias, ws = k.param("u64", "x"), k.param("u64", "packed"), k.param("u64", "bias"), k.param("u64", "ws")
+    ra, rb, tmp = k.u32("ra"), k.u32("rb"), k.u32("tmp")
+    k.op(f"mov.u32 {ra}, %ctaid.x")
+    k.op(f"shl.b32 {ra}, {ra}, 7")
+    k.op(f"shl.b32 {tmp}, {warp}, 4")
+    k.op(f"add.u32 {ra}, {ra}, {tmp}")
+    k.op(f"add.u32 {ra}, {ra}, {g}", "row g of the warp's 16")
+    k.op(f"add.u32 {rb}, {ra}, 8", "row g + 8")
+    va, vb = k.pred("va"), k.pred("vb")
+    k.op(f"setp.lt.u32 {va}, {ra}, {n}")
+    k.op(f"setp.lt.u32 {vb}, {rb}, {n}")
+    xa, xb, xk = k.u64("xa"), k.u64("xb"), k.u64("xk")
+    k.op(f"mul.lo.u32 {tmp}, {ra}, {d}")
+    k.op(f"mul.wide.u32 {xa}, {tmp}, 2")
+    k.op(f"add.u64 {xa}, {xa}, {x}")
+    k.op(f"mul.lo.u32 {tmp}, {rb}, {d}")
+    k.op(f"mul.wide.u32 {xb}, {tmp}, 2")
+    k.op(f"add.u64 {xb}, {xb}, {x}")
+    t, t_end, ksteps = k.u32("t"), k.u32("t_end"), k.u32("ksteps")
+    k.op(f"mov.u32 {t}, %ctaid.y")
+    k.op(f"mul.lo.u32 {t}, {t}, {tps}")
+    k.op(f"add.u32 {t_end}, {t}, {tps}")
+    k.op(f"min.u32 {t_end}, {t_end}, {tiles}")
+    k.op(f"shr.u32 {ksteps}, {d_pad}, 4")
+    jstride = k.u64("jstride")
+    k.op(f"mul.wide.u32 {jstride}, {ksteps}, 256", "bytes between n-tiles of the packed codebook")
+    best = [k.f32("best0"), k.f32("best1")]
+    bidx = [k.u32("bidx0"), k.u32("bidx1")]
+    for i in range(2):
+        k.op(f"mov.f32 {best[i]}, 0f7F800000")
+        k.op(f"mov.u32 {bidx[i]}, 0")
+    p = k.pred("p")
+    k.op(f"setp.ge.u32 {p}, {t}, {t_end}")
+    k.op(f"@{p} bra $L_reduce")
+    acc = [[k.f32(f"c{j}_{q}") for q in range(4)] for j in range(8)]
+    areg = [k.reg("b32", f"a{i}") for i in range(4)]
+    breg = [k.reg("b32", f"b{i}") for i in range(2)]
+    lo, hi, col, kk, ks, nt = (k.u32(v) for v in ("lo", "hi", "col", "kk", "ks", "nt"))
+    pc = k.pred("pc")
+    pbase, pb = k.u64("pbase"), k.u64("pb")
+    k.label("$L_tile")
+    for h in range(2):
+        for j in range(8):
+            for q in range(4):
+                k.op(f"mov.f32 {acc[j][q]}, 0f00000000")
+        k.op(f"mov.u32 {kk}, 0", "first dim of the k-step")
+        k.op(f"mov.u32 {ks}, 0")
+        k.op(f"shl.b32 {nt}, {t}, 4")
+        k.op(f"add.u32 {nt}, {nt}, {h * 8}", "first n-tile of this half")
+        k.op(f"mul.lo.u32 {nt}, {nt}, {ksteps}")
+        k.label(f"$L_k{h}")
+        # A fragment: (row, dims) = a0 (g, c, c+1), a1 (g+8, c, c+1), a2 (g, c+8, c+9), a3 (g+8, ...)
+        for i, (rowaddr, valid, off) in enumerate([(xa, va, 0), (xb, vb, 0), (xa, va, 8), (xb, vb, 8)]):
+            k.op(f"shl.b32 {col}, {t4}, 1")
+            k.op(f"add.u32 {col}, {col}, {kk}")
+            if off:
+                k.op(f"add.u32 {col}, {col}, {off}")
+            k.op(f"mul.wide.u32 {xk}, {col}, 2")
+            k.op(f"add.u64 {xk}, {xk}, {rowaddr}")
+            for half, dst in ((0, lo), (1, hi)):
+                k.op(f"mov.u32 {dst}, 0")
+                k.op(f"setp.lt.u32 {pc}, {col}, {d}")
+                k.op(f"and.pred {pc}, {pc}, {valid}")
+                k.op(f"@{pc} ld.global.nc.u16 {dst}, [{xk}+{2 * half}]")
+                if half == 0:
+                    k.op(f"add.u32 {col}, {col}, 1")
+            k.op(f"shl.b32 {hi}, {hi}, 16")
+            k.op(f"or.b32 {areg[i]}, {lo}, {hi}", "lower dim in the low half")
+        k.op(f"add.u32 {tmp}, {nt}, {ks}")
+        k.op(f"shl.b32 {tmp}, {tmp}, 5")
+        k.op(f"add.u32 {tmp}, {tmp}, {lane}")
+        k.op(f"mul.wide.u32 {pbase}, {tmp}, 8")
+        k.op(f"add.u64 {pbase}, {pbase}, {packed}")
+        for j in range(8):
+            if j == 0:
+                k.op(f"mov.u64 {pb}, {pbase}")
+            else:
+                k.op(f"add.u64 {pb}, {pb}, {jstride}")
+            k.op(f"ld.global.nc.v2.u32 {{{breg[0]}, {breg[1]}}}, [{pb}]")
+            dvec = "{" + ", ".join(acc[j]) + "}"
+            k.op(f"mma.sync.aligned.{shape} {dvec}, {{{', '.join(areg)}}}, {{{breg[0]}, {breg[1]}}}, {dvec}")
+        k.op(f"add.u32 {kk}, {kk}, 16")
+        k.op(f"add.u32 {ks}, {ks}, 1")
+        k.op(f"setp.lt.u32 {p}, {ks}, {ksteps}")
+        k.op(f"@{p} bra $L_k{h}")
+        # Epilogue of the half: codes t*128 + h*64 + 8j + 2t4 (+1).
+        code, ba = k.u32("code"), k.u64("ba")
+        bz = [k.f32("bz0"), k.f32("bz1")]
+        code1 = k.u32("code1")
+        for j in range(8):
+            k.op(f"shl.b32 {code}, {t}, 7")
+            k.op(f"add.u32 {code}, {code}, {h * 64 + 8 * j}")
+            k.op(f"shl.b32 {tmp}, {t4}, 1")
+            k.op(f"add.u32 {code}, {code}, {tmp}")
+            k.op(f"add.u32 {code1}, {code}, 1")
+            k.op(f"mul.wide.u32 {ba}, {code}, 4")
+            k.op(f"add.u64 {ba}, {ba}, {bias}")
+            k.op(f"ld.global.nc.v2.f32 {{{bz[0]}, {bz[1]}}}, [{ba}]")
+            for q in range(4):
+                r = q // 2
+                s_ = acc[j][q]
+                b_ = bz[q % 2]
+                if metric == "l2":
+                    k.op(f"sub.rn.f32 {s_}, {b_}, {s_}")
+                else:
+                    k.op(f"mul.rn.f32 {s_}, {s_}, {b_}")
+                k.op(f"setp.lt.f32 {p}, {s_}, {best[r]}")
+                k.op(f"@{p} mov.f32 {best[r]}, {s_}")
+                k.op(f"@{p} mov.u32 {bidx[r]}, {code if q % 2 == 0 else code1}")
+    k.op(f"add.u32 {t}, {t}, 1")
+    k.op(f"setp.lt.u32 {p}, {t}, {t_end}")
+    k.op(f"@{p} bra $L_tile")
+    k.label("$L_reduce")
+    hi_, lo_, ohi, olo, tmp2 = k.u32("khi"), k.u32("klo"), k.u32("ohi"), k.u32("olo"), k.u32("tmp2")
+    neg, less, eq, lt2, lead, rv = (k.pred(v) for v in ("neg", "less", "eq", "lt2", "lead", "rv"))
+    key, k64, a = k.u64("key"), k.u64("k64"), k.u64("a")
+    k.op(f"setp.eq.u32 {lead}, {t4}, 0")
+    for i, (row, valid) in enumerate([(ra, va), (rb, vb)]):
+        k.op(f"mov.b32 {hi_}, {best[i]}")
+        k.op(f"setp.eq.u32 {p}, {hi_}, 0x80000000")
+        k.op(f"selp.u32 {hi_}, 0, {hi_}, {p}", "-0 -> +0")
+        k.op(f"setp.lt.s32 {neg}, {hi_}, 0")
+        k.op(f"not.b32 {tmp2}, {hi_}")
+        k.op(f"or.b32 {hi_}, {hi_}, 0x80000000")
+        k.op(f"selp.u32 {hi_}, {tmp2}, {hi_}, {neg}")
+        k.op(f"mov.u32 {lo_}, {bidx[i]}")
+        for sh in (1, 2):
+            k.op(f"shfl.sync.bfly.b32 {ohi}, {hi_}, {sh}, 31, {FULL}")
+            k.op(f"shfl.sync.bfly.b32 {olo}, {lo_}, {sh}, 31, {FULL}")
+            k.op(f"setp.lt.u32 {less}, {ohi}, {hi_}")
+            k.op(f"setp.eq.u32 {eq}, {ohi}, {hi_}")
+            k.op(f"setp.lt.u32 {lt2}, {olo}, {lo_}")
+            k.op(f"and.pred {eq}, {eq}, {lt2}")
+            k.op(f"or.pred {less}, {less}, {eq}")
+            k.op(f"selp.u32 {hi_}, {ohi}, {hi_}, {less}")
+            k.op(f"selp.u32 {lo_}, {olo}, {lo_}, {less}")
+        k.op(f"and.pred {rv}, {valid}, {lead}")
+        k.op(f"cvt.u64.u32 {key}, {hi_}")
+        k.op(f"shl.b64 {key}, {key}, 32")
+        k.op(f"cvt.u64.u32 {k64}, {lo_}")
+        k.op(f"or.b64 {key}, {key}, {k64}")
+        k.op(f"not.b64 {key}, {key}")
+        k.op(f"mul.wide.u32 {a}, {row}, 8")
+        k.op(f"add.u64 {a}, {a}, {ws}")
+        k.op(f"@{rv} red.global.max.u64 [{a}], {key}")
+    k.op("ret")
+    return k.render([f"{name}: x {ty} [N, D] x fragment-packed codebook -> ws [N] (tensor cores)."])
+
+
 def abi_lines():
     lines = [f"// abi block {BLOCK}", f"// abi bm {BM}", f"// abi bn {BN}", f"// abi argmin size {PARAM_SIZE}"]
     for field, off in OFF.items():
@@ -615,6 +789,7 @@ def generate():
         "// argmin_search_{f32,f16,bf16}_{l2,cos}_bd{4,8,16}: x, packed codebook -> ws u64 [N]",
         "// argmin_finish_{f32,f16,bf16}: ws -> indices u32 [N], distances f32 [N]",
         "// argmin_lookup_{f32,f16,bf16}: ids u32 [N] -> out [N, D]",
+        "// argmin_mma_{f16,bf16}_{l2,cos}: x, fragment-packed codebook -> ws u64 [N] (tensor cores)",
         "//",
     ] + abi_lines() + [
         "",
@@ -631,8 +806,10 @@ def generate():
             parts.append(search_entry(name, ty, metric, bd))
         elif kind == "finish":
             parts.append(finish_entry(name, ty))
-        else:
+        elif kind == "lookup":
             parts.append(lookup_entry(name, ty))
+        else:
+            parts.append(mma_entry(name, ty, metric))
     return "\n".join(parts)
 
 
@@ -674,9 +851,18 @@ def emulate(quick):
     def lt(a, b):
         return S.f32_compare("lt", S.f32_value(a), S.f32_value(b))
 
-    def model(xw, ew, n, k, d, metric, ty):
-        """Indices and distances (bits) by the contract, and the norms / biases."""
+    def model(xw, ew, n, k, d, metric, ty, tc=False):
+        """Indices and distances (bits) by the contract, and the norms / biases. tc: the dot
+        products as ptx_sim's mma model computes them (rounded once per k-step of 16 dims)."""
         fl = S.flush_f32 if ty == "bf16" else (lambda v: v)
+
+        def dot_tc(xs, es):
+            p = 0
+            for k0 in range(0, d, 16):
+                exact = S.decode(p, *S.F32)[2] + sum(S.decode(a, *S.F32)[2] * S.decode(b, *S.F32)[2]
+                                                     for a, b in zip(xs[k0:k0 + 16], es[k0:k0 + 16]))
+                p = S.round_to_format(exact, *S.F32) if exact != 0 else 0
+            return p
         norms, bias = [], []
         for c in range(k):
             nn = 0
@@ -694,7 +880,9 @@ def emulate(quick):
             best, bi = 0x7F800000, 0
             for c in range(k):
                 p = 0
-                for j in range(d):
+                if tc:
+                    p = dot_tc(xs, ew[c * d:(c + 1) * d])
+                for j in range(0 if tc else d):
                     p = fl(S.fma_f32(fl(xs[j]), fl(ew[c * d + j]), p))
                 s = S.f32_arith("sub", bias[c], p) if metric == "l2" else S.f32_arith("mul", p, bias[c])
                 if lt(s, best):
@@ -720,7 +908,7 @@ def emulate(quick):
             dist.append(acc)
         return idx, dist, norms, bias
 
-    def search(n, k, d, ty, metric, seed, lattice, splits_target):
+    def search(n, k, d, ty, metric, seed, lattice, splits_target, tc=False):
         rng = random.Random(seed)
 
         def val():
@@ -734,13 +922,28 @@ def emulate(quick):
         xb = [in_dtype(val(), ty) for _ in range(n * d)]
         eb = [in_dtype(val(), ty) for _ in range(k * d)]
         xw, ew = [widen(b, ty) for b in xb], [widen(b, ty) for b in eb]
-        want, wdist, norms, bias = model(xw, ew, n, k, d, metric, ty)
-        bd = 4 if d <= 4 else (16 if d % 16 == 0 else 8)
+        want, wdist, norms, bias = model(xw, ew, n, k, d, metric, ty, tc)
+        bd = 16 if tc else (4 if d <= 4 else (16 if d % 16 == 0 else 8))
         d_pad, tiles = (d + bd - 1) // bd * bd, (k + BN - 1) // BN
-        packed = [0] * (tiles * d_pad * BN)
-        for c in range(k):
-            for j in range(d):
-                packed[((c // BN) * d_pad + j) * BN + c % BN] = ew[c * d + j]
+        if tc:
+            # [n-tile][k-step][lane][2] u32, pairs of 16-bit values, the lower dim low.
+            ksteps = d_pad // 16
+            packed = [0] * (tiles * 16 * ksteps * 64)
+
+            def e16(c, j):
+                return eb[c * d + j] if c < k and j < d else 0
+
+            for nt in range(tiles * 16):
+                for ks in range(ksteps):
+                    for lane in range(32):
+                        c, t = nt * 8 + (lane >> 2), lane & 3
+                        for i, j in enumerate((ks * 16 + 2 * t, ks * 16 + 2 * t + 8)):
+                            packed[((nt * ksteps + ks) * 32 + lane) * 2 + i] = e16(c, j) | e16(c, j + 1) << 16
+        else:
+            packed = [0] * (tiles * d_pad * BN)
+            for c in range(k):
+                for j in range(d):
+                    packed[((c // BN) * d_pad + j) * BN + c % BN] = ew[c * d + j]
         biasp = bias + [0x7F800000] * (tiles * BN - k)
         sz = SIZE[ty]
         A = dict(x=1 << 20, packed=2 << 20, bias=3 << 20, ws=4 << 20, rows=5 << 20, norms=6 << 20,
@@ -764,12 +967,13 @@ def emulate(quick):
         st = {"threads": 0, "instructions": 0}
         t0 = time.time()
         S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1], pb, mem, st)
-        S.run_kernel(mods[f"argmin_search_{ty}_{metric}_bd{bd}"], [row_tiles, splits, 1], [BLOCK, 1, 1], pb, mem, st)
+        entry = f"argmin_mma_{ty}_{metric}" if tc else f"argmin_search_{ty}_{metric}_bd{bd}"
+        S.run_kernel(mods[entry], [row_tiles, splits, 1], [BLOCK, 1, 1], pb, mem, st)
         S.run_kernel(mods[f"argmin_finish_{ty}"], [1, 1, 1], [BLOCK, 1, 1], pb, mem, st)
         got = list(struct.unpack(f"<{n}I", mem.read(A["out"], 4 * n)))
         gdist = list(struct.unpack(f"<{n}I", mem.read(A["dist"], 4 * n)))
         status = struct.unpack("<Q", mem.read(A["status"], 8))[0]
-        what = f"search {ty} {metric} n={n} k={k} d={d} (bd {bd}, grid {row_tiles}x{splits})"
+        what = f"{entry} n={n} k={k} d={d} (grid {row_tiles}x{splits})"
         assert status == 0, f"{what}: status {status:#x}"
         bad = [(r, got[r], want[r]) for r in range(n) if got[r] != want[r]]
         assert not bad, f"{what}: {len(bad)} indices differ from the contract, first {bad[0]}"
@@ -825,8 +1029,14 @@ def emulate(quick):
     if not quick:
         cases += [(130, 7, 16, "bf16", "l2", 3, False, 1), (4, 300, 9, "f16", "l2", 4, False, 3),
                   (2, 260, 17, "bf16", "cos", 7, False, 2), (129, 3, 1, "f16", "cos", 8, True, 1)]
+    tc_cases = [(3, 9, 33, "f16", "cos", 10, True, 1)]
+    if not quick:
+        tc_cases += [(20, 130, 5, "bf16", "l2", 9, False, 2), (130, 40, 16, "f16", "l2", 11, False, 1),
+                     (5, 260, 20, "bf16", "cos", 12, False, 3)]
     for c in cases:
         search(*c)
+    for c in tc_cases:
+        search(*c, tc=True)
     for ty in FLOATS:
         check(ty, 700, [])
         check(ty, 700, [650, 3, 699])

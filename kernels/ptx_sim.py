@@ -372,7 +372,7 @@ WIDTH = {"u32": 32, "b32": 32, "s32": 32, "u64": 64, "b64": 64, "f32": 32, "b16"
 SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x",
            "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid"}
 # Warp collectives: executed for all lanes of a warp together.
-COLLECTIVE = {"vote", "shfl", "bar"}
+COLLECTIVE = {"vote", "shfl", "bar", "mma"}
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
 
@@ -665,9 +665,60 @@ def run_warp(ctx, warp, stats):
         stats["instructions"] += len(live)
 
 
+def mma(ctx, lanes, parts, ops):
+    """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 for a full warp. The
+    PTX ISA leaves the accumulation order and intermediate rounding unspecified; this model
+    rounds each D element once (exact C + sum of 16 products): real tensor cores may differ in
+    the last bits, so tests compare with tolerances, not bit for bit."""
+    if parts[1:] not in (["sync", "aligned", "m16n8k16", "row", "col", "f32", t, t, "f32"] for t in ("bf16", "f16")):
+        raise SimError(opcode_text(parts))
+    if len(lanes) != 32:
+        raise SimError("mma.sync needs all 32 lanes")
+    fmt = BF16 if parts[7] == "bf16" else F16
+    regs = [[x.strip() for x in op[1:-1].split(",")] for op in ops]
+    if [len(r) for r in regs] != [4, 4, 2, 4]:
+        raise SimError("mma operand arity")
+    d_, a_, b_, c_ = regs
+
+    def halves(th, r):
+        v = ctx.operand(th, r) & M32
+        return [format_to_f32(v & 0xFFFF, fmt), format_to_f32(v >> 16, fmt)]
+
+    A = [[None] * 16 for _ in range(16)]
+    B = [[None] * 8 for _ in range(16)]
+    C = [[None] * 8 for _ in range(16)]
+    for lane, th in lanes.items():
+        g, t = lane >> 2, lane & 3
+        for i, (row, col) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]):
+            A[row][col], A[row][col + 1] = halves(th, a_[i])
+        for i, k in enumerate([2 * t, 2 * t + 8]):
+            B[k][g], B[k + 1][g] = halves(th, b_[i])
+        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+            C[row][col] = ctx.operand(th, c_[i]) & M32
+    D = [[0] * 8 for _ in range(16)]
+    for i in range(16):
+        for j in range(8):
+            vals = [A[i][k] for k in range(16)] + [B[k][j] for k in range(16)] + [C[i][j]]
+            kinds = [decode(v, *F32)[0] for v in vals]
+            if "nan" in kinds or "inf" in kinds:
+                r = f32_value(C[i][j]) + sum(f32_value(A[i][k]) * f32_value(B[k][j]) for k in range(16))
+                D[i][j] = F32_NAN if r != r else f32_bits_of(r)
+                continue
+            exact = decode(C[i][j], *F32)[2] + sum(decode(A[i][k], *F32)[2] * decode(B[k][j], *F32)[2]
+                                                   for k in range(16))
+            D[i][j] = round_to_format(exact, *F32) if exact != 0 else 0
+    for lane, th in lanes.items():
+        g, t = lane >> 2, lane & 3
+        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+            ctx.setreg(th, d_[i], D[row][col])
+
+
 def collective(ctx, live, parts, ops):
     """Executes a warp collective for the live lanes (which all reached it)."""
     lanes = {th.lane: th for th in live}
+    if parts[0] == "mma":
+        mma(ctx, lanes, parts, ops)
+        return
     live_mask = sum(1 << lane for lane in lanes)
     mask = ctx.operand(live[0], ops[-1]) & M32
     if any(ctx.operand(th, ops[-1]) & M32 != mask for th in live):

@@ -29,6 +29,11 @@ fn expected_entries() -> Vec<String> {
     }
     v.extend(DTYPES.iter().map(|t| format!("argmin_finish_{t}")));
     v.extend(DTYPES.iter().map(|t| format!("argmin_lookup_{t}")));
+    for t in ["f16", "bf16"] {
+        for m in ["l2", "cos"] {
+            v.push(format!("argmin_mma_{t}_{m}"));
+        }
+    }
     v
 }
 
@@ -235,7 +240,8 @@ mod cuda {
 
     /// Rows of `got` that differ from the reference, checked to be near-ties within the module
     /// docs' bound (bf16 flushes included); returns how many there were.
-    fn near_ties<T: Float>(cb: &Codebook<T>, x: &[T], got: &[u32], want: &[u32]) -> usize {
+    /// `slack` scales the bound (tensor cores round their accumulation differently).
+    fn near_ties<T: Float>(cb: &Codebook<T>, x: &[T], got: &[u32], want: &[u32], slack: f64) -> usize {
         let d = cb.dim();
         let e = cb.entries();
         let mut ties = 0;
@@ -273,6 +279,7 @@ mod cuda {
                     (cos(&ew) - cos(&eg), (3.0 * d as f64 + 8.0) * U + rel(flush(&eg), &eg) + rel(flush(&ew), &ew))
                 }
             };
+            let tol = tol * slack;
             assert!(worse <= tol, "row {r}: got {g}, best {w}: {worse:e} worse, tolerance {tol:e}");
             ties += usize::from(worse > 0.0);
         }
@@ -293,7 +300,7 @@ mod cuda {
         assert_eq!(db, cdb, "{ctx}: distances differ from the cpu backend");
         assert_eq!(dev.argmin_host(x).unwrap(), ci, "{ctx}: without distances");
         let (ri, _) = host(cb, Backend::Reference, x).unwrap();
-        TIES.fetch_add(near_ties(cb, x, &idx, &ri), Ordering::Relaxed);
+        TIES.fetch_add(near_ties(cb, x, &idx, &ri, 1.0), Ordering::Relaxed);
         ROWS.fetch_add(idx.len(), Ordering::Relaxed);
     }
 
@@ -454,6 +461,73 @@ mod cuda {
         case::<f32, bf16>(g);
         case::<bf16, f16>(g);
         case::<f16, f32>(g);
+    }
+
+    /// The tensor-core path: indices equal to the reference's except at near-ties (rounding
+    /// order differs), counted; distances bit-identical to the cpu backend's wherever the
+    /// indices agree (the finish kernel is shared); ties to the lowest index on exact data.
+    #[test]
+    fn tensor_cores_match_the_reference_up_to_near_ties() {
+        let Some(g) = gpu() else { return };
+        fn case<T: Float + DeviceRepr>(
+            g: &Gpu,
+            n: usize,
+            k: usize,
+            d: usize,
+            metric: Metric,
+            seed: u64,
+            lat: bool,
+        ) -> (usize, usize) {
+            let (e, x) = if lat {
+                (lattice::<T>(k * d, seed), lattice::<T>(n * d, seed ^ 7))
+            } else {
+                (values::<T>(k * d, seed), values::<T>(n * d, seed ^ 7))
+            };
+            let cb = codebook(&e, d, metric);
+            let dev = CodebookGpu::new(g, &cb).unwrap().with_tensor_cores(true).unwrap();
+            assert!(dev.tensor_cores());
+            let (idx, dist) = dev.argmin_dist_host(&x).unwrap();
+            let (ri, _) = host(&cb, Backend::Reference, &x).unwrap();
+            let (ci, cd) = host(&cb, Backend::Cpu, &x).unwrap();
+            let ctx = format!("tensor cores {} {metric:?} n={n} k={k} d={d} seed={seed}", T::DTYPE.name());
+            if lat {
+                // Small integers: every dot product is exact in f32 however it is summed.
+                assert_eq!(idx, ci, "{ctx}: exact data must give the cpu's indices");
+            }
+            // Tensor cores may truncate inside an mma (Fasi et al. 2021): twice the f32 bound.
+            let ties = near_ties(&cb, &x, &idx, &ri, 2.0);
+            for r in 0..n {
+                if idx[r] == ci[r] {
+                    assert_eq!(dist[r].to_bits(), cd[r].to_bits(), "{ctx}: row {r} distance");
+                }
+            }
+            (ties, n)
+        }
+        let (mut ties, mut rows) = (0, 0);
+        let mut rng = Rng(99);
+        for i in 0..48u64 {
+            let n = 1 + (rng.next_u64() % 300) as usize;
+            let k = 1 + (rng.next_u64() % 600) as usize;
+            let d = [1, 3, 4, 8, 15, 16, 17, 32, 33, 64, 256][(rng.next_u64() % 11) as usize];
+            let metric = if i % 2 == 0 { Metric::L2 } else { Metric::Cosine };
+            let lat = i % 3 == 0;
+            let (t, r) = if i % 4 < 2 {
+                case::<bf16>(g, n, k, d, metric, i, lat)
+            } else {
+                case::<f16>(g, n, k, d, metric, i, lat)
+            };
+            ties += t;
+            rows += r;
+        }
+        for &(n, k, d) in &[(1, 20000, 8), (3000, 1100, 256), (130, 129, 16)] {
+            ties += case::<bf16>(g, n, k, d, Metric::L2, 5, false).0;
+            rows += n;
+        }
+        eprintln!("cuda argmin tensor cores: {rows} rows vs the reference, {ties} near-ties (within 2x the f32 bound)");
+        assert!(CodebookGpu::new(g, &codebook(&values::<f32>(8, 1), 2, Metric::L2))
+            .unwrap()
+            .with_tensor_cores(true)
+            .is_err());
     }
 
     #[test]

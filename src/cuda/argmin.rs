@@ -7,8 +7,9 @@
 //! contract's bf16 chain), `s = h − p` or `s = p·c` rounded once, strict `<` over codes in
 //! ascending order, ties to the lowest index — so indices equal [`Backend::Cpu`]'s on every
 //! input, and the optional distances are computed by the contract's formula and equal the cpu
-//! backend's bit for bit too. (No tensor-core path yet: f16 / bf16 inputs are widened exactly
-//! and run the same FFMA kernel.)
+//! backend's bit for bit too. f16 / bf16 inputs are widened exactly and run the same FFMA
+//! kernel by default; [`CodebookGpu::with_tensor_cores`] switches them to `mma.sync`
+//! (m16n8k16, f32 accumulation), whose indices equal the reference's up to near-ties.
 //!
 //! # How one call runs
 //! Three launches on the stream, then one 8-byte read back:
@@ -20,6 +21,12 @@
 //!    GPU ([`grid`]); the splits and the 16 threads of a row merge through one `red.max.u64` per
 //!    row and block on a 64-bit key (ordered score, code) in a zeroed workspace;
 //! 3. `argmin_finish_{T}`: indices (and distances) from the workspace.
+//!
+//! The tensor-core search `argmin_mma_{f16,bf16}_{l2,cos}` replaces step 2: each warp owns 16
+//! rows and runs `mma.sync` over code tiles (8 n-tiles of 8 codes per half tile, D in k-steps of
+//! 16); x fragments come straight from global memory (L1-cached), codebook fragments from a
+//! host-built fragment-ordered copy, no shared memory yet. It feeds the same workspace and
+//! finish kernel, with the same key, tie and NaN rules.
 //!
 //! The status word is read after the launches: on [`Error::NonFinite`] (naming `x[row, col]`
 //! and the value, as the cpu backend does) the outputs have been written and are unspecified.
@@ -98,7 +105,26 @@ pub fn kernel_names() -> Vec<String> {
     }
     v.extend(DTYPES.iter().map(|&t| format!("argmin_finish_{}", t.name())));
     v.extend(DTYPES.iter().map(|&t| format!("argmin_lookup_{}", t.name())));
+    for t in [DType::F16, DType::BF16] {
+        for m in [Metric::L2, Metric::Cosine] {
+            v.push(mma_name(t, m));
+        }
+    }
     v
+}
+
+/// The tensor-core search entry for a 16-bit input dtype and metric.
+///
+/// ```
+/// use vistok::{argmin::Metric, cuda::argmin::mma_name, DType};
+/// assert_eq!(mma_name(DType::BF16, Metric::L2), "argmin_mma_bf16_l2");
+/// ```
+pub fn mma_name(dtype: DType, metric: Metric) -> String {
+    let m = match metric {
+        Metric::L2 => "l2",
+        Metric::Cosine => "cos",
+    };
+    format!("argmin_mma_{}_{m}", dtype.name())
 }
 
 /// The search entry for an input dtype, metric and chunk depth: the one place the name
@@ -308,6 +334,10 @@ pub struct CodebookGpu<T: Float> {
     d_pad: usize,
     tiles: usize,
     packed: CudaSlice<f32>,
+    /// The fragment-ordered 16-bit codebook of the tensor-core path, when enabled.
+    packed_tc: Option<CudaSlice<u32>>,
+    /// f16 / bf16 codebooks: the entries on the host, for [`Self::with_tensor_cores`].
+    host_rows: Vec<f32>,
     bias: CudaSlice<f32>,
     rows: CudaSlice<f32>,
     norms: CudaSlice<f32>,
@@ -373,12 +403,89 @@ impl<T: Float> CodebookGpu<T> {
             d_pad,
             tiles,
             packed: up(&packed, "copying the packed codebook to the device")?,
+            packed_tc: None,
+            host_rows: if T::DTYPE == DType::F32 { Vec::new() } else { p.rows.clone() },
             bias: up(&bias, "copying the codebook biases to the device")?,
             rows: up(&p.rows, "copying the codebook to the device")?,
             norms: up(&p.norms, "copying the codebook norms to the device")?,
             max_blocks: gpu.sm_count().saturating_mul(BLOCKS_PER_SM),
             _t: PhantomData,
         })
+    }
+
+    /// Switches f16 / bf16 searches to the tensor-core kernel (`mma.sync` m16n8k16, f32
+    /// accumulation in an order the hardware chooses) or back to the exact FFMA kernel.
+    ///
+    /// With tensor cores the indices may differ from the cpu backend's at near-ties (the dot
+    /// products are rounded differently); ties still go to the lowest index, NaN handling and
+    /// the distances (recomputed for the chosen entry by the contract's formula) are unchanged.
+    ///
+    /// Errors: [`Error::Unsupported`] for f32 input; driver errors.
+    ///
+    /// ```no_run
+    /// use vistok::argmin::{Codebook, Metric};
+    /// use vistok::cuda::{argmin::CodebookGpu, Gpu};
+    /// use vistok::{bf16, View};
+    /// # fn main() -> vistok::Result<()> {
+    /// let gpu = Gpu::new(0)?;
+    /// let e: Vec<bf16> = (0..64 * 16).map(|i| bf16::from_f32((i % 7) as f32 - 3.0)).collect();
+    /// let cb = CodebookGpu::new(&gpu, &Codebook::new(View::new(&e, &[64, 16])?, Metric::L2)?)?
+    ///     .with_tensor_cores(true)?;
+    /// let idx = cb.argmin_host(&e[16..32])?;
+    /// assert_eq!(idx, [1]);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_tensor_cores(mut self, on: bool) -> Result<Self> {
+        if !on {
+            self.packed_tc = None;
+            return Ok(self);
+        }
+        if !matches!(T::DTYPE, DType::F16 | DType::BF16) {
+            return Err(Error::Unsupported {
+                family: Family::Argmin,
+                msg: format!("no tensor-core argmin for {} input", T::DTYPE.name()),
+            });
+        }
+        let host = self.tc_layout();
+        let dev = self.gpu.stream().clone_htod(&host).map_err(alloc_error("copying the tensor-core codebook"))?;
+        self.gpu.function(MODULE, PTX, &mma_name(T::DTYPE, self.metric))?;
+        self.packed_tc = Some(dev);
+        Ok(self)
+    }
+
+    /// Whether f16 / bf16 searches use tensor cores.
+    pub fn tensor_cores(&self) -> bool {
+        self.packed_tc.is_some()
+    }
+
+    /// The tensor-core codebook `[n-tile of 8 codes][k-step of 16 dims][lane][2]` u32: lane
+    /// (g = lane / 4, t = lane % 4) holds the m16n8k16 B fragment of code g: dims (2t, 2t+1)
+    /// and (2t+8, 2t+9) of the k-step, the lower dim in the low half; zero past K and D.
+    fn tc_layout(&self) -> Vec<u32> {
+        let (d, ksteps, ntiles) = (self.d, self.d.div_ceil(16), self.tiles * BN / 8);
+        let rows = &self.host_rows;
+        let bits = |c: usize, j: usize| -> u32 {
+            if c >= self.k || j >= d {
+                return 0;
+            }
+            let v = rows[c * d + j];
+            u32::from(match T::DTYPE {
+                DType::F16 => crate::f16::from_f32(v).to_bits(), // exact: v came from an f16
+                _ => crate::bf16::from_f32(v).to_bits(),
+            })
+        };
+        let mut out = vec![0u32; ntiles * ksteps * 64];
+        for nt in 0..ntiles {
+            for ks in 0..ksteps {
+                for lane in 0..32 {
+                    let (c, t) = (nt * 8 + lane / 4, lane % 4);
+                    for (i, j) in [ks * 16 + 2 * t, ks * 16 + 2 * t + 8].into_iter().enumerate() {
+                        out[((nt * ksteps + ks) * 32 + lane) * 2 + i] = bits(c, j) | bits(c, j + 1) << 16;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Number of entries, K.
@@ -457,7 +564,10 @@ impl<T: Float> CodebookGpu<T> {
             return Ok(());
         }
         let check = self.gpu.function(MODULE, PTX, &format!("argmin_check_{}", T::DTYPE.name()))?;
-        let search = self.gpu.function(MODULE, PTX, &search_name(T::DTYPE, self.metric, self.depth))?;
+        let search = match &self.packed_tc {
+            Some(_) => self.gpu.function(MODULE, PTX, &mma_name(T::DTYPE, self.metric))?,
+            None => self.gpu.function(MODULE, PTX, &search_name(T::DTYPE, self.metric, self.depth))?,
+        };
         let finish = self.gpu.function(MODULE, PTX, &format!("argmin_finish_{}", T::DTYPE.name()))?;
         let mut status = stream.alloc_zeros::<u64>(1).map_err(alloc_error("allocating a status word"))?;
         let mut ws = stream.alloc_zeros::<u64>(n).map_err(alloc_error("allocating the argmin workspace"))?;
@@ -467,7 +577,10 @@ impl<T: Float> CodebookGpu<T> {
             let (ip, _i) = indices.device_ptr_mut(stream);
             let (sp, _s) = status.device_ptr_mut(stream);
             let (wp, _w) = ws.device_ptr_mut(stream);
-            let (pp, _p) = self.packed.device_ptr(stream);
+            let (pf, _pf) = self.packed.device_ptr(stream);
+            let tc = self.packed_tc.as_ref().map(|t| t.device_ptr(stream));
+            let pp = tc.as_ref().map_or(pf, |g| g.0);
+            let d_pad = if tc.is_some() { self.d.div_ceil(16) * 16 } else { self.d_pad };
             let (bp, _b) = self.bias.device_ptr(stream);
             let (rp, _r) = self.rows.device_ptr(stream);
             let (np, _n) = self.norms.device_ptr(stream);
@@ -488,7 +601,7 @@ impl<T: Float> CodebookGpu<T> {
                 n: n as u32, // n·d ≤ MAX_ELEMS (checked)
                 d: self.d as u32,
                 k: self.k as u32, // ≤ MAX_CODES (checked in new)
-                d_pad: self.d_pad as u32,
+                d_pad: d_pad as u32,
                 tiles: self.tiles as u32,
                 tiles_per_split: per,
                 count: (n * self.d) as u32,
@@ -500,7 +613,9 @@ impl<T: Float> CodebookGpu<T> {
             // [0, x.len()) and updates the status word. search reads x rows < n (loads
             // predicated on row < n and dim < d), the packed codebook [tiles][d_pad][128] and
             // the biases [tiles·128] (both allocated with exactly those sizes in `new`, for this
-            // entry's depth) and updates ws [0, n) (n elements allocated above). finish reads
+            // entry's depth; the mma entry instead reads the fragment codebook
+            // [tiles·16][⌈D/16⌉][32][2] u32 of `tc_layout` at n-tiles < tiles·16, k-steps <
+            // d_pad/16) and updates ws [0, n) (n elements allocated above). finish reads
             // ws [0, n), x rows < n, rows [K, D] and norms [K] at codes < K (codes come from
             // keys of real codes: padding codes never win and every row gets a key, see
             // kernels/gen_argmin.py) and writes indices [0, n) and, when dist != 0, dist
@@ -655,7 +770,7 @@ mod tests {
     #[test]
     fn names_are_in_file_order_and_unique() {
         let names = kernel_names();
-        assert_eq!(names.len(), 3 + 18 + 3 + 3);
+        assert_eq!(names.len(), 3 + 18 + 3 + 3 + 4);
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();
