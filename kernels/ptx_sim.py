@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A small, strict PTX interpreter for the subset kernels/gen_patchify.py and
-kernels/gen_quant.py emit.
+"""A small, strict PTX interpreter for the subset kernels/gen_patchify.py,
+kernels/gen_quant.py and kernels/gen_argmin.py emit.
 
 It exists because the CUDA backend cannot be run on machines without a GPU: the Rust tests
 `emulated_*` in tests/cuda_patchify.rs and tests/cuda_quant.rs build the real launch (parameter
@@ -15,9 +15,16 @@ warp's live lanes, or an instruction it does not know is an error (exit status 2
 
 Threads run one warp at a time; within a warp each lane runs until it reaches a collective
 (or exits), then the collective executes for all lanes at once, so warp-synchronous code
-(ballot, shuffle) sees exactly what the hardware's converged warp would. Warps of a grid never
-synchronise with each other (no bar.sync), and atomics (`red`) commute, so running the warps
-in order gives every result a GPU may give.
+(ballot, shuffle, mma.sync) sees exactly what the hardware's converged warp would. The warps
+of a block run in turn up to `bar.sync 0`, which they then pass together; each block has its
+own `.shared` memory (entry-scoped `.shared .align A .b8 name[N]` variables). Blocks never
+synchronise with each other, and atomics (`red`) commute, so running them in order gives
+every result a GPU may give.
+
+mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} is a model: each D element is C plus the 16
+exact products, rounded once (the hardware's accumulation order and rounding are not
+specified), so it checks fragment layouts exactly but tensor-core arithmetic only up to
+tolerances. fma.rn.ftz.f32 flushes subnormal inputs and results to zeros of their sign.
 
 The semantics follow the PTX ISA: add/sub/mul/div/fma .rn.f32 round once, to nearest even,
 with subnormals (no .ftz); min/max return the non-NaN operand; cvt.rn.{f16,bf16}.f32 round to
