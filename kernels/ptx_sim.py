@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""A small, strict PTX interpreter for the subset kernels/gen_patchify.py and
-kernels/gen_quant.py emit.
+"""A small, strict PTX interpreter for the subset kernels/gen_patchify.py,
+kernels/gen_quant.py and kernels/gen_argmin.py emit.
 
 It exists because the CUDA backend cannot be run on machines without a GPU: the Rust tests
 `emulated_*` in tests/cuda_patchify.rs and tests/cuda_quant.rs build the real launch (parameter
@@ -15,9 +15,16 @@ warp's live lanes, or an instruction it does not know is an error (exit status 2
 
 Threads run one warp at a time; within a warp each lane runs until it reaches a collective
 (or exits), then the collective executes for all lanes at once, so warp-synchronous code
-(ballot, shuffle) sees exactly what the hardware's converged warp would. Warps of a grid never
-synchronise with each other (no bar.sync), and atomics (`red`) commute, so running the warps
-in order gives every result a GPU may give.
+(ballot, shuffle, mma.sync) sees exactly what the hardware's converged warp would. The warps
+of a block run in turn up to `bar.sync 0`, which they then pass together; each block has its
+own `.shared` memory (entry-scoped `.shared .align A .b8 name[N]` variables). Blocks never
+synchronise with each other, and atomics (`red`) commute, so running them in order gives
+every result a GPU may give.
+
+mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} is a model: each D element is C plus the 16
+exact products, rounded once (the hardware's accumulation order and rounding are not
+specified), so it checks fragment layouts exactly but tensor-core arithmetic only up to
+tolerances. fma.rn.ftz.f32 flushes subnormal inputs and results to zeros of their sign.
 
 The semantics follow the PTX ISA: add/sub/mul/div/fma .rn.f32 round once, to nearest even,
 with subnormals (no .ftz); min/max return the non-NaN operand; cvt.rn.{f16,bf16}.f32 round to
@@ -273,6 +280,25 @@ def fma_f32(x, a, b):
     return round_dyadic(m, lo) if m else 0
 
 
+def flush_f32(x):
+    """.ftz: a subnormal f32 becomes a zero of the same sign."""
+    if x & 0x7F800000 == 0:
+        return x & 0x80000000
+    return x
+
+
+def sqrt_f32(x):
+    """sqrt.rn.f32: correctly rounded (the double square root of an f32, rounded to f32, is:
+    53 >= 2 * 24 + 2 bits)."""
+    kind, sign, v = decode(x, *F32)
+    if kind == "nan" or (sign and not (kind == "fin" and v == 0)):
+        return F32_NAN
+    if kind == "inf" or v == 0:
+        return x
+    import math
+    return struct.unpack("<I", struct.pack("<f", math.sqrt(float(v))))[0]
+
+
 def f32_minmax(op, a, b):
     """min.f32 / max.f32: the non-NaN operand if one is NaN; -0 orders below +0."""
     ka, sa, va = decode(a, *F32)
@@ -353,7 +379,7 @@ WIDTH = {"u32": 32, "b32": 32, "s32": 32, "u64": 64, "b64": 64, "f32": 32, "b16"
 SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x",
            "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid"}
 # Warp collectives: executed for all lanes of a warp together.
-COLLECTIVE = {"vote", "shfl", "bar"}
+COLLECTIVE = {"vote", "shfl", "bar", "mma"}
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
 
@@ -380,9 +406,15 @@ def split_operands(s):
 
 
 class Kernel:
-    def __init__(self, name, params, regs, code, labels):
+    def __init__(self, name, params, regs, code, labels, shared=None):
         self.name, self.params, self.regs, self.code, self.labels = name, params, regs, code, labels
         self.consts = {}  # operand text -> immediate value (cache)
+        # .shared variables: name -> offset in the block's shared window, and its total size
+        self.shared, self.shared_size = {}, 0
+        for sname, size, align in shared or []:
+            off = (self.shared_size + align - 1) // align * align
+            self.shared[sname] = off
+            self.shared_size = off + size
 
 
 def parse_module(text):
@@ -403,7 +435,7 @@ def parse_module(text):
         if not pm:
             raise SimError(f"{name}: unsupported parameter list {params_src!r}")
         params = (pm.group(1), int(pm.group(2)))
-        regs, code, labels = {}, [], {}
+        regs, code, labels, shared = {}, [], {}, []
         for stmt in body.split(";"):
             stmt = stmt.strip()
             while True:  # labels may precede a statement
@@ -414,13 +446,19 @@ def parse_module(text):
                 stmt = stmt[lm.end():].strip()
             if not stmt:
                 continue
+            if stmt.startswith(".shared"):
+                sm = re.fullmatch(r"\.shared\s+\.align\s+(\d+)\s+\.b8\s+(\w+)\[(\d+)\]", stmt)
+                if not sm:
+                    raise SimError(f"{name}: unsupported shared declaration {stmt!r}")
+                shared.append((sm.group(2), int(sm.group(3)), int(sm.group(1))))
+                continue
             if stmt.startswith(".reg"):
                 rm = re.match(r"\.reg\s+\.(\w+)\s+(.*)", stmt, flags=re.S)
                 for r in rm.group(2).split(","):
                     regs[r.strip()] = rm.group(1)
                 continue
             code.append(parse_instr(stmt))
-        kernels[name] = Kernel(name, params, regs, code, labels)
+        kernels[name] = Kernel(name, params, regs, code, labels, shared)
     return kernels
 
 
@@ -486,6 +524,7 @@ class Ctx:
         self.kernel, self.param_bytes, self.mem = kernel, param_bytes, mem
         self.pname = kernel.params[0]
         self.decl = kernel.regs
+        self.smem = bytearray(kernel.shared_size)  # the running block's shared memory
 
     def operand(self, th, op):
         regs = th.regs
@@ -495,6 +534,8 @@ class Ctx:
             raise SimError(f"register {op} read before it is written")
         if op in th.special:
             return th.special[op]
+        if op in self.kernel.shared:
+            return self.kernel.shared[op]
         cache = self.kernel.consts
         if op in cache:
             return cache[op]
@@ -553,11 +594,25 @@ def run_kernel(kernel, grid, block, param_bytes, mem, stats):
                                 "%laneid": th.lane,
                             }
                             threads.append(th)
-                for w in range(0, len(threads), 32):
-                    try:
-                        run_warp(ctx, threads[w:w + 32], stats)
-                    except SimError as e:
-                        raise SimError(f"{kernel.name}: {e}") from None
+                ctx.smem = bytearray(kernel.shared_size)
+                warps = [threads[w:w + 32] for w in range(0, len(threads), 32)]
+                # Each warp runs until it exits or waits at bar.sync; when every warp that has
+                # not exited waits, they all pass the barrier together.
+                while True:
+                    waiting = []
+                    for warp in warps:
+                        try:
+                            if run_warp(ctx, warp, stats) == "barrier":
+                                waiting.append(warp)
+                        except SimError as e:
+                            raise SimError(f"{kernel.name}: {e}") from None
+                    if not waiting:
+                        break
+                    for warp in waiting:
+                        for th in warp:
+                            if not th.done:
+                                th.pc += 1
+                                th.steps += 1
 
 
 def advance(ctx, th, stats):
@@ -603,6 +658,10 @@ def run_warp(ctx, warp, stats):
             where = sorted(code[pc][3] for pc in pcs)
             raise SimError(f"divergent warp: lanes wait at different collectives {where}")
         _, parts, ops, text = code[live[0].pc]
+        if parts == ["bar", "sync"]:
+            if len(ops) != 1 or ctx.operand(live[0], ops[0]) != 0:
+                raise SimError(f"`{text}`: only bar.sync 0 is supported")
+            return "barrier"
         try:
             collective(ctx, live, parts, ops)
         except SimError as e:
@@ -613,9 +672,60 @@ def run_warp(ctx, warp, stats):
         stats["instructions"] += len(live)
 
 
+def mma(ctx, lanes, parts, ops):
+    """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 for a full warp. The
+    PTX ISA leaves the accumulation order and intermediate rounding unspecified; this model
+    rounds each D element once (exact C + sum of 16 products): real tensor cores may differ in
+    the last bits, so tests compare with tolerances, not bit for bit."""
+    if parts[1:] not in (["sync", "aligned", "m16n8k16", "row", "col", "f32", t, t, "f32"] for t in ("bf16", "f16")):
+        raise SimError(opcode_text(parts))
+    if len(lanes) != 32:
+        raise SimError("mma.sync needs all 32 lanes")
+    fmt = BF16 if parts[7] == "bf16" else F16
+    regs = [[x.strip() for x in op[1:-1].split(",")] for op in ops]
+    if [len(r) for r in regs] != [4, 4, 2, 4]:
+        raise SimError("mma operand arity")
+    d_, a_, b_, c_ = regs
+
+    def halves(th, r):
+        v = ctx.operand(th, r) & M32
+        return [format_to_f32(v & 0xFFFF, fmt), format_to_f32(v >> 16, fmt)]
+
+    A = [[None] * 16 for _ in range(16)]
+    B = [[None] * 8 for _ in range(16)]
+    C = [[None] * 8 for _ in range(16)]
+    for lane, th in lanes.items():
+        g, t = lane >> 2, lane & 3
+        for i, (row, col) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]):
+            A[row][col], A[row][col + 1] = halves(th, a_[i])
+        for i, k in enumerate([2 * t, 2 * t + 8]):
+            B[k][g], B[k + 1][g] = halves(th, b_[i])
+        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+            C[row][col] = ctx.operand(th, c_[i]) & M32
+    D = [[0] * 8 for _ in range(16)]
+    for i in range(16):
+        for j in range(8):
+            vals = [A[i][k] for k in range(16)] + [B[k][j] for k in range(16)] + [C[i][j]]
+            kinds = [decode(v, *F32)[0] for v in vals]
+            if "nan" in kinds or "inf" in kinds:
+                r = f32_value(C[i][j]) + sum(f32_value(A[i][k]) * f32_value(B[k][j]) for k in range(16))
+                D[i][j] = F32_NAN if r != r else f32_bits_of(r)
+                continue
+            exact = decode(C[i][j], *F32)[2] + sum(decode(A[i][k], *F32)[2] * decode(B[k][j], *F32)[2]
+                                                   for k in range(16))
+            D[i][j] = round_to_format(exact, *F32) if exact != 0 else 0
+    for lane, th in lanes.items():
+        g, t = lane >> 2, lane & 3
+        for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
+            ctx.setreg(th, d_[i], D[row][col])
+
+
 def collective(ctx, live, parts, ops):
     """Executes a warp collective for the live lanes (which all reached it)."""
     lanes = {th.lane: th for th in live}
+    if parts[0] == "mma":
+        mma(ctx, lanes, parts, ops)
+        return
     live_mask = sum(1 << lane for lane in lanes)
     mask = ctx.operand(live[0], ops[-1]) & M32
     if any(ctx.operand(th, ops[-1]) & M32 != mask for th in live):
@@ -729,6 +839,11 @@ def step(ctx, th, parts, ops, pc, labels):
             if addr % (size * vec):
                 raise SimError(f"misaligned {size * vec}-byte load at {addr:#x}")
             raw = ctx.mem.read(addr, size * vec)
+        elif space == "shared":
+            addr = (operand(th, base) + off) & M64
+            if addr % (size * vec) or addr + size * vec > len(ctx.smem):
+                raise SimError(f"bad {size * vec}-byte shared load at {addr:#x}")
+            raw = bytes(ctx.smem[addr:addr + size * vec])
         else:
             raise SimError(f"state space {space}")
         vals = [int.from_bytes(raw[k * size:(k + 1) * size], "little") for k in range(vec)]
@@ -743,7 +858,7 @@ def step(ctx, th, parts, ops, pc, labels):
         return pc
     if op == "st":
         a, s = ops
-        if parts[1] != "global":
+        if parts[1] not in ("global", "shared"):
             raise SimError(f"store to {parts[1]}")
         base, off = ctx.address(th, a)
         addr = (operand(th, base) + off) & M64
@@ -756,7 +871,12 @@ def step(ctx, th, parts, ops, pc, labels):
         names = [x.strip() for x in s[1:-1].split(",")] if vec > 1 else [s]
         raw = b"".join((operand(th, n) & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
                        for n in names)
-        ctx.mem.write(addr, raw)
+        if parts[1] == "shared":
+            if addr + len(raw) > len(ctx.smem):
+                raise SimError(f"shared store at {addr:#x} outside the block's {len(ctx.smem)} bytes")
+            ctx.smem[addr:addr + len(raw)] = raw
+        else:
+            ctx.mem.write(addr, raw)
         return pc
     if op == "red":
         a, b = ops
@@ -924,10 +1044,29 @@ def step(ctx, th, parts, ops, pc, labels):
         setreg(th, d, operand(th, a) if ctx.pred_operand(th, c) else operand(th, b))
         return pc
     if op == "fma":
-        if parts[1] != "rn" or ty != "f32" or len(parts) != 3:
+        ftz = parts[2:] == ["ftz", "f32"]
+        if parts[1] != "rn" or ty != "f32" or (len(parts) != 3 and not ftz):
             raise SimError(opcode_text(parts))
         d, a, b, c = ops
-        setreg(th, d, fma_f32(operand(th, a) & M32, operand(th, b) & M32, operand(th, c) & M32))
+        x, y, z = (operand(th, v) & M32 for v in (a, b, c))
+        if ftz:
+            x, y, z = flush_f32(x), flush_f32(y), flush_f32(z)
+            setreg(th, d, flush_f32(fma_f32(x, y, z)))
+        else:
+            setreg(th, d, fma_f32(x, y, z))
+        return pc
+    if op == "sqrt":
+        if parts[1:] != ["rn", "f32"]:
+            raise SimError(opcode_text(parts))
+        d, a = ops
+        setreg(th, d, sqrt_f32(operand(th, a) & M32))
+        return pc
+    if op == "div" and ty == "u32":
+        d, a, b = ops
+        bv = operand(th, b) & M32
+        if bv == 0:
+            raise SimError("div.u32 by zero")
+        setreg(th, d, (operand(th, a) & M32) // bv)
         return pc
     if op == "cvt":
         d, a = ops

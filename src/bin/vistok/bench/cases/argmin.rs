@@ -7,6 +7,14 @@
 //! count them. Bytes: x, the codebook and the indices once each — far below the flops, so these
 //! rows are compute-bound; bf16 rows are held to the bf16 dot-product peak.
 //!
+//! cuda rows (`--features cuda` with a device): `argmin/cuda/{f32,bf16}/<N>x<K>x<D>` at full size,
+//! inputs and outputs already on the device (host transfers are not timed; each call includes
+//! its NaN check, the search, the finish kernel and the 8-byte status read that syncs). The
+//! bf16 rows run the tensor-core kernel (`mma.sync` m16n8k16, f32 accumulation; indices equal
+//! to the reference's up to near-ties).
+//! Peaks to compare with on an H200 SXM: FP32 FMA ≈ 67 TFLOP/s, dense bf16 tensor core ≈ 989
+//! TFLOP/s (NVIDIA's datasheet figures); the targets are ≥ 60 % and ≥ 50 % of those.
+//!
 //! Check: indices equal to the reference's on the rows it ran, except at near-ties; a
 //! differing row reports how much farther the chosen entry is than the best one, as a fraction
 //! of the documented bound for that row (`max_abs` is the worst fraction, `tol` is 1).
@@ -15,6 +23,8 @@ use std::rc::Rc;
 
 use vistok::argmin::{Codebook, Metric};
 use vistok::{bf16, Float, View, ViewMut};
+
+use crate::dev::Dev;
 
 use super::{Backend, Case, Check, Env, Peak, Runner, Shared};
 
@@ -30,11 +40,11 @@ const SHAPES: &[(usize, usize, usize, &str)] = &[
     (96, 200, 8, "-ci"),
 ];
 
-pub fn cases(_env: &Env) -> Result<Vec<Case>, String> {
+pub fn cases(env: &Env) -> Result<Vec<Case>, String> {
     let mut out = vec![];
     for &(n, k, d, suffix) in SHAPES {
-        out.extend(shape::<f32>(n, k, d, suffix, Peak::F32));
-        out.extend(shape::<bf16>(n, k, d, suffix, Peak::Bf16));
+        out.extend(shape::<f32>(env, n, k, d, suffix, Peak::F32));
+        out.extend(shape::<bf16>(env, n, k, d, suffix, Peak::Bf16));
     }
     Ok(out)
 }
@@ -69,7 +79,7 @@ impl<T: Float> Flow<T> {
     }
 }
 
-fn shape<T: Float>(n: usize, k: usize, d: usize, suffix: &str, peak: Peak) -> Vec<Case> {
+fn shape<T: Float + Dev>(env: &Env, n: usize, k: usize, d: usize, suffix: &str, peak: Peak) -> Vec<Case> {
     let codebook = Shared::new(move || {
         let e = data::<T>(k * d, 2);
         let view = View::new(&e, &[k, d]).map_err(|e| e.to_string())?;
@@ -105,6 +115,22 @@ fn shape<T: Float>(n: usize, k: usize, d: usize, suffix: &str, peak: Peak) -> Ve
             }),
         });
     }
+    #[cfg(feature = "cuda")]
+    if let Some(gpu) = &env.gpu {
+        let (gpu, flow) = (gpu.clone(), flow.share());
+        cases.push(Case {
+            family: "argmin",
+            backend: Backend::Cuda,
+            dtype: T::DTYPE.name().to_string(),
+            shape: format!("{n}x{k}x{d}{suffix}"),
+            bytes: ((n + k) * d * size_of::<T>() + n * size_of::<u32>()) as u64,
+            flops: 2 * (n * k * d) as u64,
+            peak,
+            setup: Box::new(move || device::runner(&gpu, flow.share())),
+        });
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = env;
     cases
 }
 
@@ -136,23 +162,78 @@ impl<T: Float> Runner for HostRunner<T> {
             self.flow.oracle.offer(self.idx);
             return Ok(Check::Oracle);
         }
-        let want = self.flow.oracle.get()?;
-        let got = &self.idx[..want.len()];
-        if got == &want[..] {
-            return Ok(Check::Exact);
+        against_oracle(&self.flow, &self.idx)
+    }
+}
+
+/// Indices of the first rows against the reference's: equal, or near-ties measured against the
+/// documented bound.
+fn against_oracle<T: Float>(flow: &Flow<T>, idx: &[u32]) -> Result<Check, String> {
+    let want = flow.oracle.get()?;
+    let got = &idx[..want.len()];
+    if got == &want[..] {
+        return Ok(Check::Exact);
+    }
+    let (cb, x, d) = (flow.codebook.get()?, flow.x.get()?, flow.d);
+    let entry = |k: u32| cb.entries()[k as usize * d..][..d].iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let n2 = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
+    let mut worst = 0.0f64;
+    for (r, (&g, &w)) in got.iter().zip(want).enumerate().filter(|(_, (g, w))| g != w) {
+        let xr: Vec<f64> = x[r * d..][..d].iter().map(|v| v.to_f32() as f64).collect();
+        let dist = |e: &[f64]| xr.iter().zip(e).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
+        let (eg, ew) = (entry(g), entry(w));
+        // The module docs' bound; bf16 flushes only matter for subnormal inputs (none here).
+        let tol = 2.0 * (d as f64 + 2.0) * 2f64.powi(-24) * (n2(&xr) + n2(&eg) + n2(&ew));
+        worst = worst.max((dist(&eg) - dist(&ew)) / tol);
+    }
+    Ok(Check::Differs { max_abs: worst, tol: 1.0 })
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream};
+    use vistok::cuda::argmin::CodebookGpu;
+    use vistok::cuda::Gpu;
+    use vistok::Float;
+
+    use super::{against_oracle, Check, Flow, Runner};
+    use crate::dev::Dev;
+
+    struct DeviceRunner<T: Float> {
+        flow: Flow<T>,
+        kernel: CodebookGpu<T>,
+        stream: Arc<CudaStream>,
+        x: CudaSlice<T>,
+        idx: CudaSlice<u32>,
+    }
+
+    pub(super) fn runner<T: Float + Dev + 'static>(gpu: &Gpu, flow: Flow<T>) -> Result<Box<dyn Runner>, String> {
+        // bf16 rows run on tensor cores (the target); f32 on the exact FFMA kernel.
+        let tc = T::DTYPE == vistok::DType::BF16;
+        let kernel = CodebookGpu::new(gpu, flow.codebook.get()?)
+            .and_then(|k| k.with_tensor_cores(tc))
+            .map_err(|e| e.to_string())?;
+        let stream = gpu.stream().clone();
+        let x = stream.clone_htod(flow.x.get()?).map_err(|e| format!("copying x to the GPU: {e}"))?;
+        let n = flow.x.get()?.len() / flow.d;
+        let idx = stream.clone_htod(&vec![u32::MAX; n]).map_err(|e| format!("allocating indices on the GPU: {e}"))?;
+        Ok(Box::new(DeviceRunner { flow, kernel, stream, x, idx }))
+    }
+
+    impl<T: Float + Dev> Runner for DeviceRunner<T> {
+        fn run(&mut self, n: u32) -> Result<(), String> {
+            for _ in 0..n {
+                self.kernel.argmin(&self.stream, &self.x, &mut self.idx, None).map_err(|e| e.to_string())?;
+            }
+            Ok(())
         }
-        let (cb, x, d) = (self.flow.codebook.get()?, self.flow.x.get()?, self.flow.d);
-        let entry = |k: u32| cb.entries()[k as usize * d..][..d].iter().map(|&v| v as f64).collect::<Vec<f64>>();
-        let n2 = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
-        let mut worst = 0.0f64;
-        for (r, (&g, &w)) in got.iter().zip(want).enumerate().filter(|(_, (g, w))| g != w) {
-            let xr: Vec<f64> = x[r * d..][..d].iter().map(|v| v.to_f32() as f64).collect();
-            let dist = |e: &[f64]| xr.iter().zip(e).map(|(a, b)| (a - b) * (a - b)).sum::<f64>();
-            let (eg, ew) = (entry(g), entry(w));
-            // The module docs' bound; bf16 flushes only matter for subnormal inputs (none here).
-            let tol = 2.0 * (d as f64 + 2.0) * 2f64.powi(-24) * (n2(&xr) + n2(&eg) + n2(&ew));
-            worst = worst.max((dist(&eg) - dist(&ew)) / tol);
+
+        fn check(self: Box<Self>) -> Result<Check, String> {
+            let got = self.stream.clone_dtoh(&self.idx).map_err(|e| format!("copying indices to the host: {e}"))?;
+            self.stream.synchronize().map_err(|e| format!("cuStreamSynchronize: {e}"))?;
+            against_oracle(&self.flow, &got)
         }
-        Ok(Check::Differs { max_abs: worst, tol: 1.0 })
     }
 }

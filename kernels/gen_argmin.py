@@ -1,0 +1,1085 @@
+#!/usr/bin/env python3
+"""Generates kernels/argmin.ptx: the codebook argmin (nearest entry) and lookup entries.
+
+Python 3 standard library only. Usage:
+
+    python3 kernels/gen_argmin.py             # (re)write kernels/argmin.ptx
+    python3 kernels/gen_argmin.py --check     # exit 1 if the committed file is stale
+    python3 kernels/gen_argmin.py --list      # print "argmin <entry> <param bytes>" per entry
+    python3 kernels/gen_argmin.py --stdout    # print the PTX
+    python3 kernels/gen_argmin.py --emulate quick|full   # run it on kernels/ptx_sim.py (no GPU)
+
+Entries (all take one parameter block, ARGMIN_FIELDS below; src/cuda/argmin.rs mirrors it):
+
+- `argmin_check_{T}`: x [count] -> status: the first NaN / +-inf, as
+  `status = max(status, (~index) << 32 | bits)` (0: none). T in {f32, f16, bf16}.
+- `argmin_search_{T}_{l2,cos}_bd{4,8,16}`: x [N, D] against the packed codebook -> ws [N]
+  (u64, zeroed by the host): `ws[row] = max(ws[row], ~key)` with key = (ordered score) << 32 |
+  code, so the least key is the least score, then the lowest code. The f32 arithmetic of
+  src/argmin.rs bit for bit: p = fma(x_d, e_d, p) over d ascending from +0 (`fma.rn`, and
+  `fma.rn.ftz` for bf16, which is the contract's bf16 chain), s = h - p (`sub.rn`) or s = p * c
+  (`mul.rn`), a code is taken when s < best (strict, codes in ascending order per thread), and
+  threads merge by (score, code). -0 is made +0 before the key is formed (they compare equal).
+- `argmin_finish_{T}`: ws [N] -> indices [N] (u32) and, when `dist != 0`, the contract's
+  distance of the chosen entry (plain f32, no ftz) -> dist [N].
+- `argmin_lookup_{O}`: ids [N] -> out [N, D] (entries rounded to O with cvt.rn); an id >= K
+  sets `status = max(status, (~row) << 32 | id)` and its row is not written.
+
+The search tiling (kernels/README.md has the picture): a block of 256 threads (16 x 16) owns
+BM = 128 rows and sweeps code tiles of BN = 128 codes (the codes of tile t are
+[128 t, 128 t + 128); the host pads K with zero entries whose bias is +inf, so padding never
+wins: inf - 0 = inf is never < best, 0 * inf = NaN never compares). Per code tile, D is walked
+in chunks of BD dims: the block stages x [BM rows][BD] (transposed, row stride 132 floats: no
+bank conflicts) and the codebook chunk [BD][BN] (pre-packed by the host as [tile][D_pad][128],
+one contiguous 16-byte-per-thread copy) in shared memory; each thread keeps an 8 x 8 register
+tile of dot products (rows ty*4 + {0..3}, 64 + ty*4 + {0..3}; codes tx*4 + {0..3},
+64 + tx*4 + {0..3}) and 8 running (best, code) pairs. Dims past D are zero in both tiles:
+fma(0, 0, p) = p exactly (p is never -0). Grid: (row tiles, K splits); split y handles code
+tiles [y * tiles_per_split, ...) and all splits merge through the u64 max in ws.
+"""
+
+import argparse
+import os
+import sys
+
+PTX_VERSION = "8.0"
+TARGET = "sm_80"
+BLOCK = 256
+FULL = "0xffffffff"
+BM = 128  # rows per block
+BN = 128  # codes per tile
+XS = BM + 4  # x tile row stride in floats (bank-conflict free transposed stores)
+MAX_REGS = 128  # .minnctapersm 2 with 256 threads: ptxas keeps the search entries at <= 128
+BDS = [4, 8, 16]
+FLOATS = ["f32", "f16", "bf16"]
+SIZE = {"f32": 4, "f16": 2, "bf16": 2}
+METRICS = ["l2", "cos"]
+MMA_TYPES = ["f16", "bf16"]
+
+ARGMIN_FIELDS = [
+    ("x", "u64"),  # x [N, D] (T)
+    ("packed", "u64"),  # search: [tiles][d_pad][128] f32
+    ("bias", "u64"),  # search: [tiles * 128] f32 (h_k or c_k; +inf for padding codes)
+    ("ws", "u64"),  # search / finish: u64 [N], zeroed by the host
+    ("rows", "u64"),  # finish / lookup: entries [K, D] f32
+    ("norms", "u64"),  # finish: ||e_k||^2 [K] f32
+    ("out", "u64"),  # finish: indices u32 [N]; lookup: out [N, D] (O)
+    ("dist", "u64"),  # finish: distances f32 [N], or 0 for none
+    ("ids", "u64"),  # lookup: u32 [N]
+    ("status", "u64"),  # check / lookup: one u64, zeroed by the host
+    ("n", "u32"),  # rows N
+    ("d", "u32"),  # D
+    ("k", "u32"),  # K
+    ("d_pad", "u32"),  # D rounded up to the entry's BD
+    ("tiles", "u32"),  # ceil(K / 128)
+    ("tiles_per_split", "u32"),  # code tiles per grid.y
+    ("count", "u32"),  # check / lookup: N * D (< 2^32, host-checked)
+    ("metric", "u32"),  # finish: 0 L2, 1 cosine
+]
+SIZES = {"u64": 8, "u32": 4}
+
+
+def layout(fields):
+    offsets, off = {}, 0
+    for name, ty in fields:
+        size = SIZES[ty]
+        off = (off + size - 1) // size * size
+        offsets[name] = off
+        off += size
+    return offsets, (off + 7) // 8 * 8
+
+
+OFF, PARAM_SIZE = layout(ARGMIN_FIELDS)
+
+
+def entries():
+    """(name, kind, dtype, metric, bd) in file order."""
+    out = [(f"argmin_check_{t}", "check", t, None, None) for t in FLOATS]
+    for t in FLOATS:
+        for m in METRICS:
+            for bd in BDS:
+                out.append((f"argmin_search_{t}_{m}_bd{bd}", "search", t, m, bd))
+    out += [(f"argmin_finish_{t}", "finish", t, None, None) for t in FLOATS]
+    out += [(f"argmin_lookup_{t}", "lookup", t, None, None) for t in FLOATS]
+    out += [(f"argmin_mma_{t}_{m}", "mma", t, m, 16) for t in MMA_TYPES for m in METRICS]
+    return out
+
+
+PREFIX = {"u32": "%r_", "b32": "%b_", "u64": "%rd_", "f32": "%f_", "b16": "%h_", "pred": "%p_"}
+
+
+class Entry:
+    def __init__(self, name, minctas=None):
+        self.name = name
+        self.body = []
+        self.regs = {}
+        self.labels = set()
+        self.shared = []
+        self.minctas = minctas
+
+    def reg(self, ty, name):
+        full = PREFIX[ty] + name
+        prev = self.regs.setdefault(full, ty)
+        assert prev == ty, full
+        return full
+
+    def u32(self, name):
+        return self.reg("u32", name)
+
+    def u64(self, name):
+        return self.reg("u64", name)
+
+    def f32(self, name):
+        return self.reg("f32", name)
+
+    def b16(self, name):
+        return self.reg("b16", name)
+
+    def pred(self, name):
+        return self.reg("pred", name)
+
+    def op(self, text, comment=None):
+        line = "    " + text + ";"
+        if comment:
+            line = line.ljust(64) + " // " + comment
+        self.body.append(line)
+
+    def label(self, name):
+        assert name not in self.labels, name
+        self.labels.add(name)
+        self.body.append(f"{name}:")
+
+    def comment(self, text):
+        self.body.append("")
+        for line in text.split("\n"):
+            self.body.append(f"    // {line}")
+
+    def param(self, ty, field, name=None):
+        reg = self.reg(ty, name or field)
+        self.op(f"ld.param.{ty} {reg}, [p+{OFF[field]}]")
+        return reg
+
+    def render(self, doc):
+        decl = {}
+        for full, ty in sorted(self.regs.items()):
+            decl.setdefault(ty, []).append(full)
+        lines = [f"// {line}" if line else "//" for line in doc]
+        lines.append(f".visible .entry {self.name}(")
+        lines.append(f"    .param .align 8 .b8 p[{PARAM_SIZE}]")
+        lines.append(")")
+        lines.append(f".maxntid {BLOCK}, 1, 1")
+        if self.minctas:
+            lines.append(f".minnctapersm {self.minctas}")
+        lines.append("{")
+        for name, size in self.shared:
+            lines.append(f"    .shared .align 16 .b8 {name}[{size}];")
+        for ty in ["pred", "b16", "b32", "u32", "u64", "f32"]:
+            names = decl.get(ty, [])
+            for i in range(0, len(names), 8):
+                lines.append(f"    .reg .{ty} " + ", ".join(names[i:i + 8]) + ";")
+        lines.extend(self.body)
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def grid_stride(k):
+    """i = global thread index, step = threads in the grid (< 2^31: grid capped by the host)."""
+    tid, ctaid, ntid, nctaid = k.u32("tid"), k.u32("ctaid"), k.u32("ntid"), k.u32("nctaid")
+    i, step = k.u32("i"), k.u32("step")
+    k.op(f"mov.u32 {tid}, %tid.x")
+    k.op(f"mov.u32 {ctaid}, %ctaid.x")
+    k.op(f"mov.u32 {ntid}, %ntid.x")
+    k.op(f"mov.u32 {nctaid}, %nctaid.x")
+    k.op(f"mad.lo.u32 {i}, {ctaid}, {ntid}, {tid}")
+    k.op(f"mul.lo.u32 {step}, {nctaid}, {ntid}")
+    return i, step
+
+
+def load_widen(k, ty, dst, addr, guard=None, off=0):
+    """dst (f32) = element of type ty at [addr+off], widened exactly (0 when guard is false)."""
+    g = f"@{guard} " if guard else ""
+    if guard:
+        k.op(f"mov.f32 {dst}, 0f00000000")
+    if ty == "f32":
+        k.op(f"{g}ld.global.nc.f32 {dst}, [{addr}+{off}]")
+        return
+    if ty == "f16":
+        h = k.b16("ld")
+        if guard:
+            k.op(f"mov.b16 {h}, 0")
+        k.op(f"{g}ld.global.nc.b16 {h}, [{addr}+{off}]")
+        k.op(f"cvt.f32.f16 {dst}, {h}", "exact")
+    else:
+        r = k.u32("ld")
+        if guard:
+            k.op(f"mov.u32 {r}, 0")
+        k.op(f"{g}ld.global.nc.u16 {r}, [{addr}+{off}]")
+        k.op(f"shl.b32 {r}, {r}, 16", "bf16 is the top half of an f32: exact")
+        k.op(f"mov.b32 {dst}, {r}")
+
+
+# --------------------------------------------------------------------------------------------
+# check: the first non-finite element of x.
+# --------------------------------------------------------------------------------------------
+def check_entry(name, ty):
+    k = Entry(name)
+    k.comment("Grid-stride over the count elements; a NaN or +-inf at flat index i sets\n"
+              "status = max(status, (~i) << 32 | bits): the lowest index wins.")
+    i, step = grid_stride(k)
+    count, x, status = k.param("u32", "count"), k.param("u64", "x"), k.param("u64", "status")
+    sz = SIZE[ty]
+    p, bad = k.pred("p"), k.pred("bad")
+    a, bits, e, ni = k.u64("a"), k.u32("bits"), k.u32("e"), k.u32("ni")
+    w, lo = k.u64("w"), k.u64("lo")
+    mask = {"f32": "0x7f800000", "f16": "0x7c00", "bf16": "0x7f80"}[ty]
+    k.label("$L_loop")
+    k.op(f"setp.ge.u32 {p}, {i}, {count}")
+    k.op(f"@{p} bra $L_done")
+    k.op(f"mul.wide.u32 {a}, {i}, {sz}")
+    k.op(f"add.u64 {a}, {a}, {x}")
+    if ty == "f32":
+        k.op(f"ld.global.nc.u32 {bits}, [{a}]")
+    else:
+        k.op(f"ld.global.nc.u16 {bits}, [{a}]")
+    k.op(f"and.b32 {e}, {bits}, {mask}")
+    k.op(f"setp.eq.u32 {bad}, {e}, {mask}", "exponent all ones: NaN or +-inf")
+    k.op(f"@!{bad} bra $L_next")
+    k.op(f"not.b32 {ni}, {i}")
+    k.op(f"cvt.u64.u32 {w}, {ni}")
+    k.op(f"shl.b64 {w}, {w}, 32")
+    k.op(f"cvt.u64.u32 {lo}, {bits}")
+    k.op(f"or.b64 {w}, {w}, {lo}")
+    k.op(f"red.global.max.u64 [{status}], {w}")
+    k.label("$L_next")
+    k.op(f"add.u32 {i}, {i}, {step}")
+    k.op("bra $L_loop")
+    k.label("$L_done")
+    k.op("ret")
+    return k.render([f"{name}: x {ty} [count] -> status (first NaN / +-inf)."])
+
+
+# --------------------------------------------------------------------------------------------
+# search: the tiled FFMA kernel.
+# --------------------------------------------------------------------------------------------
+def search_entry(name, ty, metric, bd):
+    k = Entry(name, minctas=2)
+    k.shared = [("sx", bd * XS * 4), ("se", bd * BN * 4)]
+    sz = SIZE[ty]
+    fma = "fma.rn.ftz.f32" if ty == "bf16" else "fma.rn.f32"
+    k.comment(f"BD = {bd}: D is walked {bd} dims per shared-memory chunk; see the file header.")
+    tid, tx, ty_, row0 = k.u32("tid"), k.u32("tx"), k.u32("ty"), k.u32("row0")
+    k.op(f"mov.u32 {tid}, %tid.x")
+    k.op(f"and.b32 {tx}, {tid}, 15")
+    k.op(f"shr.u32 {ty_}, {tid}, 4")
+    k.op(f"mov.u32 {row0}, %ctaid.x")
+    k.op(f"shl.b32 {row0}, {row0}, 7", "first row of the block (BM = 128)")
+    n, d, d_pad = k.param("u32", "n"), k.param("u32", "d"), k.param("u32", "d_pad")
+    tiles, tps = k.param("u32", "tiles"), k.param("u32", "tiles_per_split")
+    x, packed, bias, ws = k.param("u64", "x"), k.param("u64", "packed"), k.param("u64", "bias"), k.param("u64", "ws")
+    t, t_end = k.u32("t"), k.u32("t_end")
+    k.op(f"mov.u32 {t}, %ctaid.y")
+    k.op(f"mul.lo.u32 {t}, {t}, {tps}", "first code tile of this split")
+    k.op(f"add.u32 {t_end}, {t}, {tps}")
+    k.op(f"min.u32 {t_end}, {t_end}, {tiles}")
+
+    # x staging: element j = tid + 256 m of the [BM][bd] chunk is row r0 + m * (256 / bd),
+    # dim dd (the same for every m because 256 % bd == 0).
+    per = BM * bd // BLOCK
+    rstep = BLOCK // bd
+    dd, r0, xoff = k.u32("dd"), k.u32("r0"), k.u32("xoff")
+    shift = bd.bit_length() - 1
+    k.op(f"and.b32 {dd}, {tid}, {bd - 1}")
+    k.op(f"shr.u32 {r0}, {tid}, {shift}")
+    grow = k.u32("grow")
+    k.op(f"add.u32 {grow}, {row0}, {r0}")
+    k.op(f"mad.lo.u32 {xoff}, {grow}, {d}, {dd}", "x element of (row r0, dim dd), < 2^32 (host-checked)")
+    rows_ok = []
+    for m in range(per):
+        pm = k.pred(f"row{m}")
+        gm = k.u32("gm")
+        k.op(f"add.u32 {gm}, {grow}, {m * rstep}")
+        k.op(f"setp.lt.u32 {pm}, {gm}, {n}")
+        rows_ok.append(pm)
+    rstep_b = k.u64("rstep_b")
+    k.op(f"mul.wide.u32 {rstep_b}, {d}, {rstep * sz}", "bytes between staged rows m and m+1")
+    sx, se, sxw, sew, sxr, ser = (k.u32(v) for v in ("sx", "se", "sxw", "sew", "sxr", "ser"))
+    k.op(f"mov.u32 {sx}, sx")
+    k.op(f"mov.u32 {se}, se")
+    k.op(f"mad.lo.u32 {sxw}, {dd}, {XS * 4}, {sx}")
+    k.op(f"shl.b32 {r0}, {r0}, 2")
+    k.op(f"add.u32 {sxw}, {sxw}, {r0}", "where this thread's staged x values go")
+    k.op(f"shl.b32 {sew}, {tid}, 4")
+    k.op(f"add.u32 {sew}, {sew}, {se}", "where this thread's codebook float4 goes")
+    k.op(f"shl.b32 {sxr}, {ty_}, 4")
+    k.op(f"add.u32 {sxr}, {sxr}, {sx}", "x values of rows ty*4.. (and +64)")
+    k.op(f"shl.b32 {ser}, {tx}, 4")
+    k.op(f"add.u32 {ser}, {ser}, {se}", "codes tx*4.. (and +64)")
+
+    best = [k.f32(f"best{i}") for i in range(8)]
+    bidx = [k.u32(f"bidx{i}") for i in range(8)]
+    for i in range(8):
+        k.op(f"mov.f32 {best[i]}, 0f7F800000")
+        k.op(f"mov.u32 {bidx[i]}, 0")
+    acc = [[k.f32(f"a{i}_{j}") for j in range(8)] for i in range(8)]
+    xv = [k.f32(f"x{i}") for i in range(8)]
+    ev = [k.f32(f"e{j}") for j in range(8)]
+    p = k.pred("p")
+    c, dg = k.u32("c"), k.u32("dg")
+    a, ea = k.u64("a"), k.u64("ea")
+    pd = k.pred("dok")
+    k.op(f"setp.ge.u32 {p}, {t}, {t_end}")
+    k.op(f"@{p} bra $L_reduce", "an empty split (only when tiles_per_split overshoots)")
+
+    k.label("$L_tile")
+    for i in range(8):
+        for j in range(8):
+            k.op(f"mov.f32 {acc[i][j]}, 0f00000000")
+    k.op(f"mov.u32 {c}, 0", "first dim of the chunk")
+    k.label("$L_chunk")
+    k.op("bar.sync 0", "the previous chunk's readers are done")
+    # Stage x: per elements of rows r0 + m*rstep, dim c + dd.
+    k.op(f"add.u32 {dg}, {c}, {dd}")
+    k.op(f"setp.lt.u32 {pd}, {dg}, {d}")
+    k.op(f"add.u32 {dg}, {xoff}, {c}")
+    k.op(f"mul.wide.u32 {a}, {dg}, {sz}")
+    k.op(f"add.u64 {a}, {a}, {x}")
+    v = k.f32("v")
+    g = k.pred("g")
+    for m in range(per):
+        k.op(f"and.pred {g}, {pd}, {rows_ok[m]}")
+        load_widen(k, ty, v, a, guard=g)
+        k.op(f"st.shared.f32 [{sxw}+{m * rstep * 4}], {v}")
+        if m + 1 < per:
+            k.op(f"add.u64 {a}, {a}, {rstep_b}")
+    # Stage the codebook chunk: [bd][128] floats, contiguous in the packed layout.
+    k.op(f"mad.lo.u32 {dg}, {t}, {d_pad}, {c}")
+    k.op(f"mul.wide.u32 {ea}, {dg}, {BN * 4}")
+    k.op(f"add.u64 {ea}, {ea}, {packed}")
+    k.op(f"mul.wide.u32 {a}, {tid}, 16")
+    k.op(f"add.u64 {ea}, {ea}, {a}")
+    q4 = [k.f32(f"q{j}") for j in range(4)]
+    vec = "{" + ", ".join(q4) + "}"
+    if bd == 4:
+        pl = k.pred("lo")
+        k.op(f"setp.lt.u32 {pl}, {tid}, 128", "a [4][128] chunk is 128 float4")
+        k.op(f"@{pl} ld.global.nc.v4.f32 {vec}, [{ea}]")
+        k.op(f"@{pl} st.shared.v4.f32 [{sew}], {vec}")
+    else:
+        for q in range(bd // 8):
+            k.op(f"ld.global.nc.v4.f32 {vec}, [{ea}+{q * BLOCK * 16}]")
+            k.op(f"st.shared.v4.f32 [{sew}+{q * BLOCK * 16}], {vec}")
+    k.op("bar.sync 0", "the chunk is staged")
+    for j in range(bd):
+        xo, eo = j * XS * 4, j * BN * 4
+        k.op(f"ld.shared.v4.f32 {{{', '.join(xv[:4])}}}, [{sxr}+{xo}]")
+        k.op(f"ld.shared.v4.f32 {{{', '.join(xv[4:])}}}, [{sxr}+{xo + 256}]")
+        k.op(f"ld.shared.v4.f32 {{{', '.join(ev[:4])}}}, [{ser}+{eo}]")
+        k.op(f"ld.shared.v4.f32 {{{', '.join(ev[4:])}}}, [{ser}+{eo + 256}]")
+        for i in range(8):
+            for jj in range(8):
+                k.op(f"{fma} {acc[i][jj]}, {xv[i]}, {ev[jj]}, {acc[i][jj]}")
+    k.op(f"add.u32 {c}, {c}, {bd}")
+    k.op(f"setp.lt.u32 {p}, {c}, {d_pad}")
+    k.op(f"@{p} bra $L_chunk")
+
+    k.comment("Scores of the tile, folded into the running best of each row in ascending code order.")
+    cb, ba = k.u32("cb"), k.u64("ba")
+    k.op(f"shl.b32 {cb}, {t}, 7")
+    k.op(f"shl.b32 {dg}, {tx}, 2")
+    k.op(f"add.u32 {cb}, {cb}, {dg}", "code of slot 0: 128 t + 4 tx")
+    k.op(f"mul.wide.u32 {ba}, {cb}, 4")
+    k.op(f"add.u64 {ba}, {ba}, {bias}")
+    k.op(f"ld.global.nc.v4.f32 {{{', '.join(ev[:4])}}}, [{ba}]")
+    k.op(f"ld.global.nc.v4.f32 {{{', '.join(ev[4:])}}}, [{ba}+256]")
+    codes = [k.u32(f"code{j}") for j in range(8)]
+    for j in range(8):
+        k.op(f"add.u32 {codes[j]}, {cb}, {j if j < 4 else 60 + j}")
+    for i in range(8):
+        for j in range(8):
+            s = acc[i][j]
+            if metric == "l2":
+                k.op(f"sub.rn.f32 {s}, {ev[j]}, {s}", "s = h - p")
+            else:
+                k.op(f"mul.rn.f32 {s}, {s}, {ev[j]}", "s = p * c")
+            k.op(f"setp.lt.f32 {p}, {s}, {best[i]}", "NaN never wins")
+            k.op(f"@{p} mov.f32 {best[i]}, {s}")
+            k.op(f"@{p} mov.u32 {bidx[i]}, {codes[j]}")
+    k.op(f"add.u32 {t}, {t}, 1")
+    k.op(f"setp.lt.u32 {p}, {t}, {t_end}")
+    k.op(f"@{p} bra $L_tile")
+
+    k.label("$L_reduce")
+    k.comment("Keys (ordered score, code); the 16 threads of a row (tx) merge by shuffles, then\n"
+              "tx = 0 folds the row's key into ws with one red.max of ~key.")
+    hi, lo, ohi, olo, tmp = k.u32("hi"), k.u32("lo"), k.u32("ohi"), k.u32("olo"), k.u32("tmp")
+    neg, less, eq, lt2, lead, rv = k.pred("neg"), k.pred("less"), k.pred("eq"), k.pred("lt2"), k.pred("lead"), k.pred("rv")
+    key, klo = k.u64("key"), k.u64("klo")
+    rr = k.u32("rr")
+    k.op(f"setp.eq.u32 {lead}, {tx}, 0")
+    for i in range(8):
+        k.op(f"mov.b32 {hi}, {best[i]}")
+        k.op(f"setp.eq.u32 {p}, {hi}, 0x80000000")
+        k.op(f"selp.u32 {hi}, 0, {hi}, {p}", "-0 -> +0: they compare equal")
+        k.op(f"setp.lt.s32 {neg}, {hi}, 0")
+        k.op(f"not.b32 {tmp}, {hi}")
+        k.op(f"or.b32 {hi}, {hi}, 0x80000000")
+        k.op(f"selp.u32 {hi}, {tmp}, {hi}, {neg}", "order-preserving bits: unsigned order = float order")
+        k.op(f"mov.u32 {lo}, {bidx[i]}")
+        for sh in (1, 2, 4, 8):
+            k.op(f"shfl.sync.bfly.b32 {ohi}, {hi}, {sh}, 31, {FULL}")
+            k.op(f"shfl.sync.bfly.b32 {olo}, {lo}, {sh}, 31, {FULL}")
+            k.op(f"setp.lt.u32 {less}, {ohi}, {hi}")
+            k.op(f"setp.eq.u32 {eq}, {ohi}, {hi}")
+            k.op(f"setp.lt.u32 {lt2}, {olo}, {lo}")
+            k.op(f"and.pred {eq}, {eq}, {lt2}")
+            k.op(f"or.pred {less}, {less}, {eq}")
+            k.op(f"selp.u32 {hi}, {ohi}, {hi}, {less}")
+            k.op(f"selp.u32 {lo}, {olo}, {lo}, {less}")
+        roff = i if i < 4 else 60 + i
+        k.op(f"shl.b32 {rr}, {ty_}, 2")
+        k.op(f"add.u32 {rr}, {rr}, {row0}")
+        k.op(f"add.u32 {rr}, {rr}, {roff}")
+        k.op(f"setp.lt.u32 {rv}, {rr}, {n}")
+        k.op(f"and.pred {rv}, {rv}, {lead}")
+        k.op(f"cvt.u64.u32 {key}, {hi}")
+        k.op(f"shl.b64 {key}, {key}, 32")
+        k.op(f"cvt.u64.u32 {klo}, {lo}")
+        k.op(f"or.b64 {key}, {key}, {klo}")
+        k.op(f"not.b64 {key}, {key}")
+        k.op(f"mul.wide.u32 {a}, {rr}, 8")
+        k.op(f"add.u64 {a}, {a}, {ws}")
+        k.op(f"@{rv} red.global.max.u64 [{a}], {key}")
+    k.op("ret")
+    return k.render([f"{name}: x {ty} [N, D] x packed codebook -> ws [N] (see the file header)."])
+
+
+# --------------------------------------------------------------------------------------------
+# finish: indices and distances.
+# --------------------------------------------------------------------------------------------
+def finish_entry(name, ty):
+    k = Entry(name)
+    k.comment("Row i: the code is the low half of ~ws[i]; the distance (if dist != 0) is the\n"
+              "contract's: L2 sum (x - e)^2 as an fma chain; cosine 1 - clamp(p / (sqrt(xx) *\n"
+              "sqrt(n_k)), -1, 1), 1 when either norm is 0. Plain f32 (no ftz) for every dtype.")
+    i, step = grid_stride(k)
+    n, d, metric = k.param("u32", "n"), k.param("u32", "d"), k.param("u32", "metric")
+    ws, out, dist = k.param("u64", "ws"), k.param("u64", "out"), k.param("u64", "dist")
+    x, rows, norms = k.param("u64", "x"), k.param("u64", "rows"), k.param("u64", "norms")
+    sz = SIZE[ty]
+    p, hasd, cos = k.pred("p"), k.pred("hasd"), k.pred("cos")
+    k.op(f"setp.ne.u64 {hasd}, {dist}, 0")
+    k.op(f"setp.ne.u32 {cos}, {metric}, 0")
+    a, w, xa, ea = k.u64("a"), k.u64("w"), k.u64("xa"), k.u64("ea")
+    code, j = k.u32("code"), k.u32("j")
+    xv, ev, t, acc, xx, nk, r, r2 = (k.f32(v) for v in ("xv", "ev", "t", "acc", "xx", "nk", "r", "r2"))
+    k.label("$L_loop")
+    k.op(f"setp.ge.u32 {p}, {i}, {n}")
+    k.op(f"@{p} bra $L_done")
+    k.op(f"mul.wide.u32 {a}, {i}, 8")
+    k.op(f"add.u64 {a}, {a}, {ws}")
+    k.op(f"ld.global.u64 {w}, [{a}]")
+    k.op(f"not.b64 {w}, {w}")
+    k.op(f"cvt.u32.u64 {code}, {w}", "the low half")
+    k.op(f"mul.wide.u32 {a}, {i}, 4")
+    k.op(f"add.u64 {a}, {a}, {out}")
+    k.op(f"st.global.u32 [{a}], {code}")
+    k.op(f"@!{hasd} bra $L_next")
+    k.op(f"mul.wide.u32 {xa}, {i}, {d}")
+    k.op(f"mul.lo.u64 {xa}, {xa}, {sz}")
+    k.op(f"add.u64 {xa}, {xa}, {x}")
+    k.op(f"mul.wide.u32 {ea}, {code}, {d}")
+    k.op(f"shl.b64 {ea}, {ea}, 2")
+    k.op(f"add.u64 {ea}, {ea}, {rows}")
+    k.op(f"mov.f32 {acc}, 0f00000000")
+    k.op(f"mov.f32 {xx}, 0f00000000")
+    k.op(f"mov.u32 {j}, 0")
+    k.op(f"@{cos} bra $L_cos")
+    k.label("$L_l2")
+    load_widen(k, ty, xv, xa)
+    k.op(f"ld.global.nc.f32 {ev}, [{ea}]")
+    k.op(f"sub.rn.f32 {t}, {xv}, {ev}")
+    k.op(f"fma.rn.f32 {acc}, {t}, {t}, {acc}")
+    k.op(f"add.u64 {xa}, {xa}, {sz}")
+    k.op(f"add.u64 {ea}, {ea}, 4")
+    k.op(f"add.u32 {j}, {j}, 1")
+    k.op(f"setp.lt.u32 {p}, {j}, {d}")
+    k.op(f"@{p} bra $L_l2")
+    k.op("bra $L_store")
+    k.label("$L_cos")
+    load_widen(k, ty, xv, xa)
+    k.op(f"ld.global.nc.f32 {ev}, [{ea}]")
+    k.op(f"fma.rn.f32 {xx}, {xv}, {xv}, {xx}")
+    k.op(f"fma.rn.f32 {acc}, {xv}, {ev}, {acc}")
+    k.op(f"add.u64 {xa}, {xa}, {sz}")
+    k.op(f"add.u64 {ea}, {ea}, 4")
+    k.op(f"add.u32 {j}, {j}, 1")
+    k.op(f"setp.lt.u32 {p}, {j}, {d}")
+    k.op(f"@{p} bra $L_cos")
+    k.op(f"mul.wide.u32 {a}, {code}, 4")
+    k.op(f"add.u64 {a}, {a}, {norms}")
+    k.op(f"ld.global.nc.f32 {nk}, [{a}]")
+    pz, pz2 = k.pred("pz"), k.pred("pz2")
+    k.op(f"setp.eq.f32 {pz}, {xx}, 0f00000000")
+    k.op(f"setp.eq.f32 {pz2}, {nk}, 0f00000000")
+    k.op(f"or.pred {pz}, {pz}, {pz2}")
+    k.op(f"sqrt.rn.f32 {r}, {xx}")
+    k.op(f"sqrt.rn.f32 {r2}, {nk}")
+    k.op(f"mul.rn.f32 {r}, {r}, {r2}")
+    k.op(f"div.rn.f32 {r}, {acc}, {r}")
+    k.op(f"setp.lt.f32 {p}, {r}, 0fBF800000")
+    k.op(f"selp.f32 {r}, 0fBF800000, {r}, {p}", "clamp as Rust does: NaN stays NaN")
+    k.op(f"setp.gt.f32 {p}, {r}, 0f3F800000")
+    k.op(f"selp.f32 {r}, 0f3F800000, {r}, {p}")
+    k.op(f"sub.rn.f32 {acc}, 0f3F800000, {r}")
+    k.op(f"selp.f32 {acc}, 0f3F800000, {acc}, {pz}")
+    k.label("$L_store")
+    k.op(f"mul.wide.u32 {a}, {i}, 4")
+    k.op(f"add.u64 {a}, {a}, {dist}")
+    k.op(f"st.global.f32 [{a}], {acc}")
+    k.label("$L_next")
+    k.op(f"add.u32 {i}, {i}, {step}")
+    k.op("bra $L_loop")
+    k.label("$L_done")
+    k.op("ret")
+    return k.render([f"{name}: ws [N] -> indices u32 [N] (+ dist f32 [N] from x {ty})."])
+
+
+# --------------------------------------------------------------------------------------------
+# lookup: entries by index.
+# --------------------------------------------------------------------------------------------
+def lookup_entry(name, ty):
+    k = Entry(name)
+    k.comment("Element i of out [N, D]: row i / D, dim i % D; consecutive threads write consecutive\n"
+              "elements. An id >= K sets status = max(status, (~row) << 32 | id) and is not written.")
+    i, step = grid_stride(k)
+    count, d, kk = k.param("u32", "count"), k.param("u32", "d"), k.param("u32", "k")
+    ids, rows, out, status = k.param("u64", "ids"), k.param("u64", "rows"), k.param("u64", "out"), k.param("u64", "status")
+    p, bad = k.pred("p"), k.pred("bad")
+    row, col, code, nr = k.u32("row"), k.u32("col"), k.u32("code"), k.u32("nr")
+    a, w, lo = k.u64("a"), k.u64("w"), k.u64("lo")
+    v = k.f32("v")
+    k.label("$L_loop")
+    k.op(f"setp.ge.u32 {p}, {i}, {count}")
+    k.op(f"@{p} bra $L_done")
+    k.op(f"div.u32 {row}, {i}, {d}")
+    k.op(f"mul.lo.u32 {col}, {row}, {d}")
+    k.op(f"sub.u32 {col}, {i}, {col}")
+    k.op(f"mul.wide.u32 {a}, {row}, 4")
+    k.op(f"add.u64 {a}, {a}, {ids}")
+    k.op(f"ld.global.nc.u32 {code}, [{a}]")
+    k.op(f"setp.ge.u32 {bad}, {code}, {kk}")
+    k.op(f"@!{bad} bra $L_ok")
+    k.op(f"not.b32 {nr}, {row}")
+    k.op(f"cvt.u64.u32 {w}, {nr}")
+    k.op(f"shl.b64 {w}, {w}, 32")
+    k.op(f"cvt.u64.u32 {lo}, {code}")
+    k.op(f"or.b64 {w}, {w}, {lo}")
+    k.op(f"red.global.max.u64 [{status}], {w}")
+    k.op("bra $L_next")
+    k.label("$L_ok")
+    k.op(f"mul.wide.u32 {a}, {code}, {d}")
+    k.op(f"cvt.u64.u32 {w}, {col}")
+    k.op(f"add.u64 {a}, {a}, {w}")
+    k.op(f"shl.b64 {a}, {a}, 2")
+    k.op(f"add.u64 {a}, {a}, {rows}")
+    k.op(f"ld.global.nc.f32 {v}, [{a}]")
+    k.op(f"mul.wide.u32 {a}, {i}, {SIZE[ty]}")
+    k.op(f"add.u64 {a}, {a}, {out}")
+    if ty == "f32":
+        k.op(f"st.global.f32 [{a}], {v}")
+    else:
+        h = k.b16("h")
+        k.op(f"cvt.rn.{ty}.f32 {h}, {v}", "round to nearest even, as half::from_f32")
+        k.op(f"st.global.b16 [{a}], {h}")
+    k.label("$L_next")
+    k.op(f"add.u32 {i}, {i}, {step}")
+    k.op("bra $L_loop")
+    k.label("$L_done")
+    k.op("ret")
+    return k.render([f"{name}: ids u32 [N] -> out {ty} [N, D] (entries, checked ids)."])
+
+
+# --------------------------------------------------------------------------------------------
+# mma: the tensor-core search for f16 / bf16 (m16n8k16, f32 accumulation).
+# --------------------------------------------------------------------------------------------
+def mma_entry(name, ty, metric):
+    """Warp w of the block owns rows row0 + 16 w + [0, 16); per code tile (128 codes, two
+    halves of 8 n-tiles of 8 codes) it accumulates over D in k-steps of 16 with mma.sync.
+    A fragments come straight from x (L1-cached u16 loads, zero past N and D); B fragments
+    from the host's fragment-ordered copy of the codebook: [n-tile][k-step][lane][2] u32, each
+    lane's b0 = (e[g][k0+2t], e[g][k0+2t+1]) and b1 = the same 8 dims later, low half first.
+    Lane (g = lane / 4, t = lane % 4) holds the dot products of rows g, g+8 with codes 2t, 2t+1
+    of each n-tile; scores and the running best per row as in the FFMA search (codes ascending
+    per thread), merged over the 4 lanes of a row, then red.max of ~key into ws."""
+    k = Entry(name)
+    shape = f"m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    k.comment(f"Tensor-core search, mma.sync.aligned.{shape}; see the generator.")
+    tid, lane, warp, g, t4 = (k.u32(v) for v in ("tid", "lane", "warp", "g", "t4"))
+    k.op(f"mov.u32 {tid}, %tid.x")
+    k.op(f"and.b32 {lane}, {tid}, 31")
+    k.op(f"shr.u32 {warp}, {tid}, 5")
+    k.op(f"shr.u32 {g}, {lane}, 2")
+    k.op(f"and.b32 {t4}, {lane}, 3")
+    n, d, d_pad = k.param("u32", "n"), k.param("u32", "d"), k.param("u32", "d_pad")
+    tiles, tps = k.param("u32", "tiles"), k.param("u32", "tiles_per_split")
+    x, packed, bias, ws = k.param("u64", "x"), k.param("u64", "packed"), k.param("u64", "bias"), k.param("u64", "ws")
+    ra, rb, tmp = k.u32("ra"), k.u32("rb"), k.u32("tmp")
+    k.op(f"mov.u32 {ra}, %ctaid.x")
+    k.op(f"shl.b32 {ra}, {ra}, 7")
+    k.op(f"shl.b32 {tmp}, {warp}, 4")
+    k.op(f"add.u32 {ra}, {ra}, {tmp}")
+    k.op(f"add.u32 {ra}, {ra}, {g}", "row g of the warp's 16")
+    k.op(f"add.u32 {rb}, {ra}, 8", "row g + 8")
+    va, vb = k.pred("va"), k.pred("vb")
+    k.op(f"setp.lt.u32 {va}, {ra}, {n}")
+    k.op(f"setp.lt.u32 {vb}, {rb}, {n}")
+    xa, xb, xk = k.u64("xa"), k.u64("xb"), k.u64("xk")
+    k.op(f"mul.lo.u32 {tmp}, {ra}, {d}")
+    k.op(f"mul.wide.u32 {xa}, {tmp}, 2")
+    k.op(f"add.u64 {xa}, {xa}, {x}")
+    k.op(f"mul.lo.u32 {tmp}, {rb}, {d}")
+    k.op(f"mul.wide.u32 {xb}, {tmp}, 2")
+    k.op(f"add.u64 {xb}, {xb}, {x}")
+    t, t_end, ksteps = k.u32("t"), k.u32("t_end"), k.u32("ksteps")
+    k.op(f"mov.u32 {t}, %ctaid.y")
+    k.op(f"mul.lo.u32 {t}, {t}, {tps}")
+    k.op(f"add.u32 {t_end}, {t}, {tps}")
+    k.op(f"min.u32 {t_end}, {t_end}, {tiles}")
+    k.op(f"shr.u32 {ksteps}, {d_pad}, 4")
+    jstride = k.u64("jstride")
+    k.op(f"mul.wide.u32 {jstride}, {ksteps}, 256", "bytes between n-tiles of the packed codebook")
+    best = [k.f32("best0"), k.f32("best1")]
+    bidx = [k.u32("bidx0"), k.u32("bidx1")]
+    for i in range(2):
+        k.op(f"mov.f32 {best[i]}, 0f7F800000")
+        k.op(f"mov.u32 {bidx[i]}, 0")
+    p = k.pred("p")
+    k.op(f"setp.ge.u32 {p}, {t}, {t_end}")
+    k.op(f"@{p} bra $L_reduce")
+    acc = [[k.f32(f"c{j}_{q}") for q in range(4)] for j in range(8)]
+    areg = [k.reg("b32", f"a{i}") for i in range(4)]
+    breg = [k.reg("b32", f"b{i}") for i in range(2)]
+    lo, hi, col, kk, ks, nt = (k.u32(v) for v in ("lo", "hi", "col", "kk", "ks", "nt"))
+    pc = k.pred("pc")
+    pbase, pb = k.u64("pbase"), k.u64("pb")
+    k.label("$L_tile")
+    for h in range(2):
+        for j in range(8):
+            for q in range(4):
+                k.op(f"mov.f32 {acc[j][q]}, 0f00000000")
+        k.op(f"mov.u32 {kk}, 0", "first dim of the k-step")
+        k.op(f"mov.u32 {ks}, 0")
+        k.op(f"shl.b32 {nt}, {t}, 4")
+        k.op(f"add.u32 {nt}, {nt}, {h * 8}", "first n-tile of this half")
+        k.op(f"mul.lo.u32 {nt}, {nt}, {ksteps}")
+        k.label(f"$L_k{h}")
+        # A fragment: (row, dims) = a0 (g, c, c+1), a1 (g+8, c, c+1), a2 (g, c+8, c+9), a3 (g+8, ...)
+        for i, (rowaddr, valid, off) in enumerate([(xa, va, 0), (xb, vb, 0), (xa, va, 8), (xb, vb, 8)]):
+            k.op(f"shl.b32 {col}, {t4}, 1")
+            k.op(f"add.u32 {col}, {col}, {kk}")
+            if off:
+                k.op(f"add.u32 {col}, {col}, {off}")
+            k.op(f"mul.wide.u32 {xk}, {col}, 2")
+            k.op(f"add.u64 {xk}, {xk}, {rowaddr}")
+            for half, dst in ((0, lo), (1, hi)):
+                k.op(f"mov.u32 {dst}, 0")
+                k.op(f"setp.lt.u32 {pc}, {col}, {d}")
+                k.op(f"and.pred {pc}, {pc}, {valid}")
+                k.op(f"@{pc} ld.global.nc.u16 {dst}, [{xk}+{2 * half}]")
+                if half == 0:
+                    k.op(f"add.u32 {col}, {col}, 1")
+            k.op(f"shl.b32 {hi}, {hi}, 16")
+            k.op(f"or.b32 {areg[i]}, {lo}, {hi}", "lower dim in the low half")
+        k.op(f"add.u32 {tmp}, {nt}, {ks}")
+        k.op(f"shl.b32 {tmp}, {tmp}, 5")
+        k.op(f"add.u32 {tmp}, {tmp}, {lane}")
+        k.op(f"mul.wide.u32 {pbase}, {tmp}, 8")
+        k.op(f"add.u64 {pbase}, {pbase}, {packed}")
+        for j in range(8):
+            if j == 0:
+                k.op(f"mov.u64 {pb}, {pbase}")
+            else:
+                k.op(f"add.u64 {pb}, {pb}, {jstride}")
+            k.op(f"ld.global.nc.v2.u32 {{{breg[0]}, {breg[1]}}}, [{pb}]")
+            dvec = "{" + ", ".join(acc[j]) + "}"
+            k.op(f"mma.sync.aligned.{shape} {dvec}, {{{', '.join(areg)}}}, {{{breg[0]}, {breg[1]}}}, {dvec}")
+        k.op(f"add.u32 {kk}, {kk}, 16")
+        k.op(f"add.u32 {ks}, {ks}, 1")
+        k.op(f"setp.lt.u32 {p}, {ks}, {ksteps}")
+        k.op(f"@{p} bra $L_k{h}")
+        # Epilogue of the half: codes t*128 + h*64 + 8j + 2t4 (+1).
+        code, ba = k.u32("code"), k.u64("ba")
+        bz = [k.f32("bz0"), k.f32("bz1")]
+        code1 = k.u32("code1")
+        for j in range(8):
+            k.op(f"shl.b32 {code}, {t}, 7")
+            k.op(f"add.u32 {code}, {code}, {h * 64 + 8 * j}")
+            k.op(f"shl.b32 {tmp}, {t4}, 1")
+            k.op(f"add.u32 {code}, {code}, {tmp}")
+            k.op(f"add.u32 {code1}, {code}, 1")
+            k.op(f"mul.wide.u32 {ba}, {code}, 4")
+            k.op(f"add.u64 {ba}, {ba}, {bias}")
+            k.op(f"ld.global.nc.v2.f32 {{{bz[0]}, {bz[1]}}}, [{ba}]")
+            for q in range(4):
+                r = q // 2
+                s_ = acc[j][q]
+                b_ = bz[q % 2]
+                if metric == "l2":
+                    k.op(f"sub.rn.f32 {s_}, {b_}, {s_}")
+                else:
+                    k.op(f"mul.rn.f32 {s_}, {s_}, {b_}")
+                k.op(f"setp.lt.f32 {p}, {s_}, {best[r]}")
+                k.op(f"@{p} mov.f32 {best[r]}, {s_}")
+                k.op(f"@{p} mov.u32 {bidx[r]}, {code if q % 2 == 0 else code1}")
+    k.op(f"add.u32 {t}, {t}, 1")
+    k.op(f"setp.lt.u32 {p}, {t}, {t_end}")
+    k.op(f"@{p} bra $L_tile")
+    k.label("$L_reduce")
+    hi_, lo_, ohi, olo, tmp2 = k.u32("khi"), k.u32("klo"), k.u32("ohi"), k.u32("olo"), k.u32("tmp2")
+    neg, less, eq, lt2, lead, rv = (k.pred(v) for v in ("neg", "less", "eq", "lt2", "lead", "rv"))
+    key, k64, a = k.u64("key"), k.u64("k64"), k.u64("a")
+    k.op(f"setp.eq.u32 {lead}, {t4}, 0")
+    for i, (row, valid) in enumerate([(ra, va), (rb, vb)]):
+        k.op(f"mov.b32 {hi_}, {best[i]}")
+        k.op(f"setp.eq.u32 {p}, {hi_}, 0x80000000")
+        k.op(f"selp.u32 {hi_}, 0, {hi_}, {p}", "-0 -> +0")
+        k.op(f"setp.lt.s32 {neg}, {hi_}, 0")
+        k.op(f"not.b32 {tmp2}, {hi_}")
+        k.op(f"or.b32 {hi_}, {hi_}, 0x80000000")
+        k.op(f"selp.u32 {hi_}, {tmp2}, {hi_}, {neg}")
+        k.op(f"mov.u32 {lo_}, {bidx[i]}")
+        for sh in (1, 2):
+            k.op(f"shfl.sync.bfly.b32 {ohi}, {hi_}, {sh}, 31, {FULL}")
+            k.op(f"shfl.sync.bfly.b32 {olo}, {lo_}, {sh}, 31, {FULL}")
+            k.op(f"setp.lt.u32 {less}, {ohi}, {hi_}")
+            k.op(f"setp.eq.u32 {eq}, {ohi}, {hi_}")
+            k.op(f"setp.lt.u32 {lt2}, {olo}, {lo_}")
+            k.op(f"and.pred {eq}, {eq}, {lt2}")
+            k.op(f"or.pred {less}, {less}, {eq}")
+            k.op(f"selp.u32 {hi_}, {ohi}, {hi_}, {less}")
+            k.op(f"selp.u32 {lo_}, {olo}, {lo_}, {less}")
+        k.op(f"and.pred {rv}, {valid}, {lead}")
+        k.op(f"cvt.u64.u32 {key}, {hi_}")
+        k.op(f"shl.b64 {key}, {key}, 32")
+        k.op(f"cvt.u64.u32 {k64}, {lo_}")
+        k.op(f"or.b64 {key}, {key}, {k64}")
+        k.op(f"not.b64 {key}, {key}")
+        k.op(f"mul.wide.u32 {a}, {row}, 8")
+        k.op(f"add.u64 {a}, {a}, {ws}")
+        k.op(f"@{rv} red.global.max.u64 [{a}], {key}")
+    k.op("ret")
+    return k.render([f"{name}: x {ty} [N, D] x fragment-packed codebook -> ws [N] (tensor cores)."])
+
+
+def abi_lines():
+    lines = [f"// abi block {BLOCK}", f"// abi bm {BM}", f"// abi bn {BN}", f"// abi argmin size {PARAM_SIZE}"]
+    for field, off in OFF.items():
+        lines.append(f"// abi argmin {field} {off}")
+    return lines
+
+
+def generate():
+    head = [
+        "// GENERATED by kernels/gen_argmin.py -- do not edit; run",
+        "//     python3 kernels/gen_argmin.py",
+        "// and commit the result. Design: the header of kernels/gen_argmin.py.",
+        f"// vistok: max-regs {MAX_REGS}",
+        "//",
+        "// argmin_check_{f32,f16,bf16}: x -> status (first NaN / +-inf)",
+        "// argmin_search_{f32,f16,bf16}_{l2,cos}_bd{4,8,16}: x, packed codebook -> ws u64 [N]",
+        "// argmin_finish_{f32,f16,bf16}: ws -> indices u32 [N], distances f32 [N]",
+        "// argmin_lookup_{f32,f16,bf16}: ids u32 [N] -> out [N, D]",
+        "// argmin_mma_{f16,bf16}_{l2,cos}: x, fragment-packed codebook -> ws u64 [N] (tensor cores)",
+        "//",
+    ] + abi_lines() + [
+        "",
+        f".version {PTX_VERSION}",
+        f".target {TARGET}",
+        ".address_size 64",
+        "",
+    ]
+    parts = ["\n".join(head)]
+    for name, kind, ty, metric, bd in entries():
+        if kind == "check":
+            parts.append(check_entry(name, ty))
+        elif kind == "search":
+            parts.append(search_entry(name, ty, metric, bd))
+        elif kind == "finish":
+            parts.append(finish_entry(name, ty))
+        elif kind == "lookup":
+            parts.append(lookup_entry(name, ty))
+        else:
+            parts.append(mma_entry(name, ty, metric))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# --emulate: the committed PTX on kernels/ptx_sim.py against an independent model of the
+# contract (src/argmin.rs), without a GPU. The host side (packing, padding, grid) is modelled
+# as src/cuda/argmin.rs does it.
+# --------------------------------------------------------------------------------------------
+def emulate(quick):
+    import random
+    import struct
+    import time
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ptx_sim as S
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "argmin.ptx"), encoding="utf-8") as f:
+        mods = S.parse_module(f.read())
+
+    def fbits(v):
+        return struct.unpack("<I", struct.pack("<f", v))[0]
+
+    def in_dtype(v, ty):
+        b = fbits(v)
+        return b if ty == "f32" else S.f32_to_format(b, S.BF16 if ty == "bf16" else S.F16)
+
+    def widen(b, ty):
+        return b if ty == "f32" else (b << 16 if ty == "bf16" else S.format_to_f32(b, S.F16))
+
+    def params(**kw):
+        b = bytearray(PARAM_SIZE)
+        for name, t in ARGMIN_FIELDS:
+            struct.pack_into("<Q" if t == "u64" else "<I", b, OFF[name], kw.get(name, 0))
+        return bytes(b)
+
+    def u32s(vals):
+        return b"".join(struct.pack("<I", v) for v in vals)
+
+    def lt(a, b):
+        return S.f32_compare("lt", S.f32_value(a), S.f32_value(b))
+
+    def model(xw, ew, n, k, d, metric, ty, tc=False):
+        """Indices and distances (bits) by the contract, and the norms / biases. tc: the dot
+        products as ptx_sim's mma model computes them (rounded once per k-step of 16 dims)."""
+        fl = S.flush_f32 if ty == "bf16" else (lambda v: v)
+
+        def dot_tc(xs, es):
+            p = 0
+            for k0 in range(0, d, 16):
+                exact = S.decode(p, *S.F32)[2] + sum(S.decode(a, *S.F32)[2] * S.decode(b, *S.F32)[2]
+                                                     for a, b in zip(xs[k0:k0 + 16], es[k0:k0 + 16]))
+                p = S.round_to_format(exact, *S.F32) if exact != 0 else 0
+            return p
+        norms, bias = [], []
+        for c in range(k):
+            nn = 0
+            for j in range(d):
+                nn = S.fma_f32(ew[c * d + j], ew[c * d + j], nn)
+            norms.append(nn)
+            if metric == "l2":
+                bias.append(S.f32_arith("mul", 0x3F000000, nn))
+            else:
+                inv = S.f32_arith("div", 0x3F800000, S.sqrt_f32(nn))
+                bias.append(0 if nn == 0 else inv ^ 0x80000000)
+        idx, dist = [], []
+        for r in range(n):
+            xs = xw[r * d:(r + 1) * d]
+            best, bi = 0x7F800000, 0
+            for c in range(k):
+                p = 0
+                if tc:
+                    p = dot_tc(xs, ew[c * d:(c + 1) * d])
+                for j in range(0 if tc else d):
+                    p = fl(S.fma_f32(fl(xs[j]), fl(ew[c * d + j]), p))
+                s = S.f32_arith("sub", bias[c], p) if metric == "l2" else S.f32_arith("mul", p, bias[c])
+                if lt(s, best):
+                    best, bi = s, c
+            idx.append(bi)
+            es = ew[bi * d:(bi + 1) * d]
+            if metric == "l2":
+                acc = 0
+                for a, b in zip(xs, es):
+                    t = S.f32_arith("sub", a, b)
+                    acc = S.fma_f32(t, t, acc)
+            else:
+                xx = p = 0
+                for a, b in zip(xs, es):
+                    xx = S.fma_f32(a, a, xx)
+                    p = S.fma_f32(a, b, p)
+                if S.f32_value(xx) == 0 or S.f32_value(norms[bi]) == 0:
+                    acc = 0x3F800000
+                else:
+                    q = S.f32_arith("div", p, S.f32_arith("mul", S.sqrt_f32(xx), S.sqrt_f32(norms[bi])))
+                    q = 0xBF800000 if lt(q, 0xBF800000) else (0x3F800000 if lt(0x3F800000, q) else q)
+                    acc = S.f32_arith("sub", 0x3F800000, q)
+            dist.append(acc)
+        return idx, dist, norms, bias
+
+    def search(n, k, d, ty, metric, seed, lattice, splits_target, tc=False):
+        rng = random.Random(seed)
+
+        def val():
+            if lattice:
+                return float(rng.randrange(5) - 2)
+            u = rng.random()
+            if u < 0.08:
+                return [0.0, -0.0, 1e-39][int(u * 100) % 3]
+            return rng.uniform(-1, 1)
+
+        xb = [in_dtype(val(), ty) for _ in range(n * d)]
+        eb = [in_dtype(val(), ty) for _ in range(k * d)]
+        xw, ew = [widen(b, ty) for b in xb], [widen(b, ty) for b in eb]
+        want, wdist, norms, bias = model(xw, ew, n, k, d, metric, ty, tc)
+        bd = 16 if tc else (4 if d <= 4 else (16 if d % 16 == 0 else 8))
+        d_pad, tiles = (d + bd - 1) // bd * bd, (k + BN - 1) // BN
+        if tc:
+            # [n-tile][k-step][lane][2] u32, pairs of 16-bit values, the lower dim low.
+            ksteps = d_pad // 16
+            packed = [0] * (tiles * 16 * ksteps * 64)
+
+            def e16(c, j):
+                return eb[c * d + j] if c < k and j < d else 0
+
+            for nt in range(tiles * 16):
+                for ks in range(ksteps):
+                    for lane in range(32):
+                        c, t = nt * 8 + (lane >> 2), lane & 3
+                        for i, j in enumerate((ks * 16 + 2 * t, ks * 16 + 2 * t + 8)):
+                            packed[((nt * ksteps + ks) * 32 + lane) * 2 + i] = e16(c, j) | e16(c, j + 1) << 16
+        else:
+            packed = [0] * (tiles * d_pad * BN)
+            for c in range(k):
+                for j in range(d):
+                    packed[((c // BN) * d_pad + j) * BN + c % BN] = ew[c * d + j]
+        biasp = bias + [0x7F800000] * (tiles * BN - k)
+        sz = SIZE[ty]
+        A = dict(x=1 << 20, packed=2 << 20, bias=3 << 20, ws=4 << 20, rows=5 << 20, norms=6 << 20,
+                 out=7 << 20, dist=8 << 20, status=9 << 20)
+        mem = S.Memory()
+        mem.add("x", A["x"], b"".join(v.to_bytes(sz, "little") for v in xb), False)
+        mem.add("packed", A["packed"], u32s(packed), False)
+        mem.add("bias", A["bias"], u32s(biasp), False)
+        mem.add("ws", A["ws"], bytes(8 * n), True)
+        mem.add("rows", A["rows"], u32s(ew), False)
+        mem.add("norms", A["norms"], u32s(norms), False)
+        mem.add("out", A["out"], bytes(4 * n), True)
+        mem.add("dist", A["dist"], bytes(4 * n), True)
+        mem.add("status", A["status"], bytes(8), True)
+        row_tiles = (n + BM - 1) // BM
+        splits = max(1, min(tiles, -(-splits_target // row_tiles)))
+        per = -(-tiles // splits)
+        splits = -(-tiles // per)
+        pb = params(n=n, d=d, k=k, d_pad=d_pad, tiles=tiles, tiles_per_split=per, count=n * d,
+                    metric=int(metric == "cos"), **A)
+        st = {"threads": 0, "instructions": 0}
+        t0 = time.time()
+        S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1], pb, mem, st)
+        entry = f"argmin_mma_{ty}_{metric}" if tc else f"argmin_search_{ty}_{metric}_bd{bd}"
+        S.run_kernel(mods[entry], [row_tiles, splits, 1], [BLOCK, 1, 1], pb, mem, st)
+        S.run_kernel(mods[f"argmin_finish_{ty}"], [1, 1, 1], [BLOCK, 1, 1], pb, mem, st)
+        got = list(struct.unpack(f"<{n}I", mem.read(A["out"], 4 * n)))
+        gdist = list(struct.unpack(f"<{n}I", mem.read(A["dist"], 4 * n)))
+        status = struct.unpack("<Q", mem.read(A["status"], 8))[0]
+        what = f"{entry} n={n} k={k} d={d} (grid {row_tiles}x{splits})"
+        assert status == 0, f"{what}: status {status:#x}"
+        bad = [(r, got[r], want[r]) for r in range(n) if got[r] != want[r]]
+        assert not bad, f"{what}: {len(bad)} indices differ from the contract, first {bad[0]}"
+        assert gdist == wdist, f"{what}: distances differ from the contract"
+        print(f"{what}: indices and distances as the contract ({time.time() - t0:.1f} s)")
+
+    def check(ty, count, bad):
+        sz = SIZE[ty]
+        xb = [in_dtype(0.5 * (i % 7) - 1, ty) for i in range(count)]
+        special = {"f32": [0x7FC00000, 0x7F800000, 0xFF800000], "bf16": [0x7FC0, 0x7F80, 0xFF80],
+                   "f16": [0x7E00, 0x7C00, 0xFC00]}[ty]
+        for i, pos in enumerate(bad):
+            xb[pos] = special[i % 3]
+        mem = S.Memory()
+        mem.add("x", 1 << 20, b"".join(v.to_bytes(sz, "little") for v in xb), False)
+        mem.add("status", 2 << 20, bytes(8), True)
+        S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1],
+                     params(x=1 << 20, status=2 << 20, count=count), mem, {"threads": 0, "instructions": 0})
+        w = struct.unpack("<Q", mem.read(2 << 20, 8))[0]
+        want = 0 if not bad else ((~min(bad) & 0xFFFFFFFF) << 32) | xb[min(bad)]
+        assert w == want, f"check {ty} {bad}: status {w:#x}, want {want:#x}"
+        print(f"check {ty} count={count} bad={bad}: status as expected")
+
+    def lookup(ty, k, d, ids):
+        rng = random.Random(k * d)
+        rows = [fbits(rng.uniform(-3, 3)) for _ in range(k * d)]
+        n, sz = len(ids), SIZE[ty]
+        mem = S.Memory()
+        mem.add("rows", 1 << 20, u32s(rows), False)
+        mem.add("ids", 2 << 20, u32s(ids), False)
+        mem.add("out", 3 << 20, bytes(sz * n * d), True)
+        mem.add("status", 4 << 20, bytes(8), True)
+        S.run_kernel(mods[f"argmin_lookup_{ty}"], [1, 1, 1], [BLOCK, 1, 1],
+                     params(rows=1 << 20, ids=2 << 20, out=3 << 20, status=4 << 20, n=n, d=d, k=k, count=n * d),
+                     mem, {"threads": 0, "instructions": 0})
+        w = struct.unpack("<Q", mem.read(4 << 20, 8))[0]
+        bad = [i for i, c in enumerate(ids) if c >= k]
+        want = 0 if not bad else ((~bad[0] & 0xFFFFFFFF) << 32) | ids[bad[0]]
+        assert w == want, f"lookup {ty}: status {w:#x}, want {want:#x}"
+        out = mem.read(3 << 20, sz * n * d)
+        for r, c in enumerate(ids):
+            for j in range(d if c < k else 0):
+                v = rows[c * d + j]
+                e = v if ty == "f32" else S.f32_to_format(v, S.BF16 if ty == "bf16" else S.F16)
+                g = int.from_bytes(out[(r * d + j) * sz:(r * d + j + 1) * sz], "little")
+                assert g == e, f"lookup {ty}: out[{r}, {j}] = {g:#x}, want {e:#x}"
+        print(f"lookup {ty} k={k} d={d} n={n}: values and status as expected")
+
+    # (n, k, d, dtype, metric, seed, lattice, K splits wanted): one row tile and two, K split
+    # across the grid, every depth, ties (lattice), subnormals (bf16 flushes them).
+    cases = [(3, 5, 3, "f32", "l2", 1, False, 1), (6, 140, 2, "f32", "l2", 5, True, 2),
+             (5, 130, 5, "f32", "cos", 2, False, 2), (3, 129, 4, "bf16", "cos", 6, True, 3)]
+    if not quick:
+        cases += [(130, 7, 16, "bf16", "l2", 3, False, 1), (4, 300, 9, "f16", "l2", 4, False, 3),
+                  (2, 260, 17, "bf16", "cos", 7, False, 2), (129, 3, 1, "f16", "cos", 8, True, 1)]
+    tc_cases = [(3, 9, 33, "f16", "cos", 10, True, 1)]
+    if not quick:
+        tc_cases += [(20, 130, 5, "bf16", "l2", 9, False, 2), (130, 40, 16, "f16", "l2", 11, False, 1),
+                     (5, 260, 20, "bf16", "cos", 12, False, 3)]
+    for c in cases:
+        search(*c)
+    for c in tc_cases:
+        search(*c, tc=True)
+    for ty in FLOATS:
+        check(ty, 700, [])
+        check(ty, 700, [650, 3, 699])
+        lookup(ty, 5, 7, [0, 4, 5, 1, 0xFFFFFFFF, 3, 9] * 10)
+    print("argmin emulation passed")
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="fail if the committed PTX file is stale")
+    ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
+    ap.add_argument("--stdout", action="store_true", help="print the PTX instead of writing it")
+    ap.add_argument("--emulate", choices=["quick", "full"],
+                    help="run the committed PTX on kernels/ptx_sim.py against a model of the contract")
+    args = ap.parse_args()
+    if args.emulate:
+        return emulate(args.emulate == "quick")
+    if args.list:
+        for name, *_ in entries():
+            print("argmin", name, PARAM_SIZE)
+        return 0
+    text = generate()
+    if args.stdout:
+        sys.stdout.write(text)
+        return 0
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "argmin.ptx")
+    if args.check:
+        try:
+            with open(path, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            print(f"{path} is stale: run python3 kernels/gen_argmin.py", file=sys.stderr)
+            return 1
+        print(f"{path} is up to date")
+        return 0
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
