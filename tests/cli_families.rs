@@ -124,7 +124,7 @@ fn argmin_bad_input_is_one_line_and_no_file() {
     let inputs = ["e.npy", "x.npy"];
     run_err(&dir, &["argmin", p(&xp), p(&op)], "--codebook E.npy is required", &inputs);
     run_err(&dir, &["argmin", "--codebook", p(&ep), "--metric", "l1", p(&xp), p(&op)], "--metric", &inputs);
-    run_err(&dir, &["argmin", "--codebook", p(&ep), "--backend", "cuda", p(&xp), p(&op)], "cuda", &inputs);
+
     write_npy_raw(&ep, "<f4", &[3, 5], &le(&values(15, 6)));
     run_err(&dir, &["argmin", "--codebook", p(&ep), p(&xp), p(&op)], "expected [..., 5]", &inputs);
     write_npy_raw(&ep, "<f4", &[5, 3], &le(&values(15, 6)));
@@ -463,4 +463,44 @@ fn attention_cuda_backend_is_close_or_a_clear_error() {
     let eb = max_diff(&read_as::<f32>(&op, "<f4", &qs), &wb);
     assert!(eb <= 2e-2, "bf16 on the GPU vs the cpu: O {eb:e}");
     eprintln!("attention --backend cuda: f32 causal O {eo:e} lse {el:e}, bf16 O {eb:e} from the cpu backend");
+}
+
+/// `vistok run argmin --backend cuda`: ids and distances equal the cpu backend's bit for bit on
+/// a GPU (the exact f32 path), lookup exact; a one-line error otherwise.
+#[test]
+fn argmin_cuda_backend_is_exact_or_a_clear_error() {
+    let dir = Dir::new("argmin-cuda");
+    let (n, k, d) = (777, 300, 16);
+    let (x, e) = (values(n * d, 61), values(k * d, 62));
+    let (xp, ep, ip, dp, lp) =
+        (dir.path("x.npy"), dir.path("e.npy"), dir.path("ids.npy"), dir.path("d.npy"), dir.path("l.npy"));
+    write_npy_raw(&xp, "<f4", &[n, d], &le(&x));
+    write_npy_raw(&ep, "<f4", &[k, d], &le(&e));
+    let args = ["argmin", "--backend", "cuda", "--codebook", p(&ep), "--dist", p(&dp), p(&xp), p(&ip)];
+    if !cfg!(feature = "cuda") {
+        run_err(&dir, &args, "built without CUDA", &["e.npy", "x.npy"]);
+        return;
+    }
+    let mut all = vec!["run"];
+    all.extend(args);
+    let o = common::cli::vistok(&all);
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no usable GPU"), "{err}");
+        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
+        eprintln!("skipped: no GPU: {err}");
+        return;
+    }
+    let (ids, dist) = lib_argmin(&e, k, d, Metric::L2, &x, Backend::Cpu);
+    assert_eq!(read_as::<u32>(&ip, "<u4", &[n]), ids, "ids from the GPU");
+    assert_eq!(f32_bits(&read_as::<f32>(&dp, "<f4", &[n])), f32_bits(&dist), "distances from the GPU");
+    for (metric, name) in [(Metric::Cosine, "cosine")] {
+        run_ok(&["argmin", "--backend", "cuda", "--metric", name, "--codebook", p(&ep), p(&xp), p(&ip)]);
+        assert_eq!(read_as::<u32>(&ip, "<u4", &[n]), lib_argmin(&e, k, d, metric, &x, Backend::Cpu).0, "{name} ids");
+    }
+    run_ok(&["argmin", "--backend", "cuda", "--lookup", "--codebook", p(&ep), p(&ip), p(&lp)]);
+    let got = read_as::<u32>(&ip, "<u4", &[n]);
+    let want: Vec<f32> = got.iter().flat_map(|&i| e[i as usize * d..][..d].to_vec()).collect();
+    assert_eq!(f32_bits(&read_as::<f32>(&lp, "<f4", &[n, d])), f32_bits(&want), "lookup on the GPU");
+    eprintln!("argmin --backend cuda: {n}x{k}x{d}, ids, distances and lookup identical to the cpu backend");
 }

@@ -8,6 +8,9 @@
 //! - [`LfqKernel`], [`FsqKernel`]: LFQ / BSQ and FSQ encode / decode on device buffers (see
 //!   [`lfq`], [`fsq`]), bit-identical to the cpu backend; [`DeferredCheck`] reads their NaN /
 //!   bad-id verdict later, so that back-to-back launches need no sync.
+//! - [`CodebookGpu`]: nearest codebook entry (L2 / cosine; the exact f32 FFMA path gives the
+//!   cpu backend's indices and distances bit for bit, bf16 / f16 optionally on tensor cores)
+//!   and lookup, on device buffers (see [`argmin`]).
 //! - [`AttentionKernel`]: FlashAttention-2 style forward (bf16 / f16 on tensor cores for
 //!   D = 32, 64, 128; f32 on CUDA cores for D ≤ 256), every mask and bias of the cpu backend,
 //!   GQA, both layouts, optional log-sum-exp (see [`attention`]).
@@ -37,6 +40,7 @@ pub mod lfq;
 pub mod merge;
 pub mod patchify;
 
+pub use argmin::CodebookGpu;
 pub use attention::AttentionKernel;
 pub use fsq::FsqKernel;
 pub use lfq::{DeferredCheck, LfqKernel};

@@ -9,7 +9,8 @@ use vistok::{Float, View, ViewMut};
 
 use super::args::{distinct_outputs, next, value, Next, QuantFlags};
 use super::buf::{self, zeroed, Buf};
-use super::exec::{host_only, lib_err};
+use super::exec::{lib_err, Where};
+use super::gpu::{self, Dev};
 use super::lfq::zeroed_ids;
 use super::npy;
 use super::output::Pending;
@@ -18,7 +19,7 @@ pub const HELP: &str = "\
 vistok run argmin: nearest codebook entry of every vector, or ids -> entries
 
 usage: vistok run argmin --codebook E.npy [--metric l2|cosine] [--dist DIST.npy]
-                         [--backend reference|cpu] [--dtype f32|f16|bf16] [--ids-dtype u4|i4|i8]
+                         [--backend reference|cpu|cuda] [--dtype f32|f16|bf16] [--ids-dtype u4|i4|i8]
                          X.npy OUT_IDS.npy
        vistok run argmin --lookup --codebook E.npy [--dtype f32|f16|bf16] IDS.npy OUT.npy
 
@@ -34,7 +35,9 @@ DIST  [...] f32: the distance of the chosen entry (||x - e||^2, or 1 - cos).
   --metric M           l2 (default) | cosine
   --dist DIST.npy      also write the distances
   --lookup             read ids (<u4, <i4 or <i8; each below K), write the entries [..., D]
-  --backend B          reference | cpu (default cpu). cuda: not driven by vistok run yet
+  --backend B          reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok
+                       built with --features cuda; the exact f32 path: ids and distances
+                       equal the cpu's)
   --dtype D            the dtype X and E are rounded to first (default: X's own); with
                        --lookup, the dtype of the entries written (default: E's own)
   --ids-dtype T        u4 | i4 | i8: how ids are written (default u4)
@@ -89,7 +92,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
         return Err("--dist is for the search, not with --lookup".into());
     }
     distinct_outputs(&[("OUT", Some(&output)), ("--dist", dist.as_ref())])?;
-    let backend = host_only(q.backend, "argmin")?;
+    let backend = Where::of(q.backend);
 
     let e = npy::read(&codebook)?;
     let [k, d] = e.shape[..] else {
@@ -139,8 +142,8 @@ fn prepare<T: Float>(e: &[T], [k, d]: [usize; 2], metric: Metric) -> Result<Code
 }
 
 /// x `[..., D]` → (ids `[...]`, distances `[...]` if asked for).
-fn search<T: Float>(
-    backend: vistok::Backend,
+fn search<T: Float + Dev>(
+    backend: Where,
     e: &[T],
     kd: [usize; 2],
     metric: Metric,
@@ -153,6 +156,10 @@ fn search<T: Float>(
         return Err(format!("x has shape {shape:?}; expected [..., {}] (the codebook's D)", kd[1]));
     }
     let lead = &shape[..shape.len() - 1];
+    let backend = match backend {
+        Where::Host(b) => b,
+        Where::Gpu => return gpu::argmin(&cb, x, want_dist),
+    };
     let n: usize = lead.iter().product();
     let mut ids = zeroed_ids(n)?;
     let mut dist = if want_dist { Some(zeroed::<f32>(n)?) } else { None };
@@ -166,8 +173,8 @@ fn search<T: Float>(
 }
 
 /// ids `[...]` → entries `[..., D]`, in the codebook's element type.
-fn lookup_as<T: Float>(
-    backend: vistok::Backend,
+fn lookup_as<T: Float + Dev>(
+    backend: Where,
     e: &[T],
     kd: [usize; 2],
     metric: Metric,
@@ -175,6 +182,10 @@ fn lookup_as<T: Float>(
     shape: &[usize],
 ) -> Result<Vec<T>, String> {
     let cb = prepare(e, kd, metric)?;
+    let backend = match backend {
+        Where::Host(b) => b,
+        Where::Gpu => return gpu::lookup(&cb, ids),
+    };
     let mut out_shape = shape.to_vec();
     out_shape.push(kd[1]);
     let mut out = zeroed::<T>(ids.len() * kd[1])?;

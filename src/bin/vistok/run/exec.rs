@@ -18,19 +18,6 @@ pub fn lib_err(e: vistok::Error) -> String {
     s
 }
 
-/// The host backend for `--backend`, for families without a CUDA path in the runner yet.
-pub fn host_only(backend: BackendChoice, family: &str) -> Result<Backend, String> {
-    match backend {
-        BackendChoice::Reference => Ok(Backend::Reference),
-        BackendChoice::Cpu => Ok(Backend::Cpu),
-        // These families have (or are getting) device kernels in the library (`vistok::cuda`),
-        // but the runner does not drive them yet.
-        BackendChoice::Cuda => Err(format!(
-            "--backend cuda: vistok run does not drive the {family} family's CUDA kernel yet (use cpu or reference)"
-        )),
-    }
-}
-
 /// Where a quantizer runs: a host backend of the library, or GPU 0 through [`gpu`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Where {

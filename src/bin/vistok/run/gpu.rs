@@ -164,3 +164,41 @@ pub fn attention<T: Float + Dev>(
 ) -> Result<(Vec<T>, Option<Vec<f32>>), String> {
     Err(NO_CUDA.into())
 }
+
+/// Nearest codebook entries on GPU 0 (the exact f32 FFMA path: indices and distances equal the
+/// cpu backend's): `(ids, distances if asked)`.
+#[cfg(feature = "cuda")]
+pub fn argmin<T: Float + Dev>(
+    cb: &vistok::Codebook<T>,
+    x: &[T],
+    want_dist: bool,
+) -> Result<(Vec<u32>, Option<Vec<f32>>), String> {
+    let k = vistok::cuda::CodebookGpu::new(&gpu0()?, cb).map_err(super::exec::lib_err)?;
+    if want_dist {
+        let (i, d) = k.argmin_dist_host(x).map_err(super::exec::lib_err)?;
+        Ok((i, Some(d)))
+    } else {
+        Ok((k.argmin_host(x).map_err(super::exec::lib_err)?, None))
+    }
+}
+
+/// Codebook entries by index on GPU 0.
+#[cfg(feature = "cuda")]
+pub fn lookup<T: Float + Dev>(cb: &vistok::Codebook<T>, ids: &[u32]) -> Result<Vec<T>, String> {
+    let k = vistok::cuda::CodebookGpu::new(&gpu0()?, cb).map_err(super::exec::lib_err)?;
+    k.lookup_host(ids).map_err(super::exec::lib_err)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn argmin<T: Float + Dev>(
+    _cb: &vistok::Codebook<T>,
+    _x: &[T],
+    _want_dist: bool,
+) -> Result<(Vec<u32>, Option<Vec<f32>>), String> {
+    Err(NO_CUDA.into())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn lookup<T: Float + Dev>(_cb: &vistok::Codebook<T>, _ids: &[u32]) -> Result<Vec<T>, String> {
+    Err(NO_CUDA.into())
+}
