@@ -494,10 +494,12 @@ fn argmin_cuda_backend_is_exact_or_a_clear_error() {
     let (ids, dist) = lib_argmin(&e, k, d, Metric::L2, &x, Backend::Cpu);
     assert_eq!(read_as::<u32>(&ip, "<u4", &[n]), ids, "ids from the GPU");
     assert_eq!(f32_bits(&read_as::<f32>(&dp, "<f4", &[n])), f32_bits(&dist), "distances from the GPU");
-    for (metric, name) in [(Metric::Cosine, "cosine")] {
-        run_ok(&["argmin", "--backend", "cuda", "--metric", name, "--codebook", p(&ep), p(&xp), p(&ip)]);
-        assert_eq!(read_as::<u32>(&ip, "<u4", &[n]), lib_argmin(&e, k, d, metric, &x, Backend::Cpu).0, "{name} ids");
-    }
+    run_ok(&["argmin", "--backend", "cuda", "--metric", "cosine", "--codebook", p(&ep), p(&xp), p(&ip)]);
+    assert_eq!(
+        read_as::<u32>(&ip, "<u4", &[n]),
+        lib_argmin(&e, k, d, Metric::Cosine, &x, Backend::Cpu).0,
+        "cosine ids"
+    );
     run_ok(&["argmin", "--backend", "cuda", "--lookup", "--codebook", p(&ep), p(&ip), p(&lp)]);
     let got = read_as::<u32>(&ip, "<u4", &[n]);
     let want: Vec<f32> = got.iter().flat_map(|&i| e[i as usize * d..][..d].to_vec()).collect();
