@@ -616,3 +616,27 @@ fn throughput() {
     });
     println!("lfq/Cpu/f32/1048576x18: {wall:.2} GB/s wall, {cpu:.2} GB/s per CPU-second");
 }
+
+/// Decode with dimensions of many levels (above the cpu's table limit, 4096) and small ones
+/// mixed: bitwise equal to the reference, f32 and bf16, ids spread over the whole codebook.
+#[test]
+fn decode_large_levels_matches_reference() {
+    let fsq = Fsq::new(&[5000, 3, 70_000, 2]).unwrap();
+    let size = fsq.codebook_size();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut ids: Vec<u32> = (0..4099)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % size) as u32
+        })
+        .collect();
+    ids.extend([0, (size - 1) as u32, 4999, 5000, 14_999, 15_000]);
+    for be in [Backend::Cpu, Backend::CpuIsa(vistok::Isa::Scalar)] {
+        let got: Vec<f32> = decode(&fsq, be, &ids).unwrap();
+        common::assert_bits_eq(&got, &decode::<f32>(&fsq, Backend::Reference, &ids).unwrap(), "decode f32");
+        let got: Vec<bf16> = decode(&fsq, be, &ids).unwrap();
+        common::assert_bits_eq(&got, &decode::<bf16>(&fsq, Backend::Reference, &ids).unwrap(), "decode bf16");
+    }
+}

@@ -70,24 +70,101 @@ pub(crate) fn encode<T: Float>(plan: &Fsq, isa: Isa, z: &[T], ids: &mut [u32]) -
     }
 }
 
-/// ids `[N]` → codes `[N, D]`. Integer work plus one division per element: plain code, the
-/// same at every ISA.
+/// ids `[N]` → codes `[N, D]`: per dimension, the code of every level is computed once (the
+/// same f32 `(level − half_width) / half_width`, rounded to `O`, as the reference), and each id
+/// is split into levels by successive division, `level_i = q mod L_i, q ← ⌊q / L_i⌋`, which
+/// equals `⌊id / basis_i⌋ mod L_i`. The division is a multiply by a precomputed 64-bit
+/// reciprocal ([`FastDiv`]), exact for every `u32`. Plain code, the same at every ISA.
 pub(crate) fn decode<O: Float>(plan: &Fsq, _isa: Isa, ids: &[u32], codes: &mut [O]) -> Result<()> {
     let d = plan.dim();
     let size = plan.codebook_size();
     if let Some(i) = ids.iter().position(|&id| id as u64 >= size) {
         return Err(id_error(i, ids[i], size));
     }
+    let code = |k: &FsqDim, level: u32| O::from_f32((level as f32 - k.half_width) / k.half_width);
+    // Tables for the usual small levels; a dimension with more than TABLE_MAX levels (up to
+    // 2^24 are allowed) computes its codes in place.
+    let dims: Vec<(FastDiv, Option<Vec<O>>, &FsqDim)> = plan
+        .dims()
+        .iter()
+        .map(|k| {
+            let table = (k.levels <= TABLE_MAX).then(|| (0..k.levels).map(|level| code(k, level)).collect());
+            (FastDiv::new(k.levels), table, k)
+        })
+        .collect();
     let per_chunk = units_per_chunk(d * size_of::<O>());
     for_each_chunk(codes, per_chunk * d, |c, out| {
         for (row, &id) in out.chunks_exact_mut(d).zip(&ids[c * per_chunk..]) {
-            for (o, k) in row.iter_mut().zip(plan.dims()) {
-                let level = ((id / k.basis) % k.levels) as f32;
-                *o = O::from_f32((level - k.half_width) / k.half_width);
+            let mut q = id;
+            for (o, (div, table, k)) in row.iter_mut().zip(&dims) {
+                let next = div.div(q);
+                let level = q - next * div.d; // < L, the table's length
+                *o = match table {
+                    Some(t) => t[level as usize],
+                    None => code(k, level),
+                };
+                q = next;
             }
         }
     });
     Ok(())
+}
+
+/// Levels up to which decode looks codes up in a per-dimension table.
+const TABLE_MAX: u32 = 4096;
+
+/// Division of any `u32` by a fixed divisor `d ≥ 2` as a multiply by `M = ⌊(2⁶⁴ − 1)/d⌋ + 1`:
+/// `⌊n/d⌋ = ⌊M·n / 2⁶⁴⌋` for every 32-bit `n` (Lemire, Kaser and Kurz, "Faster remainder by
+/// direct computation", 2019).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastDiv {
+    m: u64,
+    d: u32,
+}
+
+impl FastDiv {
+    pub(crate) fn new(d: u32) -> FastDiv {
+        debug_assert!(d >= 2, "FSQ levels are at least 2");
+        FastDiv { m: u64::MAX / u64::from(d) + 1, d }
+    }
+
+    #[inline(always)]
+    pub(crate) fn div(self, n: u32) -> u32 {
+        ((u128::from(self.m) * u128::from(n)) >> 64) as u32
+    }
+}
+
+#[cfg(test)]
+mod fast_div_tests {
+    use super::FastDiv;
+
+    /// Exact against `/` for every divisor up to 300 and a spread of numerators including the
+    /// extremes and multiples ± 1 (where a reciprocal that is off by one shows).
+    #[test]
+    fn fast_division_is_exact() {
+        for d in (2u32..300).chain([65_535, 65_536, 1 << 20, (1 << 31) - 1, 1 << 31, u32::MAX]) {
+            let f = FastDiv::new(d);
+            let check = |n: u32| assert_eq!(f.div(n), n / d, "{n} / {d}");
+            for n in [0, 1, u32::MAX, u32::MAX - 1, 1 << 31, (1 << 31) - 1] {
+                check(n);
+            }
+            for k in [1u64, 2, 3, 7, 1000, 123_457, u64::from(u32::MAX / d)] {
+                let m = k * u64::from(d);
+                for n in [m.saturating_sub(1), m, m + 1] {
+                    if let Ok(n) = u32::try_from(n) {
+                        check(n);
+                    }
+                }
+            }
+            let mut x = 0x9E37_79B9u32.wrapping_mul(d);
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                check(x);
+            }
+        }
+    }
 }
 
 /// Ids per statistics chunk: large, since every chunk carries its own counts (`u32` suffices).
