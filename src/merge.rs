@@ -714,6 +714,9 @@ pub struct Selection {
 
 /// Checks `k` against `n` tokens; returns the candidates' count.
 fn check_k(k: usize, n: usize, class_token: bool) -> Result<usize> {
+    if class_token && n == 0 {
+        return Err(shape_err("class_token with N = 0: there is no token 0 to keep".to_string()));
+    }
     let candidates = n.saturating_sub(class_token as usize);
     if k > candidates {
         return Err(invalid(format!(
