@@ -41,6 +41,7 @@ tiles [y * tiles_per_split, ...) and all splits merge through the u64 max in ws.
 import os
 import sys
 
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ptxgen  # noqa: E402
 

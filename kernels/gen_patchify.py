@@ -18,6 +18,7 @@ into the PTX header).
 import os
 import sys
 
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ptxgen  # noqa: E402
 
