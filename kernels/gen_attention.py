@@ -144,7 +144,7 @@ class Kernel:
         return name
 
     def render(self, name, threads, shared):
-        head = [f".visible .entry {name}(", f"    .param .align 8 .b8 p[{SIZE}]", ")", f".maxntid {threads}, 1, 1", ".maxnreg 255", "{"]
+        head = ptxgen.signature(name, SIZE, threads) + [".maxnreg 255", "{"]
         decl = []
         for reg, ty in sorted(self.decls.items()):
             decl.append(f"    .reg .{ty} {reg};")

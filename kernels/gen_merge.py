@@ -88,13 +88,7 @@ def entries():
 
 
 def head(name, regs):
-    return [
-        f".visible .entry {name}(",
-        f"    .param .align 8 .b8 p[{PARAM_BYTES}]",
-        ")",
-        f".maxntid {BLOCK}, 1, 1",
-        "{",
-    ] + [f"    {r}" for r in regs]
+    return ptxgen.signature(name, PARAM_BYTES, BLOCK) + ["{"] + [f"    {r}" for r in regs]
 
 
 def param(reg, field, ty=None):

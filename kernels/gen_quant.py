@@ -137,11 +137,6 @@ def imm(bits):
     return f"0f{bits:08X}"
 
 
-class Entry(ptxgen.Entry):
-    def render(self, size, doc):
-        return super().render(doc, size, BLOCK)
-
-
 def warp_header(k):
     """lane, global warp index, warps in the grid (all warps are full: BLOCK % 32 == 0)."""
     tid, ctaid, ntid, nctaid = k.u32("tid"), k.u32("ctaid"), k.u32("ntid"), k.u32("nctaid")
@@ -228,7 +223,7 @@ UNROLL = [16, 8, 4, 2, 1]  # the word blocks of a full step: d = 16*a + 8*b + 4*
 
 def lfq_encode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, LFQ_OFF)
+    k = ptxgen.Entry(name, LFQ_OFF)
     k.comment(
         "Warp step s covers ids [32s, 32s+32) = sign bits [32ds, 32ds+32d) of the flat z: d\n"
         "words. Lane l reads element 32w+l of word w (a warp load is 32 contiguous elements),\n"
@@ -389,7 +384,7 @@ def lfq_encode(name, ty):
         f"{name}: z {ty} [M*d] -> ids u32 [M]; warp-cooperative, {WARP} ids per warp step.",
         "A NaN sets status = max(status, ~(index of the first NaN)).",
     ]
-    return k.render(LFQ_SIZE, doc)
+    return k.render(doc, LFQ_SIZE, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +392,7 @@ def lfq_encode(name, ty):
 # --------------------------------------------------------------------------------------------
 def lfq_decode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, LFQ_OFF)
+    k = ptxgen.Entry(name, LFQ_OFF)
     k.comment(
         "Warp step s: lane l loads id 32s+l (coalesced) and turns it into its d-bit field\n"
         "(channel k = bit k). Codes [32ds, 32ds+32d) are then written 32 at a time: lane l\n"
@@ -534,7 +529,7 @@ def lfq_decode(name, ty):
         f"{name}: ids u32 [M] -> codes {ty} [M*d] (+-v); {WARP} ids per warp step.",
         "An id >= 2^d sets status = max(status, ~index << 32 | id).",
     ]
-    return k.render(LFQ_SIZE, doc)
+    return k.render(doc, LFQ_SIZE, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +553,7 @@ def thread_header(k):
 
 def fsq_encode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, FSQ_OFF)
+    k = ptxgen.Entry(name, FSQ_OFF)
     k.comment(
         "Thread i takes tokens i, i + threads, ...; per dimension, FsqDim::level's f32\n"
         "operations in order: t = z + shift, clamp, tanh (Eigen's rational, fma), v = fma(y,\n"
@@ -683,12 +678,12 @@ def fsq_encode(name, ty):
         f"{name}: z {ty} [N*D] -> ids u32 [N]; one thread per token.",
         "A NaN sets status = max(status, ~(index of the token's first NaN)).",
     ]
-    return k.render(FSQ_SIZE, doc)
+    return k.render(doc, FSQ_SIZE, BLOCK)
 
 
 def fsq_decode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, FSQ_OFF)
+    k = ptxgen.Entry(name, FSQ_OFF)
     k.comment(
         "Thread i takes tokens i, i + threads, ...: digit by digit, level = rem % L and\n"
         "rem = rem / L (Granlund-Montgomery: exact for every u32), code = (level - hw) / hw in\n"
@@ -755,7 +750,7 @@ def fsq_decode(name, ty):
         f"{name}: ids u32 [N] -> codes {ty} [N*D]; one thread per token.",
         "An id > max_id sets status = max(status, ~index << 32 | id).",
     ]
-    return k.render(FSQ_SIZE, doc)
+    return k.render(doc, FSQ_SIZE, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------

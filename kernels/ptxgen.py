@@ -49,6 +49,11 @@ def module_header(script, lines):
     ])
 
 
+def signature(name, size, threads):
+    """An entry's first lines: one parameter block of `size` bytes, at most `threads` threads."""
+    return [f".visible .entry {name}(", f"    .param .align 8 .b8 p[{size}]", ")", f".maxntid {threads}, 1, 1"]
+
+
 # --------------------------------------------------------------------------------------------
 # A tiny emitter: named virtual registers, declared per entry.
 # --------------------------------------------------------------------------------------------
@@ -121,10 +126,7 @@ class Entry:
         for full, ty in sorted(self.regs.items()):
             decl.setdefault(ty, []).append(full)
         lines = [f"// {line}" if line else "//" for line in doc]
-        lines.append(f".visible .entry {self.name}(")
-        lines.append(f"    .param .align 8 .b8 p[{size}]")
-        lines.append(")")
-        lines.append(f".maxntid {block}, 1, 1")
+        lines += signature(self.name, size, block)
         if min_ctas:
             lines.append(f".minnctapersm {min_ctas}")
         lines.append("{")
