@@ -15,12 +15,13 @@ asserts the same offsets, and tests/ptx_abi.rs compares them with the `// abi` l
 into the PTX header).
 """
 
-import argparse
 import os
 import sys
 
-PTX_VERSION = "8.0"  # CUDA 12.0 drivers JIT PTX ISA 8.0
-TARGET = "sm_80"  # cvt.rn.bf16.f32 needs sm_80
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ptxgen  # noqa: E402
+
 BLOCK = 256  # threads per block; .maxntid of every entry, BLOCK in src/cuda/patchify.rs
 # .minnctapersm for entries that fit in 32 registers without spilling (full occupancy: 8 blocks
 # of 256 threads per SM); scripts/ptx-check.sh fails on any spill, so a wrong entry here shows.
@@ -67,21 +68,11 @@ UNPATCHIFY_FIELDS = COMMON + [
     ("pad", "u32", 1),
 ]
 SIZES = {"u64": 8, "u32": 4, "fastdiv": 16}
+ALIGNS = {"u64": 8, "u32": 4, "fastdiv": 4}
 
 
-def layout(fields):
-    """Field offsets (C layout, every field naturally aligned) and the total size."""
-    offsets, off = {}, 0
-    for name, ty, count in fields:
-        align = 8 if ty == "u64" else 4
-        off = (off + align - 1) // align * align
-        offsets[name] = off
-        off += SIZES[ty] * count
-    return offsets, (off + 7) // 8 * 8
-
-
-PATCHIFY_OFF, PATCHIFY_SIZE = layout(PATCHIFY_FIELDS)
-UNPATCHIFY_OFF, UNPATCHIFY_SIZE = layout(UNPATCHIFY_FIELDS)
+PATCHIFY_OFF, PATCHIFY_SIZE = ptxgen.layout(PATCHIFY_FIELDS, SIZES, ALIGNS)
+UNPATCHIFY_OFF, UNPATCHIFY_SIZE = ptxgen.layout(UNPATCHIFY_FIELDS, SIZES, ALIGNS)
 
 
 def entries():
@@ -101,52 +92,11 @@ def lanes_for(i, o):
     return 16 // max(DTYPES[i], DTYPES[o])
 
 
-# --------------------------------------------------------------------------------------------
-# A tiny emitter: named virtual registers, declared per entry.
-# --------------------------------------------------------------------------------------------
-PREFIX = {"u32": "%r_", "u64": "%rd_", "f32": "%f_", "b16": "%h_", "pred": "%p_"}
+class Entry(ptxgen.Entry):
+    """ptxgen.Entry with array fields and FastDiv slots in its parameter block."""
 
-
-class Entry:
     def __init__(self, name, offsets):
-        self.name = name
-        self.off = offsets
-        self.body = []
-        self.regs = {}
-
-    def reg(self, ty, name):
-        full = PREFIX[ty] + name
-        prev = self.regs.setdefault(full, ty)
-        assert prev == ty, full
-        return full
-
-    def u32(self, name):
-        return self.reg("u32", name)
-
-    def u64(self, name):
-        return self.reg("u64", name)
-
-    def f32(self, name):
-        return self.reg("f32", name)
-
-    def b16(self, name):
-        return self.reg("b16", name)
-
-    def pred(self, name):
-        return self.reg("pred", name)
-
-    def op(self, text, comment=None):
-        line = "    " + text + ";"
-        if comment:
-            line = line.ljust(60) + " // " + comment
-        self.body.append(line)
-
-    def label(self, name):
-        self.body.append(f"{name}:")
-
-    def comment(self, text):
-        self.body.append("")
-        self.body.append(f"    // {text}")
+        super().__init__(name, offsets, width=60)
 
     def param(self, ty, field, index=0, name=None, elem=None):
         """Loads param field[index] (elem: byte offset inside a FastDiv) into a register."""
@@ -176,26 +126,6 @@ class Entry:
         t = self.u32("qd")
         self.op(f"mul.lo.u32 {t}, {q}, {d}")
         self.op(f"sub.u32 {r}, {n}, {t}")
-
-    def render(self, size, doc, min_ctas):
-        decl = {}
-        for full, ty in sorted(self.regs.items()):
-            decl.setdefault(ty, []).append(full)
-        lines = [f"// {line}" if line else "//" for line in doc]
-        lines.append(f".visible .entry {self.name}(")
-        lines.append(f"    .param .align 8 .b8 p[{size}]")
-        lines.append(")")
-        lines.append(f".maxntid {BLOCK}, 1, 1")
-        if min_ctas:
-            lines.append(f".minnctapersm {min_ctas}")
-        lines.append("{")
-        for ty in ["pred", "b16", "u32", "u64", "f32"]:
-            names = decl.get(ty, [])
-            for k in range(0, len(names), 8):
-                lines.append(f"    .reg .{ty} " + ", ".join(names[k:k + 8]) + ";")
-        lines.extend(self.body)
-        lines.append("}")
-        return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,73 +624,38 @@ def gen_entry(name, direction, i, o):
     # The 8-lane patchify entries hold 16 coefficient registers across the loop: they would
     # spill at 32 registers, so they run at 40 registers (6 blocks per SM) instead.
     min_ctas = None if (direction == "patchify" and V == 8) else MIN_CTAS_PER_SM
-    return k.render(size, doc, min_ctas)
+    return k.render(doc, size, BLOCK, min_ctas)
 
 
 def abi_lines():
     lines = [f"// abi block {BLOCK}", f"// abi flag vload {FLAG_VLOAD}", f"// abi flag role {FLAG_ROLE}",
              f"// abi flag rows {FLAG_ROWS}"]
-    for family, offs, size in (("patchify", PATCHIFY_OFF, PATCHIFY_SIZE),
-                               ("unpatchify", UNPATCHIFY_OFF, UNPATCHIFY_SIZE)):
-        lines.append(f"// abi {family} size {size}")
-        for field, off in offs.items():
-            lines.append(f"// abi {family} {field} {off}")
-    return lines
+    return lines + ptxgen.abi_params("patchify", PATCHIFY_OFF, PATCHIFY_SIZE) + ptxgen.abi_params(
+        "unpatchify", UNPATCHIFY_OFF, UNPATCHIFY_SIZE)
 
 
 def generate():
     head = [
-        "// GENERATED by kernels/gen_patchify.py -- do not edit; run",
-        "//     python3 kernels/gen_patchify.py",
         "// and commit the result. Design and ABI: kernels/README.md.",
         "//",
         "// patchify_{in}_{out}:   image {u8,f32,f16,bf16} -> tokens {f32,f16,bf16}",
         "// unpatchify_{in}_{out}: tokens {f32,f16,bf16} -> image {u8,f32,f16,bf16}",
         "// y = fma.rn.f32(x, a[c], b[c]), then round to the output dtype (ties to even).",
         "//",
-    ] + abi_lines() + [
-        "",
-        f".version {PTX_VERSION}",
-        f".target {TARGET}",
-        ".address_size 64",
-        "",
-    ]
-    parts = ["\n".join(head)]
+    ] + abi_lines()
+    parts = [ptxgen.module_header("gen_patchify.py", head)]
     for name, direction, i, o, _ in entries():
         parts.append(gen_entry(name, direction, i, o))
     return "\n".join(parts)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail if the committed PTX is stale")
-    ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
-    ap.add_argument("--stdout", action="store_true", help="print the PTX instead of writing it")
-    args = ap.parse_args()
+    args = ptxgen.parser(__doc__).parse_args()
     if args.list:
         for name, _, _, _, size in entries():
             print(name, size)
         return 0
-    text = generate()
-    if args.stdout:
-        sys.stdout.write(text)
-        return 0
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patchify.ptx")
-    if args.check:
-        try:
-            with open(path, encoding="utf-8") as f:
-                current = f.read()
-        except FileNotFoundError:
-            current = None
-        if current != text:
-            print(f"{path} is stale: run python3 kernels/gen_patchify.py", file=sys.stderr)
-            return 1
-        print(f"{path} is up to date")
-        return 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    print(f"wrote {path}")
-    return 0
+    return ptxgen.emit("gen_patchify.py", {"patchify": generate}, args)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,16 @@ f32 operations in the same order (`add.rn`, `mul.rn`, `fma.rn`, `div.rn` never c
 approximate; no `.ftz` anywhere).
 """
 
-import argparse
 import os
 import struct
 import sys
 from decimal import Decimal
 from fractions import Fraction
 
-PTX_VERSION = "8.0"  # CUDA 12.0 drivers JIT PTX ISA 8.0
-TARGET = "sm_80"  # the patchify module's minimum too (cvt.rn.bf16.f32)
+sys.dont_write_bytecode = True  # no __pycache__ in the tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ptxgen  # noqa: E402
+
 BLOCK = 256  # threads per block; .maxntid of every entry, BLOCK in src/cuda/{lfq,fsq}.rs
 WARP = 32
 FULL = "0xffffffff"  # member mask: every lane (the kernels keep warps converged)
@@ -78,18 +79,8 @@ TABLE_BYTES = 48
 SIZES = {"u64": 8, "u32": 4}
 
 
-def layout(fields):
-    offsets, off = {}, 0
-    for name, ty in fields:
-        size = SIZES[ty]
-        off = (off + size - 1) // size * size
-        offsets[name] = off
-        off += size
-    return offsets, (off + 7) // 8 * 8
-
-
-LFQ_OFF, LFQ_SIZE = layout(LFQ_FIELDS)
-FSQ_OFF, FSQ_SIZE = layout(FSQ_FIELDS)
+LFQ_OFF, LFQ_SIZE = ptxgen.layout(LFQ_FIELDS, SIZES)
+FSQ_OFF, FSQ_SIZE = ptxgen.layout(FSQ_FIELDS, SIZES)
 
 
 def entries(module):
@@ -144,84 +135,6 @@ TANH = {name: f32_bits(lit) for name, lit in TANH_LITERALS}
 
 def imm(bits):
     return f"0f{bits:08X}"
-
-
-# --------------------------------------------------------------------------------------------
-# A tiny emitter: named virtual registers, declared per entry.
-# --------------------------------------------------------------------------------------------
-PREFIX = {"u32": "%r_", "b32": "%b_", "u64": "%rd_", "f32": "%f_", "b16": "%h_", "pred": "%p_"}
-
-
-class Entry:
-    def __init__(self, name, offsets):
-        self.name = name
-        self.off = offsets
-        self.body = []
-        self.regs = {}
-        self.labels = set()
-
-    def reg(self, ty, name):
-        full = PREFIX[ty] + name
-        prev = self.regs.setdefault(full, ty)
-        assert prev == ty, full
-        return full
-
-    def u32(self, name):
-        return self.reg("u32", name)
-
-    def b32(self, name):
-        return self.reg("b32", name)
-
-    def u64(self, name):
-        return self.reg("u64", name)
-
-    def f32(self, name):
-        return self.reg("f32", name)
-
-    def b16(self, name):
-        return self.reg("b16", name)
-
-    def pred(self, name):
-        return self.reg("pred", name)
-
-    def op(self, text, comment=None):
-        line = "    " + text + ";"
-        if comment:
-            line = line.ljust(64) + " // " + comment
-        self.body.append(line)
-
-    def label(self, name):
-        assert name not in self.labels, name
-        self.labels.add(name)
-        self.body.append(f"{name}:")
-
-    def comment(self, text):
-        self.body.append("")
-        for line in text.split("\n"):
-            self.body.append(f"    // {line}")
-
-    def param(self, ty, field, name=None):
-        reg = self.reg(ty, name or field)
-        self.op(f"ld.param.{ty} {reg}, [p+{self.off[field]}]")
-        return reg
-
-    def render(self, size, doc):
-        decl = {}
-        for full, ty in sorted(self.regs.items()):
-            decl.setdefault(ty, []).append(full)
-        lines = [f"// {line}" if line else "//" for line in doc]
-        lines.append(f".visible .entry {self.name}(")
-        lines.append(f"    .param .align 8 .b8 p[{size}]")
-        lines.append(")")
-        lines.append(f".maxntid {BLOCK}, 1, 1")
-        lines.append("{")
-        for ty in ["pred", "b16", "b32", "u32", "u64", "f32"]:
-            names = decl.get(ty, [])
-            for k in range(0, len(names), 8):
-                lines.append(f"    .reg .{ty} " + ", ".join(names[k:k + 8]) + ";")
-        lines.extend(self.body)
-        lines.append("}")
-        return "\n".join(lines) + "\n"
 
 
 def warp_header(k):
@@ -310,7 +223,7 @@ UNROLL = [16, 8, 4, 2, 1]  # the word blocks of a full step: d = 16*a + 8*b + 4*
 
 def lfq_encode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, LFQ_OFF)
+    k = ptxgen.Entry(name, LFQ_OFF)
     k.comment(
         "Warp step s covers ids [32s, 32s+32) = sign bits [32ds, 32ds+32d) of the flat z: d\n"
         "words. Lane l reads element 32w+l of word w (a warp load is 32 contiguous elements),\n"
@@ -471,7 +384,7 @@ def lfq_encode(name, ty):
         f"{name}: z {ty} [M*d] -> ids u32 [M]; warp-cooperative, {WARP} ids per warp step.",
         "A NaN sets status = max(status, ~(index of the first NaN)).",
     ]
-    return k.render(LFQ_SIZE, doc)
+    return k.render(doc, LFQ_SIZE, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +392,7 @@ def lfq_encode(name, ty):
 # --------------------------------------------------------------------------------------------
 def lfq_decode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, LFQ_OFF)
+    k = ptxgen.Entry(name, LFQ_OFF)
     k.comment(
         "Warp step s: lane l loads id 32s+l (coalesced) and turns it into its d-bit field\n"
         "(channel k = bit k). Codes [32ds, 32ds+32d) are then written 32 at a time: lane l\n"
@@ -616,7 +529,7 @@ def lfq_decode(name, ty):
         f"{name}: ids u32 [M] -> codes {ty} [M*d] (+-v); {WARP} ids per warp step.",
         "An id >= 2^d sets status = max(status, ~index << 32 | id).",
     ]
-    return k.render(LFQ_SIZE, doc)
+    return k.render(doc, LFQ_SIZE, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -640,7 +553,7 @@ def thread_header(k):
 
 def fsq_encode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, FSQ_OFF)
+    k = ptxgen.Entry(name, FSQ_OFF)
     k.comment(
         "Thread i takes tokens i, i + threads, ...; per dimension, FsqDim::level's f32\n"
         "operations in order: t = z + shift, clamp, tanh (Eigen's rational, fma), v = fma(y,\n"
@@ -765,12 +678,12 @@ def fsq_encode(name, ty):
         f"{name}: z {ty} [N*D] -> ids u32 [N]; one thread per token.",
         "A NaN sets status = max(status, ~(index of the token's first NaN)).",
     ]
-    return k.render(FSQ_SIZE, doc)
+    return k.render(doc, FSQ_SIZE, BLOCK)
 
 
 def fsq_decode(name, ty):
     sz = DTYPES[ty]
-    k = Entry(name, FSQ_OFF)
+    k = ptxgen.Entry(name, FSQ_OFF)
     k.comment(
         "Thread i takes tokens i, i + threads, ...: digit by digit, level = rem % L and\n"
         "rem = rem / L (Granlund-Montgomery: exact for every u32), code = (level - hw) / hw in\n"
@@ -837,7 +750,7 @@ def fsq_decode(name, ty):
         f"{name}: ids u32 [N] -> codes {ty} [N*D]; one thread per token.",
         "An id > max_id sets status = max(status, ~index << 32 | id).",
     ]
-    return k.render(FSQ_SIZE, doc)
+    return k.render(doc, FSQ_SIZE, BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -845,10 +758,7 @@ def fsq_decode(name, ty):
 # --------------------------------------------------------------------------------------------
 def abi_lines(module):
     lines = [f"// abi block {BLOCK}"]
-    offs, size = (LFQ_OFF, LFQ_SIZE) if module == "lfq" else (FSQ_OFF, FSQ_SIZE)
-    lines.append(f"// abi {module} size {size}")
-    for field, off in offs.items():
-        lines.append(f"// abi {module} {field} {off}")
+    lines += ptxgen.abi_params(module, *((LFQ_OFF, LFQ_SIZE) if module == "lfq" else (FSQ_OFF, FSQ_SIZE)))
     if module == "fsq":
         lines.append(f"// abi table size {TABLE_BYTES}")
         for field, off in FSQ_TABLE:
@@ -865,21 +775,10 @@ def generate(module):
         "fsq": ["// fsq_encode_{f32,f16,bf16}: z [N*D] -> ids u32 [N] (vistok::fsq::FsqDim::level)",
                 "// fsq_decode_{f32,f16,bf16}: ids u32 [N] -> codes [N*D]"],
     }[module]
-    head = [
-        f"// GENERATED by kernels/gen_quant.py -- do not edit; run",
-        "//     python3 kernels/gen_quant.py",
-        "// and commit the result. Design and ABI: kernels/README.md.",
-        "//",
-    ] + what + ["//"] + abi_lines(module) + [
-        "",
-        f".version {PTX_VERSION}",
-        f".target {TARGET}",
-        ".address_size 64",
-        "",
-    ]
+    head = ["// and commit the result. Design and ABI: kernels/README.md.", "//"] + what + ["//"] + abi_lines(module)
     gen = {("lfq", "encode"): lfq_encode, ("lfq", "decode"): lfq_decode,
            ("fsq", "encode"): fsq_encode, ("fsq", "decode"): fsq_decode}
-    parts = ["\n".join(head)]
+    parts = [ptxgen.module_header("gen_quant.py", head)]
     for name, direction, ty in entries(module):
         parts.append(gen[(module, direction)](name, ty))
     return "\n".join(parts)
@@ -889,41 +788,15 @@ MODULES = ["lfq", "fsq"]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="fail if a committed PTX file is stale")
-    ap.add_argument("--list", action="store_true", help="print each entry and its param bytes")
-    ap.add_argument("--stdout", choices=MODULES, help="print one module's PTX instead of writing")
-    args = ap.parse_args()
+    args = ptxgen.parser(__doc__, check_help="fail if a committed PTX file is stale",
+                         stdout_help="print one module's PTX instead of writing", stdout_choices=MODULES).parse_args()
     if args.list:
         for module in MODULES:
             size = LFQ_SIZE if module == "lfq" else FSQ_SIZE
             for name, _, _ in entries(module):
                 print(module, name, size)
         return 0
-    if args.stdout:
-        sys.stdout.write(generate(args.stdout))
-        return 0
-    here = os.path.dirname(os.path.abspath(__file__))
-    status = 0
-    for module in MODULES:
-        text = generate(module)
-        path = os.path.join(here, f"{module}.ptx")
-        if args.check:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    current = f.read()
-            except FileNotFoundError:
-                current = None
-            if current != text:
-                print(f"{path} is stale: run python3 kernels/gen_quant.py", file=sys.stderr)
-                status = 1
-            else:
-                print(f"{path} is up to date")
-            continue
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        print(f"wrote {path}")
-    return status
+    return ptxgen.emit("gen_quant.py", {m: (lambda m=m: generate(m)) for m in MODULES}, args)
 
 
 if __name__ == "__main__":
