@@ -725,6 +725,10 @@ fn bad_input_is_a_typed_error() {
             Selection::top_k(be, View::new(&s2, &[2, 6]).unwrap(), 1, false),
             Err(Error::NonFinite { .. })
         ));
+        // A class token with no tokens at all (found by the fuzz target: div_prune underflowed).
+        let empty: [f32; 0] = [];
+        assert!(shape(Selection::div_prune(be, View::new(&empty, &[2, 0, 3]).unwrap(), 0, true).unwrap_err()));
+        assert!(shape(Selection::top_k(be, View::new(&empty, &[2, 0]).unwrap(), 0, true).unwrap_err()));
         let e = Selection::div_prune(be, View::new(&bad, &[2, 6, 3]).unwrap(), 2, false).unwrap_err();
         assert!(matches!(&e, Error::NonFinite { what, .. } if what == "metric[1, 1, 1]"), "{be:?}: {e}");
         let sel = Selection::top_k(be, sv(), 2, false).unwrap();
