@@ -344,18 +344,7 @@ fn merge_cuda_backend_is_exact_or_a_clear_error() {
     let (mp, op, slp, sop) = (dir.path("m.npy"), dir.path("o.npy"), dir.path("slots.npy"), dir.path("so.npy"));
     write_npy_raw(&mp, "<f4", &[b, n, c], &le(&x));
     let args = ["merge", "--backend", "cuda", "--r", "13", "--class-token", "--slots", p(&slp), p(&mp), p(&op)];
-    if !cfg!(feature = "cuda") {
-        run_err(&dir, &args, "built without CUDA", &["m.npy"]);
-        return;
-    }
-    let mut all = vec!["run"];
-    all.extend(args);
-    let o = common::cli::vistok(&all);
-    if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("no usable GPU"), "{err}");
-        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
-        eprintln!("skipped: no GPU: {err}");
+    if !common::cli::run_cuda(&dir, &args, &["m.npy"]) {
         return;
     }
     let config = MatchConfig::new(13).class_token(true);
@@ -414,18 +403,7 @@ fn attention_cuda_backend_is_close_or_a_clear_error() {
     write_npy_raw(&path("v.npy"), "<f4", &ks, &le(&v));
     let (qp, kp, vp, op, lp) = (path("q.npy"), path("k.npy"), path("v.npy"), path("o.npy"), path("lse.npy"));
     let args = ["attention", "--backend", "cuda", "--causal", "--lse", p(&lp), p(&qp), p(&kp), p(&vp), p(&op)];
-    if !cfg!(feature = "cuda") {
-        run_err(&dir, &args, "built without CUDA", &["k.npy", "q.npy", "v.npy"]);
-        return;
-    }
-    let mut all = vec!["run"];
-    all.extend(args);
-    let o = common::cli::vistok(&all);
-    if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("no usable GPU"), "{err}");
-        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
-        eprintln!("skipped: no GPU: {err}");
+    if !common::cli::run_cuda(&dir, &args, &["k.npy", "q.npy", "v.npy"]) {
         return;
     }
     let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
@@ -477,18 +455,7 @@ fn argmin_cuda_backend_is_exact_or_a_clear_error() {
     write_npy_raw(&xp, "<f4", &[n, d], &le(&x));
     write_npy_raw(&ep, "<f4", &[k, d], &le(&e));
     let args = ["argmin", "--backend", "cuda", "--codebook", p(&ep), "--dist", p(&dp), p(&xp), p(&ip)];
-    if !cfg!(feature = "cuda") {
-        run_err(&dir, &args, "built without CUDA", &["e.npy", "x.npy"]);
-        return;
-    }
-    let mut all = vec!["run"];
-    all.extend(args);
-    let o = common::cli::vistok(&all);
-    if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("no usable GPU"), "{err}");
-        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
-        eprintln!("skipped: no GPU: {err}");
+    if !common::cli::run_cuda(&dir, &args, &["e.npy", "x.npy"]) {
         return;
     }
     let (ids, dist) = lib_argmin(&e, k, d, Metric::L2, &x, Backend::Cpu);

@@ -6,116 +6,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
+use common::cli::{le, p, read_npy, run_err, run_ok, vistok, write_npy_raw, Dir};
 use common::Rng;
 use vistok::{f16, Backend, BitOrder, Element, Float, Fsq, Lfq, LfqConfig, View, ViewMut};
-
-// ---------------------------------------------------------------------------------------------
-// Harness: a scratch directory, an independent .npy writer / reader, running the binary.
-
-/// A scratch directory removed at the end of the test.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vistok-cli-quant-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// The names of the files in the directory, sorted.
-    fn files(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes a version 1.0 .npy file, header padded to 16 bytes (not vistok's 64).
-fn write_npy_raw(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
-    let dims: String = shape.iter().map(|d| format!("{d},")).collect();
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
-    while (10 + header.len() + 1) % 16 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    out.extend(data);
-    std::fs::write(path, out).unwrap();
-}
-
-/// Little-endian bytes of `data`, by casting (so these tests need a little-endian machine).
-fn le<T: bytemuck::Pod>(data: &[T]) -> Vec<u8> {
-    const { assert!(cfg!(target_endian = "little"), "these tests write little-endian files by casting") };
-    bytemuck::cast_slice(data).to_vec()
-}
-
-/// Reads a .npy file written by vistok: (descr, shape, data bytes), found by plain string
-/// search (independent of vistok's reader).
-fn read_npy(path: &Path) -> (String, Vec<usize>, Vec<u8>) {
-    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
-    let len = u16::from_le_bytes([b[8], b[9]]) as usize;
-    assert_eq!((10 + len) % 64, 0, "data not 64-byte aligned");
-    let h = std::str::from_utf8(&b[10..10 + len]).unwrap();
-    assert!(h.ends_with('\n') && h.contains("'fortran_order': False"), "{h}");
-    let descr = h.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap().to_string();
-    let shape_txt = h.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape = shape_txt.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    (descr, shape, b[10 + len..].to_vec())
-}
-
-fn vistok(args: &[&str]) -> Output {
-    Command::new(common::cli::vistok_bin()).args(args).output().expect("cannot start vistok")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// Runs `vistok run args...` and expects success; returns stdout.
-fn run_ok(args: &[&str]) -> String {
-    let mut all = vec!["run"];
-    all.extend(args);
-    let o = vistok(&all);
-    assert!(o.status.success(), "vistok run {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `vistok run args...` and expects a clean failure: exit code 1 (not a panic's 101), one
-/// line on stderr starting `vistok run <cmd>: ` and containing `want`, and only the `inputs`
-/// left in `dir` (no output, no temporary file).
-fn run_err(dir: &Dir, args: &[&str], want: &str, inputs: &[&str]) {
-    let mut all = vec!["run"];
-    all.extend(args);
-    let o = vistok(&all);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "vistok run {args:?}: status {:?}, stderr {err}", o.status);
-    assert_eq!(err.trim_end().lines().count(), 1, "vistok run {args:?}: not one line: {err}");
-    assert!(err.starts_with(&format!("vistok run {}: ", args[0])), "vistok run {args:?}: prefix: {err}");
-    assert!(err.contains(want), "vistok run {args:?}: expected {want:?} in: {err}");
-    let mut expected: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
-    expected.sort();
-    assert_eq!(dir.files(), expected, "vistok run {args:?} left files behind");
-}
 
 /// Signed values centred on 0 (so LFQ bits are mixed), exact ±0 included.
 fn signed(n: usize, range: f32, seed: u64) -> Vec<f32> {
@@ -641,11 +534,6 @@ fn bench_ci_cases_run_and_check() {
     assert!(!stdout.contains("1048576"), "the filter let other cases through:\n{stdout}");
 }
 
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
-}
-
 /// `--backend cuda`: ids and codes equal the cpu backend's bit for bit on a GPU; without the
 /// `cuda` feature a one-line "built without CUDA"; with it but no GPU, "no usable GPU" (and
 /// under `VISTOK_REQUIRE_GPU=1` that fails).
@@ -657,24 +545,15 @@ fn lfq_fsq_cuda_backend_is_exact_or_a_clear_error() {
     let (zp, out, codes) = (dir.path("z.npy"), dir.path("ids.npy"), dir.path("codes.npy"));
     write_npy_raw(&zp, "<f4", &[n, c], &le(&z));
     let args = ["lfq", "--backend", "cuda", "--groups", "2", "--order", "lsb", "--codes", p(&codes), p(&zp), p(&out)];
-    if !cfg!(feature = "cuda") {
-        run_err(&dir, &args, "built without CUDA", &["z.npy"]);
-        run_err(
-            &dir,
-            &["fsq", "--backend", "cuda", "--levels", "8,5,5,5,5,5,3,3,3,3,2,2,2,2,2,2,2,2", p(&zp), p(&out)],
-            "built without CUDA",
-            &["z.npy"],
-        );
-        return;
-    }
-    let mut all = vec!["run"];
-    all.extend(args);
-    let o = vistok(&all);
-    if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("no usable GPU"), "{err}");
-        assert!(std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"), "VISTOK_REQUIRE_GPU=1 but: {err}");
-        say_skipped(&format!("no GPU: {err}"));
+    if !common::cli::run_cuda(&dir, &args, &["z.npy"]) {
+        if !cfg!(feature = "cuda") {
+            run_err(
+                &dir,
+                &["fsq", "--backend", "cuda", "--levels", "8,5,5,5,5,5,3,3,3,3,2,2,2,2,2,2,2,2", p(&zp), p(&out)],
+                "built without CUDA",
+                &["z.npy"],
+            );
+        }
         return;
     }
     let plan = Lfq::new(&LfqConfig::new(2, 9, BitOrder::LsbFirst)).unwrap();

@@ -5,68 +5,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::cli::{le, p, read_npy, write_npy_version as write_npy_raw, Dir};
 use common::random_data;
 use vistok::{bf16, f16, Backend, Element, Float, Layout, Normalize, PatchConfig, PatchOrder, Patchify, View, ViewMut};
 
 // ---------------------------------------------------------------------------------------------
 // Harness: a scratch directory, an independent .npy writer / reader, running the binary.
-
-/// A scratch directory removed at the end of the test.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("vistok-cli-run-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// The names of the files in the directory, sorted.
-    fn files(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Writes a .npy file the simple way: version `major`.0, header padded to 16 bytes (numpy's
-/// old alignment, unlike vistok's 64, so the reader sees a layout it did not write itself).
-fn write_npy_raw(path: &Path, major: u8, descr: &str, shape: &[usize], data: &[u8]) {
-    let dims: String = shape.iter().map(|d| format!("{d},")).collect();
-    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
-    let prefix = if major == 1 { 10 } else { 12 };
-    while (prefix + header.len() + 1) % 16 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY".to_vec();
-    out.extend([major, 0]);
-    if major == 1 {
-        out.extend((header.len() as u16).to_le_bytes());
-    } else {
-        out.extend((header.len() as u32).to_le_bytes());
-    }
-    out.extend(header.as_bytes());
-    out.extend(data);
-    std::fs::write(path, out).unwrap();
-}
 
 fn descr_of<T: Element>() -> &'static str {
     match T::DTYPE {
@@ -77,63 +24,29 @@ fn descr_of<T: Element>() -> &'static str {
     }
 }
 
-/// Little-endian bytes of `data`, by casting (so these tests need a little-endian machine).
-fn le<T: bytemuck::Pod>(data: &[T]) -> Vec<u8> {
-    const { assert!(cfg!(target_endian = "little"), "these tests write little-endian files by casting") };
-    bytemuck::cast_slice(data).to_vec()
-}
-
 fn write_npy<T: Element>(path: &Path, shape: &[usize], data: &[T]) {
     write_npy_raw(path, 1, descr_of::<T>(), shape, &le(data));
 }
 
-/// Reads a .npy file written by vistok: (descr, shape, data bytes). Independent of vistok's
-/// reader: finds the fields by plain string search.
-fn read_npy(path: &Path) -> (String, Vec<usize>, Vec<u8>) {
-    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(&b[..6], b"\x93NUMPY");
-    let (len, start) = match b[6] {
-        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
-        2 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
-        v => panic!("version {v}"),
-    };
-    assert_eq!((start + len) % 64, 0, "data not 64-byte aligned");
-    let h = std::str::from_utf8(&b[start..start + len]).unwrap();
-    assert!(h.ends_with('\n') && h.contains("'fortran_order': False"), "{h}");
-    let descr = h.split("'descr': '").nth(1).unwrap().split('\'').next().unwrap().to_string();
-    let shape_txt = h.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape = shape_txt.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    (descr, shape, b[start + len..].to_vec())
-}
-
+/// Runs `vistok run args...`.
 fn vistok(args: &[&str]) -> Output {
-    Command::new(common::cli::vistok_bin()).arg("run").args(args).output().expect("cannot start vistok")
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
+    let mut all = vec!["run"];
+    all.extend(args);
+    common::cli::vistok(&all)
 }
 
 /// Runs `vistok run args...`, expects success, returns the output file's (descr, shape, bytes).
 fn run_ok(args: &[&str], out: &Path) -> (String, Vec<usize>, Vec<u8>) {
-    let o = vistok(args);
-    assert!(o.status.success(), "vistok run {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    common::cli::run_ok(args);
     read_npy(out)
 }
 
 /// Runs `vistok run args...`, expects a clean failure: exit code 1 (not a panic's 101), one line
-/// on stderr that starts with `run <cmd>:` (after main's `vistok: `) and contains `want`, and
-/// no output file or temporary file left in `dir` (only the `inputs`).
+/// on stderr that starts with `vistok run <cmd>: ` and contains `want`, and no output file or
+/// temporary file left in `dir` (only the `inputs`).
 fn run_err(dir: &Dir, args: &[&str], cmd: &str, want: &str, inputs: &[&str]) {
-    let o = vistok(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "vistok run {args:?}: status {:?}, stderr {err}", o.status);
-    assert_eq!(err.trim_end().lines().count(), 1, "vistok run {args:?}: not one line: {err}");
-    assert!(err.contains(&format!("run {cmd}: ")), "vistok run {args:?}: no `run {cmd}:` prefix: {err}");
-    assert!(err.contains(want), "vistok run {args:?}: expected {want:?} in: {err}");
-    let mut expected: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
-    expected.sort();
-    assert_eq!(dir.files(), expected, "vistok run {args:?} left files behind");
+    assert_eq!(args[0], cmd, "the command is the first argument");
+    common::cli::run_err(dir, args, want, inputs);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,7 +480,7 @@ fn cuda_backend_is_exact_or_a_clear_error() {
     let o = vistok(&args);
     if !o.status.success() {
         let err = String::from_utf8_lossy(&o.stderr);
-        say_skipped(&format!("no GPU: {err}"));
+        common::say_skipped(&format!("no GPU: {err}"));
         assert!(err.contains("no usable GPU"), "{err}");
         assert!(!out.exists());
         return;
@@ -588,7 +501,7 @@ fn cuda_backend_is_exact_or_a_clear_error() {
 #[test]
 fn numpy_reads_and_writes_what_vistok_does() {
     if !Command::new("python3").args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success()) {
-        say_skipped("python3 with numpy is not available");
+        common::say_skipped("python3 with numpy is not available");
         return;
     }
     let dir = Dir::new("numpy");
@@ -631,11 +544,4 @@ print("numpy interop ok")
         .unwrap();
     assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     print!("{}", String::from_utf8_lossy(&o.stdout));
-}
-
-/// Says a test was skipped where a person sees it: straight to the process's stderr, which
-/// the test harness does not capture (it captures only the print macros).
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }

@@ -5,17 +5,15 @@
 //! `kernels/gen_argmin.py` writes, and every entry the Rust side launches exists with the
 //! parameter block it passes.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::ptx::{self, EntryDecl};
 
 const PTX: &str = include_str!("../kernels/argmin.ptx");
 const PARAM_BYTES: usize = 112;
 const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
-
-/// Says a test was skipped where a person sees it (the harness does not capture stderr writes).
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
-}
 
 /// The entries, written out independently of src/cuda/argmin.rs, in file order.
 fn expected_entries() -> Vec<String> {
@@ -37,56 +35,25 @@ fn expected_entries() -> Vec<String> {
     v
 }
 
-/// `(name, parameter lines, .maxntid)` of every `.visible .entry`.
-fn entries() -> Vec<(String, Vec<String>, Option<String>)> {
-    let lines: Vec<&str> = PTX.lines().collect();
-    let mut out = vec![];
-    let mut i = 0;
-    while i < lines.len() {
-        if let Some(rest) = lines[i].trim().strip_prefix(".visible .entry ") {
-            let name = rest.trim_end_matches('(').trim().to_string();
-            let mut params = vec![];
-            i += 1;
-            while lines[i].trim() != ")" {
-                params.push(lines[i].trim().trim_end_matches(',').to_string());
-                i += 1;
-            }
-            let mut maxntid = None;
-            while lines[i].trim() != "{" {
-                if let Some(v) = lines[i].trim().strip_prefix(".maxntid ") {
-                    maxntid = Some(v.to_string());
-                }
-                i += 1;
-            }
-            out.push((name, params, maxntid));
-        }
-        i += 1;
-    }
-    out
-}
-
 /// The `// abi KEY VALUE` header lines.
 fn abi() -> BTreeMap<String, usize> {
-    PTX.lines()
-        .filter_map(|l| l.strip_prefix("// abi "))
-        .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap();
-            (key.to_string(), value.parse().unwrap())
-        })
-        .collect()
+    ptx::abi(PTX)
 }
 
+fn entries() -> Vec<EntryDecl> {
+    ptx::entries(PTX)
+}
 #[test]
 fn ptx_declares_every_entry_with_one_param_block() {
-    let directive = |d: &str| PTX.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
+    let directive = |d: &str| ptx::directive(PTX, d);
     assert_eq!(directive(".version "), Some("8.0"));
     assert_eq!(directive(".target "), Some("sm_80"));
     assert_eq!(directive(".address_size "), Some("64"));
     assert!(PTX.is_ascii());
     let found = entries();
-    let names: Vec<&str> = found.iter().map(|e| e.0.as_str()).collect();
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, expected_entries(), "entries and their order");
-    for (name, params, maxntid) in &found {
+    for EntryDecl { name, params, maxntid } in &found {
         assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameters");
         assert_eq!(maxntid.as_deref(), Some("256, 1, 1"), "{name}: .maxntid");
     }
@@ -96,19 +63,7 @@ fn ptx_declares_every_entry_with_one_param_block() {
 
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_argmin.py")).find(|p| p.is_file()) else {
-        say_skipped("kernels/gen_argmin.py not found (run from the crate root)");
-        return;
-    };
-    match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
-        Ok(out) if out.status.success() => {
-            let text = String::from_utf8(out.stdout).unwrap();
-            assert!(text == PTX, "kernels/argmin.ptx is stale: run python3 kernels/gen_argmin.py");
-        }
-        Ok(out) => panic!("gen_argmin.py failed: {}", String::from_utf8_lossy(&out.stderr)),
-        Err(e) => say_skipped(&format!("python3 not runnable ({e})")),
-    }
+    ptx::check_generated("gen_argmin.py", &[], "argmin.ptx", PTX);
 }
 
 /// The committed PTX run on `kernels/ptx_sim.py` (no GPU): search (every dtype, both metrics,
@@ -116,22 +71,14 @@ fn committed_ptx_is_what_the_generator_writes() {
 /// against a Python model of the contract in `kernels/gen_argmin.py --emulate`.
 #[test]
 fn ptx_runs_on_the_interpreter_as_the_contract_says() {
-    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_argmin.py")).find(|p| p.is_file()) else {
-        say_skipped("kernels/gen_argmin.py not found (run from the crate root)");
-        return;
-    };
-    match std::process::Command::new("python3").arg(&gen).args(["--emulate", "quick"]).output() {
-        Ok(out) => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && text.contains("argmin emulation passed"),
-                "emulation failed:\n{text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            eprintln!("{}", text.trim_end());
-        }
-        Err(e) => say_skipped(&format!("python3 not runnable ({e})")),
+    if let Some(out) = ptx::run_generator("gen_argmin.py", &["--emulate", "quick"]) {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("argmin emulation passed"),
+            "emulation failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", text.trim_end());
     }
 }
 
@@ -139,7 +86,7 @@ fn ptx_runs_on_the_interpreter_as_the_contract_says() {
 #[test]
 fn rust_launches_match_the_ptx_abi() {
     use vistok::cuda::argmin as ca;
-    let names: Vec<String> = entries().into_iter().map(|e| e.0).collect();
+    let names: Vec<String> = entries().into_iter().map(|e| e.name).collect();
     assert_eq!(ca::kernel_names(), names);
     assert_eq!(ca::PARAM_BYTES, PARAM_BYTES);
     let abi = abi();
@@ -158,14 +105,8 @@ fn rust_launches_match_the_ptx_abi() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn skipped_without_cuda_feature() {
-    if std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1") {
-        panic!("VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
-    }
-    say_skipped("built without the cuda feature");
+    common::skip_without_cuda_feature();
 }
-
-#[cfg(feature = "cuda")]
-mod common;
 
 #[cfg(feature = "cuda")]
 mod cuda {
@@ -192,7 +133,7 @@ mod cuda {
                     "VISTOK_REQUIRE_GPU=1 but no usable CUDA device: {e}"
                 );
                 static SAID: std::sync::Once = std::sync::Once::new();
-                SAID.call_once(|| super::say_skipped(&format!("no CUDA device ({e})")));
+                SAID.call_once(|| super::common::say_skipped(&format!("no CUDA device ({e})")));
                 None
             }
         }

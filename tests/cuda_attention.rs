@@ -14,6 +14,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::ptx::{self, EntryDecl};
+
 const PTX: &str = include_str!("../kernels/attention.ptx");
 const PARAM_BYTES: usize = 192;
 /// `(entry, threads)` in file order.
@@ -27,82 +29,26 @@ const ENTRIES: [(&str, usize); 7] = [
     ("attention_f32", 128),
 ];
 
-/// Says a test was skipped where a person sees it (stderr is not captured by the harness).
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
-}
-
-/// `(name, parameter lines, .maxntid)` of every entry.
-fn entries(ptx: &str) -> Vec<(String, Vec<String>, Option<String>)> {
-    let lines: Vec<&str> = ptx.lines().collect();
-    let mut out = vec![];
-    let mut i = 0;
-    while i < lines.len() {
-        if let Some(rest) = lines[i].trim().strip_prefix(".visible .entry ") {
-            let name = rest.trim_end_matches('(').trim().to_string();
-            let mut params = vec![];
-            i += 1;
-            while lines[i].trim() != ")" {
-                params.push(lines[i].trim().trim_end_matches(',').to_string());
-                i += 1;
-            }
-            let mut maxntid = None;
-            while lines[i].trim() != "{" {
-                if let Some(v) = lines[i].trim().strip_prefix(".maxntid ") {
-                    maxntid = Some(v.to_string());
-                }
-                i += 1;
-            }
-            out.push((name, params, maxntid));
-        }
-        i += 1;
-    }
-    out
-}
-
 fn abi() -> BTreeMap<String, usize> {
-    PTX.lines()
-        .filter_map(|l| l.strip_prefix("// abi "))
-        .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap();
-            (key.to_string(), value.parse().unwrap())
-        })
-        .collect()
+    ptx::abi(PTX)
 }
-
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_attention.py")).find(|p| p.is_file())
-    else {
-        say_skipped("kernels/gen_attention.py not found (run from the crate root)");
-        return;
-    };
-    match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
-        Ok(out) if out.status.success() => {
-            assert!(
-                out.stdout == PTX.as_bytes(),
-                "kernels/attention.ptx is stale: run python3 kernels/gen_attention.py"
-            )
-        }
-        Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
-        Err(e) => say_skipped(&format!("python3 not available ({e})")),
-    }
+    ptx::check_generated("gen_attention.py", &[], "attention.ptx", PTX);
 }
 
 #[test]
 fn every_entry_exists_with_one_param_block_of_the_right_size() {
-    let found = entries(PTX);
-    let names: Vec<&str> = found.iter().map(|e| e.0.as_str()).collect();
+    let found = ptx::entries(PTX);
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ENTRIES.iter().map(|e| e.0).collect::<Vec<_>>(), "entries and their order");
-    for ((name, params, maxntid), (_, threads)) in found.iter().zip(ENTRIES) {
+    for (EntryDecl { name, params, maxntid }, (_, threads)) in found.iter().zip(ENTRIES) {
         assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameter list");
         assert_eq!(maxntid.as_deref(), Some(format!("{threads}, 1, 1").as_str()), "{name}: .maxntid");
     }
     let abi = abi();
     assert_eq!(abi["attention size"], PARAM_BYTES);
-    let directive = |d: &str| PTX.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
+    let directive = |d: &str| ptx::directive(PTX, d);
     assert_eq!(directive(".version "), Some("8.0"));
     assert_eq!(directive(".target "), Some("sm_80"));
     assert!(PTX.lines().any(|l| l.starts_with("// vistok: max-regs ")));
@@ -116,11 +62,7 @@ fn launcher_agrees_with_the_ptx() {
     assert_eq!(ca::PARAM_BYTES, PARAM_BYTES);
     assert_eq!(ca::PTX, PTX);
     let abi = abi();
-    let mut in_ptx: Vec<(String, usize)> = abi
-        .iter()
-        .filter_map(|(k, &v)| k.strip_prefix("attention ").filter(|f| *f != "size").map(|f| (f.to_string(), v)))
-        .collect();
-    in_ptx.sort();
+    let in_ptx = ptx::abi_fields(PTX, "attention");
     let mut in_rust: Vec<(String, usize)> = ca::param_offsets().into_iter().map(|(f, o)| (f.to_string(), o)).collect();
     in_rust.sort();
     assert_eq!(in_rust, in_ptx, "field offsets, Rust vs PTX");
@@ -147,271 +89,25 @@ fn launcher_agrees_with_the_ptx() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_tests_skipped_without_cuda_feature() {
-    if std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1") {
-        panic!("VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
-    }
-    say_skipped("built without the cuda feature");
+    common::skip_without_cuda_feature();
 }
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use std::sync::OnceLock;
-
+    use super::common::gpu::gpu;
+    use super::common::judge::{
+        self, atol, attention, max_err, naive, oracle, visible, BiasKind, Data, Dims, MaskKind, Opts,
+    };
     use super::common::{poison, Rng};
     use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
-    use vistok::attention::{Attention, Bias, Mask, QkvLayout};
+    use vistok::attention::{Attention, Bias, QkvLayout};
     use vistok::cuda::attention::AttentionKernel;
     use vistok::cuda::Gpu;
-    use vistok::{bf16, f16, Backend, DType, Error, Float, View, ViewMut};
+    use vistok::{bf16, f16, DType, Error, Float, View};
 
-    fn gpu() -> Option<&'static Gpu> {
-        static GPU: OnceLock<Result<Gpu, Error>> = OnceLock::new();
-        match GPU.get_or_init(|| Gpu::new(0)) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                assert!(
-                    std::env::var("VISTOK_REQUIRE_GPU").as_deref() != Ok("1"),
-                    "VISTOK_REQUIRE_GPU=1 but no usable CUDA device: {e}"
-                );
-                super::say_skipped(&format!("no CUDA device ({e})"));
-                None
-            }
-        }
-    }
-
-    // ------------------------------------------------------------ problems (as tests/attention.rs)
-
-    #[derive(Debug, Clone, Copy)]
-    struct Dims {
-        b: usize,
-        h: usize,
-        hkv: usize,
-        nq: usize,
-        nk: usize,
-        d: usize,
-        layout: QkvLayout,
-    }
-
-    impl Dims {
-        fn q(&self) -> [usize; 4] {
-            match self.layout {
-                QkvLayout::Bhnd => [self.b, self.h, self.nq, self.d],
-                QkvLayout::Bnhd => [self.b, self.nq, self.h, self.d],
-            }
-        }
-        fn kv(&self) -> [usize; 4] {
-            match self.layout {
-                QkvLayout::Bhnd => [self.b, self.hkv, self.nk, self.d],
-                QkvLayout::Bnhd => [self.b, self.nk, self.hkv, self.d],
-            }
-        }
-        fn lse(&self) -> [usize; 3] {
-            [self.b, self.h, self.nq]
-        }
-        fn at(&self, heads: usize, n: usize, b: usize, head: usize, t: usize) -> usize {
-            match self.layout {
-                QkvLayout::Bhnd => ((b * heads + head) * n + t) * self.d,
-                QkvLayout::Bnhd => ((b * n + t) * heads + head) * self.d,
-            }
-        }
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    enum MaskKind {
-        None,
-        Causal,
-        Window(usize, usize),
-        Segments,
-    }
-
-    #[derive(Debug, Clone, Copy, PartialEq)]
-    enum BiasKind {
-        None,
-        Key(bool),
-        Full(bool, bool),
-    }
-
-    #[derive(Debug, Clone, Copy)]
-    struct Opts {
-        mask: MaskKind,
-        bias: BiasKind,
-        scale: Option<f32>,
-        amp: f32,
-    }
-
-    struct Data<T> {
-        q: Vec<T>,
-        k: Vec<T>,
-        v: Vec<T>,
-        bias: Vec<f32>,
-        bias_dims: Vec<usize>,
-        qseg: Vec<u32>,
-        kseg: Vec<u32>,
-    }
-
+    /// A random problem, segment ids stepping about every 9 tokens in sorted runs.
     fn make<T: Float>(dm: &Dims, o: &Opts, seed: u64) -> Data<T> {
-        let mut r = Rng(seed);
-        let mut vals = |n: usize, amp: f32| -> Vec<T> { (0..n).map(|_| T::from_f32(r.uniform(-amp, amp))).collect() };
-        let q = vals(dm.q().iter().product(), o.amp);
-        let k = vals(dm.kv().iter().product(), o.amp);
-        let v = vals(dm.kv().iter().product(), 1.0);
-        let mut r = Rng(seed ^ 0x5eed);
-        let bias_dims = match o.bias {
-            BiasKind::None => vec![],
-            BiasKind::Key(one) => vec![if one { 1 } else { dm.b }, dm.nk],
-            BiasKind::Full(b1, h1) => vec![if b1 { 1 } else { dm.b }, if h1 { 1 } else { dm.h }, dm.nq, dm.nk],
-        };
-        let bias = (0..bias_dims.iter().product::<usize>())
-            .map(|_| if r.next_u64().is_multiple_of(13) { f32::NEG_INFINITY } else { r.uniform(-2.0, 2.0) })
-            .collect();
-        let mut seg = |n: usize| -> Vec<u32> {
-            let mut s = 0u32;
-            let sorted = !r.next_u64().is_multiple_of(4);
-            (0..n)
-                .map(|_| {
-                    if sorted {
-                        s += r.next_u64().is_multiple_of(9) as u32;
-                        s
-                    } else {
-                        (r.next_u64() % 4) as u32
-                    }
-                })
-                .collect()
-        };
-        let qseg = seg(dm.nq);
-        let kseg = seg(dm.nk);
-        Data { q, k, v, bias, bias_dims, qseg, kseg }
-    }
-
-    fn attention<'a, T: Float>(o: &Opts, dm: &Dims, data: &'a Data<T>) -> Attention<'a> {
-        let mut a = Attention::new().layout(dm.layout);
-        if let Some(s) = o.scale {
-            a = a.scale(s);
-        }
-        a.mask(match o.mask {
-            MaskKind::None => Mask::None,
-            MaskKind::Causal => Mask::Causal,
-            MaskKind::Window(left, right) => Mask::Window { left, right },
-            MaskKind::Segments => Mask::Segments { q: &data.qseg, k: &data.kseg },
-        })
-        .bias(match o.bias {
-            BiasKind::None => Bias::None,
-            BiasKind::Key(_) => Bias::Key(View::new(&data.bias, &data.bias_dims).unwrap()),
-            BiasKind::Full(..) => Bias::Full(View::new(&data.bias, &data.bias_dims).unwrap()),
-        })
-    }
-
-    /// The f64 reference on the inputs widened to f32, rounded once to f32.
-    fn oracle<T: Float>(a: &Attention<'_>, dm: &Dims, data: &Data<T>) -> (Vec<f32>, Vec<f32>) {
-        let wide = |x: &[T]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
-        let (q, k, v) = (wide(&data.q), wide(&data.k), wide(&data.v));
-        let mut out = vec![f32::NAN; dm.q().iter().product()];
-        let mut lse = vec![f32::NAN; dm.lse().iter().product()];
-        a.forward_lse(
-            Backend::Reference,
-            View::new(&q, &dm.q()).unwrap(),
-            View::new(&k, &dm.kv()).unwrap(),
-            View::new(&v, &dm.kv()).unwrap(),
-            ViewMut::new(&mut out, &dm.q()).unwrap(),
-            ViewMut::new(&mut lse, &dm.lse()).unwrap(),
-        )
-        .unwrap();
-        (out, lse)
-    }
-
-    fn visible(o: &Opts, dm: &Dims, data: &Data<impl Float>, i: usize, j: usize) -> bool {
-        let diag = i as i64 + dm.nk as i64 - dm.nq as i64;
-        let j64 = j as i64;
-        match o.mask {
-            MaskKind::None => true,
-            MaskKind::Causal => j64 <= diag,
-            MaskKind::Window(l, r) => diag - (l.min(1 << 40) as i64) <= j64 && j64 <= diag + r.min(1 << 40) as i64,
-            MaskKind::Segments => data.kseg[j] <= data.qseg[i],
-        }
-    }
-
-    /// The naive computation in the element type (FlashAttention's `attention_ref` without
-    /// upcasting), exactly as tests/attention.rs writes it.
-    fn naive<T: Float>(o: &Opts, dm: &Dims, data: &Data<T>) -> (Vec<f32>, Vec<f32>) {
-        let rt = |x: f32| T::from_f32(x).to_f32();
-        let scale = o.scale.unwrap_or((1.0 / (dm.d as f64).sqrt()) as f32);
-        let mut out = vec![0.0f32; dm.q().iter().product()];
-        let mut lse = vec![0.0f32; dm.lse().iter().product()];
-        let group = dm.h / dm.hkv;
-        let mut s = vec![0.0f32; dm.nk];
-        for b in 0..dm.b {
-            for h in 0..dm.h {
-                for i in 0..dm.nq {
-                    let qi = dm.at(dm.h, dm.nq, b, h, i);
-                    let qs: Vec<f32> = data.q[qi..][..dm.d].iter().map(|x| rt(x.to_f32() * scale)).collect();
-                    for (j, sj) in s.iter_mut().enumerate() {
-                        let kj = dm.at(dm.hkv, dm.nk, b, h / group, j);
-                        let dot = qs.iter().zip(&data.k[kj..][..dm.d]).fold(0.0f32, |acc, (x, y)| acc + x * y.to_f32());
-                        let mut v = rt(dot);
-                        v = match o.bias {
-                            BiasKind::None => v,
-                            BiasKind::Key(one) => rt(v + data.bias[if one { 0 } else { b * dm.nk } + j]),
-                            BiasKind::Full(b1, h1) => {
-                                let bb = if b1 { 0 } else { b };
-                                let hh = if h1 { 0 } else { h };
-                                let heads = if h1 { 1 } else { dm.h };
-                                rt(v + data.bias[((bb * heads + hh) * dm.nq + i) * dm.nk + j])
-                            }
-                        };
-                        *sj = if visible(o, dm, data, i, j) { v } else { f32::NEG_INFINITY };
-                    }
-                    let m = s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                    let oi = dm.at(dm.h, dm.nq, b, h, i);
-                    let li = (b * dm.h + h) * dm.nq + i;
-                    if m == f32::NEG_INFINITY {
-                        out[oi..][..dm.d].fill(0.0);
-                        lse[li] = f32::NEG_INFINITY;
-                        continue;
-                    }
-                    let e: Vec<f32> = s.iter().map(|&x| (x - m).exp()).collect();
-                    let sum: f32 = e.iter().sum();
-                    let mut acc = vec![0.0f32; dm.d];
-                    for (j, ej) in e.iter().enumerate() {
-                        let p = rt(ej / sum);
-                        let vj = dm.at(dm.hkv, dm.nk, b, h / group, j);
-                        for (a, v) in acc.iter_mut().zip(&data.v[vj..][..dm.d]) {
-                            *a += p * v.to_f32();
-                        }
-                    }
-                    for (o, a) in out[oi..][..dm.d].iter_mut().zip(&acc) {
-                        *o = rt(*a);
-                    }
-                    lse[li] = m + sum.ln();
-                }
-            }
-        }
-        (out, lse)
-    }
-
-    /// Largest |got − want| over finite pairs; infinities must match exactly, NaN fails.
-    fn max_err(got: impl Iterator<Item = f32>, want: &[f32], what: &str) -> f64 {
-        let mut worst = 0.0f64;
-        for (n, (g, &w)) in got.zip(want).enumerate() {
-            assert!(!g.is_nan(), "{what}[{n}] is NaN (want {w})");
-            if w.is_infinite() || g.is_infinite() {
-                assert_eq!(g, w, "{what}[{n}]");
-                continue;
-            }
-            worst = worst.max((g as f64 - w as f64).abs());
-        }
-        worst
-    }
-
-    /// As tests/attention.rs: a few f32 ulps of the largest score; half an ulp of 1 for 16-bit
-    /// outputs; FlashAttention's 1e−5 (relative) for the lse.
-    fn atol<T: Float>(magnitude: f32, lse: bool) -> f64 {
-        let f32_term = 8.0 * f32::EPSILON as f64 * magnitude.max(1.0) as f64;
-        match T::DTYPE {
-            DType::F32 => f32_term,
-            _ if lse => 1e-5 * magnitude.max(1.0) as f64,
-            DType::BF16 => 2f64.powi(-9),
-            _ => 2f64.powi(-12),
-        }
+        judge::make(dm, o, seed, 9)
     }
 
     /// Runs the GPU kernel through the device API with poisoned outputs.

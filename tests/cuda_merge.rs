@@ -13,7 +13,11 @@
 //! sizes) and unmerge must equal the cpu backend bit for bit (any NaN equal to any NaN; outputs
 //! poisoned first). Bad input: typed errors, the same as the cpu backend's where both check.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::ptx::{self, EntryDecl};
 
 const PTX: &str = include_str!("../kernels/merge.ptx");
 const PARAM_BYTES: usize = 96;
@@ -30,60 +34,20 @@ fn expected_entries() -> Vec<String> {
     v
 }
 
-/// `(name, params, maxntid)` of every `.visible .entry`.
-fn entries_of(ptx: &str) -> Vec<(String, Vec<String>, Option<String>)> {
-    let lines: Vec<&str> = ptx.lines().collect();
-    let mut out = vec![];
-    let mut i = 0;
-    while i < lines.len() {
-        if let Some(rest) = lines[i].trim().strip_prefix(".visible .entry ") {
-            let name = rest.trim_end_matches('(').trim().to_string();
-            let mut params = vec![];
-            i += 1;
-            while lines[i].trim() != ")" {
-                params.push(lines[i].trim().trim_end_matches(',').to_string());
-                i += 1;
-            }
-            let mut maxntid = None;
-            while lines[i].trim() != "{" {
-                if let Some(v) = lines[i].trim().strip_prefix(".maxntid ") {
-                    maxntid = Some(v.to_string());
-                }
-                i += 1;
-            }
-            out.push((name, params, maxntid));
-        }
-        i += 1;
-    }
-    out
-}
-
 fn abi() -> BTreeMap<String, usize> {
-    PTX.lines()
-        .filter_map(|l| l.strip_prefix("// abi "))
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect()
+    ptx::abi(PTX)
 }
-
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
-}
-
 #[test]
 fn ptx_header_and_entries() {
-    let directive = |d: &str| PTX.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
+    let directive = |d: &str| ptx::directive(PTX, d);
     assert_eq!(directive(".version "), Some("8.0"));
     assert_eq!(directive(".target "), Some("sm_80"));
     assert_eq!(directive(".address_size "), Some("64"));
     assert!(PTX.is_ascii() && !PTX.contains('\0'));
-    let found = entries_of(PTX);
-    let names: Vec<&str> = found.iter().map(|e| e.0.as_str()).collect();
+    let found = ptx::entries(PTX);
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, expected_entries(), "entries and their order");
-    for (name, params, maxntid) in &found {
+    for EntryDecl { name, params, maxntid } in &found {
         assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameter list");
         assert_eq!(maxntid.as_deref(), Some(format!("{BLOCK}, 1, 1").as_str()), "{name}: .maxntid");
     }
@@ -100,41 +64,23 @@ fn ptx_header_and_entries() {
 
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels/gen_merge.py")).find(|p| p.is_file()) else {
-        say_skipped("kernels/gen_merge.py not found (run from the crate root)");
-        return;
-    };
-    match std::process::Command::new("python3").arg(&gen).arg("--stdout").output() {
-        Ok(out) if out.status.success() => {
-            assert!(out.stdout == PTX.as_bytes(), "kernels/merge.ptx is stale: run python3 kernels/gen_merge.py")
-        }
-        Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
-        Err(e) => say_skipped(&format!("python3 not available ({e})")),
-    }
+    ptx::check_generated("gen_merge.py", &[], "merge.ptx", PTX);
 }
 
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn skipped_without_cuda_feature() {
-    if std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1") {
-        panic!("VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
-    }
-    say_skipped("built without the cuda feature");
+    common::skip_without_cuda_feature();
 }
 
 #[cfg(feature = "cuda")]
-mod common;
-
-#[cfg(feature = "cuda")]
 mod cuda {
-    use std::sync::OnceLock;
     use std::time::Instant;
 
+    use super::common::gpu::gpu;
     use super::common::{poison, Rng};
     use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
     use vistok::cuda::merge::{self as cm, MergeKernel};
-    use vistok::cuda::Gpu;
     use vistok::merge::{MatchConfig, MergeMode, MergePlan};
     use vistok::{bf16, f16, Backend, Error, Family, Float, View, ViewMut};
 
@@ -152,22 +98,6 @@ mod cuda {
         let rust: Vec<(String, usize)> = cm::param_offsets().into_iter().map(|(f, o)| (f.to_string(), o)).collect();
         assert_eq!(rust, ptx, "field offsets, Rust vs PTX");
         assert_eq!((abi["tile"], abi["kstep"]), (cm::TILE, cm::KSTEP));
-    }
-
-    fn require_gpu() -> bool {
-        std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1")
-    }
-
-    fn gpu() -> Option<&'static Gpu> {
-        static GPU: OnceLock<Result<Gpu, Error>> = OnceLock::new();
-        match GPU.get_or_init(|| Gpu::new(0)) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but no usable CUDA device: {e}");
-                super::say_skipped(&format!("no CUDA device ({e})"));
-                None
-            }
-        }
     }
 
     /// A metric with planted exact ties: small integers (many equal cosines), duplicated rows,

@@ -5,29 +5,21 @@
 //! the same PTX with the same host-built launches on the CPU (skipped when python3 is missing).
 //! Outputs are poisoned before every launch and compared bitwise, element by element.
 
+mod common;
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn skipped_without_cuda_feature() {
-    if std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1") {
-        panic!("VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
-    }
-    say_skipped("built without the cuda feature");
-}
-
-/// Says a test was skipped where a person sees it: straight to the process's stderr, which
-/// the test harness does not capture (it captures only the print macros).
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+    common::skip_without_cuda_feature();
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::process::Command;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::OnceLock;
 
+    use super::common::gpu::{gpu, simulator};
     use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
     use proptest::prelude::*;
     use vistok::cuda::patchify::{self as cp, GridShape, Mapping, Pointers, MAX_GRID_Y};
@@ -38,45 +30,6 @@ mod cuda {
     };
 
     // ---------------------------------------------------------------- devices
-
-    fn require_gpu() -> bool {
-        std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1")
-    }
-
-    /// The GPU shared by all tests (one context, the module JIT-compiled once).
-    fn gpu() -> Option<&'static Gpu> {
-        static GPU: OnceLock<Result<Gpu, Error>> = OnceLock::new();
-        match GPU.get_or_init(|| Gpu::new(0)) {
-            Ok(g) => Some(g),
-            Err(e) => {
-                // NoCudaDriver / NoDevice on machines without a GPU; a driver error (e.g. a
-                // driver too old) skips too, unless the GPU is required.
-                assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but no usable CUDA device: {e}");
-                super::say_skipped(&format!("no CUDA device ({e})"));
-                None
-            }
-        }
-    }
-
-    /// kernels/ptx_sim.py of this checkout (found at run time: the binaries may run from a copy
-    /// of the tree at another path), if python3 can run it.
-    fn simulator() -> Option<&'static Path> {
-        static SIM: OnceLock<Option<PathBuf>> = OnceLock::new();
-        let sim = SIM.get_or_init(|| {
-            let roots = [
-                std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from),
-                std::env::current_dir().ok(),
-                Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
-            ];
-            let sim = roots.into_iter().flatten().map(|r| r.join("kernels/ptx_sim.py")).find(|p| p.is_file())?;
-            let ok = Command::new("python3").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-            ok.then_some(sim)
-        });
-        if sim.is_none() {
-            super::say_skipped("python3 or kernels/ptx_sim.py not found");
-        }
-        sim.as_deref()
-    }
 
     #[derive(Clone, Copy)]
     enum Device {

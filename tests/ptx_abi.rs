@@ -5,7 +5,11 @@
 //! kernels/gen_quant.py); with the `cuda` feature they are also checked against the Rust
 //! side's constants, struct sizes and field offsets.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::ptx::{self, EntryDecl};
 
 const PTX: &str = include_str!("../kernels/patchify.ptx");
 const LFQ_PTX: &str = include_str!("../kernels/lfq.ptx");
@@ -33,65 +37,20 @@ fn expected() -> Vec<(String, usize)> {
     v
 }
 
-struct EntryDecl {
-    name: String,
-    params: Vec<String>,
-    maxntid: Option<String>,
-}
-
 /// Every `.visible .entry name( ... )` with its parameter lines and `.maxntid` directive.
 fn entries() -> Vec<EntryDecl> {
-    entries_of(PTX)
-}
-
-fn entries_of(ptx: &str) -> Vec<EntryDecl> {
-    let lines: Vec<&str> = ptx.lines().collect();
-    let mut out = vec![];
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i].trim();
-        if let Some(rest) = line.strip_prefix(".visible .entry ") {
-            let name = rest.trim_end_matches('(').trim().to_string();
-            assert!(rest.ends_with('('), "entry {name}: expected the parameter list on the next lines");
-            let mut params = vec![];
-            i += 1;
-            while lines[i].trim() != ")" {
-                params.push(lines[i].trim().trim_end_matches(',').to_string());
-                i += 1;
-            }
-            let mut maxntid = None;
-            while lines[i].trim() != "{" {
-                if let Some(v) = lines[i].trim().strip_prefix(".maxntid ") {
-                    maxntid = Some(v.to_string());
-                }
-                i += 1;
-            }
-            out.push(EntryDecl { name, params, maxntid });
-        }
-        i += 1;
-    }
-    out
+    ptx::entries(PTX)
 }
 
 /// The `// abi KEY... VALUE` header lines: "patchify size" -> 192, "patchify div" -> 56, ...
 fn abi() -> BTreeMap<String, usize> {
-    abi_of(PTX)
-}
-
-fn abi_of(ptx: &str) -> BTreeMap<String, usize> {
-    ptx.lines()
-        .filter_map(|l| l.strip_prefix("// abi "))
-        .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap();
-            (key.to_string(), value.parse().unwrap())
-        })
-        .collect()
+    ptx::abi(PTX)
 }
 
 #[test]
 fn header_declares_a_jittable_version_and_target() {
     for ptx in [PTX, LFQ_PTX, FSQ_PTX] {
-        let directive = |d: &str| ptx.lines().find_map(|l| l.strip_prefix(d)).map(str::trim);
+        let directive = |d: &str| ptx::directive(ptx, d);
         let version = directive(".version ").expect(".version");
         let (major, minor) = version.split_once('.').unwrap();
         let v = (major.parse::<u32>().unwrap(), minor.parse::<u32>().unwrap());
@@ -133,27 +92,9 @@ fn abi_header_matches_the_documented_sizes() {
 
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    check_generated("gen_patchify.py", &[], "patchify.ptx", PTX);
-    check_generated("gen_quant.py", &["lfq"], "lfq.ptx", LFQ_PTX);
-    check_generated("gen_quant.py", &["fsq"], "fsq.ptx", FSQ_PTX);
-}
-
-/// Runs `kernels/{generator} --stdout {args}` and compares with the PTX embedded in this
-/// binary (not the file next to the generator).
-fn check_generated(generator: &str, args: &[&str], file: &str, embedded: &str) {
-    // Found at run time: the test binary may run from a copy of the tree at another path.
-    let roots = [std::env::var_os("CARGO_MANIFEST_DIR").map(std::path::PathBuf::from), std::env::current_dir().ok()];
-    let Some(gen) = roots.into_iter().flatten().map(|r| r.join("kernels").join(generator)).find(|p| p.is_file()) else {
-        say_skipped(&format!("kernels/{generator} not found (run from the crate root)"));
-        return;
-    };
-    match std::process::Command::new("python3").arg(&gen).arg("--stdout").args(args).output() {
-        Ok(out) if out.status.success() => {
-            assert!(out.stdout == embedded.as_bytes(), "kernels/{file} is stale: run python3 kernels/{generator}")
-        }
-        Ok(out) => panic!("{}", String::from_utf8_lossy(&out.stderr)),
-        Err(e) => say_skipped(&format!("python3 not available ({e})")),
-    }
+    ptx::check_generated("gen_patchify.py", &[], "patchify.ptx", PTX);
+    ptx::check_generated("gen_quant.py", &["lfq"], "lfq.ptx", LFQ_PTX);
+    ptx::check_generated("gen_quant.py", &["fsq"], "fsq.ptx", FSQ_PTX);
 }
 
 // ---------------------------------------------------------------- LFQ / FSQ
@@ -171,7 +112,7 @@ fn quant_expected(module: &str, bytes: usize) -> Vec<(String, usize)> {
 #[test]
 fn quantizer_entries_exist_with_one_param_block_of_the_right_size() {
     for (ptx, module, bytes) in [(LFQ_PTX, "lfq", LFQ_BYTES), (FSQ_PTX, "fsq", FSQ_BYTES)] {
-        let found = entries_of(ptx);
+        let found = ptx::entries(ptx);
         let want = quant_expected(module, bytes);
         let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, want.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), "{module}: entries and order");
@@ -179,7 +120,7 @@ fn quantizer_entries_exist_with_one_param_block_of_the_right_size() {
             assert_eq!(e.params, [format!(".param .align 8 .b8 p[{bytes}]")], "{}: parameter list", e.name);
             assert_eq!(e.maxntid.as_deref(), Some(format!("{BLOCK}, 1, 1").as_str()), "{}: .maxntid", e.name);
         }
-        let abi = abi_of(ptx);
+        let abi = ptx::abi(ptx);
         assert_eq!(abi[&format!("{module} size")], bytes);
         assert_eq!(abi["block"], BLOCK);
         let offs: Vec<usize> = abi
@@ -189,19 +130,8 @@ fn quantizer_entries_exist_with_one_param_block_of_the_right_size() {
             .collect();
         assert!(offs.len() >= 8 && offs.iter().all(|&o| o < bytes), "{module}: offsets {offs:?}");
     }
-    let abi = abi_of(FSQ_PTX);
+    let abi = ptx::abi(FSQ_PTX);
     assert_eq!(abi["table size"], FSQ_TABLE_BYTES);
-}
-
-/// The `(field, offset)` pairs of one `// abi {prefix} field offset` family, sorted.
-#[cfg(feature = "cuda")]
-fn abi_fields(ptx: &str, prefix: &str) -> Vec<(String, usize)> {
-    let mut v: Vec<(String, usize)> = abi_of(ptx)
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix(&format!("{prefix} ")).filter(|f| *f != "size").map(|f| (f.to_string(), v)))
-        .collect();
-    v.sort();
-    v
 }
 
 #[cfg(feature = "cuda")]
@@ -220,9 +150,9 @@ fn quantizer_launchers_agree_with_the_ptx() {
         v.sort();
         v
     };
-    assert_eq!(sorted(cl::param_offsets()), abi_fields(LFQ_PTX, "lfq"), "lfq: field offsets, Rust vs PTX");
-    assert_eq!(sorted(cf::param_offsets()), abi_fields(FSQ_PTX, "fsq"), "fsq: field offsets, Rust vs PTX");
-    assert_eq!(sorted(cf::TABLE_OFFSETS.to_vec()), abi_fields(FSQ_PTX, "table"), "fsq: table layout, Rust vs PTX");
+    assert_eq!(sorted(cl::param_offsets()), ptx::abi_fields(LFQ_PTX, "lfq"), "lfq: field offsets, Rust vs PTX");
+    assert_eq!(sorted(cf::param_offsets()), ptx::abi_fields(FSQ_PTX, "fsq"), "fsq: field offsets, Rust vs PTX");
+    assert_eq!(sorted(cf::TABLE_OFFSETS.to_vec()), ptx::abi_fields(FSQ_PTX, "table"), "fsq: table layout, Rust vs PTX");
 }
 
 #[test]
@@ -230,7 +160,7 @@ fn fsq_ptx_uses_the_tanh_coefficients_of_the_crate() {
     // The generator rounds the decimal literals of src/fsq.rs itself; they must give exactly
     // the f32 bits Rust gives them, and every one must appear in each encode entry.
     use vistok::fsq::tanh_coef::*;
-    let abi = abi_of(FSQ_PTX);
+    let abi = ptx::abi(FSQ_PTX);
     let want = [
         ("CLAMP", CLAMP),
         ("A1", A1),
@@ -269,17 +199,9 @@ fn rust_launcher_agrees_with_the_ptx() {
     for (family, offsets) in
         [("patchify", cp::patchify_param_offsets()), ("unpatchify", cp::unpatchify_param_offsets())]
     {
-        let in_ptx: Vec<(String, usize)> = abi
-            .iter()
-            .filter_map(|(k, &v)| {
-                k.strip_prefix(&format!("{family} ")).filter(|f| *f != "size").map(|f| (f.to_string(), v))
-            })
-            .collect();
         let mut in_rust: Vec<(String, usize)> = offsets.iter().map(|&(f, o)| (f.to_string(), o)).collect();
         in_rust.sort();
-        let mut in_ptx = in_ptx;
-        in_ptx.sort();
-        assert_eq!(in_rust, in_ptx, "{family}: field offsets, Rust vs PTX");
+        assert_eq!(in_rust, ptx::abi_fields(PTX, family), "{family}: field offsets, Rust vs PTX");
     }
     for name in cp::KERNEL_NAMES {
         let (family, rest) = name.split_once('_').unwrap();
@@ -292,11 +214,4 @@ fn rust_launcher_agrees_with_the_ptx() {
         };
         assert_eq!(cp::kernel_name(family, dtype(i), dtype(o)), name);
     }
-}
-
-/// Says a test was skipped where a person sees it: straight to the process's stderr, which
-/// the test harness does not capture (it captures only the print macros).
-fn say_skipped(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "skipped: {why}");
 }

@@ -38,14 +38,26 @@ impl Drop for Dir {
 
 /// Writes a version 1.0 .npy file, header padded to 16 bytes (not vistok's 64).
 pub fn write_npy_raw(path: &Path, descr: &str, shape: &[usize], data: &[u8]) {
+    write_npy_version(path, 1, descr, shape, data);
+}
+
+/// Writes a .npy file the simple way: version `major`.0, header padded to 16 bytes (numpy's
+/// old alignment, unlike vistok's 64, so the reader sees a layout it did not write itself).
+pub fn write_npy_version(path: &Path, major: u8, descr: &str, shape: &[usize], data: &[u8]) {
     let dims: String = shape.iter().map(|d| format!("{d},")).collect();
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}");
-    while (10 + header.len() + 1) % 16 != 0 {
+    let prefix = if major == 1 { 10 } else { 12 };
+    while (prefix + header.len() + 1) % 16 != 0 {
         header.push(' ');
     }
     header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
+    let mut out = b"\x93NUMPY".to_vec();
+    out.extend([major, 0]);
+    if major == 1 {
+        out.extend((header.len() as u16).to_le_bytes());
+    } else {
+        out.extend((header.len() as u32).to_le_bytes());
+    }
     out.extend(header.as_bytes());
     out.extend(data);
     std::fs::write(path, out).unwrap();
@@ -117,4 +129,27 @@ pub fn run_err(dir: &Dir, args: &[&str], want: &str, inputs: &[&str]) {
     let mut expected: Vec<String> = inputs.iter().map(|s| s.to_string()).collect();
     expected.sort();
     assert_eq!(dir.files(), expected, "vistok run {args:?} left files behind");
+}
+
+/// Runs `vistok run args...` (a `--backend cuda` command) for a test that is exact on a GPU or a
+/// clear error without one: `true` when it succeeded (the caller then checks the outputs).
+/// Otherwise `false`, after checking the error: without the `cuda` feature a clean one-line
+/// "built without CUDA" (only the `inputs` left in `dir`); with it, "no usable GPU", which
+/// fails under `VISTOK_REQUIRE_GPU=1` and prints a `skipped:` line otherwise.
+pub fn run_cuda(dir: &Dir, args: &[&str], inputs: &[&str]) -> bool {
+    if !cfg!(feature = "cuda") {
+        run_err(dir, args, "built without CUDA", inputs);
+        return false;
+    }
+    let mut all = vec!["run"];
+    all.extend(args);
+    let o = vistok(&all);
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("no usable GPU"), "{err}");
+        assert!(!super::require_gpu(), "VISTOK_REQUIRE_GPU=1 but: {err}");
+        super::say_skipped(&format!("no GPU: {err}"));
+        return false;
+    }
+    true
 }

@@ -67,5 +67,27 @@ pub fn assert_bits_eq<T: Element>(got: &[T], want: &[T], ctx: &str) {
     }
 }
 
+/// Says a test was skipped where a person sees it: straight to the process's stderr, which
+/// the test harness does not capture (it captures only the print macros).
+pub fn say_skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
+/// Whether `VISTOK_REQUIRE_GPU=1`: then a missing GPU fails the tests instead of skipping them.
+pub fn require_gpu() -> bool {
+    std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
+/// The body of each GPU suite's `skipped_without_cuda_feature` test.
+pub fn skip_without_cuda_feature() {
+    assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
+    say_skipped("built without the cuda feature");
+}
+
 #[cfg(feature = "cli")]
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod judge;
+pub mod ptx;
