@@ -309,7 +309,7 @@ impl<'a> Attention<'a> {
     }
 
     /// Validates every shape and the scale; resolves the bias strides.
-    fn check(
+    pub(crate) fn check(
         &self,
         qd: &[usize],
         kd: &[usize],

@@ -61,7 +61,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 
 use super::patchify::Launch;
 use super::{driver_error, Gpu};
-use crate::attention::{check_finite, Attention, Bias, BiasSpec, Mask, Problem, QkvLayout};
+use crate::attention::{check_finite, Attention, BiasSpec, Mask, Problem, QkvLayout};
 use crate::dtype::{DType, Float};
 use crate::error::{Error, Family, Result};
 
@@ -250,10 +250,6 @@ struct Sizes {
     nq: usize,
     nk: usize,
     d: usize,
-}
-
-fn shape_err(msg: String) -> Error {
-    Error::Shape { family: Family::Attention, msg }
 }
 
 /// The visible band `lo ≤ j − i ≤ hi` of a mask (segments: the whole range), clamped to
@@ -685,79 +681,15 @@ impl AttentionKernel {
 
 /// The checks of [`Attention::forward`] on dims alone (no data), resolving the bias strides.
 fn validate<'a>(a: &Attention<'a>, qd: &[usize], kd: &[usize]) -> Result<Problem<'a>> {
-    let names = match a.layout {
-        QkvLayout::Bhnd => ("[B, H, Nq, D]", "[B, Hkv, Nk, D]"),
-        QkvLayout::Bnhd => ("[B, Nq, H, D]", "[B, Nk, Hkv, D]"),
-    };
-    if qd.len() != 4 {
-        return Err(shape_err(format!("q dims {qd:?}, expected {}", names.0)));
-    }
-    if kd.len() != 4 {
-        return Err(shape_err(format!("k dims {kd:?}, expected {}", names.1)));
-    }
-    let (b, h, nq, d, hkv, nk) = match a.layout {
-        QkvLayout::Bhnd => (qd[0], qd[1], qd[2], qd[3], kd[1], kd[2]),
-        QkvLayout::Bnhd => (qd[0], qd[2], qd[1], qd[3], kd[2], kd[1]),
-    };
-    if d == 0 {
-        return Err(shape_err(format!("head dimension D is 0 (q dims {qd:?})")));
-    }
-    if kd[0] != b || kd[3] != d {
-        return Err(shape_err(format!(
-            "k dims {kd:?} do not match q dims {qd:?}: batch and head dimension D must agree"
-        )));
-    }
-    if hkv == 0 || h == 0 || !h.is_multiple_of(hkv) {
-        return Err(shape_err(format!(
-            "query heads H = {h} is not a positive multiple of key/value heads Hkv = {hkv}"
-        )));
-    }
+    // Device buffers come with bare dims (no host view vouches for their product): check that
+    // the element counts and byte sizes fit first.
     for (what, dims) in [("q", qd), ("k", kd)] {
         if dims.iter().try_fold(1usize, |acc, &x| acc.checked_mul(x)).and_then(|n| n.checked_mul(4)).is_none() {
             return Err(Error::Overflow { family: Family::Attention, what: format!("{what} dims {dims:?}") });
         }
     }
-    let scale = match a.scale {
-        Some(s) if !s.is_finite() => {
-            return Err(Error::NonFinite { family: Family::Attention, what: format!("scale {s}") })
-        }
-        Some(s) => s,
-        None => (1.0 / (d as f64).sqrt()) as f32,
-    };
-    if let Mask::Segments { q, k } = a.mask {
-        if q.len() != nq || k.len() != nk {
-            return Err(shape_err(format!(
-                "segment ids: {} for queries and {} for keys, expected Nq = {nq} and Nk = {nk}",
-                q.len(),
-                k.len()
-            )));
-        }
-    }
-    let none = BiasSpec { data: &[], b_stride: 0, h_stride: 0, i_stride: 0, dims: [0; 4] };
-    let bias = match a.bias {
-        Bias::None => none,
-        Bias::Key(v) => {
-            let bd = v.dims();
-            if bd.len() != 2 || (bd[0] != b && bd[0] != 1) || bd[1] != nk {
-                return Err(shape_err(format!("key bias dims {bd:?}, expected [B or 1, Nk] = [{b} or 1, {nk}]")));
-            }
-            let b_stride = if bd[0] == 1 { 0 } else { nk };
-            BiasSpec { data: v.data(), b_stride, h_stride: 0, i_stride: 0, dims: [bd[0], bd[1], 0, 0] }
-        }
-        Bias::Full(v) => {
-            let bd = v.dims();
-            if bd.len() != 4 || (bd[0] != b && bd[0] != 1) || (bd[1] != h && bd[1] != 1) || bd[2..] != [nq, nk] {
-                return Err(shape_err(format!(
-                    "bias dims {bd:?}, expected [B or 1, H or 1, Nq, Nk] = [{b} or 1, {h} or 1, {nq}, {nk}]"
-                )));
-            }
-            let h_stride = if bd[1] == 1 { 0 } else { nq * nk };
-            let b_stride = if bd[0] == 1 { 0 } else { bd[1] * nq * nk };
-            BiasSpec { data: v.data(), b_stride, h_stride, i_stride: nk, dims: [bd[0], bd[1], nq, nk] }
-        }
-    };
-    let bias = if bias.data.is_empty() { none } else { bias };
-    Ok(Problem { b, h, hkv, nq, nk, d, layout: a.layout, scale, mask: a.mask, bias })
+    // Then exactly the host API's validation, with V shaped as K and O as Q.
+    a.check(qd, kd, kd, qd, None)
 }
 
 #[cfg(test)]
@@ -821,7 +753,7 @@ mod tests {
         let s = Attention::new().scale(f32::NAN);
         assert!(matches!(validate(&s, &[1, 2, 4, 8], &[1, 2, 4, 8]), Err(Error::NonFinite { .. })));
         let kb = [0.0f32; 5];
-        let bad = Attention::new().bias(Bias::Key(crate::View::new(&kb, &[1, 5]).unwrap()));
+        let bad = Attention::new().bias(crate::attention::Bias::Key(crate::View::new(&kb, &[1, 5]).unwrap()));
         assert!(matches!(validate(&bad, &[1, 2, 4, 8], &[1, 2, 4, 8]), Err(Error::Shape { .. })));
         assert!(validate(&bad, &[1, 2, 4, 8], &[1, 2, 5, 8]).is_ok());
     }
