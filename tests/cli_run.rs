@@ -458,6 +458,11 @@ fn help_for_run_and_each_subcommand() {
         (&["patchify", "--help"][..], "--patch P|PHxPW"),
         (&["patchify", "-h"][..], "bf16 as <f4"),
         (&["unpatchify", "--help"][..], "--out-dtype D"),
+        (&["--help"][..], "argmin       vectors"),
+        (&["--help"][..], "merge        ToMe"),
+        (&["argmin", "--help"][..], "--lookup"),
+        (&["attention", "--help"][..], "--segments SQ,SK"),
+        (&["merge", "--help"][..], "--keep-order"),
     ] {
         let o = vistok(args);
         assert!(o.status.success(), "{args:?}");
