@@ -7,6 +7,7 @@ Python 3 standard library only. Usage:
     python3 kernels/gen_attention.py --check    # exit 1 if the committed file is stale
     python3 kernels/gen_attention.py --list     # print "<entry> <param bytes>" per entry
     python3 kernels/gen_attention.py --stdout   # print the PTX
+    python3 kernels/gen_attention.py --emulate quick   # run it on kernels/ptx_sim.py (no GPU)
 
 Entries (all take one parameter block, ATTN_FIELDS below, shared with src/cuda/attention.rs):
 
@@ -832,10 +833,192 @@ def generate():
         parts.append(f32_kernel(name) if ty == "f32" else tc_kernel(name, ty, d, w))
     return "\n".join(parts)
 
+# --------------------------------------------------------------------------------------------
+# --emulate: the committed PTX on kernels/ptx_sim.py (no GPU) against an f64 model of
+# softmax(Q K^T scale + bias) V and its log-sum-exp. The host side (parameter block, grid, band)
+# is modelled as src/cuda/attention.rs (`plan`, `band`) does it.
+# --------------------------------------------------------------------------------------------
+EMU_CASES = [  # (entry, D, B, H, Hkv, Nq, Nk, mask, bias, layout, cp.async mode)
+    ("attention_bf16_d64", 64, 1, 1, 1, 37, 83, "none", None, "bhnd", "wait"),
+    ("attention_f16_d32", 32, 1, 2, 1, 21, 70, "causal", None, "bnhd", "issue"),
+    ("attention_bf16_d32", 32, 2, 1, 1, 19, 13, "causal", None, "bhnd", "wait"),
+    ("attention_f16_d64", 64, 1, 1, 1, 18, 66, "none", "masked_row", "bhnd", "wait"),
+    ("attention_bf16_d128", 128, 1, 1, 1, 20, 100, "none", "full", "bhnd", "wait"),
+    ("attention_bf16_d64", 64, 1, 1, 1, 70, 150, "seg", None, "bnhd", "wait"),
+    ("attention_f16_d32", 32, 1, 1, 1, 70, 100, "causal", None, "bhnd", "wait"),
+    ("attention_f32", 24, 1, 2, 1, 21, 35, "causal", "full", "bnhd", "wait"),
+]
+
+
+def emulate(quick):
+    import math
+    import random
+    import struct
+    import time
+    import ptx_sim as S
+
+    with open(os.path.join(ptxgen.HERE, "attention.ptx"), encoding="utf-8") as f:
+        mods = S.parse_module(f.read())
+    rng = random.Random(20261128)
+    worst = 0.0
+    t_start = time.time()
+    for entry, D, B, H, Hkv, Nq, Nk, mask, bias_kind, layout, mode in EMU_CASES:
+        t0 = time.time()
+        ty = entry.split("_")[1]
+        fmt = {"bf16": S.BF16, "f16": S.F16, "f32": S.F32}[ty]
+        es = 4 if ty == "f32" else 2
+
+        def rnd(x, fmt=fmt):  # value and bits in the input type
+            b = struct.unpack("<I", struct.pack("<f", x))[0]
+            if fmt is S.F32:
+                return S.f32_value(b), b
+            h = S.f32_to_format(b, fmt)
+            return S.f32_value(S.format_to_f32(h, fmt)), h
+
+        def tensor(heads, n):  # values [b][h][i][d] and the packed bytes in `layout`
+            vals = [[[[rnd(rng.gauss(0, 1)) for _ in range(D)] for _ in range(n)] for _ in range(heads)]
+                    for _ in range(B)]
+            raw = bytearray(B * heads * n * D * es)
+            for b in range(B):
+                for h in range(heads):
+                    for i in range(n):
+                        row = (b * heads + h) * n + i if layout == "bhnd" else (b * n + i) * heads + h
+                        for d in range(D):
+                            raw[(row * D + d) * es:(row * D + d + 1) * es] = vals[b][h][i][d][1].to_bytes(es, "little")
+            strides = ((heads * n * D * es, n * D * es, D * es) if layout == "bhnd"
+                       else (n * heads * D * es, D * es, heads * D * es))
+            return [[[[x[0] for x in r] for r in hh] for hh in bb] for bb in vals], bytes(raw), strides
+
+        qseg = [i * 3 // Nq for i in range(Nq)] if mask == "seg" else None
+        kseg = [j * 4 // Nk for j in range(Nk)] if mask == "seg" else None
+        Qv, Qraw, qs = tensor(H, Nq)
+        Kv, Kraw, ks = tensor(Hkv, Nk)
+        Vv, Vraw, _ = tensor(Hkv, Nk)
+        off = Nk - Nq  # band() of src/cuda/attention.rs
+        lo, hi = (-Nq - 1, min(off, Nk + 1)) if mask == "causal" else (-Nq - 1, Nk + 1)
+        lo, hi = max(lo, -Nq - 1), max(hi, -Nq - 1)
+        bias = None
+        if bias_kind:  # f32 [B, H, Nq, Nk]
+            bias = [[[[S.f32_value(S.f32_bits_of(struct.unpack("<f", struct.pack("<f", rng.uniform(-2, 2)))[0]))
+                       for _ in range(Nk)] for _ in range(Nq)] for _ in range(H)] for _ in range(B)]
+            if bias_kind == "masked_row":  # row 5: every key -inf; some -inf elsewhere
+                for b in range(B):
+                    for h in range(H):
+                        bias[b][h][5] = [-math.inf] * Nk
+                        for j in range(0, Nk, 7):
+                            bias[b][h][1][j] = -math.inf
+        scale = struct.unpack("<f", struct.pack("<f", 1 / math.sqrt(D)))[0]
+        scale_log2 = struct.unpack("<f", struct.pack("<f", scale * math.log2(math.e)))[0]
+        bm = F32_BM if ty == "f32" else 16 * dict(((d, w) for t, d, w in TC_CONFIGS))[D]
+        threads = 32 * (F32_WARPS if ty == "f32" else dict(((d, w) for t, d, w in TC_CONFIGS))[D])
+        addrs = {"q": 0x10000000, "k": 0x20000000, "v": 0x30000000, "o": 0x40000000, "lse": 0x50000000,
+                 "bias": 0x60000000}
+        mem = S.Memory()
+        mem.add("q", addrs["q"], Qraw, False)
+        mem.add("k", addrs["k"], Kraw, False)
+        mem.add("v", addrs["v"], Vraw, False)
+        mem.add("o", addrs["o"], bytes(len(Qraw)), True)
+        mem.add("lse", addrs["lse"], bytes(B * H * Nq * 4), True)
+        fields = dict(q=addrs["q"], k=addrs["k"], v=addrs["v"], o=addrs["o"], lse=addrs["lse"],
+                      q_sb=qs[0], q_sh=qs[1], q_sn=qs[2], kv_sb=ks[0], kv_sh=ks[1], kv_sn=ks[2],
+                      nq=Nq, nk=Nk, d=D, group=H // Hkv, lo=lo, hi=hi, scale=scale,
+                      scale_log2=scale_log2, flags=FLAG_LSE)
+        if qseg:  # plus tile_extremes() of src/cuda/attention.rs
+            bn = F32_BN if ty == "f32" else BN
+            qmax = [max(qseg[t:t + bm]) for t in range(0, Nq, bm)]
+            kmin = [min(kseg[t:t + bn]) for t in range(0, Nk, bn)]
+            for n, a, vals in (("qseg", 0x70000000, qseg), ("kseg", 0x71000000, kseg),
+                               ("qmax", 0x72000000, qmax), ("kmin", 0x73000000, kmin)):
+                mem.add(n, a, struct.pack(f"<{len(vals)}I", *vals), False)
+                fields[n] = a
+            fields["flags"] |= FLAG_SEG
+        if bias:
+            braw = b"".join(struct.pack("<f", x) for bb in bias for hh in bb for r in hh for x in r)
+            mem.add("bias", addrs["bias"], braw, False)
+            fields.update(bias=addrs["bias"], bias_sb=H * Nq * Nk * 4, bias_sh=Nq * Nk * 4, bias_si=Nk * 4)
+            fields["flags"] |= FLAG_BIAS
+        pb = bytearray(SIZE)
+        for name, t in ATTN_FIELDS:
+            v = fields.get(name, 0)
+            code = {"u64": "<Q", "u32": "<I", "s32": "<i", "f32": "<f"}[t]
+            struct.pack_into(code, pb, OFF[name], v)
+        S.CP_ASYNC_MODE[0] = mode
+        stats = {"threads": 0, "instructions": 0}
+        grid = [max(1, -(-Nq // bm)), H, B]
+        S.run_kernel(mods[entry], grid, [threads, 1, 1], bytes(pb), mem, stats)
+        out = {n: (data, cnt) for _, data, _, cnt, n in mem.buffers}
+        for n in ("o", "lse"):
+            if not all(out[n][1]):
+                raise S.SimError(f"{entry}: {n} not fully written")
+        # f64 reference on the rounded inputs, and the naive same-dtype computation.
+        err = naive_err = lse_err = 0.0
+
+        def rd(x):
+            return rnd(x)[0] if x == x and abs(x) != math.inf else x
+        for b in range(B):
+            for h in range(H):
+                hk = h // (H // Hkv)
+                for i in range(Nq):
+                    s = []
+                    for j in range(Nk):
+                        vis = lo <= j - i <= hi and (not qseg or kseg[j] <= qseg[i])
+                        x = sum(a * c for a, c in zip(Qv[b][h][i], Kv[b][hk][j])) * scale
+                        x += bias[b][h][i][j] if bias else 0.0
+                        s.append(x if vis else -math.inf)
+                    m = max(s)
+                    if m == -math.inf:
+                        ref, rlse = [0.0] * D, -math.inf
+                        naive = ref
+                    else:
+                        p = [math.exp(x - m) for x in s]
+                        l_ = sum(p)
+                        ref = [sum(p[j] * Vv[b][hk][j][d] for j in range(Nk)) / l_ for d in range(D)]
+                        rlse = m + math.log(l_)
+                        # naive in the input type: S, P and O rounded to it (FlashAttention's
+                        # same-dtype baseline); f32: every step rounded to f32
+                        sn = [rd(x) for x in s]
+                        mn = max(sn)
+                        pn = [math.exp(x - mn) for x in sn]
+                        ln_ = sum(pn)
+                        pn = [rd(x / ln_) for x in pn]
+                        naive = [rd(sum(pn[j] * Vv[b][hk][j][d] for j in range(Nk))) for d in range(D)]
+                    row = (b * H + h) * Nq + i if layout == "bhnd" else (b * Nq + i) * H + h
+                    for d in range(D):
+                        raw = int.from_bytes(out["o"][0][(row * D + d) * es:(row * D + d + 1) * es], "little")
+                        got = S.f32_value(raw if es == 4 else S.format_to_f32(raw, fmt))
+                        err = max(err, abs(got - ref[d]))
+                        naive_err = max(naive_err, abs(naive[d] - ref[d]))
+                        if m == -math.inf and raw != 0:
+                            raise S.SimError(f"{entry}: fully masked row {i} has O != +0")
+                    lraw = int.from_bytes(out["lse"][0][((b * H + h) * Nq + i) * 4:][:4], "little")
+                    gl = S.f32_value(lraw)
+                    if rlse == -math.inf:
+                        if gl != -math.inf:
+                            raise S.SimError(f"{entry}: fully masked row {i} has lse {gl}")
+                    else:
+                        lse_err = max(lse_err, abs(gl - rlse))
+        # O: at most twice the naive same-dtype error, plus a small absolute term (f32 kernel:
+        # ex2 of an f32-rounded argument, |x - m| * 2^-24 relative); LSE in f32 arithmetic.
+        tol = 2 * naive_err + (1e-5 if ty == "f32" else 1e-4)
+        ok = err <= tol and lse_err <= 1e-4
+        print(f"{entry} D={D} B={B} H={H}/{Hkv} Nq={Nq} Nk={Nk} {mask} bias={bias_kind} {layout} "
+              f"cp.async@{mode}: max|O-ref| {err:.3g} (naive {naive_err:.3g}, tol {tol:.3g}), "
+              f"max|lse-ref| {lse_err:.3g}; {stats['instructions']} instr, {time.time() - t0:.1f}s "
+              f"{'ok' if ok else 'FAIL'}")
+        if not ok:
+            return 1
+        worst = max(worst, err)
+    print(f"attention emulation passed ({time.time() - t_start:.1f}s)")
+    return 0
+
 
 def main():
-    args = ptxgen.parser(__doc__, check_help="fail if the committed PTX file is stale",
-                         stdout_help="print the PTX instead of writing").parse_args()
+    ap = ptxgen.parser(__doc__, check_help="fail if the committed PTX file is stale",
+                         stdout_help="print the PTX instead of writing")
+    ap.add_argument("--emulate", choices=["quick"], help="run the PTX on kernels/ptx_sim.py against an f64 model")
+    args = ap.parse_args()
+    if args.emulate:
+        return emulate(True)
     if args.list:
         for name, _, _, _ in entries():
             print(name, SIZE)

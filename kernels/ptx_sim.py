@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A small, strict PTX interpreter for the subset kernels/gen_patchify.py,
-kernels/gen_quant.py and kernels/gen_argmin.py emit.
+kernels/gen_quant.py, kernels/gen_argmin.py, kernels/gen_merge.py and kernels/gen_attention.py
+emit.
 
 It exists because the CUDA backend cannot be run on machines without a GPU: the Rust tests
 `emulated_*` in tests/cuda_patchify.rs and tests/cuda_quant.rs build the real launch (parameter
@@ -25,6 +26,17 @@ mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} is a model: each D element is C
 exact products, rounded once (the hardware's accumulation order and rounding are not
 specified), so it checks fragment layouts exactly but tensor-core arithmetic only up to
 tolerances. fma.rn.ftz.f32 flushes subnormal inputs and results to zeros of their sign.
+
+For kernels/gen_attention.py: ldmatrix.sync.aligned.m8n8.x{1,2,4}(.trans).shared.b16 (a warp
+collective, PTX ISA fragment layout); cp.async.{ca,cg}.shared.global with src-size (zero-fill)
+and commit_group / wait_group, the copies landing at the wait that completes their group (job
+key "cp_async": "wait", the default, catches reads before the wait) or at issue ("issue":
+catches overwrites of a buffer other warps still read before a barrier); ex2.approx(.ftz).f32
+and lg2.approx.f32 modelled as correctly rounded 2^x / log2 x (through doubles; the hardware
+is within 2 ulp / 2^-22.6 abs, so tests use tolerances); rcp.rn.f32; cvt.rn.{f16,bf16}x2.f32
+(a to the upper half); cvt.u64.s32 (sign-extends); div.s32, min/max.s32; add/sub/mul.f32
+without a rounding modifier as .rn (ptxas may contract mul+add into fma on hardware);
+negated predicate sources (`and.pred p, q, !r`).
 
 The semantics follow the PTX ISA: add/sub/mul/div/fma .rn.f32 round once, to nearest even,
 with subnormals (no .ftz); min/max return the non-NaN operand; cvt.rn.{f16,bf16}.f32 round to
@@ -379,7 +391,7 @@ WIDTH = {"u32": 32, "b32": 32, "s32": 32, "u64": 64, "b64": 64, "f32": 32, "b16"
 SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x",
            "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid"}
 # Warp collectives: executed for all lanes of a warp together.
-COLLECTIVE = {"vote", "shfl", "bar", "mma"}
+COLLECTIVE = {"vote", "shfl", "bar", "mma", "ldmatrix"}
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
 
@@ -514,7 +526,7 @@ class Memory:
 
 
 class Thread:
-    __slots__ = ("regs", "special", "pc", "steps", "done", "lane")
+    __slots__ = ("regs", "special", "pc", "steps", "done", "lane", "cp_pending")
 
 
 class Ctx:
@@ -534,6 +546,8 @@ class Ctx:
             raise SimError(f"register {op} read before it is written")
         if op in th.special:
             return th.special[op]
+        if op.startswith("!") and self.decl.get(op[1:]) == "pred":  # negated predicate source
+            return 0 if self.operand(th, op[1:]) else 1
         if op in self.kernel.shared:
             return self.kernel.shared[op]
         cache = self.kernel.consts
@@ -585,6 +599,7 @@ def run_kernel(kernel, grid, block, param_bytes, mem, stats):
                         for tx in range(block[0]):
                             th = Thread()
                             th.regs, th.pc, th.steps, th.done = {}, 0, 0, False
+                            th.cp_pending = None
                             th.lane = len(threads) % 32
                             th.special = {
                                 "%tid.x": tx, "%tid.y": ty_, "%tid.z": tz,
@@ -595,6 +610,7 @@ def run_kernel(kernel, grid, block, param_bytes, mem, stats):
                             }
                             threads.append(th)
                 ctx.smem = bytearray(kernel.shared_size)
+                ctx.cp_groups = {}
                 warps = [threads[w:w + 32] for w in range(0, len(threads), 32)]
                 # Each warp runs until it exits or waits at bar.sync; when every warp that has
                 # not exited waits, they all pass the barrier together.
@@ -687,9 +703,14 @@ def mma(ctx, lanes, parts, ops):
         raise SimError("mma operand arity")
     d_, a_, b_, c_ = regs
 
+    def widen(h):  # exact, as format_to_f32
+        if fmt is BF16:
+            return F32_NAN if (h & 0x7F80) == 0x7F80 and h & 0x7F else h << 16
+        return F32_NAN if (h & 0x7C00) == 0x7C00 and h & 0x3FF else f32_bits_of(struct.unpack("<e", h.to_bytes(2, "little"))[0])
+
     def halves(th, r):
         v = ctx.operand(th, r) & M32
-        return [format_to_f32(v & 0xFFFF, fmt), format_to_f32(v >> 16, fmt)]
+        return [widen(v & 0xFFFF), widen(v >> 16)]
 
     A = [[None] * 16 for _ in range(16)]
     B = [[None] * 8 for _ in range(16)]
@@ -703,21 +724,112 @@ def mma(ctx, lanes, parts, ops):
         for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
             C[row][col] = ctx.operand(th, c_[i]) & M32
     D = [[0] * 8 for _ in range(16)]
+
+    def sdy(v):
+        _, sg, m, e = dyadic(v)
+        return (-m if sg else m, e)
+    Ad = [[sdy(x) for x in row] for row in A]
+    Bd = [[sdy(x) for x in row] for row in B]
     for i in range(16):
         for j in range(8):
             vals = [A[i][k] for k in range(16)] + [B[k][j] for k in range(16)] + [C[i][j]]
-            kinds = [decode(v, *F32)[0] for v in vals]
-            if "nan" in kinds or "inf" in kinds:
+            if any((v >> 23) & 0xFF == 0xFF for v in vals):  # a NaN or an infinity
                 r = f32_value(C[i][j]) + sum(f32_value(A[i][k]) * f32_value(B[k][j]) for k in range(16))
                 D[i][j] = F32_NAN if r != r else f32_bits_of(r)
                 continue
-            exact = decode(C[i][j], *F32)[2] + sum(decode(A[i][k], *F32)[2] * decode(B[k][j], *F32)[2]
-                                                   for k in range(16))
-            D[i][j] = round_to_format(exact, *F32) if exact != 0 else 0
+            # exact sum as an integer times a power of two (all inputs are dyadic)
+            _, sc, mc, ec = dyadic(C[i][j])
+            terms = [(-mc if sc else mc, ec)]
+            for k in range(16):
+                ma, ea = Ad[i][k]
+                mb, eb = Bd[k][j]
+                terms.append((ma * mb, ea + eb))
+            emin_ = min(e for _, e in terms)
+            total = sum(m << (e - emin_) for m, e in terms)
+            D[i][j] = round_dyadic(total, emin_) if total != 0 else 0
     for lane, th in lanes.items():
         g, t = lane >> 2, lane & 3
         for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
             ctx.setreg(th, d_[i], D[row][col])
+
+
+def ldmatrix(ctx, lanes, parts, ops):
+    """ldmatrix.sync.aligned.m8n8.x{1,2,4}{,.trans}.shared.b16 for a full warp (PTX ISA
+    fragment layout): lanes 8i..8i+7 give the 16-byte rows of matrix i; lane l receives in its
+    i-th register the elements (row l/4, columns 2(l%4), 2(l%4)+1) of matrix i, first in the
+    low half, or with .trans those of the transposed matrix (rows 2(l%4), 2(l%4)+1, column l/4)."""
+    rest = parts[1:]
+    trans = "trans" in rest
+    rest = [x for x in rest if x != "trans"]
+    if rest[:3] != ["sync", "aligned", "m8n8"] or rest[4:] != ["shared", "b16"] or rest[3] not in ("x1", "x2", "x4"):
+        raise SimError(opcode_text(parts))
+    if len(lanes) != 32:
+        raise SimError("ldmatrix needs all 32 lanes")
+    n = int(rest[3][1])
+    names = [x.strip() for x in ops[0][1:-1].split(",")]
+    if len(names) != n:
+        raise SimError("ldmatrix operand arity")
+    mats = []
+    for i in range(n):
+        rows = []
+        for r in range(8):
+            th = lanes[8 * i + r]
+            b2, o2 = ctx.address(th, ops[1])
+            addr = (ctx.operand(th, b2) + o2) & M64
+            if addr % 16 or addr + 16 > len(ctx.smem):
+                raise SimError(f"bad ldmatrix row address {addr:#x}")
+            raw = ctx.smem[addr:addr + 16]
+            rows.append([int.from_bytes(raw[2 * c:2 * c + 2], "little") for c in range(8)])
+        mats.append(rows)
+    for lane, th in lanes.items():
+        g, t = lane >> 2, lane & 3
+        for i in range(n):
+            m = mats[i]
+            if trans:
+                lo, hi = m[2 * t][g], m[2 * t + 1][g]
+            else:
+                lo, hi = m[g][2 * t], m[g][2 * t + 1]
+            ctx.setreg(th, names[i], lo | (hi << 16))
+
+
+def exp2_f32(x):
+    """ex2.approx.f32 modelled as a correctly rounded 2^x (the hardware is within 2 ulp): the
+    double 2^x rounded to f32 (double rounding is off by at most one f32 ulp in rare ties)."""
+    kind, sign, _ = decode(x, *F32)
+    if kind == "nan":
+        return F32_NAN
+    if kind == "inf":
+        return 0 if sign else 0x7F800000
+    v = f32_value(x)
+    if v >= 128:
+        return 0x7F800000
+    r = 2.0 ** v
+    return f32_bits_of_double(r)
+
+
+def log2_f32(x):
+    """lg2.approx.f32 modelled as a correctly rounded log2 (through double; the hardware's
+    error is at most 2^-22.6 absolute on its range): log2(+-0) = -inf, log2(<0) = NaN."""
+    kind, sign, v = decode(x, *F32)
+    if kind == "nan" or (sign and v != 0):
+        return F32_NAN
+    if kind == "inf":
+        return 0x7F800000
+    if v == 0:
+        return 0xFF800000
+    import math
+    return f32_bits_of_double(math.log2(f32_value(x)))
+
+
+def f32_bits_of_double(r):
+    """f32 bits nearest to the double r (ties to even, subnormals, overflow)."""
+    if r != r:
+        return F32_NAN
+    if r == 0:
+        return 0x80000000 if str(r).startswith("-") else 0
+    if abs(r) == float("inf"):
+        return 0xFF800000 if r < 0 else 0x7F800000
+    return round_to_format(Fraction(r), *F32)
 
 
 def collective(ctx, live, parts, ops):
@@ -725,6 +837,9 @@ def collective(ctx, live, parts, ops):
     lanes = {th.lane: th for th in live}
     if parts[0] == "mma":
         mma(ctx, lanes, parts, ops)
+        return
+    if parts[0] == "ldmatrix":
+        ldmatrix(ctx, lanes, parts, ops)
         return
     live_mask = sum(1 << lane for lane in lanes)
     mask = ctx.operand(live[0], ops[-1]) & M32
@@ -901,7 +1016,7 @@ def step(ctx, th, parts, ops, pc, labels):
         ctx.mem.write(addr, new.to_bytes(size, "little"), once=False)
         return pc
     if ty == "f32" and op in ("add", "sub", "mul", "div"):
-        if len(parts) != 3 or parts[1] != "rn":
+        if not (len(parts) == 3 and parts[1] == "rn") and not (len(parts) == 2 and op != "div"):
             raise SimError(opcode_text(parts) + " (only the explicit .rn form)")
         d, a, b = ops
         setreg(th, d, f32_arith(op, operand(th, a) & M32, operand(th, b) & M32))
@@ -950,10 +1065,15 @@ def step(ctx, th, parts, ops, pc, labels):
                 r = a | (vals[1] & m)
             elif op == "xor":
                 r = a ^ (vals[1] & m)
-            else:  # min, max: unsigned only
-                if ty not in ("u32", "u64"):
+            else:  # min, max
+                bb = vals[1] & m
+                if ty == "s32":
+                    sa, sb_ = (a - (1 << 32) if a >> 31 else a), (bb - (1 << 32) if bb >> 31 else bb)
+                    r = min(sa, sb_) if op == "min" else max(sa, sb_)
+                elif ty in ("u32", "u64"):
+                    r = min(a, bb) if op == "min" else max(a, bb)
+                else:
                     raise SimError(opcode_text(parts))
-                r = min(a, vals[1] & m) if op == "min" else max(a, vals[1] & m)
             r &= m
         setreg(th, d, r)
         return pc
@@ -1061,6 +1181,34 @@ def step(ctx, th, parts, ops, pc, labels):
         d, a = ops
         setreg(th, d, sqrt_f32(operand(th, a) & M32))
         return pc
+    if op == "div" and ty == "s32":
+        d, a, b = ops
+        av, bv = operand(th, a) & M32, operand(th, b) & M32
+        av, bv = (av - (1 << 32) if av >> 31 else av), (bv - (1 << 32) if bv >> 31 else bv)
+        if bv == 0:
+            raise SimError("div.s32 by zero")
+        q = abs(av) // abs(bv)
+        setreg(th, d, -q if (av < 0) != (bv < 0) else q)  # truncates toward zero
+        return pc
+    if op in ("ex2", "lg2"):
+        ftz = "ftz" in parts
+        if parts[1] != "approx" or ty != "f32" or len(parts) != (4 if ftz else 3):
+            raise SimError(opcode_text(parts))
+        d, a = ops
+        x = operand(th, a) & M32
+        if ftz:
+            x = flush_f32(x)
+        r = exp2_f32(x) if op == "ex2" else log2_f32(x)
+        setreg(th, d, flush_f32(r) if ftz else r)
+        return pc
+    if op == "rcp":
+        if parts[1:] != ["rn", "f32"]:
+            raise SimError(opcode_text(parts))
+        d, a = ops
+        setreg(th, d, f32_arith("div", 0x3F800000, operand(th, a) & M32))
+        return pc
+    if op == "cp":
+        return cp_async(ctx, th, parts, ops, pc)
     if op == "div" and ty == "u32":
         d, a, b = ops
         bv = operand(th, b) & M32
@@ -1069,11 +1217,17 @@ def step(ctx, th, parts, ops, pc, labels):
         setreg(th, d, (operand(th, a) & M32) // bv)
         return pc
     if op == "cvt":
-        d, a = ops
+        d, a = ops[0], ops[1]
         key = ".".join(parts[1:])
         v = operand(th, a)
         if key in ("u32.u64", "u64.u32"):
             r = v & M32
+        elif key == "u64.s32":  # sign-extends
+            r = v & M32
+            r = r - (1 << 32) if r >> 31 else r
+        elif key in ("rn.f16x2.f32", "rn.bf16x2.f32"):  # a -> upper half, b -> lower half
+            fmt = F16 if key.startswith("rn.f16") else BF16
+            r = (f32_to_format(v & M32, fmt) << 16) | f32_to_format(operand(th, ops[2]) & M32, fmt)
         elif key == "rn.f32.u32":
             r = cvt_rn_f32_u32(v & M32)
         elif key == "rni.u32.f32":
@@ -1093,6 +1247,61 @@ def step(ctx, th, parts, ops, pc, labels):
         setreg(th, d, r)
         return pc
     raise SimError(f"unsupported instruction {'.'.join(parts)}")
+
+
+CP_ASYNC_MODE = ["wait"]  # "wait": copies land at cp.async.wait_group; "issue": at issue
+
+
+def cp_async(ctx, th, parts, ops, pc):
+    """cp.async.{ca,cg}.shared.global [dst], [src], cp-size{, src-size}; commit_group;
+    wait_group N. Each thread keeps its uncommitted copies and its committed groups; a copy
+    reads global memory and writes shared memory (bytes past src-size zero-filled; src-size 0
+    reads nothing) when its group completes at wait_group (or, in "issue" mode, at once)."""
+    if parts[1] != "async":
+        raise SimError(opcode_text(parts))
+    parts = parts[1:]
+    if parts[1:] == ["commit_group"]:
+        pend = getattr(th, "cp_pending", None) or []
+        groups = ctx.cp_groups.setdefault(id(th), [])
+        groups.append(pend)
+        th.cp_pending = []
+        return pc
+    if parts[1:] == ["wait_group"]:
+        n = ctx.operand(th, ops[0])
+        groups = ctx.cp_groups.setdefault(id(th), [])
+        while len(groups) > n:
+            for copy in groups.pop(0):
+                do_copy(ctx, *copy)
+        return pc
+    if parts[1] not in ("ca", "cg") or parts[2:] != ["shared", "global"] or len(ops) not in (3, 4):
+        raise SimError(opcode_text(parts))
+    size = ctx.operand(th, ops[2])
+    if size not in (4, 8, 16) or (parts[1] == "cg" and size != 16):
+        raise SimError(f"cp.async size {size}")
+    src_size = ctx.operand(th, ops[3]) & M32 if len(ops) == 4 else size
+    if src_size > size:
+        raise SimError(f"cp.async src-size {src_size} > {size}")
+    b, o = ctx.address(th, ops[0])
+    dst = (ctx.operand(th, b) + o) & M64
+    b, o = ctx.address(th, ops[1])
+    src = (ctx.operand(th, b) + o) & M64
+    if dst % size or dst + size > len(ctx.smem):
+        raise SimError(f"bad cp.async shared address {dst:#x}")
+    if src_size and src % size:
+        raise SimError(f"misaligned cp.async global address {src:#x}")
+    copy = (dst, src, size, src_size)
+    if CP_ASYNC_MODE[0] == "issue":
+        do_copy(ctx, *copy)
+    else:
+        if getattr(th, "cp_pending", None) is None:
+            th.cp_pending = []
+        th.cp_pending.append(copy)
+    return pc
+
+
+def do_copy(ctx, dst, src, size, src_size):
+    data = ctx.mem.read(src, src_size) if src_size else b""
+    ctx.smem[dst:dst + size] = data + bytes(size - src_size)
 
 
 def opcode_text(parts):
@@ -1135,6 +1344,7 @@ def run_one(job, root):
         with open(p(b["file"]), "rb") as f:
             mem.add(b["name"], int(b["addr"]), f.read(), bool(b.get("writable")))
     stats = {"threads": 0, "instructions": 0}
+    CP_ASYNC_MODE[0] = job.get("cp_async", "wait")
     run_kernel(kernels[job["kernel"]], job["grid"], job["block"], bytes.fromhex(job["params"]),
                mem, stats)
     for b in job["buffers"]:

@@ -4,9 +4,10 @@
 //!
 //! Without a GPU (always): the committed `kernels/attention.ptx` is what
 //! `kernels/gen_attention.py` writes, every launched entry exists with one parameter block of
-//! the size Rust passes, and (with the `cuda` feature) the Rust constants and field offsets agree
-//! with the PTX `// abi` lines. With a GPU (skipped with a `skipped:` line when there is none,
-//! failing when `VISTOK_REQUIRE_GPU=1`): random shapes (Nq ≠ Nk, 1, odd, several tiles), every
+//! the size Rust passes, the PTX runs on `kernels/ptx_sim.py` as an f64 model says, and (with
+//! the `cuda` feature) the Rust constants and field offsets agree with the PTX `// abi` lines.
+//! With a GPU (skipped with a `skipped:` line when there is none, failing when
+//! `VISTOK_REQUIRE_GPU=1`): random shapes (Nq ≠ Nk, 1, odd, several tiles), every
 //! mask, both biases, GQA, both layouts, every dtype and supported D; fully masked rows; extreme
 //! logits; bad input. Outputs are poisoned before each launch and every element is checked.
 
@@ -35,6 +36,24 @@ fn abi() -> BTreeMap<String, usize> {
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
     ptx::check_generated("gen_attention.py", &[], "attention.ptx", PTX);
+}
+
+/// The committed PTX run on `kernels/ptx_sim.py` (no GPU) against an f64 model of
+/// `softmax(Q·Kᵀ·scale + bias)·V` and its log-sum-exp in `kernels/gen_attention.py --emulate`:
+/// bf16 / f16 at D = 32, 64, 128 and the f32 entry, Nq and Nk off the tiles, causal with fully
+/// masked rows, key bias (one row all `−∞`), GQA, both layouts, several query tiles; O within
+/// twice the naive same-dtype error plus a small absolute term, LSE within 1e-4.
+#[test]
+fn ptx_runs_on_the_interpreter_as_the_reference_says() {
+    if let Some(out) = ptx::run_generator("gen_attention.py", &["--emulate", "quick"]) {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("attention emulation passed"),
+            "emulation failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", text.trim_end());
+    }
 }
 
 #[test]
