@@ -31,6 +31,8 @@
 
 pub mod argmin;
 pub mod attention;
+#[cfg(feature = "capi")]
+pub mod capi;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
