@@ -43,6 +43,8 @@ pub mod lfq;
 pub mod merge;
 pub mod patchify;
 pub mod reference;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod view;
 
 pub use argmin::{Codebook, Metric, ResidualCodebooks};

@@ -27,6 +27,8 @@
 // The helpers are used by the family modules as they land (remove this allow then).
 #![allow(dead_code)]
 
+pub mod cuda;
+
 use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
