@@ -324,3 +324,68 @@ pub extern "C" fn vistok_status_name(status: i32) -> *const c_char {
         usize::try_from(status).ok().and_then(|i| NAMES.get(i).copied()).unwrap_or(b"VISTOK_STATUS_UNKNOWN\0");
     name.as_ptr().cast()
 }
+
+/// A codebook of any float dtype (the C handle's payload).
+#[derive(Debug, Clone)]
+pub(crate) enum AnyCodebook {
+    F32(crate::Codebook<f32>),
+    F16(crate::Codebook<crate::f16>),
+    BF16(crate::Codebook<crate::bf16>),
+}
+
+/// Opaque handle: a prepared patchify plan (`vistok_patchify_new` / `vistok_patchify_free`).
+#[derive(Debug)]
+pub struct VistokPatchify(pub(crate) crate::Patchify);
+
+/// Opaque handle: an LFQ / group-wise LFQ / BSQ quantizer (`vistok_lfq_new` / `vistok_lfq_free`).
+#[derive(Debug)]
+pub struct VistokLfq(pub(crate) crate::Lfq);
+
+/// Opaque handle: an FSQ quantizer (`vistok_fsq_new` / `vistok_fsq_free`).
+#[derive(Debug)]
+pub struct VistokFsq(pub(crate) crate::Fsq);
+
+/// Opaque handle: a prepared codebook, f32 / f16 / bf16 (`vistok_codebook_new` /
+/// `vistok_codebook_free`).
+#[derive(Debug)]
+pub struct VistokCodebook(pub(crate) AnyCodebook);
+
+/// Opaque handle: a token-merging plan (`vistok_merge_plan_new` / `vistok_merge_plan_free`).
+#[derive(Debug)]
+pub struct VistokMergePlan(pub(crate) crate::MergePlan);
+
+/// Moves `value` to the heap and writes the handle through `out`.
+///
+/// # Safety
+/// A non-null `out` must be valid for one aligned pointer write.
+pub(crate) unsafe fn new_handle<T>(out: *mut *mut T, value: T, what: &str) -> CResult {
+    if out.is_null() {
+        return Err(CError::null(what));
+    }
+    // SAFETY: non-null; validity for one write is the caller's contract.
+    unsafe { write_out(out, Box::into_raw(Box::new(value)), what) }
+}
+
+/// Frees a handle made by [`new_handle`] (null is a no-op).
+///
+/// # Safety
+/// `ptr` must be null or a handle of this type from vistok not yet freed, with no other use
+/// of it in flight.
+pub(crate) unsafe fn free_handle<T>(ptr: *mut T) {
+    if !ptr.is_null() {
+        // SAFETY: the caller's contract: `ptr` came from Box::into_raw in new_handle.
+        drop(unsafe { Box::from_raw(ptr) });
+    }
+}
+
+/// Borrows a handle.
+///
+/// # Safety
+/// A non-null `ptr` must be a live handle of this type from vistok.
+pub(crate) unsafe fn handle<'a, T>(ptr: *const T, what: &str) -> CResult<&'a T> {
+    if ptr.is_null() {
+        return Err(CError::null(what));
+    }
+    // SAFETY: a live handle (caller's contract), so a valid, aligned, initialised T.
+    Ok(unsafe { &*ptr })
+}
