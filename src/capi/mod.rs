@@ -27,6 +27,7 @@
 // The helpers are used by the family modules as they land (remove this allow then).
 #![allow(dead_code)]
 
+pub mod attention;
 pub mod cuda;
 
 use std::cell::RefCell;
