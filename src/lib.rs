@@ -9,12 +9,18 @@
 //! | patchify / unpatchify | [`patchify`] | reference, cpu, cuda |
 //! | finite scalar quantization (FSQ), level / id statistics | [`fsq`] | reference, cpu, cuda (encode / decode) |
 //! | LFQ / group-wise LFQ / BSQ (sign → token ids), usage statistics, entropy terms | [`lfq`] | reference, cpu, cuda (encode / decode) |
-//! | codebook argmin (L2 / cosine), lookup, residual VQ | [`argmin`] | reference, cpu |
-//! | fused attention (in progress) | [`attention`] | reference, cpu |
-//! | token merging and pruning (in progress) | [`merge`] | reference, cpu |
+//! | codebook argmin (L2 / cosine), lookup, residual VQ | [`argmin`] | reference, cpu, cuda |
+//! | fused attention (flash-style; masks, biases, log-sum-exp) | [`attention`] | reference, cpu, cuda |
+//! | token merging (ToMe bipartite matching, merge / unmerge) and pruning | [`merge`] | reference, cpu, cuda |
 //!
 //! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
-//! [`Error`]s, never panics.
+//! [`Error`]s, never panics. Optional features: `cuda` (the GPU backend), `capi` (the C ABI in
+//! `capi`, header `include/vistok.h`), `testing` (proptest strategies and a differential
+//! harness against [`reference`], in `testing`), `cli` (the `vistok` command, on by default).
+//!
+//! **Thread safety.** Every prepared object (plans, quantizers, codebooks, merge plans, CUDA
+//! kernels) is `Send + Sync` and immutable after creation: share one across threads and call
+//! it from many at once. The cpu backend parallelises inside a call on rayon's global pool.
 //!
 //! ```
 //! use vistok::{Backend, Layout, PatchConfig, Patchify, View, ViewMut};
