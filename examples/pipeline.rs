@@ -264,8 +264,12 @@ fn run(cfg: &Config) -> Res<()> {
     let tok_dims = [b, n, c];
     let mut tokens = vec![0.0f32; b * n * c];
     let mut back = vec![0u8; image.len()];
-    patchify.forward(be, View::new(&image, &image_dims).map_err(e)?, ViewMut::new(&mut tokens, &tok_dims).map_err(e)?).map_err(e)?;
-    patchify.inverse(be, View::new(&tokens, &tok_dims).map_err(e)?, ViewMut::new(&mut back, &image_dims).map_err(e)?).map_err(e)?;
+    patchify
+        .forward(be, View::new(&image, &image_dims).map_err(e)?, ViewMut::new(&mut tokens, &tok_dims).map_err(e)?)
+        .map_err(e)?;
+    patchify
+        .inverse(be, View::new(&tokens, &tok_dims).map_err(e)?, ViewMut::new(&mut back, &image_dims).map_err(e)?)
+        .map_err(e)?;
     ensure(back == image, || "unpatchify(patchify(image)) is not the image".into())?;
     println!("sanity: unpatchify(patchify(image)) == image exactly ({} pixels)", image.len());
 
@@ -289,10 +293,11 @@ fn run(cfg: &Config) -> Res<()> {
     let attention = Attention::new().layout(QkvLayout::Bnhd);
     let mut times = Timings::default();
     for _ in 0..cfg.reps {
-        times.time("patchify", Work::Bytes(px + tok_b), || {
-            patchify.forward(be, View::new(&image, &image_dims)?, ViewMut::new(&mut tokens, &tok_dims)?)
-        })
-        .map_err(e)?;
+        times
+            .time("patchify", Work::Bytes(px + tok_b), || {
+                patchify.forward(be, View::new(&image, &image_dims)?, ViewMut::new(&mut tokens, &tok_dims)?)
+            })
+            .map_err(e)?;
         // Self-attention with the patch tokens as Q = K = V, split into heads ([B, N, H, D]).
         let flops = 4.0 * (b * h * n * n * d) as f64;
         times
@@ -414,10 +419,7 @@ fn run(cfg: &Config) -> Res<()> {
     let lfq_used = stats.histogram.as_ref().map(|h| h.iter().filter(|&&x| x > 0).count());
     let (vq_psnr, vq_mae) = psnr(&image, &recon);
     let (lfq_psnr, lfq_mae) = psnr(&image, &lfq_recon);
-    println!(
-        "\ntokens: {n} → {n2} per image after merging ({:.0} % fewer)",
-        100.0 * (n - n2) as f64 / n as f64
-    );
+    println!("\ntokens: {n} → {n2} per image after merging ({:.0} % fewer)", 100.0 * (n - n2) as f64 / n as f64);
     println!(
         "codebook usage: {} distinct of {k} entries over {} tokens; reconstruction PSNR {vq_psnr:.2} dB, mean |error| {vq_mae:.2} / 255",
         used.len(),
