@@ -120,7 +120,7 @@ fn synthetic_images(b: usize, side: usize, seed: u64) -> Vec<u8> {
     let mut rng = Rng(seed);
     let mut out = Vec::with_capacity(b * 3 * side * side);
     for _ in 0..b {
-        let (kx, ky, phase) = (1.0 + 4.0 * rng.unit(), 1.0 + 4.0 * rng.unit(), 6.28 * rng.unit());
+        let (kx, ky, phase) = (1.0 + 4.0 * rng.unit(), 1.0 + 4.0 * rng.unit(), std::f32::consts::TAU * rng.unit());
         let (cx, cy, rad) = (rng.unit(), rng.unit(), 0.1 + 0.2 * rng.unit());
         let tint = [rng.unit(), rng.unit(), rng.unit()];
         for (c, tint) in tint.iter().enumerate() {
@@ -231,12 +231,14 @@ fn run(cfg: &Config) -> Res<()> {
     let lfq = Lfq::new(&LfqConfig::new(cfg.lfq_groups, cfg.lfq_bits, BitOrder::MsbFirst).scale(0.8)).map_err(e)?;
     ensure(lfq.channels() == c, || format!("LFQ takes {} channels, tokens have {c}", lfq.channels()))?;
     let threads = if cfg!(feature = "rayon") { rayon::current_num_threads() } else { 1 };
+    let backend = match be {
+        Backend::Cpu => format!("cpu (isa {})", vistok::Isa::detect().name()),
+        other => format!("{other:?}").to_lowercase(),
+    };
     println!(
-        "vistok pipeline: backend {:?} (isa {}), {threads} threads, {b} images 3×{side}×{side} u8, \
+        "vistok pipeline: backend {backend}, {threads} threads, {b} images 3×{side}×{side} u8, \
          patch {p} → {n} tokens × {c}, {h} heads × {d}, ToMe r = {} → {n2} tokens, codebook {k} × {c} (L2), \
          LFQ {} groups × {} bits",
-        be,
-        vistok::Isa::detect().name(),
         n - n2,
         lfq.groups(),
         lfq.bits()

@@ -390,7 +390,7 @@ fn cuda_devices_at_once() {
         }
         Err(e) => {
             assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but no CUDA driver: {e}");
-            return say_skipped(&format!("no CUDA driver ({e})"));
+            return say_skipped(&e.to_string());
         }
     };
     let lfq = Lfq::new(&LfqConfig::new(3, 11, BitOrder::MsbFirst)).unwrap();
