@@ -108,12 +108,14 @@ fn with_busy_pool<R>(body: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Calls `f` on each of `THREADS` inputs single-threaded (the expected bits), then again from
-/// `THREADS` OS threads at once (plain, and with rayon's global pool busy) and from inside
-/// rayon tasks, asserting every call gives the expected bits.
+/// Calls `f` on each of `THREADS` inputs single-threaded (one caller, inside a one-thread
+/// rayon pool: the expected bits), then again one call at a time on the global pool, from
+/// `THREADS` OS threads at once (plain, and with rayon's global pool busy) and from inside rayon
+/// tasks, asserting every call gives the expected bits.
 fn check<I: Sync>(family: &str, inputs: &[I], f: impl Fn(&I) -> Vec<u32> + Sync) {
     assert_eq!(inputs.len(), THREADS);
-    let want: Vec<Vec<u32>> = inputs.iter().map(&f).collect();
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let want: Vec<Vec<u32>> = one.install(|| inputs.iter().map(&f).collect());
     // Different inputs give different outputs (else a mix-up between threads could go unseen).
     assert!(want.windows(2).any(|w| w[0] != w[1]), "{family}: every input gave the same output");
     assert!(want.iter().all(|w| !w.is_empty() && w.iter().any(|&x| x != 0)), "{family}: an empty or zero output");
@@ -135,6 +137,7 @@ fn check<I: Sync>(family: &str, inputs: &[I], f: impl Fn(&I) -> Vec<u32> + Sync)
             }
         })
     };
+    inputs.iter().enumerate().for_each(|(t, input)| compare("one caller, global pool", t, &f(input)));
     os_threads("8 OS threads");
     with_busy_pool(|| os_threads("8 OS threads, rayon pool busy"));
     (0..THREADS * ROUNDS)
