@@ -20,7 +20,7 @@
 //! The images are synthetic (gradients, a wave, a disc, a little noise), the codebook is made of
 //! the patches of *other* synthetic images and the LFQ code scale is fixed: nothing is trained,
 //! so the reconstruction is lossy — the PSNR shows that the pipeline runs end to end and is
-//! wired up right (a bug gives noise, ~10 dB), not what a trained tokenizer would reach. The
+//! wired up right, not what a trained tokenizer would reach. The
 //! invariants (ids in range, lookup returns codebook rows, unmerge restores N tokens, the
 //! merged sizes add up, unpatchify inverts patchify exactly, …) are checked, and any failure
 //! exits non-zero.
