@@ -20,10 +20,9 @@
 //! The images are synthetic (gradients, a wave, a disc, a little noise), the codebook is made of
 //! the patches of *other* synthetic images and the LFQ code scale is fixed: nothing is trained,
 //! so the reconstruction is lossy — the PSNR shows that the pipeline runs end to end and is
-//! wired up right, not what a trained tokenizer would reach. The
-//! invariants (ids in range, lookup returns codebook rows, unmerge restores N tokens, the
-//! merged sizes add up, unpatchify inverts patchify exactly, …) are checked, and any failure
-//! exits non-zero.
+//! wired up right, not what a trained tokenizer would reach. The invariants (ids in range,
+//! lookup returns codebook rows, unmerge restores N tokens, the merged sizes add up, unpatchify
+//! inverts patchify exactly, …) are checked, and any failure exits non-zero.
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Instant;
