@@ -251,12 +251,10 @@ fn run(cfg: &Config) -> Res<()> {
     let code_dims = [code_images, 3, 256, 256];
     let code_plan = Patchify::new(&config, &code_dims).map_err(e)?;
     let mut code_tokens = vec![0.0f32; code_plan.tokens_dims().iter().product()];
+    let code_pixels = synthetic_images(code_images, 256, 2);
     let t = Instant::now();
-    code_plan
-        .forward(be, View::new(&synthetic_images(code_images, 256, 2), &code_dims).map_err(e)?, {
-            ViewMut::new(&mut code_tokens, &code_plan.tokens_dims()).map_err(e)?
-        })
-        .map_err(e)?;
+    let code_view = ViewMut::new(&mut code_tokens, &code_plan.tokens_dims()).map_err(e)?;
+    code_plan.forward(be, View::new(&code_pixels, &code_dims).map_err(e)?, code_view).map_err(e)?;
     let codebook = Codebook::new(View::new(&code_tokens[..k * c], &[k, c]).map_err(e)?, Metric::L2).map_err(e)?;
     println!(
         "setup: codebook of {k} entries from the patches of {code_images} other synthetic image(s), {:.1} ms",
