@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU check in two halves, for a GPU machine without a Rust toolchain or network:
 #
-#   scripts/gpu-check.sh build   here: builds every test executable (release, --features cuda)
+#   scripts/gpu-check.sh build   here: builds every test executable (release, --features cuda,capi)
 #                                and the patchify_cuda bench, copies them into gpu-bin/
 #                                (git-ignored; carry it to the GPU machine).
 #   scripts/gpu-check.sh run     there, from the repository root: runs the test executables
-#                                that touch the device or the PTX (cuda_*, ptx_abi, cli_*, the
-#                                lib's unit tests; GPU_CHECK_ALL=1: every one) with
+#                                that touch the device or the PTX (cuda_*, ptx_abi, cli_*,
+#                                capi_cuda, thread_safety, the lib's unit tests;
+#                                GPU_CHECK_ALL=1: every one) with
 #                                VISTOK_REQUIRE_GPU=1 (no silent skips), then the benches
 #                                (criterion patchify_cuda, `vistok bench --quick --filter cuda`),
 #                                then torch on the same shapes (scripts/gpu_peers.py) for
@@ -30,7 +31,7 @@ build() {
     rm -rf "$BIN"
     mkdir -p "$BIN"
     echo "== building tests (release, --features cuda)"
-    cargo test --release --features cuda --no-run --message-format=json-render-diagnostics >"$BIN/.tests.json"
+    cargo test --release --features cuda,capi --no-run --message-format=json-render-diagnostics >"$BIN/.tests.json"
     echo "== building the patchify_cuda bench"
     cargo bench --features cuda --bench patchify_cuda --no-run --message-format=json-render-diagnostics >"$BIN/.bench.json"
     echo "== building the vistok command (release, --features cuda)"
@@ -54,7 +55,7 @@ for src, want in ((".tests.json", "test"), (".bench.json", "bench")):
             dst = f"test-{prefix}-{name}" if prefix == "lib" else f"test-{name}"
             # The device check runs only what touches the device or the PTX (see `run`); the
             # rest would only make the folder too big to carry (64 MiB with the tree).
-            device = prefix == "lib" or name.startswith(("cuda_", "cli_")) or name == "ptx_abi"
+            device = prefix == "lib" or name.startswith(("cuda_", "cli_")) or name in ("ptx_abi", "capi_cuda", "thread_safety")
             if not device and os.environ.get("GPU_CHECK_ALL", "0") != "1":
                 continue
         elif want == "bench" and "bench" in kinds and name == "patchify_cuda":
@@ -112,7 +113,7 @@ run() {
         # (minutes of device time) only what touches the device or the PTX runs, unless
         # GPU_CHECK_ALL=1.
         case "$(basename "$exe")" in
-            test-cuda_* | test-ptx_abi | test-cli_* | test-lib-*) ;;
+            test-cuda_* | test-ptx_abi | test-cli_* | test-lib-* | test-capi_cuda | test-thread_safety) ;;
             *)
                 if [ "${GPU_CHECK_ALL:-0}" != 1 ]; then
                     summary+=("$(printf '%-40s %s' "$(basename "$exe")" "not run (CPU-only; GPU_CHECK_ALL=1 runs it)")")
