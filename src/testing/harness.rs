@@ -54,7 +54,7 @@ impl std::ops::AddAssign for Report {
 /// let plan = Lfq::new(&LfqConfig::new(1, 2, BitOrder::MsbFirst))?;
 /// let m = check_lfq(&plan, &[1.0f32, -1.0], &[0b01]).unwrap_err();
 /// assert_eq!(m.index, Some(0));
-/// assert!(m.to_string().contains("reference 2"), "{m}");
+/// assert!(m.to_string().contains("the reference gives 2"), "{m}");
 /// # Ok::<(), vistok::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -320,17 +320,24 @@ fn index_tolerance(metric: Metric, dtype: DType, x: &[f64], e_got: &[f64], e_bes
             2.0 * (d + 2.0) * U * (norm2(x) + norm2(e_got) + norm2(e_best)) + 2.0 * (fg + fb) + 4.0 * underflow(d)
         }
         Metric::Cosine => {
+            // The dot product's absolute error, relative to the norms; and an entry's squared
+            // norm below the normal range is off by up to `underflow` (relative: / ‖e‖²).
             let rel = |f: f64, e: &[f64]| {
                 let den = (norm2(x) * norm2(e)).sqrt();
                 if den == 0.0 {
                     0.0
                 } else {
-                    (f + underflow(d)) / den
+                    (f + underflow(d)) / den + underflow(d) / norm2(e)
                 }
             };
             (3.0 * d + 8.0) * U + rel(fg, e_got) + rel(fb, e_best)
         }
     }
+}
+
+/// Whether two entries hold the same bits (`+0.0` and `−0.0` differ, which can matter to bf16).
+fn same_entry(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 /// Checks an argmin engine against the reference: `indices` `[N]` (and, if given, `distances`
@@ -344,12 +351,14 @@ fn index_tolerance(metric: Metric, dtype: DType, x: &[f64], e_got: &[f64], e_bes
 /// `bf16`, what its flushed subnormals can move a dot product, and an absolute `(2D + 2)·2⁻¹⁴⁹`
 /// per score for results below the normal range. Exact distances are f64 (cosine: 0 for a zero
 /// vector, including an entry whose f32 squared norm underflows to 0, as the contract says).
-/// Accepted differences count as [`Report::near_ties`] (strictly worse) or
+/// An index `ĝ` is never accepted when a lower-indexed entry holds exactly the same values:
+/// every arithmetic scores the two alike, so ties → lowest index applies. Accepted differences count as [`Report::near_ties`] (strictly worse) or
 /// [`Report::exact_ties`] (exactly as near).
 ///
 /// **Distances** of the chosen entries: within `2(D + 3)·u·(‖x‖² + ‖e‖²)` of the exact
 /// `‖x − e‖²` (this admits the expanded `‖x‖² − 2x·e + ‖e‖²` form as well as the direct sum),
-/// or within `(2D + 6)·u` of the exact `1 − cos` (cosine), plus the same underflow allowance.
+/// or within `(2D + 6)·u` of the exact `1 − cos` (cosine), plus the same underflow allowance
+/// (for cosine also relative to `‖x‖²` and `‖e‖²`, whose f32 values lose bits when subnormal).
 ///
 /// Fails on the first row beyond that, on an index out of range, on lengths that don't
 /// match, and when the reference rejects `x` (NaN or `±∞`).
@@ -358,14 +367,15 @@ fn index_tolerance(metric: Metric, dtype: DType, x: &[f64], e_got: &[f64], e_bes
 /// use vistok::argmin::{Codebook, Metric};
 /// use vistok::testing::check_argmin;
 /// use vistok::View;
-/// // Entries 0 and 1 are exact duplicates; 2 is far.
-/// let e = [1.0f32, 2.0, 1.0, 2.0, -5.0, 0.0];
-/// let cb = Codebook::new(View::new(&e, &[3, 2])?, Metric::L2)?;
+/// // Entries 0 and 1 are equally near x; 2 is far; 3 duplicates 0.
+/// let e = [1.0f32, 2.0, 1.0, 3.0, -5.0, 0.0, 1.0, 2.0];
+/// let cb = Codebook::new(View::new(&e, &[4, 2])?, Metric::L2)?;
 /// let x = [1.0f32, 2.5];
 /// assert!(check_argmin(&cb, &x, &[0], Some(&[0.25])).is_ok());
 /// let r = check_argmin(&cb, &x, &[1], None).unwrap(); // an exact tie broken the other way
 /// assert_eq!((r.near_ties, r.exact_ties), (0, 1));
 /// assert!(check_argmin(&cb, &x, &[2], None).is_err()); // far worse: a bug
+/// assert!(check_argmin(&cb, &x, &[3], None).is_err()); // a duplicate of 0: 0 must win
 /// assert!(check_argmin(&cb, &x, &[0], Some(&[0.3])).is_err()); // wrong distance
 /// # Ok::<(), vistok::Error>(())
 /// ```
@@ -402,6 +412,14 @@ pub fn check_argmin<T: Float>(
         let xf: Vec<f32> = x[r * d..][..d].iter().map(|v| v.to_f32()).collect();
         let xr = wide(&xf);
         if g != w {
+            // Bitwise-equal entries get equal scores from any arithmetic: the lowest must win.
+            if let Some(j) = (0..g).find(|&j| same_entry(entry(j), entry(g))) {
+                return Err(output(
+                    f,
+                    r,
+                    format!("indices[{r}] = {g} but entry {j} is identical to it: ties go to the lowest index"),
+                ));
+            }
             let (eg, ew) = (wide(entry(g)), wide(entry(w)));
             let worse = match metric {
                 Metric::L2 => {
@@ -439,7 +457,11 @@ pub fn check_argmin<T: Float>(
                 Metric::Cosine => {
                     let s = reference::argmin::distance(metric, &xr, e);
                     let den = (norm2(&xr) * norm2(&ew)).sqrt();
-                    let uf = if den == 0.0 { 0.0 } else { 4.0 * underflow(dd) / den };
+                    let uf = if den == 0.0 {
+                        0.0
+                    } else {
+                        4.0 * underflow(dd) * (1.0 / den + 1.0 / norm2(&xr) + 1.0 / norm2(&ew))
+                    };
                     // A vector whose f32 squared norm underflows is a zero vector: distance 1.
                     let zero = norm2_f32(&xf) == 0.0 || norm2_f32(e) == 0.0;
                     (s, (2.0 * dd + 6.0) * U + uf, if zero { 1.0 } else { s })
