@@ -174,6 +174,11 @@ fn ulp(x: f64) -> f64 {
 /// for `L` levels and input `z`, `half_l·(3·10⁻⁷ + ulp(z + shift)) + 2·ulp(bound(L, z))` —
 /// the rounding of `z + shift` (times `tanh' ≤ 1` times `half_l`), an f32 `tanh` within
 /// 3·10⁻⁷, and a couple of roundings of the result (`ulp` in f32).
+///
+/// ```
+/// let band = vistok::testing::fsq_band(8, 0.3);
+/// assert!(band > 0.0 && band < 1e-5); // a few f32 ulps of the level scale
+/// ```
 pub fn fsq_band(levels: u32, z: f64) -> f64 {
     let half_l = (levels - 1) as f64 * (1.0 + EPS) / 2.0;
     let shift = if levels.is_multiple_of(2) { (0.5 / half_l).atanh() } else { 0.0 };

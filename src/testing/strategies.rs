@@ -410,6 +410,13 @@ pub struct ArgminCase {
 
 impl ArgminCase {
     /// The number of queries N.
+    ///
+    /// ```
+    /// let c = vistok::testing::ArgminCase {
+    ///     metric: vistok::Metric::L2, k: 1, d: 2, codebook: vec![0.0; 2], x: vec![1.0; 6],
+    /// };
+    /// assert_eq!(c.n(), 3);
+    /// ```
     pub fn n(&self) -> usize {
         self.x.len() / self.d
     }
@@ -491,6 +498,23 @@ pub enum MaskCase {
 }
 
 /// An attention problem: see [`attention_case`].
+///
+/// ```
+/// use vistok::testing::{AttentionCase, MaskCase};
+/// use vistok::{reference, QkvLayout, View, ViewMut};
+/// // Two queries, one key; causal with Nq > Nk: query 0 sees no key.
+/// let c = AttentionCase {
+///     b: 1, h: 1, hkv: 1, nq: 2, nk: 1, d: 2, layout: QkvLayout::Bhnd, scale: None,
+///     mask: MaskCase::Causal, key_bias: None,
+///     q: vec![1.0, 0.0, 0.0, 1.0], k: vec![1.0, 1.0], v: vec![0.5, -0.5],
+/// };
+/// assert!(c.fully_masked(0, 0) && !c.fully_masked(0, 1));
+/// let (mut o, mut lse) = (vec![9.0f32; 4], vec![0.0f32; 2]);
+/// reference::attention_forward(&c.attention(), View::new(&c.q, &c.q_dims())?, View::new(&c.k, &c.kv_dims())?,
+///     View::new(&c.v, &c.kv_dims())?, ViewMut::new(&mut o, &c.q_dims())?, ViewMut::new(&mut lse, &c.lse_dims())?)?;
+/// assert_eq!((o, lse[0]), (vec![0.0, 0.0, 0.5, -0.5], f32::NEG_INFINITY));
+/// # Ok::<(), vistok::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionCase {
     /// Batch B.
