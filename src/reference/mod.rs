@@ -19,7 +19,7 @@
 //!   even, clamped to `[0, L−1]`. The fast backends evaluate a documented f32 version, so they
 //!   may differ from this oracle by one level where the f64 pre-rounding value is within a few
 //!   f32 ulps of a `k + 0.5` boundary (and nowhere else).
-//! - **Argmin** ([`argmin`], [`argmin::distance`]): exact distances in f64 (`‖x − e‖²`, or
+//! - **Argmin** ([`argmin()`], [`argmin::distance`]): exact distances in f64 (`‖x − e‖²`, or
 //!   `1 − cos` with cosine 0 for a zero vector); fast backends work in f32 and may pick another
 //!   entry only at a near-tie within the bound in [`crate::argmin`]'s docs.
 //! - **Attention** ([`attention_forward`]): scores, softmax and the weighted sum in f64; a
@@ -55,7 +55,7 @@ use crate::merge::{MatchConfig, MergePlan};
 use crate::{Backend, Fsq, Lfq, Patchify, View, ViewMut};
 
 /// Reference LFQ / BSQ encode: z `[N, G·d]` → ids `[N, G]` (see [`crate::lfq`] and
-/// [`lfq`](self::lfq)). Errors as [`Lfq::encode`]: dims, or a NaN (the first).
+/// [`lfq`]). Errors as [`Lfq::encode`]: dims, or a NaN (the first).
 ///
 /// ```
 /// use vistok::{reference, BitOrder, Lfq, LfqConfig, View, ViewMut};
@@ -85,7 +85,7 @@ pub fn lfq_decode<O: Float>(plan: &Lfq, ids: View<'_, u32>, codes: ViewMut<'_, O
 }
 
 /// Reference FSQ encode, in f64: z `[N, D]` → ids `[N]` (see [`crate::fsq`] and
-/// [`fsq`](self::fsq)). Errors as [`Fsq::encode`]: dims, or a NaN (the first).
+/// [`fsq`]). Errors as [`Fsq::encode`]: dims, or a NaN (the first).
 ///
 /// ```
 /// use vistok::{reference, Fsq, View, ViewMut};
