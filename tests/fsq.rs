@@ -476,12 +476,17 @@ struct Case {
 }
 
 /// Level lists: random ones of 1 to 8 levels in `2..=16`, and (with the `testing` feature, as
-/// CI runs) the exported [`vistok::testing::fsq_levels`] as well: published lists and large
-/// levels around 1000 and 4096.
+/// CI runs) the exported [`vistok::testing::fsq_levels`] as well, up to 16 levels per
+/// dimension (the f32 codes → ids check below is exact only for small levels; large ones are
+/// covered by `exported_inputs_match_reference`).
 fn levels_strategy() -> BoxedStrategy<Vec<u32>> {
     let random = prop::collection::vec(2u32..=16, 1..=8);
     #[cfg(feature = "testing")]
-    return prop_oneof![random, vistok::testing::fsq_levels()].boxed();
+    return prop_oneof![
+        random,
+        vistok::testing::fsq_levels().prop_filter("small levels", |l| l.iter().all(|&l| l <= 16))
+    ]
+    .boxed();
     #[cfg(not(feature = "testing"))]
     random.boxed()
 }
