@@ -18,17 +18,20 @@
 //!   `tanh(z + shift)·half_l − offset`, evaluated in **f64** with `f64::tanh`, rounded half to
 //!   even, clamped to `[0, L−1]`. The fast backends evaluate a documented f32 version, so they
 //!   may differ from this oracle by one level where the f64 pre-rounding value is within a few
-//!   f32 ulps of a `k + 0.5` boundary (and nowhere else).
+//!   f32 ulps of a `k + 0.5` boundary (and nowhere else, for `L` up to `2^16` as tested; at
+//!   `2^24` levels f32 steps are ulp-sized).
 //! - **Argmin** ([`argmin()`], [`argmin::distance`]): exact distances in f64 (`‖x − e‖²`, or
 //!   `1 − cos` with cosine 0 for a zero vector); fast backends work in f32 and may pick another
 //!   entry only at a near-tie within the bound in [`crate::argmin`]'s docs.
 //! - **Attention** ([`attention_forward`]): scores, softmax and the weighted sum in f64; a
 //!   fully masked row gives zeros and a log-sum-exp of `−∞`.
 //! - **NaN**: LFQ and FSQ reject a NaN in `z` ([`Error::NonFinite`](crate::Error::NonFinite)
-//!   naming the first, in row-major order); argmin, attention and merge reject NaN and `±∞`
-//!   the same way. The oracle never returns NaN for valid input.
-//! - **Rounding**: inputs widen exactly to f32 (then f64); every float output is rounded once,
-//!   at the end, to the output type (nearest, ties to even).
+//!   naming the first, in row-major order); argmin and attention reject NaN and `±∞` in
+//!   their inputs, and token merging in its metric and scores, the same way.
+//! - **Rounding**: inputs widen exactly to f32. Where the contract computes in higher
+//!   precision (FSQ's bound, distances, softmax and weighted sums, merge averages) the oracle
+//!   uses f64 and rounds each result once to f32, then to the output type (nearest, ties to
+//!   even); patchify's affine map is the one f32 `fma` its contract defines.
 //!
 //! ```
 //! use vistok::{reference, BitOrder, Lfq, LfqConfig, View, ViewMut};

@@ -428,7 +428,7 @@ impl ArgminCase {
 /// with a few more duplicates and a zero entry now and then; queries that are the planted
 /// query (and copies a few ulps away), exact copies of entries (distance 0; duplicates must
 /// resolve to the lowest index), zero vectors, and random vectors with `±0.0`, subnormal and
-/// tiny coordinates. Values stay within `±8`, so no square leaves the f32 range.
+/// tiny coordinates. Values stay within `±20`, so no square leaves the f32 range.
 ///
 /// ```
 /// use proptest::strategy::{Strategy, ValueTree};
