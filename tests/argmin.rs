@@ -238,8 +238,13 @@ fn metric_strategy() -> impl Strategy<Value = Metric> {
 }
 
 /// Dims that hit every kernel: small-D paths (4, 8, 16), odd, 1, and general widths.
-fn dim_strategy() -> impl Strategy<Value = usize> {
-    prop_oneof![Just(1usize), Just(4), Just(8), Just(16), 1usize..40, Just(64), Just(257)]
+/// With the `testing` feature (as CI runs), also the exported [`vistok::testing::awkward_dim`].
+fn dim_strategy() -> BoxedStrategy<usize> {
+    let own = prop_oneof![Just(1usize), Just(4), Just(8), Just(16), 1usize..40, Just(64), Just(257)];
+    #[cfg(feature = "testing")]
+    return prop_oneof![own, vistok::testing::awkward_dim()].boxed();
+    #[cfg(not(feature = "testing"))]
+    own.boxed()
 }
 
 /// Codebook sizes around the 16-lane groups and 64-code padding, and a few larger ones.
@@ -289,6 +294,27 @@ proptest! {
         check::<f32>(n, k, d, metric, &lattice(n * d, seed), &lattice(k * d, seed ^ 1), exact);
         check::<bf16>(n, k, d, metric, &lattice(n * d, seed ^ 2), &lattice(k * d, seed ^ 3), exact);
         check::<f16>(n, k, d, metric, &lattice(n * d, seed ^ 4), &lattice(k * d, seed ^ 5), exact);
+    }
+}
+
+#[cfg(feature = "testing")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The exported cases (planted near-ties, duplicated and zero entries, copies of entries,
+    /// zero and subnormal queries) through this file's own check — the documented arithmetic
+    /// bit for bit, the near-tie bound — and the exported harness agreeing on the count.
+    #[test]
+    fn exported_cases_match_documented_arithmetic(c in vistok::testing::argmin_case()) {
+        let n = c.n();
+        let ties = check::<f32>(n, c.k, c.d, c.metric, &c.x, &c.codebook, false);
+        let cb = codebook(&c.codebook, c.d, c.metric);
+        let (idx, dist) = search(&cb, Backend::Cpu, &c.x).unwrap();
+        let report = vistok::testing::check_argmin(&cb, &c.x, &idx, Some(&dist))?;
+        prop_assert_eq!(report.near_ties, ties);
+        let (x, e): (Vec<bf16>, Vec<bf16>) =
+            (c.x.iter().map(|&v| bf16::from_f32(v)).collect(), c.codebook.iter().map(|&v| bf16::from_f32(v)).collect());
+        check::<bf16>(n, c.k, c.d, c.metric, &x, &e, false);
     }
 }
 

@@ -475,9 +475,29 @@ struct Case {
     seed: u64,
 }
 
+/// Level lists: random ones of 1 to 8 levels in `2..=16`, and (with the `testing` feature, as
+/// CI runs) the exported [`vistok::testing::fsq_levels`] as well, up to 16 levels per
+/// dimension (the f32 codes → ids check below is exact only for small levels; large ones are
+/// covered by `exported_inputs_match_reference`).
+fn levels_strategy() -> BoxedStrategy<Vec<u32>> {
+    let random = prop::collection::vec(2u32..=16, 1..=8);
+    #[cfg(feature = "testing")]
+    return prop_oneof![
+        random,
+        vistok::testing::fsq_levels().prop_filter("small levels", |l| l.iter().all(|&l| l <= 16))
+    ]
+    .boxed();
+    #[cfg(not(feature = "testing"))]
+    random.boxed()
+}
+
 fn case() -> impl Strategy<Value = Case> {
-    (prop::collection::vec(2u32..=16, 1..=8), 0usize..100, 0usize..3, any::<u64>())
-        .prop_map(|(levels, n, t, seed)| Case { levels, n, dtype: [DType::F32, DType::F16, DType::BF16][t], seed })
+    (levels_strategy(), 0usize..100, 0usize..3, any::<u64>()).prop_map(|(levels, n, t, seed)| Case {
+        levels,
+        n,
+        dtype: [DType::F32, DType::F16, DType::BF16][t],
+        seed,
+    })
 }
 
 proptest! {
@@ -506,6 +526,24 @@ proptest! {
             }
             prop_assert_eq!(back, id);
         }
+    }
+}
+
+#[cfg(feature = "testing")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// The exported FSQ inputs (boundary values ± ulps, ±0, subnormals, ±∞) through this file's
+    /// own check, and the exported harness agreeing with it on the near-tie count.
+    #[test]
+    fn exported_inputs_match_reference((levels, z) in vistok::testing::fsq_case()) {
+        let fsq = Fsq::new(&levels).unwrap();
+        let near = check(&fsq, &z);
+        let ids = encode(&fsq, cpu_backends()[0], &z).unwrap();
+        let report = vistok::testing::check_fsq(&fsq, &z, &ids)?;
+        prop_assert_eq!(report.near_ties, near);
+        let zb: Vec<bf16> = z.iter().map(|&v| bf16::from_f32(v)).collect();
+        check(&fsq, &zb);
     }
 }
 

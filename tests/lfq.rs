@@ -87,19 +87,24 @@ fn is_nan_at(e: &Error, at: &str) -> bool {
 
 /// Every backend against the reference for one dtype: ids, normalised z, codes and round trips.
 fn check_dtype<T: Float>(plan: &Lfq, n: usize, seed: u64) {
+    check_z(plan, &planted::<T>(n * plan.channels(), seed), seed);
+}
+
+/// [`check_dtype`] on given `z` `[N, G·d]`.
+fn check_z<T: Float>(plan: &Lfq, z: &[T], seed: u64) {
+    let n = z.len() / plan.channels();
     let ctx = format!("{:?} {plan:?} n={n}", T::DTYPE);
-    let z = planted::<T>(n * plan.channels(), seed);
-    let want = encode(plan, Backend::Reference, &z).unwrap();
+    let want = encode(plan, Backend::Reference, z).unwrap();
     if plan.bits() < 32 {
         assert!(want.iter().all(|&id| id != ID_POISON), "{ctx}: reference left ids unwritten");
     }
-    let (want_ids_n, want_u) = encode_normalized::<T, T>(plan, Backend::Reference, &z);
+    let (want_ids_n, want_u) = encode_normalized::<T, T>(plan, Backend::Reference, z);
     assert_eq!(want_ids_n, want, "{ctx}: encode_normalized ids");
     let ids = random_ids(plan, n, seed ^ 0xABCD);
     let want_codes: Vec<T> = decode(plan, Backend::Reference, &ids).unwrap();
     for be in cpu_backends() {
-        assert_eq!(encode(plan, be, &z).unwrap(), want, "{ctx} {be:?}: encode");
-        let (got_ids, got_u) = encode_normalized::<T, T>(plan, be, &z);
+        assert_eq!(encode(plan, be, z).unwrap(), want, "{ctx} {be:?}: encode");
+        let (got_ids, got_u) = encode_normalized::<T, T>(plan, be, z);
         assert_eq!(got_ids, want, "{ctx} {be:?}: encode_normalized ids");
         assert_bits_eq(&got_u, &want_u, &format!("{ctx} {be:?}: normalized"));
         let codes: Vec<T> = decode(plan, be, &ids).unwrap();
@@ -134,6 +139,21 @@ proptest! {
         check_dtype::<f32>(&plan, n, seed);
         check_dtype::<f16>(&plan, n, seed + 1);
         check_dtype::<bf16>(&plan, n, seed + 2);
+    }
+}
+
+#[cfg(feature = "testing")]
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The exported configurations and inputs (±0.0, subnormals, ±∞, huge, values an ulp from
+    /// the rounding points, awkward token counts) through the same checks, in every dtype.
+    #[test]
+    fn exported_cases_match_reference((config, z) in vistok::testing::lfq_case(), seed in any::<u64>()) {
+        let plan = Lfq::new(&config).unwrap();
+        check_z(&plan, &z, seed);
+        check_z(&plan, &z.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(), seed ^ 1);
+        check_z(&plan, &z.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(), seed ^ 2);
     }
 }
 

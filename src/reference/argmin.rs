@@ -1,11 +1,25 @@
 //! Reference codebook argmin: for every row, every entry, the exact distance in f64 — a naive
 //! double loop, straight from the contract in [`crate::argmin`]. Slow and obvious on purpose.
+//!
+//! Public entry points: [`argmin`](super::argmin()) and [`distance`].
 
 use crate::argmin::{Metric, Prepared};
 use crate::dtype::Float;
 
-/// Exact-ish distance (f64) of row `x` to entry `e`: `‖x − e‖²` or `1 − cos`.
-fn distance(metric: Metric, x: &[f64], e: &[f32]) -> f64 {
+/// The oracle's distance (f64) of row `x` to entry `e`: `‖x − e‖²` (L2) or
+/// `1 − clamp(cos, −1, 1)` (cosine, with cosine 0 when either norm is 0, so distance 1). Every
+/// product and sum is in f64, so for f32 inputs of moderate size it is exact up to f64 rounding.
+/// This is the number [`argmin`](crate::reference::argmin()) minimises (the lowest index wins a
+/// tie). Pairs past the shorter of `x` and `e` are ignored.
+///
+/// ```
+/// use vistok::argmin::Metric;
+/// use vistok::reference::argmin::distance;
+/// assert_eq!(distance(Metric::L2, &[1.0, 2.0], &[1.0, 0.0]), 4.0);
+/// assert_eq!(distance(Metric::Cosine, &[0.0, 2.0], &[3.0, 0.0]), 1.0); // orthogonal
+/// assert_eq!(distance(Metric::Cosine, &[0.0, 0.0], &[3.0, 0.0]), 1.0); // zero x: cosine 0
+/// ```
+pub fn distance(metric: Metric, x: &[f64], e: &[f32]) -> f64 {
     match metric {
         Metric::L2 => x.iter().zip(e).map(|(&a, &b)| (a - b as f64) * (a - b as f64)).sum(),
         Metric::Cosine => {

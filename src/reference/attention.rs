@@ -1,6 +1,8 @@
 //! Reference attention: the naive three steps (scores, softmax, weighted sum of values) in f64,
 //! one query row at a time, straight from the contract in [`crate::attention`]. The mask rules
 //! are written out here from their definitions, independently of the fast paths.
+//!
+//! Public entry point: [`attention_forward`](super::attention_forward).
 
 use crate::attention::{check_finite, Mask, Problem, QkvLayout};
 use crate::dtype::Float;

@@ -1,13 +1,25 @@
 //! Reference FSQ: vector-quantize-pytorch's formula evaluated in f64 with `f64::tanh`, one
 //! element at a time. Naive on purpose; it uses only the plan's levels (never the f32
 //! constants of the fast paths).
+//!
+//! Public entry points: [`fsq_encode`](super::fsq_encode), [`fsq_decode`](super::fsq_decode), and the
+//! per-element [`bound`] and [`level`].
 
 use crate::dtype::Float;
 use crate::error::{Error, Family, Result};
 use crate::fsq::{Fsq, FsqStats, EPS, STATS_MAX_BINS};
 
 /// The pre-rounding value `tanh(z + atanh(offset/half_l))·half_l − offset` of one element in f64,
-/// for a dimension with `levels` levels. Its rounding (half to even) plus `⌊L/2⌋` is the level.
+/// for a dimension with `levels` levels, with `half_l = (L−1)(1 + EPS)/2` and `offset = 0.5`
+/// for even `L`, `0` for odd. Its rounding (half to even) plus `⌊L/2⌋` is the level, so the
+/// rounding boundaries are where this is `k + 0.5`.
+///
+/// ```
+/// use vistok::reference::fsq::bound;
+/// assert_eq!(bound(5, 0.0), 0.0);
+/// assert!(bound(4, 0.0).abs() < 1e-15); // even L: the shift centres z = 0 on a level
+/// assert!((bound(5, 1e9) - 2.002).abs() < 1e-12); // saturates at half_l
+/// ```
 pub fn bound(levels: u32, z: f64) -> f64 {
     let half_l = (levels as f64 - 1.0) * (1.0 + EPS) / 2.0;
     let offset = if levels.is_multiple_of(2) { 0.5 } else { 0.0 };
@@ -15,14 +27,33 @@ pub fn bound(levels: u32, z: f64) -> f64 {
     (z + shift).tanh() * half_l - offset
 }
 
-/// The level of `z` (not NaN) in a dimension with `levels` levels, clamped to `[0, L−1]`.
+/// The level of `z` (not NaN) in a dimension with `levels` levels:
+/// `clamp(round_ties_even(bound(L, z)) + ⌊L/2⌋, 0, L−1)`.
+///
+/// ```
+/// use vistok::reference::fsq::level;
+/// assert_eq!([level(5, -9.0), level(5, 0.0), level(5, 0.3), level(5, 9.0)], [0, 2, 3, 4]);
+/// assert_eq!([level(2, -5.0), level(2, -1.0)], [0, 1]);
+/// ```
 pub fn level(levels: u32, z: f64) -> u64 {
     let half_width = (levels / 2) as f64;
     let q = bound(levels, z).round_ties_even() + half_width;
     q.clamp(0.0, (levels - 1) as f64) as u64
 }
 
-/// `z` `[N, D]` → ids `[N]`. Errors on the first NaN (row-major order).
+/// `z` `[N, D]` → ids `[N]` on raw slices. Errors on the first NaN (row-major order).
+///
+/// # Panics
+/// If `z` is shorter than `ids.len()·D`. Prefer [`fsq_encode`](crate::reference::fsq_encode),
+/// which takes checked views and returns an error instead.
+///
+/// ```
+/// let fsq = vistok::Fsq::new(&[3])?;
+/// let mut ids = [9u32; 2];
+/// vistok::reference::fsq::encode(&fsq, &[-5.0f32, 0.0], &mut ids)?;
+/// assert_eq!(ids, [0, 1]);
+/// # Ok::<(), vistok::Error>(())
+/// ```
 pub fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
     let levels = plan.levels();
     let d = levels.len();
@@ -44,6 +75,18 @@ pub fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
 
 /// ids `[N]` → codes `[N, D]`: `(level − ⌊L/2⌋)/⌊L/2⌋` rounded to f32, then to `O`. Errors on
 /// the first id `≥ Π L`.
+///
+/// # Panics
+/// If `codes` is shorter than `ids.len()·D`. Prefer
+/// [`fsq_decode`](crate::reference::fsq_decode), which takes checked views.
+///
+/// ```
+/// let fsq = vistok::Fsq::new(&[3])?;
+/// let mut codes = [0.0f32; 2];
+/// vistok::reference::fsq::decode(&fsq, &[0, 2], &mut codes)?;
+/// assert_eq!(codes, [-1.0, 1.0]);
+/// # Ok::<(), vistok::Error>(())
+/// ```
 pub fn decode<O: Float>(plan: &Fsq, ids: &[u32], codes: &mut [O]) -> Result<()> {
     let levels = plan.levels();
     let d = levels.len();
@@ -68,6 +111,13 @@ pub fn decode<O: Float>(plan: &Fsq, ids: &[u32], codes: &mut [O]) -> Result<()> 
 
 /// Per-dimension level counts and the id histogram, one id at a time (levels by division).
 /// Errors on the first id `≥ Π L`.
+///
+/// ```
+/// let fsq = vistok::Fsq::new(&[3])?;
+/// let s = vistok::reference::fsq::statistics(&fsq, &[0, 2, 2])?;
+/// assert_eq!(s.histogram, Some(vec![1, 0, 2]));
+/// # Ok::<(), vistok::Error>(())
+/// ```
 pub fn statistics(plan: &Fsq, ids: &[u32]) -> Result<FsqStats> {
     let levels = plan.levels();
     let size: u64 = levels.iter().map(|&l| l as u64).product();

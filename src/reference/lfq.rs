@@ -1,5 +1,7 @@
 //! Reference LFQ / BSQ: one id (or one code) at a time, straight from the contract in
 //! [`crate::lfq`]. Slow and obvious on purpose.
+//!
+//! Public entry points: [`lfq_encode`](super::lfq_encode), [`lfq_decode`](super::lfq_decode).
 
 use crate::dtype::Float;
 use crate::error::Result;

@@ -1,6 +1,9 @@
 //! Reference token merging and pruning: ToMe's, EViT's and DivPrune's algorithms step by step,
 //! scores and values in f64. Slow and obvious on purpose; it uses only the plan's kept / merged
 //! / destination lists (never the slot map or the grouping the fast paths use).
+//!
+//! Public entry point: [`merge_plan`](super::merge_plan) (and [`Backend::Reference`](crate::Backend::Reference)
+//! in [`crate::merge`]).
 
 use crate::dtype::Float;
 use crate::error::Result;

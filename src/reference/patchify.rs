@@ -1,5 +1,7 @@
 //! Reference patchify / unpatchify: one output element at a time, straight from the contract
 //! in [`crate::patchify`]. Slow and obvious on purpose.
+//!
+//! Public entry points: [`patchify`](super::patchify()), [`unpatchify`](super::unpatchify).
 
 use crate::dtype::{Element, Float};
 use crate::patchify::{Layout, PatchOrder, Patchify};
