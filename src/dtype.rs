@@ -1,6 +1,6 @@
 //! The element types vistok kernels read and write.
 //!
-//! One sealed trait, [`Element`], covers `u8` (images), `f32`, [`f16`] and [`bf16`]. The marker
+//! One sealed trait, [`Element`], covers `u8` (images), `f32`, [`f16`](struct@f16) and [`bf16`](struct@bf16). The marker
 //! [`Float`] narrows it to the float types (tokens are always float).
 //!
 //! Conversions are pinned so that every backend produces the same bits:

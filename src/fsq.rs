@@ -37,7 +37,9 @@
 //!   in general (encode bounds its input with tanh first: the code `0.75` of `L = 8`, level 7, read
 //!   as an input encodes to level 6). What holds, and is tested exhaustively for small
 //!   codebooks, is (a) codes → ids (vector-quantize-pytorch's `codes_to_indices`,
-//!   `Σ (code_i·⌊L_i/2⌋ + ⌊L_i/2⌋)·basis_i`) inverts decode exactly, and (b) the input whose
+//!   `Σ (code_i·⌊L_i/2⌋ + ⌊L_i/2⌋)·basis_i`) inverts decode exactly for L ≤ 16 and the published
+//!   level lists, as tested (for large L the f32 code can lose the level: with L = 1002, levels
+//!   246, 248 and 250 do not round-trip), and (b) the input whose
 //!   pre-rounding value is exactly a code's integer `code_i·⌊L_i/2⌋` (the middle of its rounding
 //!   cell, `atanh((q + offset)/half_l) − shift`) encodes to that code's id, on every backend and
 //!   from f32, f16 and bf16.

@@ -16,7 +16,7 @@
 //! Every public function returns [`Result`]; bad shapes, lengths and parameters are typed
 //! [`Error`]s, never panics. Optional features: `cuda` (the GPU backend), `capi` (the C ABI in
 //! `capi`, header `include/vistok.h`), `testing` (proptest strategies and a differential
-//! harness against [`reference`], in `testing`), `cli` (the `vistok` command, on by default).
+//! harness against [`reference`](mod@reference), in `testing`), `cli` (the `vistok` command, on by default).
 //!
 //! **Thread safety.** Every prepared object (plans, quantizers, codebooks, merge plans, CUDA
 //! kernels) is `Send + Sync` and immutable after creation: share one across threads and call

@@ -5,7 +5,7 @@
 //! f32, f16 and bf16 inputs. The search follows the module's f32 arithmetic operation for
 //! operation — the FMA chain over `d` ascending from `+0` (`fma.rn.ftz` for bf16, which is the
 //! contract's bf16 chain), `s = h − p` or `s = p·c` rounded once, strict `<` over codes in
-//! ascending order, ties to the lowest index — so indices equal [`Backend::Cpu`]'s on every
+//! ascending order, ties to the lowest index — so indices equal [`Backend::Cpu`](crate::Backend::Cpu)'s on every
 //! input, and the optional distances are computed by the contract's formula and equal the cpu
 //! backend's bit for bit too. f16 / bf16 inputs are widened exactly and run the same FFMA
 //! kernel by default; [`CodebookGpu::with_tensor_cores`] switches them to `mma.sync`

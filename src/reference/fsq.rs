@@ -41,20 +41,10 @@ pub fn level(levels: u32, z: f64) -> u64 {
     q.clamp(0.0, (levels - 1) as f64) as u64
 }
 
-/// `z` `[N, D]` → ids `[N]` on raw slices. Errors on the first NaN (row-major order).
-///
-/// # Panics
-/// If `z` is shorter than `ids.len()·D`. Prefer [`fsq_encode`](crate::reference::fsq_encode),
-/// which takes checked views and returns an error instead.
-///
-/// ```
-/// let fsq = vistok::Fsq::new(&[3])?;
-/// let mut ids = [9u32; 2];
-/// vistok::reference::fsq::encode(&fsq, &[-5.0f32, 0.0], &mut ids)?;
-/// assert_eq!(ids, [0, 1]);
-/// # Ok::<(), vistok::Error>(())
-/// ```
-pub fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
+/// `z` `[N, D]` → ids `[N]` on raw slices (`z.len() == ids.len()·D`, checked by the caller).
+/// Errors on the first NaN (row-major order). The public form is
+/// [`fsq_encode`](crate::reference::fsq_encode), on checked views.
+pub(crate) fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
     let levels = plan.levels();
     let d = levels.len();
     for (n, id) in ids.iter_mut().enumerate() {
@@ -73,21 +63,10 @@ pub fn encode<T: Float>(plan: &Fsq, z: &[T], ids: &mut [u32]) -> Result<()> {
     Ok(())
 }
 
-/// ids `[N]` → codes `[N, D]`: `(level − ⌊L/2⌋)/⌊L/2⌋` rounded to f32, then to `O`. Errors on
-/// the first id `≥ Π L`.
-///
-/// # Panics
-/// If `codes` is shorter than `ids.len()·D`. Prefer
-/// [`fsq_decode`](crate::reference::fsq_decode), which takes checked views.
-///
-/// ```
-/// let fsq = vistok::Fsq::new(&[3])?;
-/// let mut codes = [0.0f32; 2];
-/// vistok::reference::fsq::decode(&fsq, &[0, 2], &mut codes)?;
-/// assert_eq!(codes, [-1.0, 1.0]);
-/// # Ok::<(), vistok::Error>(())
-/// ```
-pub fn decode<O: Float>(plan: &Fsq, ids: &[u32], codes: &mut [O]) -> Result<()> {
+/// ids `[N]` → codes `[N, D]` on raw slices (`codes.len() == ids.len()·D`, checked by the
+/// caller): `(level − ⌊L/2⌋)/⌊L/2⌋` rounded to f32, then to `O`. Errors on the first id `≥ Π L`.
+/// The public form is [`fsq_decode`](crate::reference::fsq_decode), on checked views.
+pub(crate) fn decode<O: Float>(plan: &Fsq, ids: &[u32], codes: &mut [O]) -> Result<()> {
     let levels = plan.levels();
     let d = levels.len();
     let size: u64 = levels.iter().map(|&l| l as u64).product();
