@@ -692,3 +692,6 @@ pub unsafe extern "C" fn vistok_cuda_unmerge(
 
 #[cfg(feature = "cuda")]
 mod imp;
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests;
