@@ -547,7 +547,18 @@ pub(super) unsafe fn attention(
     let (g, s) = unsafe { caller_stream(device(device_h)?, stream)? };
     let k = AttentionKernel::new(&g, &attn, t, qd, kd)?;
     with_float!(t, T, {
-        let (q, kk, v, mut o) = (qb.on::<T>(&s), kb.on::<T>(&s), vb.on::<T>(&s), ob.on::<T>(&s));
+        // Empty K / V (Nk = 0) point into a small zeroed allocation, as in the host helpers, so
+        // the kernel never gets a null base (it reads nothing there).
+        let dummy = match kb.len == 0 && qb.len > 0 {
+            true => Some(s.alloc_zeros::<T>(8).map_err(|e| driver_error("allocating an empty K / V", e))?),
+            false => None,
+        };
+        let guard = dummy.as_ref().map(|d| d.device_ptr(&s));
+        let base = |b: Buf| match &guard {
+            Some((addr, _)) if b.len == 0 => Buf { addr: *addr, len: 0 },
+            _ => b,
+        };
+        let (q, kk, v, mut o) = (qb.on::<T>(&s), base(kb).on::<T>(&s), base(vb).on::<T>(&s), ob.on::<T>(&s));
         match lb {
             Some(l) => k.forward_lse(&s, &q, &kk, &v, &mut o, &mut l.on::<f32>(&s))?,
             None => k.forward(&s, &q, &kk, &v, &mut o)?,
@@ -578,10 +589,10 @@ pub(super) unsafe fn merge_plan(
     }
     // SAFETY: the caller's contract on every pointer, here and below.
     let md = unsafe { dims_of(&metric, "metric") }?;
-    let dims: [usize; 3] = match md {
-        &[b, n, c] if n >= 2 && c > 0 => [b, n, c],
-        &[_, n, _] if n < 2 => return Err(shape(format!("metric has N = {n} tokens, need at least 2"))),
-        &[_, _, _] => return Err(shape("metric has C = 0 channels: cosine similarity is undefined".into())),
+    let dims: [usize; 3] = match *md {
+        [b, n, c] if n >= 2 && c > 0 => [b, n, c],
+        [_, n, _] if n < 2 => return Err(shape(format!("metric has N = {n} tokens, need at least 2"))),
+        [_, _, _] => return Err(shape("metric has C = 0 channels: cosine similarity is undefined".into())),
         _ => return Err(shape(format!("metric dims {md:?}, expected [B, N, C]"))),
     };
     let mb = buffer(metric.ptr, md, t.size(), "metric")?;

@@ -277,7 +277,8 @@ fn lfq_and_fsq_match_the_cpu_backend() {
     fsq.0.encode(Backend::Cpu, View::new(&z, &[n, 4]).unwrap(), ViewMut::new(&mut ids, &[n]).unwrap()).unwrap();
     let (dz, dids) = (up(&s, &z), zeros::<u32>(&s, n));
     let (zd, idd) = ([n, 4], [n]);
-    // SAFETY: as above; the stream is the legacy default stream here.
+    s.synchronize().unwrap(); // the legacy stream does not wait for a non-blocking one
+                              // SAFETY: as above; the stream is the legacy default stream here.
     let st = unsafe {
         vistok_cuda_fsq_encode(
             dev,
