@@ -29,6 +29,8 @@
 //!   cpu backend does, and the outputs are then unspecified.
 //! - Errors found on the host are returned before anything is enqueued. A driver error is
 //!   [`VistokStatus::Driver`].
+//! - Stream capture (CUDA graphs) is not supported: the synchronous functions wait for the
+//!   stream, and the others may copy from pageable host memory.
 //!
 //! ```
 //! # #[cfg(feature = "capi")] {
@@ -151,8 +153,8 @@ pub unsafe extern "C" fn vistok_cuda_device_free(device: *mut VistokCudaDevice) 
     unsafe { super::free_handle(device) }
 }
 
-/// Patchify on the GPU: image → tokens, as `vistok_patchify_forward` on the host (bit for
-/// bit). Asynchronous.
+/// Patchify on the GPU: image → tokens, as the host patchify of the same plan (bit for bit).
+/// Asynchronous (the plan's per-channel coefficients are uploaded on `stream` for this call).
 ///
 /// - `image`: the plan's image dims (`[B, C, H, W]`, `[B, H, W, C]`, or with a time axis, as
 ///   the plan was made), type `image_dtype` (u8, f32, f16 or bf16);
