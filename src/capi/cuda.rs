@@ -1,9 +1,9 @@
 //! CUDA through the C ABI: device pointers and a caller's stream (feature `cuda`); without the
 //! feature every function reports [`VistokStatus::NoCuda`] with a message.
 //!
-//! A thin layer over [`crate::cuda`], with the same kernels and the same results (LFQ, FSQ,
+//! A thin layer over `vistok::cuda` (feature `cuda`), with the same kernels and the same results (LFQ, FSQ,
 //! patchify, the exact f32 argmin path and the merge plans are bit-identical to the cpu
-//! backend; attention within the tolerance documented in [`crate::cuda::attention`]).
+//! backend; attention within the tolerance documented in `vistok::cuda::attention`).
 //!
 //! Conventions, in addition to those of [`crate::capi`]:
 //! - **Devices.** [`vistok_cuda_device_new`] opens one device through its *primary* context,
