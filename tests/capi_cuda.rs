@@ -99,6 +99,19 @@ fn every_entry_reports_no_cuda() {
             4,
         );
         expect_status(s, VistokStatus::NoCuda, "`cuda` feature");
+        let s = vistok_cuda_fsq_encode_async(
+            std::ptr::null(),
+            ns,
+            std::ptr::null(),
+            FAKE,
+            1,
+            d.as_ptr(),
+            4,
+            FAKE_MUT,
+            d.as_ptr(),
+            4,
+        );
+        expect_status(s, VistokStatus::NoCuda, "`cuda` feature");
         let mut cb = std::ptr::null_mut();
         let s = vistok_cuda_codebook_new(std::ptr::null(), std::ptr::null(), 0, &mut cb);
         expect_status(s, VistokStatus::NoCuda, "`cuda` feature");

@@ -26,7 +26,8 @@
 //!   valid, and the outputs are not ready, until the stream reaches that point); the
 //!   *synchronous* ones read back a status word the kernels write (a NaN, a bad id, a bad
 //!   size) and so wait for the stream — a returned error names the first bad element, as the
-//!   cpu backend does, and the outputs are then unspecified.
+//!   cpu backend does, and the outputs are then unspecified. LFQ and FSQ also come in `_async`
+//!   forms that do not wait, and so do not report those device-side errors.
 //! - Errors found on the host are returned before anything is enqueued. A driver error is
 //!   [`VistokStatus::Driver`].
 //! - Stream capture (CUDA graphs) is not supported: the synchronous functions wait for the
@@ -266,7 +267,39 @@ pub unsafe extern "C" fn vistok_cuda_lfq_encode(
             let z = imp::Arg { ptr: z, dims: z_dims, rank: z_rank };
             let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
             // SAFETY: forwarded contract.
-            unsafe { imp::lfq(device, stream, lfq, z, ids, z_dtype, true) }
+            unsafe { imp::lfq(device, stream, lfq, z, ids, z_dtype, true, true) }
+        })
+    })
+}
+
+/// [`vistok_cuda_lfq_encode`] without waiting: asynchronous, returns once enqueued. The same
+/// arguments and the same host-side statuses; a NaN in `z` is NOT reported (the outputs are then
+/// unspecified, but nothing is written outside them).
+///
+/// # Safety
+/// As for [`vistok_cuda_lfq_encode`]; the buffers must stay valid until the stream has run the
+/// work.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub unsafe extern "C" fn vistok_cuda_lfq_encode_async(
+    device: *const VistokCudaDevice,
+    stream: *mut c_void,
+    lfq: *const VistokLfq,
+    z: *const c_void,
+    z_dtype: VistokDType,
+    z_dims: *const usize,
+    z_rank: usize,
+    ids: *mut c_void,
+    ids_dims: *const usize,
+    ids_rank: usize,
+) -> VistokStatus {
+    guard(|| {
+        cuda_only!({
+            let z = imp::Arg { ptr: z, dims: z_dims, rank: z_rank };
+            let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
+            // SAFETY: forwarded contract.
+            unsafe { imp::lfq(device, stream, lfq, z, ids, z_dtype, true, false) }
         })
     })
 }
@@ -299,7 +332,39 @@ pub unsafe extern "C" fn vistok_cuda_lfq_decode(
             let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
             let codes = imp::Arg { ptr: codes, dims: codes_dims, rank: codes_rank };
             // SAFETY: forwarded contract.
-            unsafe { imp::lfq(device, stream, lfq, ids, codes, codes_dtype, false) }
+            unsafe { imp::lfq(device, stream, lfq, ids, codes, codes_dtype, false, true) }
+        })
+    })
+}
+
+/// [`vistok_cuda_lfq_decode`] without waiting: asynchronous, returns once enqueued. The same
+/// arguments and the same host-side statuses; an id with bits at or above `d` is NOT reported (the outputs are then
+/// unspecified, but nothing is written outside them).
+///
+/// # Safety
+/// As for [`vistok_cuda_lfq_decode`]; the buffers must stay valid until the stream has run the
+/// work.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub unsafe extern "C" fn vistok_cuda_lfq_decode_async(
+    device: *const VistokCudaDevice,
+    stream: *mut c_void,
+    lfq: *const VistokLfq,
+    ids: *const c_void,
+    ids_dims: *const usize,
+    ids_rank: usize,
+    codes: *mut c_void,
+    codes_dtype: VistokDType,
+    codes_dims: *const usize,
+    codes_rank: usize,
+) -> VistokStatus {
+    guard(|| {
+        cuda_only!({
+            let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
+            let codes = imp::Arg { ptr: codes, dims: codes_dims, rank: codes_rank };
+            // SAFETY: forwarded contract.
+            unsafe { imp::lfq(device, stream, lfq, ids, codes, codes_dtype, false, false) }
         })
     })
 }
@@ -333,7 +398,39 @@ pub unsafe extern "C" fn vistok_cuda_fsq_encode(
             let z = imp::Arg { ptr: z, dims: z_dims, rank: z_rank };
             let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
             // SAFETY: forwarded contract.
-            unsafe { imp::fsq(device, stream, fsq, z, ids, z_dtype, true) }
+            unsafe { imp::fsq(device, stream, fsq, z, ids, z_dtype, true, true) }
+        })
+    })
+}
+
+/// [`vistok_cuda_fsq_encode`] without waiting: asynchronous, returns once enqueued. The same
+/// arguments and the same host-side statuses; a NaN in `z` is NOT reported (the outputs are then
+/// unspecified, but nothing is written outside them).
+///
+/// # Safety
+/// As for [`vistok_cuda_fsq_encode`]; the buffers must stay valid until the stream has run the
+/// work.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub unsafe extern "C" fn vistok_cuda_fsq_encode_async(
+    device: *const VistokCudaDevice,
+    stream: *mut c_void,
+    fsq: *const VistokFsq,
+    z: *const c_void,
+    z_dtype: VistokDType,
+    z_dims: *const usize,
+    z_rank: usize,
+    ids: *mut c_void,
+    ids_dims: *const usize,
+    ids_rank: usize,
+) -> VistokStatus {
+    guard(|| {
+        cuda_only!({
+            let z = imp::Arg { ptr: z, dims: z_dims, rank: z_rank };
+            let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
+            // SAFETY: forwarded contract.
+            unsafe { imp::fsq(device, stream, fsq, z, ids, z_dtype, true, false) }
         })
     })
 }
@@ -366,7 +463,39 @@ pub unsafe extern "C" fn vistok_cuda_fsq_decode(
             let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
             let codes = imp::Arg { ptr: codes, dims: codes_dims, rank: codes_rank };
             // SAFETY: forwarded contract.
-            unsafe { imp::fsq(device, stream, fsq, ids, codes, codes_dtype, false) }
+            unsafe { imp::fsq(device, stream, fsq, ids, codes, codes_dtype, false, true) }
+        })
+    })
+}
+
+/// [`vistok_cuda_fsq_decode`] without waiting: asynchronous, returns once enqueued. The same
+/// arguments and the same host-side statuses; an id at or above the codebook size is NOT reported (the outputs are then
+/// unspecified, but nothing is written outside them).
+///
+/// # Safety
+/// As for [`vistok_cuda_fsq_decode`]; the buffers must stay valid until the stream has run the
+/// work.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub unsafe extern "C" fn vistok_cuda_fsq_decode_async(
+    device: *const VistokCudaDevice,
+    stream: *mut c_void,
+    fsq: *const VistokFsq,
+    ids: *const c_void,
+    ids_dims: *const usize,
+    ids_rank: usize,
+    codes: *mut c_void,
+    codes_dtype: VistokDType,
+    codes_dims: *const usize,
+    codes_rank: usize,
+) -> VistokStatus {
+    guard(|| {
+        cuda_only!({
+            let ids = imp::Arg { ptr: ids, dims: ids_dims, rank: ids_rank };
+            let codes = imp::Arg { ptr: codes, dims: codes_dims, rank: codes_rank };
+            // SAFETY: forwarded contract.
+            unsafe { imp::fsq(device, stream, fsq, ids, codes, codes_dtype, false, false) }
         })
     })
 }

@@ -17,7 +17,9 @@ use super::{
     VistokCudaCodebook, VistokCudaDevice, VISTOK_CUDA_MATCH_CLASS_TOKEN, VISTOK_CUDA_MATCH_DISTILL_TOKEN,
     VISTOK_CUDA_MATCH_KEEP_ORDER, VISTOK_CUDA_MERGE_MEAN, VISTOK_CUDA_MERGE_SUM, VISTOK_CUDA_TENSOR_CORES,
 };
-use crate::cuda::{driver_error, AttentionKernel, CodebookGpu, FsqKernel, Gpu, LfqKernel, MergeKernel, PatchifyKernel};
+use crate::cuda::{
+    driver_error, AttentionKernel, CodebookGpu, DeferredCheck, FsqKernel, Gpu, LfqKernel, MergeKernel, PatchifyKernel,
+};
 use crate::{DType, Float, MatchConfig, MergeMode};
 
 /// Runs `$body` with `$T` the float type of `$dt` (`u8` is reported as unsupported).
@@ -264,10 +266,12 @@ pub(super) unsafe fn patchify(
     })
 }
 
-/// LFQ encode (`z` → `ids`) or decode (`ids` → `codes`); `dtype` is that of `z` / `codes`.
+/// LFQ encode (`z` → `ids`) or decode (`ids` → `codes`); `dtype` is that of `z` / `codes`;
+/// `wait`: read the kernel's status word (NaN, bad id) and report it.
 ///
 /// # Safety
-/// The contract of `vistok_cuda_lfq_encode` / `_decode`.
+/// The contract of `vistok_cuda_lfq_encode` / `_decode` (and their `_async` forms).
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn lfq(
     device_h: *const VistokCudaDevice,
     stream: *mut c_void,
@@ -276,6 +280,7 @@ pub(super) unsafe fn lfq(
     output: Arg,
     dtype: VistokDType,
     encode: bool,
+    wait: bool,
 ) -> CResult {
     // SAFETY: the caller's contract on every pointer, here and below.
     let q = &unsafe { handle(lfq, "lfq") }?.0;
@@ -294,19 +299,27 @@ pub(super) unsafe fn lfq(
     let (g, s) = unsafe { caller_stream(device(device_h)?, stream)? };
     let k = LfqKernel::new(&g, q)?;
     with_float!(t, T, {
+        // Not waiting: the status word is armed and written but never read (freed
+        // stream-ordered with the check).
+        let mut check = DeferredCheck::new(&s)?;
         if encode {
-            k.encode::<T>(&s, &fb.on(&s), &mut ib.on(&s))?;
+            k.encode_deferred::<T>(&s, &fb.on(&s), &mut ib.on(&s), &mut check)?;
         } else {
-            k.decode::<T>(&s, &ib.on(&s), &mut fb.on(&s))?;
+            k.decode_deferred::<T>(&s, &ib.on(&s), &mut fb.on(&s), &mut check)?;
+        }
+        if wait {
+            check.result()?;
         }
         Ok(())
     })
 }
 
-/// FSQ encode (`z` → `ids`) or decode (`ids` → `codes`); `dtype` is that of `z` / `codes`.
+/// FSQ encode (`z` → `ids`) or decode (`ids` → `codes`); `dtype` is that of `z` / `codes`;
+/// `wait`: read the kernel's status word (NaN, bad id) and report it.
 ///
 /// # Safety
-/// The contract of `vistok_cuda_fsq_encode` / `_decode`.
+/// The contract of `vistok_cuda_fsq_encode` / `_decode` (and their `_async` forms).
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn fsq(
     device_h: *const VistokCudaDevice,
     stream: *mut c_void,
@@ -315,6 +328,7 @@ pub(super) unsafe fn fsq(
     output: Arg,
     dtype: VistokDType,
     encode: bool,
+    wait: bool,
 ) -> CResult {
     // SAFETY: the caller's contract on every pointer, here and below.
     let q = &unsafe { handle(fsq, "fsq") }?.0;
@@ -342,10 +356,16 @@ pub(super) unsafe fn fsq(
     let (g, s) = unsafe { caller_stream(device(device_h)?, stream)? };
     let k = FsqKernel::new(&g, q)?;
     with_float!(t, T, {
+        // Not waiting: the status word is armed and written but never read (freed
+        // stream-ordered with the check).
+        let mut check = DeferredCheck::new(&s)?;
         if encode {
-            k.encode::<T>(&s, &fb.on(&s), &mut ib.on(&s))?;
+            k.encode_deferred::<T>(&s, &fb.on(&s), &mut ib.on(&s), &mut check)?;
         } else {
-            k.decode::<T>(&s, &ib.on(&s), &mut fb.on(&s))?;
+            k.decode_deferred::<T>(&s, &ib.on(&s), &mut fb.on(&s), &mut check)?;
+        }
+        if wait {
+            check.result()?;
         }
         Ok(())
     })

@@ -92,6 +92,40 @@ fn host_checks_come_before_the_device() {
         VistokStatus::Overflow,
         "z",
     );
+    // The asynchronous forms check the same arguments on the host.
+    // SAFETY: valid dims arrays; the pointers are never dereferenced (checks fail first).
+    let s = unsafe {
+        vistok_cuda_lfq_encode_async(
+            null_dev,
+            std::ptr::null_mut(),
+            &lfq,
+            FAKE,
+            1,
+            zd.as_ptr(),
+            2,
+            FAKE_MUT,
+            zd.as_ptr(),
+            2,
+        )
+    };
+    expect_status(s, VistokStatus::Shape, "ids dims");
+    let fsq = VistokFsq(Fsq::new(&[8, 5]).unwrap());
+    // SAFETY: as above.
+    let s = unsafe {
+        vistok_cuda_fsq_decode_async(
+            null_dev,
+            std::ptr::null_mut(),
+            &fsq,
+            FAKE,
+            [3usize].as_ptr(),
+            1,
+            FAKE_MUT,
+            3,
+            [3usize, 2].as_ptr(),
+            2,
+        )
+    };
+    expect_status(s, VistokStatus::NullPointer, "device");
     // A null handle.
     // SAFETY: null handles and pointers are checked.
     let s = unsafe {
@@ -270,6 +304,30 @@ fn lfq_and_fsq_match_the_cpu_backend() {
         vistok_cuda_lfq_encode(dev, raw(&s), &lfq, ptr(&s, &db), 1, zd.as_ptr(), 2, ptr(&s, &dids), idd.as_ptr(), 2)
     };
     expect_status(st, VistokStatus::NonFinite, "z[3, 4]");
+    // The asynchronous form does not report it; a NaN gives a 0 bit (as on the cpu backend).
+    // SAFETY: as above.
+    let st = unsafe {
+        vistok_cuda_lfq_encode_async(
+            dev,
+            raw(&s),
+            &lfq,
+            ptr(&s, &db),
+            1,
+            zd.as_ptr(),
+            2,
+            ptr(&s, &dids),
+            idd.as_ptr(),
+            2,
+        )
+    };
+    expect_status(st, VistokStatus::Ok, "");
+    let mut zeroed = z.clone();
+    zeroed[3 * 10 + 4] = 0.0;
+    let mut want_nan = vec![0u32; n * 2];
+    lfq.0
+        .encode(Backend::Cpu, View::new(&zeroed, &[n, 10]).unwrap(), ViewMut::new(&mut want_nan, &[n, 2]).unwrap())
+        .unwrap();
+    assert_eq!(down(&s, &dids, n * 2), want_nan);
 
     let fsq = VistokFsq(Fsq::new(&[8, 5, 5, 3]).unwrap());
     let z = values(n * 4, 2);
