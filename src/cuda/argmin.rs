@@ -553,6 +553,18 @@ impl<T: Float> CodebookGpu<T> {
         indices: &mut impl DevicePtrMut<u32>,
         dist: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
+        self.argmin_into(stream, x, indices, dist)
+    }
+
+    /// [`argmin`](Self::argmin) with any device buffer for the distances (the C ABI passes
+    /// the caller's pointers).
+    pub(crate) fn argmin_into<D: DevicePtrMut<f32>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &impl DevicePtr<T>,
+        indices: &mut impl DevicePtrMut<u32>,
+        dist: Option<&mut D>,
+    ) -> Result<()> {
         let n = self.rows_of("x", x.len())?;
         Self::check_len("indices", n, indices.len())?;
         if let Some(dv) = &dist {

@@ -680,7 +680,7 @@ impl AttentionKernel {
 }
 
 /// The checks of [`Attention::forward`] on dims alone (no data), resolving the bias strides.
-fn validate<'a>(a: &Attention<'a>, qd: &[usize], kd: &[usize]) -> Result<Problem<'a>> {
+pub(crate) fn validate<'a>(a: &Attention<'a>, qd: &[usize], kd: &[usize]) -> Result<Problem<'a>> {
     // Device buffers come with bare dims (no host view vouches for their product): check that
     // the element counts and byte sizes fit first.
     for (what, dims) in [("q", qd), ("k", kd)] {

@@ -529,15 +529,15 @@ impl MergeKernel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn apply<T: Float>(
+    fn apply<T: Float, S: DevicePtr<f32>, OS: DevicePtrMut<f32>>(
         &self,
         stream: &Arc<CudaStream>,
         plan: &DevicePlan,
         kind: &str,
         x: &impl DevicePtr<T>,
-        sizes: Option<&CudaSlice<f32>>,
+        sizes: Option<&S>,
         out: &mut impl DevicePtrMut<T>,
-        out_sizes: Option<&mut CudaSlice<f32>>,
+        out_sizes: Option<&mut OS>,
     ) -> Result<Option<CudaSlice<u64>>> {
         check_stream(&self.gpu, "stream", stream)?;
         check_stream(&self.gpu, "input buffer", x.stream())?;
@@ -616,7 +616,7 @@ impl MergeKernel {
             MergeMode::Sum => "sum",
             MergeMode::Mean => "mean",
         };
-        self.apply(stream, plan, kind, x, None, out, None).map(|_| ())
+        self.apply::<T, CudaSlice<f32>, CudaSlice<f32>>(stream, plan, kind, x, None, out, None).map(|_| ())
     }
 
     /// Size-weighted average (ToMe's `merge_wavg`) as [`MergePlan::merge_weighted`] on the cpu
@@ -634,6 +634,20 @@ impl MergeKernel {
         sizes: &CudaSlice<f32>,
         out: &mut impl DevicePtrMut<T>,
         out_sizes: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.merge_weighted_into(stream, plan, x, sizes, out, out_sizes)
+    }
+
+    /// [`merge_weighted`](Self::merge_weighted) with any device buffers for the sizes (the C
+    /// ABI passes the caller's pointers).
+    pub(crate) fn merge_weighted_into<T: Float>(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &DevicePlan,
+        x: &impl DevicePtr<T>,
+        sizes: &impl DevicePtr<f32>,
+        out: &mut impl DevicePtrMut<T>,
+        out_sizes: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         check_stream(&self.gpu, "sizes buffer", sizes.stream())?;
         check_stream(&self.gpu, "out_sizes buffer", out_sizes.stream())?;

@@ -162,7 +162,6 @@ impl Function {
 struct Inner {
     ctx: Arc<CudaContext>,
     sm_count: u32,
-    stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<Module>>>,
     functions: Mutex<HashMap<(&'static str, String), Function>>,
 }
@@ -179,6 +178,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct Gpu {
     inner: Arc<Inner>,
+    /// The stream of the `*_host` helpers and of the uploads made by the kernels' constructors:
+    /// the context's default stream, or a caller's stream ([`Gpu::on_stream`]).
+    stream: Arc<CudaStream>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -206,11 +208,28 @@ impl Gpu {
             inner: Arc::new(Inner {
                 ctx,
                 sm_count: u32::try_from(sms).unwrap_or(1).max(1),
-                stream,
                 modules: Mutex::new(HashMap::new()),
                 functions: Mutex::new(HashMap::new()),
             }),
+            stream,
         })
+    }
+
+    /// This device with `stream` in place of its default stream: the kernels' constructors
+    /// then upload their constants on `stream` (so that a kernel enqueued there later is
+    /// ordered after the upload, and the constants' stream-ordered frees after the kernel).
+    /// Shares the context and the module cache. Used by the C ABI, which runs on the caller's
+    /// stream.
+    ///
+    /// Errors: [`Error::Invalid`] for a stream of another context.
+    pub(crate) fn on_stream(&self, stream: Arc<CudaStream>) -> Result<Gpu> {
+        if stream.context() != self.context() {
+            return Err(Error::Invalid {
+                family: Family::Cuda,
+                msg: "stream belongs to another CUDA context than the device".into(),
+            });
+        }
+        Ok(Gpu { inner: self.inner.clone(), stream })
     }
 
     /// The device ordinal.
@@ -230,7 +249,7 @@ impl Gpu {
 
     /// The context's default stream (used by the `*_host` helpers).
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
+        &self.stream
     }
 
     /// The device's name, e.g. `NVIDIA H200`.
@@ -245,7 +264,7 @@ impl Gpu {
 
     /// Waits for all work on the default stream.
     pub fn synchronize(&self) -> Result<()> {
-        self.inner.stream.synchronize().map_err(|e| driver_error("cuStreamSynchronize", e))
+        self.stream.synchronize().map_err(|e| driver_error("cuStreamSynchronize", e))
     }
 
     /// The entry `name` of the PTX module `module` (source `ptx`), loading the module on first
