@@ -279,8 +279,8 @@ fn c_program_matches_the_rust_api() {
 
     let got = parse(&stdout);
     let want = expected().expect("the Rust side failed");
-    let names = |m: &BTreeMap<_, _>| m.keys().map(|k: &String| k.clone()).collect::<Vec<_>>();
-    assert_eq!(names(&got), want.keys().map(|k| k.to_string()).collect::<Vec<_>>(), "result arrays");
+    let got_names: Vec<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(got_names, want.keys().copied().collect::<Vec<_>>(), "result arrays");
     for (name, w) in &want {
         let g = &got[*name];
         assert_eq!(g.len(), w.len(), "{name}: length");

@@ -8,10 +8,16 @@
 //! - prepared objects are opaque handles with a `_new` / `_free` pair; a handle is immutable
 //!   after creation and may be used from many threads at once (only `_free` must not race with
 //!   other uses of the same handle);
-//! - buffers are a pointer plus explicit dims (`const size_t *dims, size_t rank`), contiguous
-//!   row-major, with the element type given as a [`VistokDType`] value; a null pointer (with a
-//!   non-zero length), a length that disagrees with the dims, a misaligned pointer, an unknown
-//!   enum value or an unsupported type is an error status, never a crash;
+//! - buffers are host memory, contiguous row-major (no strides), with the element type given
+//!   as a [`VistokDType`] value. A buffer that defines the problem's shape is a pointer plus
+//!   explicit dims (`const size_t *dims, size_t rank`); one whose shape follows from the other
+//!   arguments (an output, or an input whose dims a handle fixes) is a pointer plus its element
+//!   count, checked against the implied dims. A null pointer (with a non-zero length), a
+//!   length that disagrees with the dims, a misaligned pointer, an unknown enum value or an
+//!   unsupported type is an error status, never a crash;
+//! - dtypes are dispatched by `with_float!` / `with_element!`: one generic body per entry
+//!   point, monomorphised per type, so every entry point converts arguments and calls the Rust
+//!   API, nothing else;
 //! - no panic crosses the boundary: one is caught and reported as [`VistokStatus::Panic`].
 //!
 //! ```
