@@ -55,11 +55,14 @@ fn header_is_current() {
     );
 }
 
-/// `target/<profile>`: the test binary is `target/<profile>/deps/capi-<hash>`, and cargo puts
-/// (uplifts) the library it just built, with every crate type, next to `deps/`.
+/// `target/<profile>/deps`: the test binary is `target/<profile>/deps/capi-<hash>`, and it links
+/// `deps/libvistok.rlib`, which rustc wrote in the same invocation as `deps/libvistok.a` and
+/// `deps/libvistok.so` (the lib's crate types include staticlib and cdylib, so cargo gives its
+/// files no hash suffix). The copies in `target/<profile>/` are only refreshed by `cargo build`,
+/// so they may come from another feature set or an older source.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..").to_path_buf();
+    let dir = exe.parent().expect("target/<profile>/deps").to_path_buf();
     for f in ["libvistok.a", "libvistok.so"] {
         assert!(dir.join(f).is_file(), "{} missing: build through `cargo test --features capi`", dir.join(f).display());
     }
