@@ -16,8 +16,9 @@
  *   one whose shape follows from the other arguments as pointer + element count, and a count
  *   other than the implied one is VISTOK_STATUS_LENGTH. Element types are VISTOK_DTYPE_* values;
  *   f16 and bf16 are stored as uint16_t. Pointers must be aligned to their element size.
- * - NULL (with a non-zero size), wrong sizes, unknown enum values and unsupported types are
- *   error statuses, never crashes. Outputs must not overlap inputs.
+  * - NULL (with a non-zero size), wrong sizes, unknown enum values and unsupported types are
+ *   error statuses, never crashes. An output that overlaps another buffer argument is
+ *   VISTOK_STATUS_INVALID (the pointers inside VistokAttentionOptions are not checked).
  * - Enum-like arguments are plain uint32_t constants (an unknown value is
  *   VISTOK_STATUS_INVALID); backends are VISTOK_BACKEND_REFERENCE (the scalar oracle) and
  *   VISTOK_BACKEND_CPU (SIMD + threads).

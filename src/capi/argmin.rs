@@ -4,8 +4,8 @@
 use std::ffi::c_void;
 
 use super::{
-    choice, free_handle, guard, handle, input, new_handle, output, AnyCodebook, CError, VistokBackend, VistokCodebook,
-    VistokDType, VistokStatus,
+    choice, free_handle, guard, handle, input, new_handle, output, span, AnyCodebook, CError, VistokBackend,
+    VistokCodebook, VistokDType, VistokStatus,
 };
 use crate::{Codebook, DType, Element, Metric};
 
@@ -149,10 +149,15 @@ pub unsafe extern "C" fn vistok_codebook_argmin(
                 _ => vec![indices_len],
             };
             // SAFETY: the caller's contract on the outputs; a null `dist` is "not wanted".
+            let xs = span("x", x.data());
             let (idx, dist) = unsafe {
-                let idx = output::<u32>(indices.cast(), indices_len, &lead, "indices")?;
-                let dist =
-                    if dist.is_null() { None } else { Some(output::<f32>(dist.cast(), dist_len, &lead, "dist")?) };
+                let idx = output::<u32>(indices.cast(), indices_len, &lead, "indices", &[xs.clone()])?;
+                let avoid = [xs, span("indices", idx.data())];
+                let dist = if dist.is_null() {
+                    None
+                } else {
+                    Some(output::<f32>(dist.cast(), dist_len, &lead, "dist", &avoid)?)
+                };
                 (idx, dist)
             };
             Ok(cb.argmin(backend, x, idx, dist)?)
@@ -194,7 +199,7 @@ pub unsafe extern "C" fn vistok_codebook_lookup(
             want.push(cb.dim());
             with_float!(out_dtype, "out", |O| {
                 // SAFETY: the caller's contract on `out`.
-                let out = unsafe { output::<O>(out, out_len, &want, "out")? };
+                let out = unsafe { output::<O>(out, out_len, &want, "out", &[span("indices", idx.data())])? };
                 Ok(cb.lookup(backend, idx, out)?)
             })
         })

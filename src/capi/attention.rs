@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use super::{dims, guard, input, output, slice, CError, CResult, VistokBackend, VistokDType, VistokStatus};
+use super::{dims, guard, input, output, slice, span, CError, CResult, VistokBackend, VistokDType, VistokStatus};
 use crate::attention::{Bias, Mask, QkvLayout};
 use crate::{Attention, View};
 
@@ -184,7 +184,8 @@ pub unsafe extern "C" fn vistok_attention_forward(
             let attn = unsafe { attention_from_options(opts, nq, nk)? };
             let qd = q.dims();
             // SAFETY: the caller's contract on `out`.
-            let o = unsafe { output::<T>(out, out_len, qd, "out")? };
+            let mut avoid = vec![span("q", q.data()), span("k", k.data()), span("v", v.data())];
+            let o = unsafe { output::<T>(out, out_len, qd, "out", &avoid)? };
             if lse.is_null() {
                 return Ok(attn.forward(backend, q, k, v, o)?);
             }
@@ -193,7 +194,8 @@ pub unsafe extern "C" fn vistok_attention_forward(
                 _ => vec![lse_len],
             };
             // SAFETY: the caller's contract on `lse`.
-            let l = unsafe { output::<f32>(lse.cast(), lse_len, &ld, "lse")? };
+            avoid.push(span("out", o.data()));
+            let l = unsafe { output::<f32>(lse.cast(), lse_len, &ld, "lse", &avoid)? };
             Ok(attn.forward_lse(backend, q, k, v, o, l)?)
         })
     })

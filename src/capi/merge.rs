@@ -4,7 +4,7 @@
 use std::ffi::c_void;
 
 use super::{
-    choice, free_handle, guard, handle, input, input_len, new_handle, output, slice_mut, write_out, CError,
+    choice, free_handle, guard, handle, input, input_len, new_handle, output, slice_mut, span, write_out, CError,
     VistokBackend, VistokDType, VistokMergePlan, VistokStatus,
 };
 use crate::{MatchConfig, MergeMode, MergePlan};
@@ -181,7 +181,7 @@ pub unsafe extern "C" fn vistok_merge_apply(
             let x = unsafe { input::<T>(x, x_dims, x_rank, "x")? };
             let od = tokens_dims(plan, plan.out_tokens(), x.dims(), out_len);
             // SAFETY: the caller's contract on `out`.
-            let out = unsafe { output::<T>(out, out_len, &od, "out")? };
+            let out = unsafe { output::<T>(out, out_len, &od, "out", &[span("x", x.data())])? };
             Ok(plan.merge(backend, x, mode, out)?)
         })
     })
@@ -219,18 +219,25 @@ pub unsafe extern "C" fn vistok_merge_apply_weighted(
         let plan = unsafe { &handle(plan, "plan")?.0 };
         let backend = super::backend(backend)?;
         let (b, n, o) = (plan.batch(), plan.tokens(), plan.out_tokens());
-        // SAFETY: the caller's contract on `sizes` (null: all ones) and `out_sizes`.
-        let (sizes, out_sizes) = unsafe {
-            let s =
-                if sizes.is_null() { None } else { Some(input_len::<f32>(sizes.cast(), sizes_len, &[b, n], "sizes")?) };
-            (s, output::<f32>(out_sizes.cast(), out_sizes_len, &[b, o], "out_sizes")?)
+        // SAFETY: the caller's contract on `sizes` (null: all ones).
+        let sizes = unsafe {
+            if sizes.is_null() {
+                None
+            } else {
+                Some(input_len::<f32>(sizes.cast(), sizes_len, &[b, n], "sizes")?)
+            }
         };
         with_float!(dtype, "x", |T| {
             // SAFETY: the caller's contract on `x`.
             let x = unsafe { input::<T>(x, x_dims, x_rank, "x")? };
+            let mut avoid = vec![span("x", x.data())];
+            avoid.extend(sizes.map(|s| span("sizes", s.data())));
+            // SAFETY: the caller's contract on `out_sizes`.
+            let out_sizes = unsafe { output::<f32>(out_sizes.cast(), out_sizes_len, &[b, o], "out_sizes", &avoid)? };
+            avoid.push(span("out_sizes", out_sizes.data()));
             let od = tokens_dims(plan, o, x.dims(), out_len);
             // SAFETY: the caller's contract on `out`.
-            let out = unsafe { output::<T>(out, out_len, &od, "out")? };
+            let out = unsafe { output::<T>(out, out_len, &od, "out", &avoid)? };
             Ok(plan.merge_weighted(backend, x, sizes, out, out_sizes)?)
         })
     })
@@ -268,7 +275,7 @@ pub unsafe extern "C" fn vistok_merge_unmerge(
             let y = unsafe { input::<T>(y, y_dims, y_rank, "y")? };
             let od = tokens_dims(plan, plan.tokens(), y.dims(), out_len);
             // SAFETY: the caller's contract on `out`.
-            let out = unsafe { output::<T>(out, out_len, &od, "out")? };
+            let out = unsafe { output::<T>(out, out_len, &od, "out", &[span("y", y.data())])? };
             Ok(plan.unmerge(backend, y, out)?)
         })
     })

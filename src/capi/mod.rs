@@ -389,21 +389,43 @@ pub(crate) unsafe fn input_len<'a, T>(
     View::new(data, dims).map_err(|e| CError::named(e, what))
 }
 
+/// A buffer's name and byte range, for the overlap check of [`output`].
+pub(crate) type Span<'s> = (&'s str, std::ops::Range<usize>);
+
+/// The byte range of `data`, named.
+pub(crate) fn span<'s, T>(what: &'s str, data: &[T]) -> Span<'s> {
+    let start = data.as_ptr() as usize;
+    (what, start..start + size_of_val(data))
+}
+
 /// Mutably borrows `len` elements of `T` at `ptr` as a view of `dims`, which the function
-/// derived (a `len` other than `numel(dims)` is [`VistokStatus::Length`]).
+/// derived (a `len` other than `numel(dims)` is [`VistokStatus::Length`]). An output that
+/// overlaps one of the buffers in `avoid` is [`VistokStatus::Invalid`], checked before the
+/// mutable borrow exists.
 ///
 /// # Safety
 /// A non-null `ptr` must be valid for reads and writes of `len` elements of `T` for `'a`, and
-/// not be accessed through other pointers meanwhile.
+/// not be accessed through other pointers meanwhile (other than those `avoid` lists).
 pub(crate) unsafe fn output<'a, T>(
     ptr: *mut c_void,
     len: usize,
     dims: &[usize],
     what: &str,
+    avoid: &[Span<'_>],
 ) -> CResult<ViewMut<'a, T>> {
-    // SAFETY: forwarded contract.
-    let data = unsafe { slice_mut(ptr.cast::<T>(), len, what)? };
+    byte_len::<T>(len, what)?;
+    if ptr.is_null() && len > 0 {
+        return Err(CError::null(what));
+    }
     check_len(len, dims, what)?;
+    let start = ptr as usize;
+    let end = start.saturating_add(len * size_of::<T>());
+    let overlaps = |r: &std::ops::Range<usize>| start < end && r.start < r.end && start < r.end && r.start < end;
+    if let Some((name, _)) = avoid.iter().find(|(_, r)| overlaps(r)) {
+        return Err(CError::invalid(format!("{what} overlaps {name} (an output must not overlap other buffers)")));
+    }
+    // SAFETY: forwarded contract; disjoint from the buffers in `avoid` (checked).
+    let data = unsafe { slice_mut(ptr.cast::<T>(), len, what)? };
     ViewMut::new(data, dims).map_err(|e| CError::named(e, what))
 }
 

@@ -3,8 +3,8 @@
 use std::ffi::c_void;
 
 use super::{
-    choice, dims, flag, free_handle, guard, handle, input_len, new_handle, output, slice, VistokBackend, VistokDType,
-    VistokPatchify, VistokStatus,
+    choice, dims, flag, free_handle, guard, handle, input_len, new_handle, output, slice, span, VistokBackend,
+    VistokDType, VistokPatchify, VistokStatus,
 };
 use crate::{Layout, Normalize, PatchConfig, PatchOrder, Patchify};
 
@@ -149,7 +149,8 @@ pub unsafe extern "C" fn vistok_patchify_forward(
         with_element!(image_dtype, "image", |I| with_float!(tokens_dtype, "tokens", |O| {
             // SAFETY: the caller's contract on both buffers.
             let (x, y) = unsafe {
-                (input_len::<I>(image, image_len, idims, "image")?, output::<O>(tokens, tokens_len, &tdims, "tokens")?)
+                let x = input_len::<I>(image, image_len, idims, "image")?;
+                (x, output::<O>(tokens, tokens_len, &tdims, "tokens", &[span("image", x.data())])?)
             };
             Ok(plan.forward(backend, x, y)?)
         }))
@@ -186,7 +187,8 @@ pub unsafe extern "C" fn vistok_patchify_inverse(
         with_float!(tokens_dtype, "tokens", |I| with_element!(image_dtype, "image", |O| {
             // SAFETY: the caller's contract on both buffers.
             let (y, x) = unsafe {
-                (input_len::<I>(tokens, tokens_len, &tdims, "tokens")?, output::<O>(image, image_len, idims, "image")?)
+                let y = input_len::<I>(tokens, tokens_len, &tdims, "tokens")?;
+                (y, output::<O>(image, image_len, idims, "image", &[span("tokens", y.data())])?)
             };
             Ok(plan.inverse(backend, y, x)?)
         }))

@@ -4,8 +4,8 @@
 use std::ffi::c_void;
 
 use super::{
-    choice, flag, free_handle, guard, handle, input, new_handle, output, slice, write_out, VistokBackend, VistokDType,
-    VistokFsq, VistokLfq, VistokStatus,
+    choice, flag, free_handle, guard, handle, input, new_handle, output, slice, span, write_out, VistokBackend,
+    VistokDType, VistokFsq, VistokLfq, VistokStatus,
 };
 use crate::{BitOrder, Fsq, Lfq, LfqConfig};
 
@@ -109,7 +109,7 @@ pub unsafe extern "C" fn vistok_lfq_encode(
             let z = unsafe { input::<T>(z, z_dims, z_rank, "z")? };
             let d = derived(rows(z.dims()).map(|n| lfq.ids_dims(n).to_vec()), ids_len);
             // SAFETY: the caller's contract on `ids`.
-            let ids = unsafe { output::<u32>(ids.cast(), ids_len, &d, "ids")? };
+            let ids = unsafe { output::<u32>(ids.cast(), ids_len, &d, "ids", &[span("z", z.data())])? };
             Ok(lfq.encode(backend, z, ids)?)
         })
     })
@@ -150,10 +150,10 @@ pub unsafe extern "C" fn vistok_lfq_encode_normalized(
             let ud = derived(n.map(|n| lfq.codes_dims(n).to_vec()), normalized_len);
             // SAFETY: the caller's contract on both outputs.
             let (ids, u) = unsafe {
-                (
-                    output::<u32>(ids.cast(), ids_len, &id, "ids")?,
-                    output::<O>(normalized, normalized_len, &ud, "normalized")?,
-                )
+                let zs = span("z", z.data());
+                let ids = output::<u32>(ids.cast(), ids_len, &id, "ids", &[zs.clone()])?;
+                let avoid = [zs, span("ids", ids.data())];
+                (ids, output::<O>(normalized, normalized_len, &ud, "normalized", &avoid)?)
             };
             Ok(lfq.encode_normalized(backend, z, ids, u)?)
         }))
@@ -192,7 +192,7 @@ pub unsafe extern "C" fn vistok_lfq_decode(
         let d = derived(rows(ids.dims()).map(|n| lfq.codes_dims(n).to_vec()), codes_len);
         with_float!(codes_dtype, "codes", |O| {
             // SAFETY: the caller's contract on `codes`.
-            let codes = unsafe { output::<O>(codes, codes_len, &d, "codes")? };
+            let codes = unsafe { output::<O>(codes, codes_len, &d, "codes", &[span("ids", ids.data())])? };
             Ok(lfq.decode(backend, ids, codes)?)
         })
     })
@@ -279,7 +279,7 @@ pub unsafe extern "C" fn vistok_fsq_encode(
             let z = unsafe { input::<T>(z, z_dims, z_rank, "z")? };
             let d = derived(rows(z.dims()).map(|n| vec![n]), ids_len);
             // SAFETY: the caller's contract on `ids`.
-            let ids = unsafe { output::<u32>(ids.cast(), ids_len, &d, "ids")? };
+            let ids = unsafe { output::<u32>(ids.cast(), ids_len, &d, "ids", &[span("z", z.data())])? };
             Ok(fsq.encode(backend, z, ids)?)
         })
     })
@@ -322,7 +322,7 @@ pub unsafe extern "C" fn vistok_fsq_decode(
         );
         with_float!(codes_dtype, "codes", |O| {
             // SAFETY: the caller's contract on `codes`.
-            let codes = unsafe { output::<O>(codes, codes_len, &d, "codes")? };
+            let codes = unsafe { output::<O>(codes, codes_len, &d, "codes", &[span("ids", ids.data())])? };
             Ok(fsq.decode(backend, ids, codes)?)
         })
     })

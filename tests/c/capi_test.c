@@ -375,7 +375,10 @@ static void test_merge(void) {
     expect(vistok_merge_apply(plan, VISTOK_BACKEND_CPU, VISTOK_MERGE_MODE_SUM, VISTOK_DTYPE_F32, x, yd, 3, y,
                               B * O * C),
            VISTOK_STATUS_SHAPE, "merge x with the output's dims");
-    expect(vistok_merge_plan_slots(plan, slots, B * N - 1), VISTOK_STATUS_LENGTH, "merge slots one short");
+        expect(vistok_merge_plan_slots(plan, slots, B * N - 1), VISTOK_STATUS_LENGTH, "merge slots one short");
+    expect(vistok_merge_apply(plan, VISTOK_BACKEND_CPU, VISTOK_MERGE_MODE_SUM, VISTOK_DTYPE_F32, x, xd, 3, x + 4,
+                              B * O * C),
+           VISTOK_STATUS_INVALID, "merge output overlapping x");
     vistok_merge_plan_free(plan);
     expect(vistok_merge_plan_new(VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, metric, md, 3, R, 8, &plan),
            VISTOK_STATUS_INVALID, "merge flag 8");
