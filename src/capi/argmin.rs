@@ -151,7 +151,7 @@ pub unsafe extern "C" fn vistok_codebook_argmin(
             // SAFETY: the caller's contract on the outputs; a null `dist` is "not wanted".
             let xs = span("x", x.data());
             let (idx, dist) = unsafe {
-                let idx = output::<u32>(indices.cast(), indices_len, &lead, "indices", &[xs.clone()])?;
+                let idx = output::<u32>(indices.cast(), indices_len, &lead, "indices", std::slice::from_ref(&xs))?;
                 let avoid = [xs, span("indices", idx.data())];
                 let dist = if dist.is_null() {
                     None

@@ -151,7 +151,7 @@ pub unsafe extern "C" fn vistok_lfq_encode_normalized(
             // SAFETY: the caller's contract on both outputs.
             let (ids, u) = unsafe {
                 let zs = span("z", z.data());
-                let ids = output::<u32>(ids.cast(), ids_len, &id, "ids", &[zs.clone()])?;
+                let ids = output::<u32>(ids.cast(), ids_len, &id, "ids", std::slice::from_ref(&zs))?;
                 let avoid = [zs, span("ids", ids.data())];
                 (ids, output::<O>(normalized, normalized_len, &ud, "normalized", &avoid)?)
             };
