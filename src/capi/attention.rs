@@ -1,7 +1,9 @@
 //! Fused attention through the C ABI: the options struct (shared by the host and CUDA entry
 //! points) and its conversion to [`crate::Attention`].
 
-use super::{dims, slice, CError, CResult};
+use std::ffi::c_void;
+
+use super::{dims, guard, input, output, slice, span, CError, CResult, VistokBackend, VistokDType, VistokStatus};
 use crate::attention::{Bias, Mask, QkvLayout};
 use crate::{Attention, View};
 
@@ -113,4 +115,88 @@ pub(crate) unsafe fn attention_from_options<'a>(
         a = a.scale(o.scale);
     }
     Ok(a)
+}
+
+/// `(Nq, Nk)` from the dims of q and k under the layout `opts` names (0 when they cannot be
+/// read: the Rust API then reports the dims or the layout).
+///
+/// # Safety
+/// A non-null `opts` must point to a valid `VistokAttentionOptions`.
+unsafe fn seq_lens(opts: *const VistokAttentionOptions, qd: &[usize], kd: &[usize]) -> (usize, usize) {
+    // SAFETY: the caller's contract; null means the default layout.
+    let layout = if opts.is_null() { VISTOK_QKV_BHND } else { unsafe { (*opts).layout } };
+    let axis = if layout == VISTOK_QKV_BNHD { 1 } else { 2 };
+    (qd.get(axis).copied().unwrap_or(0), kd.get(axis).copied().unwrap_or(0))
+}
+
+/// Fused attention on the host, `O = softmax(Q·Kᵀ·scale + bias)·V`: `q` `[B, H, Nq, D]`, `k`
+/// and `v` `[B, Hkv, Nk, D]` (or `[B, N, H, D]` with `opts->layout = VISTOK_QKV_BNHD`), all of
+/// `dtype` (f32, f16 or bf16), `H` a multiple of `Hkv`; `out` receives `out_len` elements of
+/// `dtype` with q's dims; `lse`, if not null, receives `lse_len = B·H·Nq` f32 log-sum-exps
+/// `[B, H, Nq]` (`−∞` for a fully masked row, whose output is zeros). `opts` may be null (the
+/// defaults: `[B, H, N, D]`, scale `1/√D`, no mask, no bias). The CPU backend takes `D ≤ 256`.
+///
+/// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (dims that do not match, a bias
+/// or segment ids of the wrong shape), `VISTOK_STATUS_LENGTH` (`out_len` / `lse_len`),
+/// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_NON_FINITE` (a non-finite q / k / v element, a NaN
+/// or `+∞` bias), `VISTOK_STATUS_INVALID` (an unknown backend / dtype / layout / mask / bias
+/// value, a non-finite scale, `bias_rank` not 2 or 4), `VISTOK_STATUS_UNSUPPORTED` (u8, or
+/// `D > 256`).
+///
+/// # Safety
+/// Each `*_dims` valid for its rank's reads; `q`, `k`, `v` valid for the reads their dims imply;
+/// `out` valid for `out_len` writes and a non-null `lse` for `lse_len`; `opts` null or valid,
+/// with the pointers in it valid as its fields describe; no output overlaps anything.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn vistok_attention_forward(
+    backend: VistokBackend,
+    dtype: VistokDType,
+    q: *const c_void,
+    q_dims: *const usize,
+    q_rank: usize,
+    k: *const c_void,
+    k_dims: *const usize,
+    k_rank: usize,
+    v: *const c_void,
+    v_dims: *const usize,
+    v_rank: usize,
+    out: *mut c_void,
+    out_len: usize,
+    lse: *mut f32,
+    lse_len: usize,
+    opts: *const VistokAttentionOptions,
+) -> VistokStatus {
+    guard(|| {
+        let backend = super::backend(backend)?;
+        with_float!(dtype, "q", |T| {
+            // SAFETY: the caller's contract on q, k, v.
+            let (q, k, v) = unsafe {
+                (
+                    input::<T>(q, q_dims, q_rank, "q")?,
+                    input::<T>(k, k_dims, k_rank, "k")?,
+                    input::<T>(v, v_dims, v_rank, "v")?,
+                )
+            };
+            // SAFETY: the caller's contract on `opts`.
+            let (nq, nk) = unsafe { seq_lens(opts, q.dims(), k.dims()) };
+            // SAFETY: the caller's contract on `opts` and the buffers it points to.
+            let attn = unsafe { attention_from_options(opts, nq, nk)? };
+            let qd = q.dims();
+            // SAFETY: the caller's contract on `out`.
+            let mut avoid = vec![span("q", q.data()), span("k", k.data()), span("v", v.data())];
+            let o = unsafe { output::<T>(out, out_len, qd, "out", &avoid)? };
+            if lse.is_null() {
+                return Ok(attn.forward(backend, q, k, v, o)?);
+            }
+            let ld = match (attn.layout, qd) {
+                (QkvLayout::Bhnd, [b, h, n, _]) | (QkvLayout::Bnhd, [b, n, h, _]) => vec![*b, *h, *n],
+                _ => vec![lse_len],
+            };
+            // SAFETY: the caller's contract on `lse`.
+            avoid.push(span("out", o.data()));
+            let l = unsafe { output::<f32>(lse.cast(), lse_len, &ld, "lse", &avoid)? };
+            Ok(attn.forward_lse(backend, q, k, v, o, l)?)
+        })
+    })
 }

@@ -8,10 +8,16 @@
 //! - prepared objects are opaque handles with a `_new` / `_free` pair; a handle is immutable
 //!   after creation and may be used from many threads at once (only `_free` must not race with
 //!   other uses of the same handle);
-//! - buffers are a pointer plus explicit dims (`const size_t *dims, size_t rank`), contiguous
-//!   row-major, with the element type given as a [`VistokDType`] value; a null pointer (with a
-//!   non-zero length), a length that disagrees with the dims, a misaligned pointer, an unknown
-//!   enum value or an unsupported type is an error status, never a crash;
+//! - buffers are host memory, contiguous row-major (no strides), with the element type given
+//!   as a [`VistokDType`] value. A buffer that defines the problem's shape is a pointer plus
+//!   explicit dims (`const size_t *dims, size_t rank`); one whose shape follows from the other
+//!   arguments (an output, or an input whose dims a handle fixes) is a pointer plus its element
+//!   count, checked against the implied dims. A null pointer (with a non-zero length), a
+//!   length that disagrees with the dims, a misaligned pointer, an unknown enum value or an
+//!   unsupported type is an error status, never a crash;
+//! - dtypes are dispatched by `with_float!` / `with_element!`: one generic body per entry
+//!   point, monomorphised per type, so every entry point converts arguments and calls the Rust
+//!   API, nothing else;
 //! - no panic crosses the boundary: one is caught and reported as [`VistokStatus::Panic`].
 //!
 //! ```
@@ -24,17 +30,66 @@
 //! assert!(msg.to_str().unwrap().contains("major"));
 //! # }
 //! ```
-// The helpers are used by the family modules as they land (remove this allow then).
-#![allow(dead_code)]
 
+/// Runs `$body` with the type alias `$t` bound to the float element type named by a
+/// `VistokDType` value (u8 is [`VistokStatus::Unsupported`], an unknown value
+/// [`VistokStatus::Invalid`]). One body, monomorphised per dtype.
+macro_rules! with_float {
+    ($dtype:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $crate::capi::dtype($dtype, $what)? {
+            $crate::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::DType::F16 => {
+                type $t = $crate::f16;
+                $body
+            }
+            $crate::DType::BF16 => {
+                type $t = $crate::bf16;
+                $body
+            }
+            $crate::DType::U8 => Err($crate::capi::CError::unsupported_dtype($what, $crate::DType::U8)),
+        }
+    };
+}
+
+/// As [`with_float!`], for any element type (u8 included).
+macro_rules! with_element {
+    ($dtype:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $crate::capi::dtype($dtype, $what)? {
+            $crate::DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            $crate::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::DType::F16 => {
+                type $t = $crate::f16;
+                $body
+            }
+            $crate::DType::BF16 => {
+                type $t = $crate::bf16;
+                $body
+            }
+        }
+    };
+}
+
+pub mod argmin;
 pub mod attention;
 pub mod cuda;
+pub mod merge;
+pub mod patchify;
+pub mod quant;
 
 use std::cell::RefCell;
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::{Backend, DType, Error};
+use crate::{Backend, DType, Error, View, ViewMut};
 
 /// What a vistok C function reports. `VISTOK_STATUS_OK` (0) is success; every other value is an
 /// error whose message [`vistok_last_error`] returns.
@@ -116,25 +171,38 @@ impl CError {
         CError::Other(VistokStatus::Invalid, msg.into())
     }
 
+    /// A dtype the function does not take.
+    pub(crate) fn unsupported_dtype(what: &str, dtype: DType) -> Self {
+        CError::Other(VistokStatus::Unsupported, format!("{what}: dtype {} is not supported here", dtype.name()))
+    }
+
+    /// A vistok error prefixed with the C argument it concerns (for errors raised while
+    /// building views, whose messages cannot name the buffer).
+    pub(crate) fn named(e: Error, what: &str) -> Self {
+        CError::Other(status_of(&e), format!("{what}: {e}"))
+    }
+
     fn status_and_message(self) -> (VistokStatus, String) {
         match self {
             CError::Other(s, m) => (s, m),
-            CError::Vistok(e) => {
-                let s = match &e {
-                    Error::Length { .. } => VistokStatus::Length,
-                    Error::Shape { .. } => VistokStatus::Shape,
-                    Error::Invalid { .. } => VistokStatus::Invalid,
-                    Error::Overflow { .. } => VistokStatus::Overflow,
-                    Error::Alignment { .. } => VistokStatus::Alignment,
-                    Error::NonFinite { .. } => VistokStatus::NonFinite,
-                    Error::Unsupported { .. } => VistokStatus::Unsupported,
-                    Error::NoCudaDriver => VistokStatus::NoCuda,
-                    Error::NoDevice { .. } => VistokStatus::NoDevice,
-                    Error::MissingKernel { .. } | Error::Driver(_) => VistokStatus::Driver,
-                };
-                (s, e.to_string())
-            }
+            CError::Vistok(e) => (status_of(&e), e.to_string()),
         }
+    }
+}
+
+/// The status a vistok error maps to.
+fn status_of(e: &Error) -> VistokStatus {
+    match e {
+        Error::Length { .. } => VistokStatus::Length,
+        Error::Shape { .. } => VistokStatus::Shape,
+        Error::Invalid { .. } => VistokStatus::Invalid,
+        Error::Overflow { .. } => VistokStatus::Overflow,
+        Error::Alignment { .. } => VistokStatus::Alignment,
+        Error::NonFinite { .. } => VistokStatus::NonFinite,
+        Error::Unsupported { .. } => VistokStatus::Unsupported,
+        Error::NoCudaDriver => VistokStatus::NoCuda,
+        Error::NoDevice { .. } => VistokStatus::NoDevice,
+        Error::MissingKernel { .. } | Error::Driver(_) => VistokStatus::Driver,
     }
 }
 
@@ -258,6 +326,107 @@ pub(crate) fn numel(dims: &[usize], what: &str) -> CResult<usize> {
     dims.iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| CError::Other(VistokStatus::Overflow, format!("{what}: dims {dims:?} overflow")))
+}
+
+/// Converts an enum-like `u32` argument through `table` (`value` → index), naming `what`.
+pub(crate) fn choice<T: Copy>(value: u32, table: &[T], what: &str) -> CResult<T> {
+    usize::try_from(value)
+        .ok()
+        .and_then(|i| table.get(i).copied())
+        .ok_or_else(|| CError::invalid(format!("{what}: unknown value {value} (expected 0..{})", table.len())))
+}
+
+/// A C boolean flag: 0 or 1 (anything else is [`VistokStatus::Invalid`]).
+pub(crate) fn flag(value: u32, what: &str) -> CResult<bool> {
+    choice(value, &[false, true], what)
+}
+
+/// Reads the dims of an input buffer and borrows its `numel(dims)` elements of `T` as a view.
+///
+/// # Safety
+/// A non-null `dims` must be valid for `rank` reads, and a non-null `ptr` valid for reads of
+/// `numel(dims)` elements of `T`, for `'a`, with no writes through other pointers meanwhile.
+pub(crate) unsafe fn input<'a, T>(
+    ptr: *const c_void,
+    dims: *const usize,
+    rank: usize,
+    what: &str,
+) -> CResult<View<'a, T>> {
+    // SAFETY: forwarded contract.
+    let d = unsafe { self::dims(dims, rank, what)? };
+    let n = numel(d, what)?;
+    // SAFETY: forwarded contract (`n` elements).
+    let data = unsafe { slice(ptr.cast::<T>(), n, what)? };
+    View::new(data, d).map_err(|e| CError::named(e, what))
+}
+
+fn check_len(len: usize, dims: &[usize], what: &str) -> CResult<()> {
+    let n = numel(dims, what)?;
+    if len != n {
+        return Err(CError::Other(
+            VistokStatus::Length,
+            format!("{what} has {len} elements, expected {n} (dims {dims:?})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Borrows `len` elements of `T` at `ptr` as a view of `dims`, which the function derived
+/// (a `len` other than `numel(dims)` is [`VistokStatus::Length`]).
+///
+/// # Safety
+/// A non-null `ptr` must be valid for reads of `len` elements of `T` for `'a`, with no writes
+/// through other pointers meanwhile.
+pub(crate) unsafe fn input_len<'a, T>(
+    ptr: *const c_void,
+    len: usize,
+    dims: &[usize],
+    what: &str,
+) -> CResult<View<'a, T>> {
+    // SAFETY: forwarded contract.
+    let data = unsafe { slice(ptr.cast::<T>(), len, what)? };
+    check_len(len, dims, what)?;
+    View::new(data, dims).map_err(|e| CError::named(e, what))
+}
+
+/// A buffer's name and byte range, for the overlap check of [`output`].
+pub(crate) type Span<'s> = (&'s str, std::ops::Range<usize>);
+
+/// The byte range of `data`, named.
+pub(crate) fn span<'s, T>(what: &'s str, data: &[T]) -> Span<'s> {
+    let start = data.as_ptr() as usize;
+    (what, start..start + size_of_val(data))
+}
+
+/// Mutably borrows `len` elements of `T` at `ptr` as a view of `dims`, which the function
+/// derived (a `len` other than `numel(dims)` is [`VistokStatus::Length`]). An output that
+/// overlaps one of the buffers in `avoid` is [`VistokStatus::Invalid`], checked before the
+/// mutable borrow exists.
+///
+/// # Safety
+/// A non-null `ptr` must be valid for reads and writes of `len` elements of `T` for `'a`, and
+/// not be accessed through other pointers meanwhile (other than those `avoid` lists).
+pub(crate) unsafe fn output<'a, T>(
+    ptr: *mut c_void,
+    len: usize,
+    dims: &[usize],
+    what: &str,
+    avoid: &[Span<'_>],
+) -> CResult<ViewMut<'a, T>> {
+    byte_len::<T>(len, what)?;
+    if ptr.is_null() && len > 0 {
+        return Err(CError::null(what));
+    }
+    check_len(len, dims, what)?;
+    let start = ptr as usize;
+    let end = start.saturating_add(len * size_of::<T>());
+    let overlaps = |r: &std::ops::Range<usize>| start < end && r.start < r.end && start < r.end && r.start < end;
+    if let Some((name, _)) = avoid.iter().find(|(_, r)| overlaps(r)) {
+        return Err(CError::invalid(format!("{what} overlaps {name} (an output must not overlap other buffers)")));
+    }
+    // SAFETY: forwarded contract; disjoint from the buffers in `avoid` (checked).
+    let data = unsafe { slice_mut(ptr.cast::<T>(), len, what)? };
+    ViewMut::new(data, dims).map_err(|e| CError::named(e, what))
 }
 
 /// Writes `value` through an out-pointer.
@@ -389,4 +558,43 @@ pub(crate) unsafe fn handle<'a, T>(ptr: *const T, what: &str) -> CResult<&'a T> 
     }
     // SAFETY: a live handle (caller's contract), so a valid, aligned, initialised T.
     Ok(unsafe { &*ptr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last() -> String {
+        // SAFETY: a valid NUL-terminated string owned by this thread.
+        unsafe { std::ffi::CStr::from_ptr(vistok_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn guard_turns_a_panic_into_a_status() {
+        let s = guard(|| {
+            let v: Vec<u32> = Vec::new();
+            let i = v.len() + 3;
+            // An out-of-bounds index: a real panic, not a `panic!` call.
+            let _ = std::hint::black_box(&v)[i];
+            Ok(())
+        });
+        assert_eq!(s, VistokStatus::Panic);
+        assert!(last().contains("internal panic caught at the C boundary: index out of bounds"), "{}", last());
+        assert_eq!(guard(|| Ok(())), VistokStatus::Ok);
+        assert_eq!(last(), "");
+    }
+
+    #[test]
+    fn guard_maps_errors_to_statuses() {
+        let e = Error::Length { family: crate::Family::Lfq, what: "ids", expected: 2, got: 1 };
+        assert_eq!(guard(|| Err(e.into())), VistokStatus::Length);
+        assert_eq!(last(), "lfq: ids has 1 elements, expected 2");
+        assert_eq!(guard(|| Err(CError::invalid("a\0b"))), VistokStatus::Invalid);
+        assert_eq!(last(), "a");
+        assert_eq!(guard(|| choice(3, &[0u8, 1], "mode").map(|_| ())), VistokStatus::Invalid);
+        assert!(last().contains("mode: unknown value 3"), "{}", last());
+        // SAFETY: a static NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(vistok_status_name(VistokStatus::Panic as i32)) };
+        assert_eq!(name.to_str().unwrap(), "VISTOK_STATUS_PANIC");
+    }
 }
