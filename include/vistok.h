@@ -70,6 +70,10 @@
 // `bias` value: per score, dims `[B or 1, H or 1, Nq, Nk]`.
 #define VISTOK_BIAS_FULL 2
 
+// `flags` bit of [`vistok_cuda_codebook_new`]: f16 / bf16 searches on tensor cores (indices
+// then equal the reference's up to near-ties, instead of the cpu backend's bit for bit).
+#define VISTOK_CUDA_TENSOR_CORES 1
+
 // `flags` bit: token 0 is a class token (never merged).
 #define VISTOK_MERGE_CLASS_TOKEN 1
 
@@ -138,6 +142,12 @@ typedef enum VistokStatus {
 // Opaque handle: a prepared codebook, f32 / f16 / bf16 (`vistok_codebook_new` /
 // `vistok_codebook_free`).
 typedef struct VistokCodebook VistokCodebook;
+
+// Opaque handle: a codebook copied to one device, from [`vistok_cuda_codebook_new`].
+typedef struct VistokCudaCodebook VistokCudaCodebook;
+
+// Opaque handle: one CUDA device (its primary context), from [`vistok_cuda_device_new`].
+typedef struct VistokCudaDevice VistokCudaDevice;
 
 // Opaque handle: an FSQ quantizer (`vistok_fsq_new` / `vistok_fsq_free`).
 typedef struct VistokFsq VistokFsq;
@@ -369,6 +379,440 @@ enum VistokStatus vistok_attention_forward(VistokBackend backend,
                                            float *lse,
                                            size_t lse_len,
                                            const struct VistokAttentionOptions *opts);
+
+// Number of CUDA devices.
+//
+// Statuses: `NULL_POINTER` for a null `out`; `NO_CUDA` when vistok was built without CUDA or
+// the driver library cannot be loaded; `DRIVER` for another driver failure. A driver without
+// devices gives `OK` and 0.
+//
+// # Safety
+// `out` must be null (an error) or valid for one `size_t` write.
+enum VistokStatus vistok_cuda_device_count(size_t *out);
+
+// Opens device `ordinal` (its primary context, shared with the CUDA runtime) and writes a
+// new handle to `*out`. Free it with [`vistok_cuda_device_free`].
+//
+// Statuses: `NULL_POINTER` for a null `out`; `NO_CUDA` (built without CUDA, or no driver);
+// `NO_DEVICE` (no device with this ordinal); `DRIVER`.
+//
+// # Safety
+// `out` must be null (an error) or valid for one pointer write.
+enum VistokStatus vistok_cuda_device_new(size_t ordinal,
+                                         struct VistokCudaDevice **out);
+
+// Frees a device handle (null is a no-op). Objects made from it (codebooks) keep the
+// context alive until they are freed.
+//
+// # Safety
+// `device` must be null or a handle from [`vistok_cuda_device_new`] not yet freed, with no
+// call using it in flight.
+void vistok_cuda_device_free(struct VistokCudaDevice *device);
+
+// Patchify on the GPU: image → tokens, as the host patchify of the same plan (bit for bit).
+// Asynchronous (the plan's per-channel coefficients are uploaded on `stream` for this call).
+//
+// - `image`: the plan's image dims (`[B, C, H, W]`, `[B, H, W, C]`, or with a time axis, as
+//   the plan was made), type `image_dtype` (u8, f32, f16 or bf16);
+// - `tokens`: `[B, L, P]` (the plan's token dims), type `tokens_dtype` (f32, f16 or bf16);
+//   every element is written (padding as `+0.0`).
+//
+// Statuses (all before anything is enqueued): `NULL_POINTER`; `INVALID` (unknown dtype, a
+// stream of another context); `UNSUPPORTED` (u8 tokens, samples of 2³¹ elements or more);
+// `SHAPE` (dims other than the plan's); `ALIGNMENT`; `OVERFLOW`; then `DRIVER`. `NO_CUDA`
+// without CUDA.
+//
+// # Safety
+// Handles must be live; `image_dims` / `tokens_dims` valid for `*_rank` reads; `image` and
+// `tokens` device buffers of that many elements on `device`, `tokens` not overlapping
+// `image`; `stream` a live stream of the device's primary context (or null).
+enum VistokStatus vistok_cuda_patchify_forward(const struct VistokCudaDevice *device,
+                                               void *stream,
+                                               const struct VistokPatchify *plan,
+                                               const void *image,
+                                               VistokDType image_dtype,
+                                               const size_t *image_dims,
+                                               size_t image_rank,
+                                               void *tokens,
+                                               VistokDType tokens_dtype,
+                                               const size_t *tokens_dims,
+                                               size_t tokens_rank);
+
+// Unpatchify on the GPU: tokens → image, the exact inverse of
+// [`vistok_cuda_patchify_forward`] (padded token positions are ignored; u8 images are
+// rounded and clamped as on the host). Asynchronous.
+//
+// - `tokens`: `[B, L, P]`, f32 / f16 / bf16; `image`: the plan's image dims, u8 / f32 / f16 /
+//   bf16; every image element is written.
+//
+// Statuses as for [`vistok_cuda_patchify_forward`].
+//
+// # Safety
+// As for [`vistok_cuda_patchify_forward`], with the roles of the buffers swapped.
+enum VistokStatus vistok_cuda_patchify_inverse(const struct VistokCudaDevice *device,
+                                               void *stream,
+                                               const struct VistokPatchify *plan,
+                                               const void *tokens,
+                                               VistokDType tokens_dtype,
+                                               const size_t *tokens_dims,
+                                               size_t tokens_rank,
+                                               void *image,
+                                               VistokDType image_dtype,
+                                               const size_t *image_dims,
+                                               size_t image_rank);
+
+// LFQ / BSQ encode on the GPU: `z` `[N, G·d]` (f32, f16 or bf16) → `ids` `[N, G]`
+// (`uint32_t`), bit-identical to the cpu backend. Synchronous: waits for the stream to read
+// the NaN check.
+//
+// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype, a stream
+// of another context), `UNSUPPORTED` (u8, more than 2³² − 1 ids), `SHAPE`, `ALIGNMENT`,
+// `OVERFLOW`; after the kernel `NON_FINITE` naming the first NaN of `z` (ids then
+// unspecified); `DRIVER`. `NO_CUDA` without CUDA.
+//
+// # Safety
+// Handles must be live; dims arrays valid for `*_rank` reads; `z` and `ids` device buffers
+// of that many elements on `device`, not overlapping; `stream` a live stream of the device's
+// primary context (or null).
+enum VistokStatus vistok_cuda_lfq_encode(const struct VistokCudaDevice *device,
+                                         void *stream,
+                                         const struct VistokLfq *lfq,
+                                         const void *z,
+                                         VistokDType z_dtype,
+                                         const size_t *z_dims,
+                                         size_t z_rank,
+                                         void *ids,
+                                         const size_t *ids_dims,
+                                         size_t ids_rank);
+
+// [`vistok_cuda_lfq_encode`] without waiting: asynchronous, returns once enqueued. The same
+// arguments and the same host-side statuses; a NaN in `z` is NOT reported (the outputs are then
+// unspecified, but nothing is written outside them).
+//
+// # Safety
+// As for [`vistok_cuda_lfq_encode`]; the buffers must stay valid until the stream has run the
+// work.
+enum VistokStatus vistok_cuda_lfq_encode_async(const struct VistokCudaDevice *device,
+                                               void *stream,
+                                               const struct VistokLfq *lfq,
+                                               const void *z,
+                                               VistokDType z_dtype,
+                                               const size_t *z_dims,
+                                               size_t z_rank,
+                                               void *ids,
+                                               const size_t *ids_dims,
+                                               size_t ids_rank);
+
+// LFQ decode on the GPU: `ids` `[N, G]` (`uint32_t`) → `codes` `[N, G·d]` (`±v`; f32, f16
+// or bf16), bit-identical to the cpu backend. Synchronous: waits to read the id check.
+//
+// Statuses as for [`vistok_cuda_lfq_encode`], with `INVALID` naming the first id with bits
+// at or above `d` (codes then unspecified) instead of `NON_FINITE`.
+//
+// # Safety
+// As for [`vistok_cuda_lfq_encode`].
+enum VistokStatus vistok_cuda_lfq_decode(const struct VistokCudaDevice *device,
+                                         void *stream,
+                                         const struct VistokLfq *lfq,
+                                         const void *ids,
+                                         const size_t *ids_dims,
+                                         size_t ids_rank,
+                                         void *codes,
+                                         VistokDType codes_dtype,
+                                         const size_t *codes_dims,
+                                         size_t codes_rank);
+
+// [`vistok_cuda_lfq_decode`] without waiting: asynchronous, returns once enqueued. The same
+// arguments and the same host-side statuses; an id with bits at or above `d` is NOT reported (the outputs are then
+// unspecified, but nothing is written outside them).
+//
+// # Safety
+// As for [`vistok_cuda_lfq_decode`]; the buffers must stay valid until the stream has run the
+// work.
+enum VistokStatus vistok_cuda_lfq_decode_async(const struct VistokCudaDevice *device,
+                                               void *stream,
+                                               const struct VistokLfq *lfq,
+                                               const void *ids,
+                                               const size_t *ids_dims,
+                                               size_t ids_rank,
+                                               void *codes,
+                                               VistokDType codes_dtype,
+                                               const size_t *codes_dims,
+                                               size_t codes_rank);
+
+// FSQ encode on the GPU: `z` `[N, D]` (f32, f16 or bf16) → `ids` `[N]` (`uint32_t`),
+// bit-identical to the cpu backend. Synchronous: waits to read the NaN check.
+//
+// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID`, `UNSUPPORTED` (u8, more
+// than 2³¹ − 1 tokens), `SHAPE`, `ALIGNMENT`, `OVERFLOW`; after the kernel `NON_FINITE`
+// naming the first NaN (ids then unspecified); `DRIVER`. `NO_CUDA` without CUDA.
+//
+// # Safety
+// As for [`vistok_cuda_lfq_encode`].
+enum VistokStatus vistok_cuda_fsq_encode(const struct VistokCudaDevice *device,
+                                         void *stream,
+                                         const struct VistokFsq *fsq,
+                                         const void *z,
+                                         VistokDType z_dtype,
+                                         const size_t *z_dims,
+                                         size_t z_rank,
+                                         void *ids,
+                                         const size_t *ids_dims,
+                                         size_t ids_rank);
+
+// [`vistok_cuda_fsq_encode`] without waiting: asynchronous, returns once enqueued. The same
+// arguments and the same host-side statuses; a NaN in `z` is NOT reported (the outputs are then
+// unspecified, but nothing is written outside them).
+//
+// # Safety
+// As for [`vistok_cuda_fsq_encode`]; the buffers must stay valid until the stream has run the
+// work.
+enum VistokStatus vistok_cuda_fsq_encode_async(const struct VistokCudaDevice *device,
+                                               void *stream,
+                                               const struct VistokFsq *fsq,
+                                               const void *z,
+                                               VistokDType z_dtype,
+                                               const size_t *z_dims,
+                                               size_t z_rank,
+                                               void *ids,
+                                               const size_t *ids_dims,
+                                               size_t ids_rank);
+
+// FSQ decode on the GPU: `ids` `[N]` (`uint32_t`) → `codes` `[N, D]` (f32, f16 or bf16),
+// bit-identical to the cpu backend. Synchronous: waits to read the id check.
+//
+// Statuses as for [`vistok_cuda_fsq_encode`], with `INVALID` naming the first id at or above
+// the codebook size (codes then unspecified) instead of `NON_FINITE`.
+//
+// # Safety
+// As for [`vistok_cuda_lfq_encode`].
+enum VistokStatus vistok_cuda_fsq_decode(const struct VistokCudaDevice *device,
+                                         void *stream,
+                                         const struct VistokFsq *fsq,
+                                         const void *ids,
+                                         const size_t *ids_dims,
+                                         size_t ids_rank,
+                                         void *codes,
+                                         VistokDType codes_dtype,
+                                         const size_t *codes_dims,
+                                         size_t codes_rank);
+
+// [`vistok_cuda_fsq_decode`] without waiting: asynchronous, returns once enqueued. The same
+// arguments and the same host-side statuses; an id at or above the codebook size is NOT reported (the outputs are then
+// unspecified, but nothing is written outside them).
+//
+// # Safety
+// As for [`vistok_cuda_fsq_decode`]; the buffers must stay valid until the stream has run the
+// work.
+enum VistokStatus vistok_cuda_fsq_decode_async(const struct VistokCudaDevice *device,
+                                               void *stream,
+                                               const struct VistokFsq *fsq,
+                                               const void *ids,
+                                               const size_t *ids_dims,
+                                               size_t ids_rank,
+                                               void *codes,
+                                               VistokDType codes_dtype,
+                                               const size_t *codes_dims,
+                                               size_t codes_rank);
+
+// Copies a prepared codebook to `device` and writes a new handle to `*out` (free it with
+// [`vistok_cuda_codebook_free`]). `flags`: 0, or [`VISTOK_CUDA_TENSOR_CORES`] (f16 / bf16
+// codebooks only). Synchronous: the copies run on the legacy default stream, which this
+// call waits for, so the handle is ready for any stream.
+//
+// Statuses: `NULL_POINTER`; `INVALID` (unknown flag bits); `UNSUPPORTED` (tensor cores for
+// f32, K above 2³¹); `DRIVER`; `NO_CUDA` without CUDA.
+//
+// # Safety
+// `device` and `codebook` must be null (an error) or live handles; `out` null (an error) or
+// valid for one pointer write.
+enum VistokStatus vistok_cuda_codebook_new(const struct VistokCudaDevice *device,
+                                           const struct VistokCodebook *codebook,
+                                           uint32_t flags,
+                                           struct VistokCudaCodebook **out);
+
+// Frees a device codebook (null is a no-op). Waits for all work on the device's primary
+// context first (`cuCtxSynchronize`), so that no kernel still reads it.
+//
+// # Safety
+// `codebook` must be null or a handle from [`vistok_cuda_codebook_new`] not yet freed, with
+// no call using it in flight.
+void vistok_cuda_codebook_free(struct VistokCudaCodebook *codebook);
+
+// Nearest codebook entry on the GPU: `x` `[..., D]` (the codebook's dtype) → `indices`
+// `[...]` (`uint32_t`) and, unless `dist` is null, the distances `[...]` (`float`, the same
+// dims as `indices`). With the exact path (the default) indices and distances equal the cpu
+// backend's bit for bit. Synchronous: waits to read the NaN / ±∞ check.
+//
+// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype, a dtype
+// other than the codebook's, a stream of another context), `SHAPE`, `ALIGNMENT`,
+// `OVERFLOW`, `UNSUPPORTED` (more than 2³¹ elements); after the kernels `NON_FINITE` naming
+// the first NaN / ±∞ of `x` (outputs then unspecified); `DRIVER`. `NO_CUDA` without CUDA.
+//
+// # Safety
+// `codebook` null (an error) or live; dims arrays valid for `*_rank` reads; `x`, `indices`
+// and a non-null `dist` device buffers of that many elements on the codebook's device, the
+// outputs not overlapping anything; `stream` a live stream of that device's primary context
+// (or null).
+enum VistokStatus vistok_cuda_argmin(const struct VistokCudaCodebook *codebook,
+                                     void *stream,
+                                     const void *x,
+                                     VistokDType x_dtype,
+                                     const size_t *x_dims,
+                                     size_t x_rank,
+                                     void *indices,
+                                     const size_t *indices_dims,
+                                     size_t indices_rank,
+                                     void *dist);
+
+// Codebook entries by index on the GPU: `indices` `[...]` (`uint32_t`) → `out` `[..., D]`
+// (f32, f16 or bf16; exact for the codebook's dtype and f32). Synchronous: waits to read the
+// index check.
+//
+// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID`, `SHAPE`, `ALIGNMENT`,
+// `OVERFLOW`, `UNSUPPORTED`; after the kernel `INVALID` naming the first index `≥ K` (its row
+// is not written); `DRIVER`. `NO_CUDA` without CUDA.
+//
+// # Safety
+// As for [`vistok_cuda_argmin`].
+enum VistokStatus vistok_cuda_lookup(const struct VistokCudaCodebook *codebook,
+                                     void *stream,
+                                     const void *indices,
+                                     const size_t *indices_dims,
+                                     size_t indices_rank,
+                                     void *out,
+                                     VistokDType out_dtype,
+                                     const size_t *out_dims,
+                                     size_t out_rank);
+
+// Fused attention forward on the GPU: `out = softmax(Q·Kᵀ·scale + bias)·V`, with the
+// options of `options` (null: the defaults; its host arrays are read during the call only).
+// Asynchronous.
+//
+// - `q`, `out`: `q_dims` (`[B, H, Nq, D]`, or `[B, Nq, H, D]` with `VISTOK_QKV_BNHD`);
+//   `k`, `v`: `kv_dims` (`[B, Hkv, Nk, D]` / `[B, Nk, Hkv, D]`, `H` a multiple of `Hkv`);
+//   all of type `dtype`: f16 / bf16 (D ∈ {32, 64, 128}, 16-byte aligned) or f32 (D ≤ 256);
+// - `lse`: null, or `[B, H, Nq]` `float`, the natural-log log-sum-exp (`−∞` for fully
+//   masked rows).
+//
+// Q, K and V are not scanned for NaN / ±∞ (their output is then unspecified); the bias is.
+// The bias and segment ids are uploaded on `stream` for this call.
+//
+// Statuses (before anything is enqueued): `NULL_POINTER`, `INVALID` (unknown enum value, a
+// stream of another context), `SHAPE`, `ALIGNMENT`, `OVERFLOW`, `NON_FINITE` (scale, bias),
+// `UNSUPPORTED` (dtype / D, more than 2²⁹ tokens or 65535 batches / heads); `DRIVER`.
+// `NO_CUDA` without CUDA.
+//
+// # Safety
+// `device` null (an error) or live; `options` null or valid (see `VistokAttentionOptions`);
+// dims arrays valid for `*_rank` reads; `q`, `k`, `v`, `out` and a non-null `lse` device
+// buffers of the sizes above on `device`, the outputs not overlapping anything; `stream` a
+// live stream of the device's primary context (or null).
+enum VistokStatus vistok_cuda_attention_forward(const struct VistokCudaDevice *device,
+                                                void *stream,
+                                                const struct VistokAttentionOptions *options,
+                                                VistokDType dtype,
+                                                const void *q,
+                                                const size_t *q_dims,
+                                                size_t q_rank,
+                                                const void *k,
+                                                const void *v,
+                                                const size_t *kv_dims,
+                                                size_t kv_rank,
+                                                void *out,
+                                                void *lse);
+
+// ToMe bipartite matching on the GPU: `metric` `[B, N, C]` (f32, f16 or bf16) → a new
+// merge-plan handle in `*out`, the same plan as the cpu backend's bit for bit (free it with
+// `vistok_merge_plan_free`; it works with the host merge functions too). `r`: tokens to
+// remove (clamped as on the host); `flags`: `VISTOK_MERGE_*` bits (as for `vistok_merge_plan_new`). Synchronous (the
+// plan is copied back).
+//
+// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype or flag
+// bits, a stream of another context), `SHAPE` (rank, `N < 2`, `C = 0`), `ALIGNMENT`,
+// `OVERFLOW`, `UNSUPPORTED` (B > 65535, B·N or C ≥ 2³¹); after the kernels `NON_FINITE`
+// naming the first non-finite element; `DRIVER`. `NO_CUDA` without CUDA.
+//
+// # Safety
+// `device` null (an error) or live; `metric_dims` valid for `metric_rank` reads; `metric` a
+// device buffer of that many elements on `device`; `stream` a live stream of the device's
+// primary context (or null); `out` null (an error) or valid for one pointer write.
+enum VistokStatus vistok_cuda_merge_plan(const struct VistokCudaDevice *device,
+                                         void *stream,
+                                         const void *metric,
+                                         VistokDType metric_dtype,
+                                         const size_t *metric_dims,
+                                         size_t metric_rank,
+                                         size_t r,
+                                         uint32_t flags,
+                                         struct VistokMergePlan **out);
+
+// Merges with a plan on the GPU: `x` `[B, N, C]` → `out` `[B, N − r, C]`, summed
+// (`VISTOK_MERGE_MODE_SUM`) or averaged (`VISTOK_MERGE_MODE_MEAN`), as the cpu backend
+// (bit for bit); `dtype` f32, f16 or bf16 for both. The plan is uploaded on `stream` for
+// this call. Asynchronous.
+//
+// Statuses (before anything is enqueued): `NULL_POINTER`, `INVALID` (unknown mode or dtype,
+// a stream of another context), `SHAPE` (dims other than the plan's), `ALIGNMENT`,
+// `OVERFLOW`, `UNSUPPORTED` (beyond the kernels' limits); `DRIVER`. `NO_CUDA` without CUDA.
+//
+// # Safety
+// `device` and `plan` null (an error) or live; dims arrays valid for `*_rank` reads; `x`
+// and `out` device buffers of that many elements on `device`, not overlapping; `stream` a
+// live stream of the device's primary context (or null).
+enum VistokStatus vistok_cuda_merge(const struct VistokCudaDevice *device,
+                                    void *stream,
+                                    const struct VistokMergePlan *plan,
+                                    uint32_t mode,
+                                    VistokDType dtype,
+                                    const void *x,
+                                    const size_t *x_dims,
+                                    size_t x_rank,
+                                    void *out,
+                                    const size_t *out_dims,
+                                    size_t out_rank);
+
+// Size-weighted merge (ToMe's `merge_wavg`) on the GPU: `out = Σ sᵢxᵢ / Σ sᵢ` `[B, N − r, C]`
+// and `out_sizes = Σ sᵢ` `[B, N − r]` (`float`) from `x` `[B, N, C]` and `sizes` `[B, N]`
+// (`float`), as the cpu backend (bit for bit). Synchronous: waits to read the size check.
+//
+// Statuses as for [`vistok_cuda_merge`], plus, after the kernel, `INVALID` / `NON_FINITE`
+// naming the first size that is not finite and positive (outputs then unspecified).
+//
+// # Safety
+// As for [`vistok_cuda_merge`]; `sizes` and `out_sizes` device buffers of `B·N` and
+// `B·(N − r)` floats on `device`.
+enum VistokStatus vistok_cuda_merge_weighted(const struct VistokCudaDevice *device,
+                                             void *stream,
+                                             const struct VistokMergePlan *plan,
+                                             VistokDType dtype,
+                                             const void *x,
+                                             const size_t *x_dims,
+                                             size_t x_rank,
+                                             const void *sizes,
+                                             void *out,
+                                             const size_t *out_dims,
+                                             size_t out_rank,
+                                             void *out_sizes);
+
+// Unmerges with a plan on the GPU: `y` `[B, N − r, C]` → `out` `[B, N, C]`, every token its
+// slot's row (bit copies), as the cpu backend; `dtype` f32, f16 or bf16. The plan is uploaded
+// on `stream` for this call. Asynchronous.
+//
+// Statuses as for [`vistok_cuda_merge`].
+//
+// # Safety
+// As for [`vistok_cuda_merge`].
+enum VistokStatus vistok_cuda_unmerge(const struct VistokCudaDevice *device,
+                                      void *stream,
+                                      const struct VistokMergePlan *plan,
+                                      VistokDType dtype,
+                                      const void *y,
+                                      const size_t *y_dims,
+                                      size_t y_rank,
+                                      void *out,
+                                      const size_t *out_dims,
+                                      size_t out_rank);
 
 // Bipartite soft matching (ToMe's `bipartite_soft_matching`) on `metric [B, N, Cm]`
 // (`metric_rank` 3, `metric_dtype` f32, f16 or bf16, N ≥ 2, finite): merges

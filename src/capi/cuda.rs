@@ -70,16 +70,6 @@ pub struct VistokCudaCodebook {
 /// `flags` bit of [`vistok_cuda_codebook_new`]: f16 / bf16 searches on tensor cores (indices
 /// then equal the reference's up to near-ties, instead of the cpu backend's bit for bit).
 pub const VISTOK_CUDA_TENSOR_CORES: u32 = 1;
-/// `flags` bit of [`vistok_cuda_merge_plan`]: token 0 is a class token, never merged.
-pub const VISTOK_CUDA_MATCH_CLASS_TOKEN: u32 = 1;
-/// `flags` bit of [`vistok_cuda_merge_plan`]: token 1 is a distillation token, never a target.
-pub const VISTOK_CUDA_MATCH_DISTILL_TOKEN: u32 = 2;
-/// `flags` bit of [`vistok_cuda_merge_plan`]: output tokens in their original order.
-pub const VISTOK_CUDA_MATCH_KEEP_ORDER: u32 = 4;
-/// `mode` of [`vistok_cuda_merge`]: sum the merged tokens.
-pub const VISTOK_CUDA_MERGE_SUM: u32 = 0;
-/// `mode` of [`vistok_cuda_merge`]: average the merged tokens.
-pub const VISTOK_CUDA_MERGE_MEAN: u32 = 1;
 
 #[cfg(not(feature = "cuda"))]
 fn no_cuda() -> CError {
@@ -676,7 +666,7 @@ pub unsafe extern "C" fn vistok_cuda_attention_forward(
 /// ToMe bipartite matching on the GPU: `metric` `[B, N, C]` (f32, f16 or bf16) → a new
 /// merge-plan handle in `*out`, the same plan as the cpu backend's bit for bit (free it with
 /// `vistok_merge_plan_free`; it works with the host merge functions too). `r`: tokens to
-/// remove (clamped as on the host); `flags`: `VISTOK_CUDA_MATCH_*` bits. Synchronous (the
+/// remove (clamped as on the host); `flags`: `VISTOK_MERGE_*` bits (as for `vistok_merge_plan_new`). Synchronous (the
 /// plan is copied back).
 ///
 /// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype or flag
@@ -712,7 +702,7 @@ pub unsafe extern "C" fn vistok_cuda_merge_plan(
 }
 
 /// Merges with a plan on the GPU: `x` `[B, N, C]` → `out` `[B, N − r, C]`, summed
-/// ([`VISTOK_CUDA_MERGE_SUM`]) or averaged ([`VISTOK_CUDA_MERGE_MEAN`]), as the cpu backend
+/// (`VISTOK_MERGE_MODE_SUM`) or averaged (`VISTOK_MERGE_MODE_MEAN`), as the cpu backend
 /// (bit for bit); `dtype` f32, f16 or bf16 for both. The plan is uploaded on `stream` for
 /// this call. Asynchronous.
 ///

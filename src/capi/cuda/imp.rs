@@ -9,14 +9,15 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
 use super::super::attention::{attention_from_options, VistokAttentionOptions, VISTOK_QKV_BNHD};
+use super::super::merge::{
+    VISTOK_MERGE_CLASS_TOKEN, VISTOK_MERGE_DISTILL_TOKEN, VISTOK_MERGE_KEEP_ORIGINAL_ORDER, VISTOK_MERGE_MODE_MEAN,
+    VISTOK_MERGE_MODE_SUM,
+};
 use super::super::{
     dims as read_dims, dtype as read_dtype, handle, new_handle, numel, AnyCodebook, CError, CResult, VistokCodebook,
     VistokDType, VistokFsq, VistokLfq, VistokMergePlan, VistokPatchify, VistokStatus,
 };
-use super::{
-    VistokCudaCodebook, VistokCudaDevice, VISTOK_CUDA_MATCH_CLASS_TOKEN, VISTOK_CUDA_MATCH_DISTILL_TOKEN,
-    VISTOK_CUDA_MATCH_KEEP_ORDER, VISTOK_CUDA_MERGE_MEAN, VISTOK_CUDA_MERGE_SUM, VISTOK_CUDA_TENSOR_CORES,
-};
+use super::{VistokCudaCodebook, VistokCudaDevice, VISTOK_CUDA_TENSOR_CORES};
 use crate::cuda::{
     driver_error, AttentionKernel, CodebookGpu, DeferredCheck, FsqKernel, Gpu, LfqKernel, MergeKernel, PatchifyKernel,
 };
@@ -603,7 +604,7 @@ pub(super) unsafe fn merge_plan(
         return Err(CError::null("out"));
     }
     let t = float(dtype, "metric_dtype")?;
-    let known = VISTOK_CUDA_MATCH_CLASS_TOKEN | VISTOK_CUDA_MATCH_DISTILL_TOKEN | VISTOK_CUDA_MATCH_KEEP_ORDER;
+    let known = VISTOK_MERGE_CLASS_TOKEN | VISTOK_MERGE_DISTILL_TOKEN | VISTOK_MERGE_KEEP_ORIGINAL_ORDER;
     if flags & !known != 0 {
         return Err(CError::invalid(format!("flags: unknown bits {:#x}", flags & !known)));
     }
@@ -617,9 +618,9 @@ pub(super) unsafe fn merge_plan(
     };
     let mb = buffer(metric.ptr, md, t.size(), "metric")?;
     let cfg = MatchConfig::new(r)
-        .class_token(flags & VISTOK_CUDA_MATCH_CLASS_TOKEN != 0)
-        .distill_token(flags & VISTOK_CUDA_MATCH_DISTILL_TOKEN != 0)
-        .keep_original_order(flags & VISTOK_CUDA_MATCH_KEEP_ORDER != 0);
+        .class_token(flags & VISTOK_MERGE_CLASS_TOKEN != 0)
+        .distill_token(flags & VISTOK_MERGE_DISTILL_TOKEN != 0)
+        .keep_original_order(flags & VISTOK_MERGE_KEEP_ORIGINAL_ORDER != 0);
     // SAFETY: as above.
     let (g, s) = unsafe { caller_stream(device(device_h)?, stream)? };
     let k = MergeKernel::new(&g)?;
@@ -630,7 +631,7 @@ pub(super) unsafe fn merge_plan(
 
 /// What [`merge`] applies.
 pub(super) enum MergeOp {
-    /// Sum or mean (`VISTOK_CUDA_MERGE_*`).
+    /// Sum or mean (`VISTOK_MERGE_MODE_*`).
     Merge(u32),
     /// Size-weighted, with the sizes buffers.
     Weighted { sizes: *const c_void, out_sizes: *mut c_void },
@@ -652,8 +653,8 @@ pub(super) unsafe fn merge(
     // SAFETY: the caller's contract on every pointer, here and below.
     let plan = &unsafe { handle(plan, "plan") }?.0;
     let mode = match op {
-        MergeOp::Merge(VISTOK_CUDA_MERGE_SUM) => MergeMode::Sum,
-        MergeOp::Merge(VISTOK_CUDA_MERGE_MEAN) => MergeMode::Mean,
+        MergeOp::Merge(VISTOK_MERGE_MODE_SUM) => MergeMode::Sum,
+        MergeOp::Merge(VISTOK_MERGE_MODE_MEAN) => MergeMode::Mean,
         MergeOp::Merge(m) => return Err(CError::invalid(format!("mode: unknown value {m}"))),
         _ => MergeMode::Sum, // unused
     };

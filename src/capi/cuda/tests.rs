@@ -13,6 +13,7 @@ use super::super::{
 };
 use super::*;
 use crate::argmin::{Codebook, Metric};
+use crate::capi::merge::{VISTOK_MERGE_CLASS_TOKEN, VISTOK_MERGE_MODE_MEAN};
 use crate::{bf16, Backend, BitOrder, Fsq, Layout, Lfq, LfqConfig, MatchConfig, MergeMode, MergePlan, PatchConfig};
 use crate::{Patchify, View, ViewMut};
 
@@ -500,7 +501,7 @@ fn merge_matches_the_cpu_backend() {
     let mut p = std::ptr::null_mut();
     // SAFETY: a device buffer of the given dims; a valid out-pointer.
     let st = unsafe {
-        vistok_cuda_merge_plan(dev, raw(&s), ptr(&s, &dm), 1, md.as_ptr(), 3, r, VISTOK_CUDA_MATCH_CLASS_TOKEN, &mut p)
+        vistok_cuda_merge_plan(dev, raw(&s), ptr(&s, &dm), 1, md.as_ptr(), 3, r, VISTOK_MERGE_CLASS_TOKEN, &mut p)
     };
     expect_status(st, VistokStatus::Ok, "");
     // SAFETY: the handle just made.
@@ -526,7 +527,7 @@ fn merge_matches_the_cpu_backend() {
             dev,
             raw(&s),
             plan,
-            VISTOK_CUDA_MERGE_MEAN,
+            VISTOK_MERGE_MODE_MEAN,
             1,
             ptr(&s, &dm),
             md.as_ptr(),
