@@ -279,6 +279,9 @@ fn c_program_matches_the_rust_api() {
     assert!(run.status.success(), "the C program's own checks failed:\n{stderr}\n{stdout}");
     let summary = stdout.lines().find(|l| l.starts_with("# checks:")).expect("summary line");
     eprintln!("C program: {summary}");
+    if let Some(cuda) = stdout.lines().find(|l| l.starts_with("# cuda:")) {
+        eprintln!("C program: {}", cuda.trim_start_matches("# "));
+    }
 
     let got = parse(&stdout);
     let want = expected().expect("the Rust side failed");

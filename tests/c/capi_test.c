@@ -386,6 +386,28 @@ static void test_merge(void) {
            VISTOK_STATUS_NULL_POINTER, "merge null out");
 }
 
+/* CUDA through the C ABI: with a GPU a device opens; without one (or without the `cuda`
+   feature) the calls are error values with a message, never a crash. */
+static void test_cuda_smoke(void) {
+    size_t count = 99;
+    VistokStatus s = vistok_cuda_device_count(&count);
+    VistokCudaDevice *dev = NULL;
+    VistokStatus d = vistok_cuda_device_new(0, &dev);
+    if (d == VISTOK_STATUS_OK) {
+        CHECK(s == VISTOK_STATUS_OK && count >= 1, "device 0 opened but count = %zu (%s)", count, vistok_status_name(s));
+        printf("# cuda: %zu device(s), device 0 opened\n", count);
+        vistok_cuda_device_free(dev);
+    } else {
+        CHECK(d == VISTOK_STATUS_NO_CUDA || d == VISTOK_STATUS_NO_DEVICE, "cuda device_new -> %s", vistok_status_name(d));
+        CHECK(vistok_last_error()[0] != '\0', "cuda device_new: empty message");
+        CHECK(dev == NULL, "cuda device_new wrote a handle on failure");
+        printf("# cuda: skipped (%s: %s)\n", vistok_status_name(d), vistok_last_error());
+    }
+    expect(vistok_cuda_device_new(0, NULL), VISTOK_STATUS_NULL_POINTER, "cuda device_new null out");
+    vistok_cuda_device_free(NULL);
+    vistok_cuda_codebook_free(NULL);
+}
+
 int main(void) {
     uint32_t major = 99, minor = 99, patch = 99;
     OK(vistok_version(&major, &minor, &patch));
@@ -408,6 +430,7 @@ int main(void) {
     test_argmin();
     test_attention();
     test_merge();
+    test_cuda_smoke();
 
     printf("# checks: %d, failures: %d\n", checks, failures);
     return failures == 0 ? 0 : 1;
