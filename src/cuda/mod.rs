@@ -222,6 +222,7 @@ impl Gpu {
     /// stream.
     ///
     /// Errors: [`Error::Invalid`] for a stream of another context.
+    #[cfg_attr(not(feature = "capi"), allow(dead_code))]
     pub(crate) fn on_stream(&self, stream: Arc<CudaStream>) -> Result<Gpu> {
         if stream.context() != self.context() {
             return Err(Error::Invalid {
