@@ -445,3 +445,96 @@ fn the_abi_from_rust() {
         vistok_codebook_free(std::ptr::null_mut());
     }
 }
+
+/// f16 through the ABI (the C program covers f32 and bf16): the dtype value must reach the
+/// f16 kernels, and a codebook / query dtype mismatch is an error status, not a reinterpretation.
+#[test]
+fn f16_through_the_abi() {
+    let (n, k, d) = (23usize, 37usize, 5usize);
+    let to_f16 = |v: Vec<f32>| v.into_iter().map(vistok::f16::from_f32).collect::<Vec<_>>();
+    let entries = to_f16(Lcg(11).vals(k * d, 1.0));
+    let x = to_f16(Lcg(12).vals(n * d, 1.0));
+    let (cd, xd) = ([k, d], [n, d]);
+    let mut cb = std::ptr::null_mut();
+    let (mut idx, mut dist) = (vec![u32::MAX; n], vec![f32::NAN; n]);
+    // SAFETY: valid pointers to locals; the handle is freed once at the end.
+    unsafe {
+        let s =
+            vistok_codebook_new(VISTOK_DTYPE_F16, entries.as_ptr().cast(), cd.as_ptr(), 2, VISTOK_METRIC_L2, &mut cb);
+        assert_eq!(s, VistokStatus::Ok, "{}", last_error());
+        let s = vistok_codebook_argmin(
+            cb,
+            VISTOK_BACKEND_CPU,
+            VISTOK_DTYPE_F16,
+            x.as_ptr().cast(),
+            xd.as_ptr(),
+            2,
+            idx.as_mut_ptr(),
+            n,
+            dist.as_mut_ptr(),
+            n,
+        );
+        assert_eq!(s, VistokStatus::Ok, "{}", last_error());
+        let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(v.to_f32())).collect();
+        let s = vistok_codebook_argmin(
+            cb,
+            VISTOK_BACKEND_CPU,
+            VISTOK_DTYPE_BF16,
+            xb.as_ptr().cast(),
+            xd.as_ptr(),
+            2,
+            idx.as_mut_ptr(),
+            n,
+            std::ptr::null_mut(),
+            0,
+        );
+        assert_ne!(s, VistokStatus::Ok, "a bf16 query against an f16 codebook must be refused");
+        assert!(!last_error().is_empty());
+        vistok_codebook_free(cb);
+    }
+    let rust = Codebook::new(View::new(&entries, &cd).unwrap(), Metric::L2).unwrap();
+    let (mut want_idx, mut want_dist) = (vec![0u32; n], vec![0.0f32; n]);
+    rust.argmin(
+        Backend::Cpu,
+        View::new(&x, &xd).unwrap(),
+        ViewMut::new(&mut want_idx, &[n]).unwrap(),
+        Some(ViewMut::new(&mut want_dist, &[n]).unwrap()),
+    )
+    .unwrap();
+    // The first call's results (the refused second call must not have changed them).
+    assert_eq!(idx, want_idx);
+    assert_eq!(
+        dist.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want_dist.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+
+    // LFQ on f16 input.
+    let (groups, bits) = (2usize, 6u32);
+    let z = to_f16(Lcg(13).vals(n * groups * bits as usize, 1.0));
+    let zd = [n, groups * bits as usize];
+    let cfg = VistokLfqConfig { groups, bits, order: VISTOK_BIT_ORDER_MSB_FIRST, scale: 0.0, spherical: 0 };
+    let mut lfq = std::ptr::null_mut();
+    let mut ids = vec![u32::MAX; n * groups];
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(vistok_lfq_new(&cfg, &mut lfq), VistokStatus::Ok);
+        let s = vistok_lfq_encode(
+            lfq,
+            VISTOK_BACKEND_CPU,
+            VISTOK_DTYPE_F16,
+            z.as_ptr().cast(),
+            zd.as_ptr(),
+            2,
+            ids.as_mut_ptr(),
+            ids.len(),
+        );
+        assert_eq!(s, VistokStatus::Ok, "{}", last_error());
+        vistok_lfq_free(lfq);
+    }
+    let mut want = vec![0u32; n * groups];
+    Lfq::new(&LfqConfig::new(groups, bits, BitOrder::MsbFirst))
+        .unwrap()
+        .encode(Backend::Reference, View::new(&z, &zd).unwrap(), ViewMut::new(&mut want, &[n, groups]).unwrap())
+        .unwrap();
+    assert_eq!(ids, want);
+}
