@@ -393,6 +393,11 @@ enum VistokStatus vistok_cuda_device_count(size_t *out);
 // Opens device `ordinal` (its primary context, shared with the CUDA runtime) and writes a
 // new handle to `*out`. Free it with [`vistok_cuda_device_free`].
 //
+// Note: this and every `vistok_cuda_*` call that uses a device make that device's primary
+// context current on the calling thread and leave it so (as `cudaSetDevice` would). An
+// application that drives several devices from one thread with the runtime API should set
+// its device again after the call.
+//
 // Statuses: `NULL_POINTER` for a null `out`; `NO_CUDA` (built without CUDA, or no driver);
 // `NO_DEVICE` (no device with this ordinal); `DRIVER`.
 //
@@ -401,8 +406,9 @@ enum VistokStatus vistok_cuda_device_count(size_t *out);
 enum VistokStatus vistok_cuda_device_new(size_t ordinal,
                                          struct VistokCudaDevice **out);
 
-// Frees a device handle (null is a no-op). Objects made from it (codebooks) keep the
-// context alive until they are freed.
+// Frees a device handle (null is a no-op), after waiting for the work queued in its context
+// (`cuCtxSynchronize`). Objects made from it (codebooks) keep the context alive until they are
+// freed.
 //
 // # Safety
 // `device` must be null or a handle from [`vistok_cuda_device_new`] not yet freed, with no
@@ -465,7 +471,7 @@ enum VistokStatus vistok_cuda_patchify_inverse(const struct VistokCudaDevice *de
 // (`uint32_t`), bit-identical to the cpu backend. Synchronous: waits for the stream to read
 // the NaN check.
 //
-// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype, a stream
+// Statuses: before any kernel runs `NULL_POINTER`, `INVALID` (unknown dtype, a stream
 // of another context), `UNSUPPORTED` (u8, more than 2³² − 1 ids), `SHAPE`, `ALIGNMENT`,
 // `OVERFLOW`; after the kernel `NON_FINITE` naming the first NaN of `z` (ids then
 // unspecified); `DRIVER`. `NO_CUDA` without CUDA.
@@ -698,8 +704,9 @@ enum VistokStatus vistok_cuda_lookup(const struct VistokCudaCodebook *codebook,
 // Q, K and V are not scanned for NaN / ±∞ (their output is then unspecified); the bias is.
 // The bias and segment ids are uploaded on `stream` for this call.
 //
-// Statuses (before anything is enqueued): `NULL_POINTER`, `INVALID` (unknown enum value, a
-// stream of another context), `SHAPE`, `ALIGNMENT`, `OVERFLOW`, `NON_FINITE` (scale, bias),
+// Statuses (before any kernel runs; see the module notes): `NULL_POINTER`, `INVALID` (unknown
+// enum value, a stream of another context), `SHAPE`, `ALIGNMENT`, `OVERFLOW`, `NON_FINITE`
+// (scale, bias),
 // `UNSUPPORTED` (dtype / D, more than 2²⁹ tokens or 65535 batches / heads); `DRIVER`.
 // `NO_CUDA` without CUDA.
 //

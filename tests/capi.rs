@@ -538,3 +538,21 @@ fn f16_through_the_abi() {
         .unwrap();
     assert_eq!(ids, want);
 }
+
+/// A failing call writes nothing: every out-pointer is checked before the first is written.
+#[test]
+fn failing_out_pointer_calls_write_nothing() {
+    let (mut major, mut patch) = (99u32, 99u32);
+    // SAFETY: valid pointers to locals, and null (an error).
+    let s = unsafe { vistok_version(&mut major, std::ptr::null_mut(), &mut patch) };
+    assert_eq!(s, VistokStatus::NullPointer);
+    assert_eq!((major, patch), (99, 99), "vistok_version wrote before failing");
+    // A misaligned `out` for a new handle is refused before anything is allocated.
+    let mut raw = [0u8; 16];
+    let misaligned = raw.as_mut_ptr().wrapping_add(1).cast::<*mut VistokFsq>();
+    let levels = [8u32, 5, 5, 5];
+    // SAFETY: `levels` is valid; `misaligned` is within `raw` but misaligned (an error, no write).
+    let s = unsafe { vistok_fsq_new(levels.as_ptr(), levels.len(), misaligned) };
+    assert_eq!(s, VistokStatus::Alignment, "{}", last_error());
+    assert!(raw.iter().all(|&b| b == 0), "a misaligned out was written");
+}

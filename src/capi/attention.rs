@@ -117,16 +117,20 @@ pub(crate) unsafe fn attention_from_options<'a>(
     Ok(a)
 }
 
-/// `(Nq, Nk)` from the dims of q and k under the layout `opts` names (0 when they cannot be
-/// read: the Rust API then reports the dims or the layout).
+/// `(Nq, Nk)` from the dims of q and k under the layout `opts` names, which size the segment-id
+/// arrays. `(0, 0)` unless both are rank 4: then no segment id is read, and the validation
+/// reports the rank (a rank-3 q must not make D ids be read from an Nq-long array).
 ///
 /// # Safety
 /// A non-null `opts` must point to a valid `VistokAttentionOptions`.
-unsafe fn seq_lens(opts: *const VistokAttentionOptions, qd: &[usize], kd: &[usize]) -> (usize, usize) {
+pub(crate) unsafe fn seq_lens(opts: *const VistokAttentionOptions, qd: &[usize], kd: &[usize]) -> (usize, usize) {
+    if qd.len() != 4 || kd.len() != 4 {
+        return (0, 0);
+    }
     // SAFETY: the caller's contract; null means the default layout.
     let layout = if opts.is_null() { VISTOK_QKV_BHND } else { unsafe { (*opts).layout } };
     let axis = if layout == VISTOK_QKV_BNHD { 1 } else { 2 };
-    (qd.get(axis).copied().unwrap_or(0), kd.get(axis).copied().unwrap_or(0))
+    (qd[axis], kd[axis])
 }
 
 /// Fused attention on the host, `O = softmax(Q·Kᵀ·scale + bias)·V`: `q` `[B, H, Nq, D]`, `k`

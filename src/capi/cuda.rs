@@ -28,7 +28,10 @@
 //!   size) and so wait for the stream — a returned error names the first bad element, as the
 //!   cpu backend does, and the outputs are then unspecified. LFQ and FSQ also come in `_async`
 //!   forms that do not wait, and so do not report those device-side errors.
-//! - Errors found on the host are returned before anything is enqueued. A driver error is
+//! - Errors found on the host are returned before any kernel is launched, and almost all
+//!   before anything is enqueued. The exceptions enqueue only harmless work: f16 / bf16
+//!   attention checks its 16-byte alignment after uploading the bias and segment ids, and LFQ /
+//!   FSQ check the id-count limit after allocating their status word. A driver error is
 //!   [`VistokStatus::Driver`].
 //! - Stream capture (CUDA graphs) is not supported: the synchronous functions wait for the
 //!   stream, and the others may copy from pageable host memory.
@@ -112,6 +115,11 @@ pub unsafe extern "C" fn vistok_cuda_device_count(out: *mut usize) -> VistokStat
 /// Opens device `ordinal` (its primary context, shared with the CUDA runtime) and writes a
 /// new handle to `*out`. Free it with [`vistok_cuda_device_free`].
 ///
+/// Note: this and every `vistok_cuda_*` call that uses a device make that device's primary
+/// context current on the calling thread and leave it so (as `cudaSetDevice` would). An
+/// application that drives several devices from one thread with the runtime API should set
+/// its device again after the call.
+///
 /// Statuses: `NULL_POINTER` for a null `out`; `NO_CUDA` (built without CUDA, or no driver);
 /// `NO_DEVICE` (no device with this ordinal); `DRIVER`.
 ///
@@ -132,14 +140,27 @@ pub unsafe extern "C" fn vistok_cuda_device_new(ordinal: usize, out: *mut *mut V
     })
 }
 
-/// Frees a device handle (null is a no-op). Objects made from it (codebooks) keep the
-/// context alive until they are freed.
+/// Frees a device handle (null is a no-op), after waiting for the work queued in its context
+/// (`cuCtxSynchronize`). Objects made from it (codebooks) keep the context alive until they are
+/// freed.
 ///
 /// # Safety
 /// `device` must be null or a handle from [`vistok_cuda_device_new`] not yet freed, with no
 /// call using it in flight.
 #[no_mangle]
 pub unsafe extern "C" fn vistok_cuda_device_free(device: *mut VistokCudaDevice) {
+    if device.is_null() {
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        // Work still queued through this handle (the asynchronous entry points) finishes
+        // before its modules can be unloaded. A sticky driver error leaves nothing better to
+        // do than to free.
+        // SAFETY: a live handle (the caller's contract).
+        let ctx = unsafe { &*device }.gpu.context().clone();
+        let _ = ctx.bind_to_thread().and_then(|()| ctx.synchronize());
+    }
     // SAFETY: the caller's contract.
     unsafe { super::free_handle(device) }
 }
@@ -228,7 +249,7 @@ pub unsafe extern "C" fn vistok_cuda_patchify_inverse(
 /// (`uint32_t`), bit-identical to the cpu backend. Synchronous: waits for the stream to read
 /// the NaN check.
 ///
-/// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype, a stream
+/// Statuses: before any kernel runs `NULL_POINTER`, `INVALID` (unknown dtype, a stream
 /// of another context), `UNSUPPORTED` (u8, more than 2³² − 1 ids), `SHAPE`, `ALIGNMENT`,
 /// `OVERFLOW`; after the kernel `NON_FINITE` naming the first NaN of `z` (ids then
 /// unspecified); `DRIVER`. `NO_CUDA` without CUDA.
@@ -626,8 +647,9 @@ pub unsafe extern "C" fn vistok_cuda_lookup(
 /// Q, K and V are not scanned for NaN / ±∞ (their output is then unspecified); the bias is.
 /// The bias and segment ids are uploaded on `stream` for this call.
 ///
-/// Statuses (before anything is enqueued): `NULL_POINTER`, `INVALID` (unknown enum value, a
-/// stream of another context), `SHAPE`, `ALIGNMENT`, `OVERFLOW`, `NON_FINITE` (scale, bias),
+/// Statuses (before any kernel runs; see the module notes): `NULL_POINTER`, `INVALID` (unknown
+/// enum value, a stream of another context), `SHAPE`, `ALIGNMENT`, `OVERFLOW`, `NON_FINITE`
+/// (scale, bias),
 /// `UNSUPPORTED` (dtype / D, more than 2²⁹ tokens or 65535 batches / heads); `DRIVER`.
 /// `NO_CUDA` without CUDA.
 ///

@@ -103,11 +103,21 @@ pub unsafe extern "C" fn vistok_merge_plan_dims(
     guard(|| {
         // SAFETY: the caller's contract; null is checked.
         let plan = unsafe { &handle(plan, "plan")?.0 };
-        for (ptr, value, what) in [
+        let outs = [
             (batch, plan.batch(), "batch"),
             (tokens, plan.tokens(), "tokens"),
             (out_tokens, plan.out_tokens(), "out_tokens"),
-        ] {
+        ];
+        // Every pointer is checked before any is written: a failing call writes nothing.
+        for (ptr, _, what) in outs {
+            if !ptr.is_null() && !(ptr as usize).is_multiple_of(align_of::<usize>()) {
+                return Err(CError::Other(
+                    VistokStatus::Alignment,
+                    format!("{what} must be aligned to {} bytes", align_of::<usize>()),
+                ));
+            }
+        }
+        for (ptr, value, what) in outs {
             if !ptr.is_null() {
                 // SAFETY: the caller's contract on a non-null out-pointer.
                 unsafe { write_out(ptr, value, what)? };

@@ -212,7 +212,9 @@ fn set_last_error(msg: String) {
     // A message with an interior NUL is cut there rather than lost.
     let bytes: Vec<u8> = msg.into_bytes().into_iter().take_while(|&b| b != 0).collect();
     let c = CString::new(bytes).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    // `try_with`: during thread-local teardown there is nowhere to keep a message (and `with`
+    // would panic there, which aborts at the C boundary).
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
 }
 
 /// Runs one C entry point: clears the thread's last error, runs `f`, catches any panic, and turns
@@ -450,7 +452,7 @@ pub(crate) unsafe fn write_out<T>(ptr: *mut T, value: T, what: &str) -> CResult 
 /// Always safe to call; `unsafe` only because it is part of the C ABI.
 #[no_mangle]
 pub unsafe extern "C" fn vistok_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR.try_with(|e| e.borrow().as_ptr()).unwrap_or(c"".as_ptr())
 }
 
 /// The library version (`major.minor.patch` of the crate).
@@ -461,7 +463,14 @@ pub unsafe extern "C" fn vistok_last_error() -> *const c_char {
 pub unsafe extern "C" fn vistok_version(major: *mut u32, minor: *mut u32, patch: *mut u32) -> VistokStatus {
     guard(|| {
         let parse = |s: &str| s.parse::<u32>().unwrap_or(0);
-        // SAFETY: the caller's contract on each out-pointer; null is checked.
+        // Every pointer is checked before any is written: a failing call writes nothing.
+        for (ptr, what) in [(major, "major"), (minor, "minor"), (patch, "patch")] {
+            if ptr.is_null() {
+                return Err(CError::null(what));
+            }
+            aligned(ptr as *const u32, what)?;
+        }
+        // SAFETY: the caller's contract on each out-pointer; null and alignment are checked.
         unsafe {
             write_out(major, parse(env!("CARGO_PKG_VERSION_MAJOR")), "major")?;
             write_out(minor, parse(env!("CARGO_PKG_VERSION_MINOR")), "minor")?;
@@ -532,7 +541,9 @@ pub(crate) unsafe fn new_handle<T>(out: *mut *mut T, value: T, what: &str) -> CR
     if out.is_null() {
         return Err(CError::null(what));
     }
-    // SAFETY: non-null; validity for one write is the caller's contract.
+    // Checked before the box exists, so a bad `out` leaks nothing.
+    aligned(out as *const *mut T, what)?;
+    // SAFETY: non-null and aligned (checked); validity for one write is the caller's contract.
     unsafe { write_out(out, Box::into_raw(Box::new(value)), what) }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 
-use super::super::attention::{attention_from_options, VistokAttentionOptions, VISTOK_QKV_BNHD};
+use super::super::attention::{attention_from_options, seq_lens, VistokAttentionOptions};
 use super::super::merge::{
     VISTOK_MERGE_CLASS_TOKEN, VISTOK_MERGE_DISTILL_TOKEN, VISTOK_MERGE_KEEP_ORIGINAL_ORDER, VISTOK_MERGE_MODE_MEAN,
     VISTOK_MERGE_MODE_SUM,
@@ -18,10 +18,11 @@ use super::super::{
     VistokDType, VistokFsq, VistokLfq, VistokMergePlan, VistokPatchify, VistokStatus,
 };
 use super::{VistokCudaCodebook, VistokCudaDevice, VISTOK_CUDA_TENSOR_CORES};
+use crate::attention::{Bias, Mask};
 use crate::cuda::{
     driver_error, AttentionKernel, CodebookGpu, DeferredCheck, FsqKernel, Gpu, LfqKernel, MergeKernel, PatchifyKernel,
 };
-use crate::{DType, Float, MatchConfig, MergeMode};
+use crate::{Attention, DType, Float, MatchConfig, MergeMode, View};
 
 /// Runs `$body` with `$T` the float type of `$dt` (`u8` is reported as unsupported).
 macro_rules! with_float {
@@ -548,14 +549,31 @@ pub(super) unsafe fn attention(
     let t = float(a.dtype, "dtype")?;
     // SAFETY: the caller's contract on every pointer, here and below.
     let (qd, kd) = unsafe { (read_dims(a.q_dims, a.q_rank, "q_dims")?, read_dims(a.kv_dims, a.kv_rank, "kv_dims")?) };
-    // Nq / Nk (to size the segment ids) sit where the layout puts them; a wrong rank is
-    // reported by the validation below.
+    // Nq / Nk size the segment ids (0 for a wrong rank, which the validation below reports).
     // SAFETY: as above.
-    let bnhd = !options.is_null() && unsafe { (*options).layout } == VISTOK_QKV_BNHD;
-    let n_at = if bnhd { 1 } else { 2 };
-    let (nq, nk) = (qd.get(n_at).copied().unwrap_or(0), kd.get(n_at).copied().unwrap_or(0));
+    let (nq, nk) = unsafe { seq_lens(options, qd, kd) };
     // SAFETY: as above.
-    let attn = unsafe { attention_from_options(options, nq, nk) }?;
+    let caller = unsafe { attention_from_options(options, nq, nk) }?;
+    // The kernel's constructor uploads the bias and segment ids with cuMemcpyHtoDAsync on the
+    // caller's stream. From pinned caller memory that copy could run after we return, breaking
+    // "host pointers are read only during the call"; from these pageable copies the driver
+    // stages the data before the call returns.
+    let segments = match caller.mask {
+        Mask::Segments { q, k } => Some((q.to_vec(), k.to_vec())),
+        _ => None,
+    };
+    let bias = match caller.bias {
+        Bias::Key(b) | Bias::Full(b) => Some((b.data().to_vec(), b.dims().to_vec())),
+        Bias::None => None,
+    };
+    let mut attn: Attention<'_> = caller;
+    if let Some((q, k)) = &segments {
+        attn.mask = Mask::Segments { q, k };
+    }
+    if let Some((data, dims)) = &bias {
+        let view = View::new(data, dims)?;
+        attn.bias = if matches!(caller.bias, Bias::Key(_)) { Bias::Key(view) } else { Bias::Full(view) };
+    }
     let p = crate::cuda::attention::validate(&attn, qd, kd)?;
     crate::cuda::attention::kernel_name(t, p.d)?;
     let es = t.size();
