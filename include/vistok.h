@@ -650,9 +650,9 @@ void vistok_cuda_codebook_free(struct VistokCudaCodebook *codebook);
 // dims as `indices`). With the exact path (the default) indices and distances equal the cpu
 // backend's bit for bit. Synchronous: waits to read the NaN / ±∞ check.
 //
-// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype, a dtype
-// other than the codebook's, a stream of another context), `SHAPE`, `ALIGNMENT`,
-// `OVERFLOW`, `UNSUPPORTED` (more than 2³¹ elements); after the kernels `NON_FINITE` naming
+// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype, a stream
+// of another context), `SHAPE` (including x of rank < 2), `ALIGNMENT`, `OVERFLOW`,
+// `UNSUPPORTED` (a dtype other than the codebook's, as on the host; more than 2³¹ elements); after the kernels `NON_FINITE` naming
 // the first NaN / ±∞ of `x` (outputs then unspecified); `DRIVER`. `NO_CUDA` without CUDA.
 //
 // # Safety

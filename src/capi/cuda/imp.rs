@@ -463,17 +463,18 @@ pub(super) unsafe fn argmin(
     let cb = &unsafe { handle(codebook, "codebook") }?.cb;
     let t = read_dtype(x_dtype, "x_dtype")?;
     if t != cb.dtype() {
-        return Err(CError::invalid(format!(
-            "x_dtype {} does not match the codebook's {}",
-            t.name(),
-            cb.dtype().name()
-        )));
+        // The host entry point's status for the same mistake.
+        return Err(CError::Other(
+            VistokStatus::Unsupported,
+            format!("x: dtype {} differs from the codebook's {}", t.name(), cb.dtype().name()),
+        ));
     }
     // SAFETY: as above.
     let (xd, id) = unsafe { (dims_of(&x, "x")?, dims_of(&indices, "indices")?) };
     let d = cb.dim();
     match xd.split_last() {
-        Some((&last, lead)) if last == d => expect("indices", id, lead)?,
+        // At least one leading dim, as on the host: rank-0 indices are refused.
+        Some((&last, lead)) if last == d && !lead.is_empty() => expect("indices", id, lead)?,
         _ => return Err(shape(format!("x dims {xd:?}, expected [..., {d}]"))),
     }
     let xb = buffer(x.ptr, xd, t.size(), "x")?;
@@ -510,6 +511,9 @@ pub(super) unsafe fn lookup(
     let ot = float(out_dtype, "out_dtype")?;
     // SAFETY: as above.
     let (id, od) = unsafe { (dims_of(&indices, "indices")?, dims_of(&out, "out")?) };
+    if id.is_empty() {
+        return Err(shape("indices: rank 0 (at least one dim, as on the host)".into()));
+    }
     let mut want = id.to_vec();
     want.push(cb.dim());
     expect("out", od, &want)?;
