@@ -40,7 +40,7 @@ macro_rules! with_float {
                 type $T = crate::bf16;
                 $body
             }
-            DType::U8 => Err(unsupported_u8("buffer")),
+            DType::U8 => Err(CError::unsupported_dtype("buffer", DType::U8)),
         }
     };
 }
@@ -113,10 +113,6 @@ impl<T> DevicePtrMut<T> for DevBuf<T> {
     }
 }
 
-fn unsupported_u8(what: &str) -> CError {
-    CError::Other(VistokStatus::Unsupported, format!("{what}: u8 is not supported here (f32, f16 or bf16)"))
-}
-
 fn shape(msg: String) -> CError {
     CError::Other(VistokStatus::Shape, msg)
 }
@@ -124,7 +120,7 @@ fn shape(msg: String) -> CError {
 /// A float dtype argument.
 fn float(value: VistokDType, what: &str) -> CResult<DType> {
     match read_dtype(value, what)? {
-        DType::U8 => Err(unsupported_u8(what)),
+        DType::U8 => Err(CError::unsupported_dtype(what, DType::U8)),
         t => Ok(t),
     }
 }
@@ -239,7 +235,7 @@ pub(super) unsafe fn patchify(
     let dt = read_dtype(dst_dtype, &format!("{dname}_dtype"))?;
     let (image_t, tokens_t) = if forward { (st, dt) } else { (dt, st) };
     if tokens_t == DType::U8 {
-        return Err(unsupported_u8("tokens_dtype"));
+        return Err(CError::unsupported_dtype("tokens_dtype", DType::U8));
     }
     // SAFETY: as above.
     let (sd, dd) = unsafe { (dims_of(&src, sname)?, dims_of(&dst, dname)?) };
@@ -339,19 +335,16 @@ pub(super) unsafe fn fsq(
     let (fa, ia) = if encode { (&input, &output) } else { (&output, &input) };
     // SAFETY: as above.
     let (fd, id) = unsafe { (dims_of(fa, fname)?, dims_of(ia, "ids")?) };
-    let n = if encode {
+    if encode {
         let n = rows(fname, fd, q.dim())?;
         expect("ids", id, &[n])?;
-        n
     } else {
         let n = match id {
             &[n] => n,
             _ => return Err(shape(format!("ids dims {id:?}, expected [N]"))),
         };
         expect(fname, fd, &[n, q.dim()])?;
-        n
-    };
-    let _ = n;
+    }
     let fb = buffer(fa.ptr, fd, t.size(), fname)?;
     let ib = buffer(ia.ptr, id, 4, "ids")?;
     // SAFETY: as above.
