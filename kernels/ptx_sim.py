@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """A small, strict PTX interpreter for the subset kernels/gen_patchify.py,
 kernels/gen_quant.py, kernels/gen_argmin.py, kernels/gen_merge.py and kernels/gen_attention.py
-emit.
+emit, run on their committed modules as they are (nothing patched).
 
 It exists because the CUDA backend cannot be run on machines without a GPU: the Rust tests
 `emulated_*` in tests/cuda_patchify.rs and tests/cuda_quant.rs build the real launch (parameter
 struct bytes, grid, buffers) with the crate's host code, run the real PTX here, and compare the
-result with the reference / cpu backend bit for bit. Python 3 standard library only.
+result with the reference / cpu backend bit for bit; gen_argmin.py --emulate, gen_merge.py
+--simulate and gen_attention.py --emulate run their committed modules here against Python
+models of their contracts. Python 3 standard library only.
 
 Strict on purpose: reading an undefined register, touching memory outside every buffer,
-writing a read-only buffer, writing a byte twice (plain stores; `red` may update a byte many
-times), a misaligned access, a warp collective (`vote.sync`, `shfl.sync`, `bar.warp.sync`)
+writing a read-only buffer, writing a byte twice (plain stores; `red` / `atom` may update a
+byte many times), a misaligned access, a warp collective (`vote.sync`, `shfl.sync`, `bar.warp.sync`)
 reached by the lanes of a warp at different instructions or with a member mask other than the
 warp's live lanes, or an instruction it does not know is an error (exit status 2).
 
@@ -18,9 +20,11 @@ Threads run one warp at a time; within a warp each lane runs until it reaches a 
 (or exits), then the collective executes for all lanes at once, so warp-synchronous code
 (ballot, shuffle, mma.sync) sees exactly what the hardware's converged warp would. The warps
 of a block run in turn up to `bar.sync 0`, which they then pass together; each block has its
-own `.shared` memory (entry-scoped `.shared .align A .b8 name[N]` variables). Blocks never
-synchronise with each other, and atomics (`red`) commute, so running them in order gives
-every result a GPU may give.
+own `.shared` memory (entry-scoped `.shared .align A .T name[N]` variables, T any scalar
+type: N elements; a variable's name is its offset in the block's window, usable as a `mov`
+operand). Blocks never synchronise with each other, and atomics (`red`, and `atom`, which
+also returns the old value) commute, so running them in order gives every result a GPU may
+give. Registers are declared one by one or as ranges (`.reg .b32 %r<48>`: %r0 .. %r47).
 
 mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} is a model: each D element is C plus the 16
 exact products, rounded once (the hardware's accumulation order and rounding are not
@@ -37,6 +41,12 @@ is within 2 ulp / 2^-22.6 abs, so tests use tolerances); rcp.rn.f32; cvt.rn.{f16
 (a to the upper half); cvt.u64.s32 (sign-extends); div.s32, min/max.s32; add/sub/mul.f32
 without a rounding modifier as .rn (ptxas may contract mul+add into fma on hardware);
 negated predicate sources (`and.pred p, q, !r`).
+
+For kernels/gen_merge.py: red / atom .global.{add,min,max}.{u32,u64}; testp.{finite,
+infinite,number,notanumber,normal,subnormal}.f32 (zeros are normal); abs.f32 (clears the sign;
+a NaN input gives the canonical NaN, the ISA leaves which NaN unspecified); sqrt.rn.f32
+correctly rounded (sqrt(-0) = -0, NaN for x < 0); div.u32 (division by zero, whose result
+the ISA leaves unspecified, is an error); cvt.u32.u16 (zero-extends); ld / st .v2 / .v4.
 
 The semantics follow the PTX ISA: add/sub/mul/div/fma .rn.f32 round once, to nearest even,
 with subnormals (no .ftz); min/max return the non-NaN operand; cvt.rn.{f16,bf16}.f32 round to
@@ -387,7 +397,7 @@ def cvt_rzi_u32_f32(x):
 # Parsing.
 # ------------------------------------------------------------------------------------------
 WIDTH = {"u32": 32, "b32": 32, "s32": 32, "u64": 64, "b64": 64, "f32": 32, "b16": 16,
-         "u16": 16, "f16": 16, "bf16": 16, "u8": 8, "pred": 1}
+         "u16": 16, "f16": 16, "bf16": 16, "u8": 8, "b8": 8, "pred": 1}
 SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x",
            "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid"}
 # Warp collectives: executed for all lanes of a warp together.
@@ -459,15 +469,26 @@ def parse_module(text):
             if not stmt:
                 continue
             if stmt.startswith(".shared"):
-                sm = re.fullmatch(r"\.shared\s+\.align\s+(\d+)\s+\.b8\s+(\w+)\[(\d+)\]", stmt)
-                if not sm:
+                sm = re.fullmatch(r"\.shared\s+\.align\s+(\d+)\s+\.(\w+)\s+(\w+)\[(\d+)\]", stmt)
+                if not sm or sm.group(2) not in WIDTH or sm.group(2) == "pred":
                     raise SimError(f"{name}: unsupported shared declaration {stmt!r}")
-                shared.append((sm.group(2), int(sm.group(3)), int(sm.group(1))))
+                align, elem = int(sm.group(1)), WIDTH[sm.group(2)] // 8
+                if align & (align - 1) or align < elem:
+                    raise SimError(f"{name}: bad alignment in {stmt!r}")
+                shared.append((sm.group(3), elem * int(sm.group(4)), align))
                 continue
             if stmt.startswith(".reg"):
-                rm = re.match(r"\.reg\s+\.(\w+)\s+(.*)", stmt, flags=re.S)
+                rm = re.fullmatch(r"\.reg\s+\.(\w+)\s+(.*)", stmt, flags=re.S)
+                if not rm or rm.group(1) not in WIDTH:
+                    raise SimError(f"{name}: unsupported register declaration {stmt!r}")
                 for r in rm.group(2).split(","):
-                    regs[r.strip()] = rm.group(1)
+                    r = r.strip()
+                    nm = re.fullmatch(r"(%\w+)<(\d+)>", r)  # %r<N>: %r0 .. %r{N-1}
+                    names = [f"{nm.group(1)}{i}" for i in range(int(nm.group(2)))] if nm else [r]
+                    for n in names:
+                        if not re.fullmatch(r"%\w+", n) or n in regs:
+                            raise SimError(f"{name}: bad or repeated register {n!r}")
+                        regs[n] = rm.group(1)
                 continue
             code.append(parse_instr(stmt))
         kernels[name] = Kernel(name, params, regs, code, labels, shared)
@@ -994,26 +1015,14 @@ def step(ctx, th, parts, ops, pc, labels):
             ctx.mem.write(addr, raw)
         return pc
     if op == "red":
-        a, b = ops
-        if parts[1] != "global" or len(parts) != 4:
-            raise SimError("unsupported red form")
-        kind = parts[2]
-        base, off = ctx.address(th, a)
-        addr = (operand(th, base) + off) & M64
-        size = WIDTH[ty] // 8
-        if addr % size:
-            raise SimError(f"misaligned {size}-byte red at {addr:#x}")
-        old = int.from_bytes(ctx.mem.read(addr, size), "little")
-        v = operand(th, b) & ((1 << (8 * size)) - 1)
-        if kind == "max" and ty in ("u32", "u64"):
-            new = max(old, v)
-        elif kind == "min" and ty in ("u32", "u64"):
-            new = min(old, v)
-        elif kind == "add" and ty in ("u32", "u64"):
-            new = (old + v) & ((1 << (8 * size)) - 1)
-        else:
-            raise SimError(f"red.{kind}.{ty}")
-        ctx.mem.write(addr, new.to_bytes(size, "little"), once=False)
+        if len(ops) != 2:
+            raise SimError("red operand arity")
+        global_rmw(ctx, th, parts, ops[0], ops[1])
+        return pc
+    if op == "atom":
+        if len(ops) != 3:
+            raise SimError("atom operand arity")
+        setreg(th, ops[0], global_rmw(ctx, th, parts, ops[1], ops[2]))
         return pc
     if ty == "f32" and op in ("add", "sub", "mul", "div"):
         if not (len(parts) == 3 and parts[1] == "rn") and not (len(parts) == 2 and op != "div"):
@@ -1175,6 +1184,18 @@ def step(ctx, th, parts, ops, pc, labels):
         else:
             setreg(th, d, fma_f32(x, y, z))
         return pc
+    if op == "testp":
+        if len(parts) != 3 or ty != "f32" or len(ops) != 2:
+            raise SimError(opcode_text(parts))
+        setreg(th, ops[0], testp_f32(parts[1], operand(th, ops[1]) & M32))
+        return pc
+    if op == "abs" and ty == "f32":
+        if len(parts) != 2 or len(ops) != 2:
+            raise SimError(opcode_text(parts) + " (no .ftz)")
+        x = operand(th, ops[1]) & M32
+        # The PTX ISA: NaN inputs give an unspecified NaN (the canonical one here).
+        setreg(th, ops[0], F32_NAN if testp_f32("notanumber", x) else x & 0x7FFFFFFF)
+        return pc
     if op == "sqrt":
         if parts[1:] != ["rn", "f32"]:
             raise SimError(opcode_text(parts))
@@ -1222,6 +1243,8 @@ def step(ctx, th, parts, ops, pc, labels):
         v = operand(th, a)
         if key in ("u32.u64", "u64.u32"):
             r = v & M32
+        elif key == "u32.u16":  # zero-extends
+            r = v & 0xFFFF
         elif key == "u64.s32":  # sign-extends
             r = v & M32
             r = r - (1 << 32) if r >> 31 else r
@@ -1247,6 +1270,49 @@ def step(ctx, th, parts, ops, pc, labels):
         setreg(th, d, r)
         return pc
     raise SimError(f"unsupported instruction {'.'.join(parts)}")
+
+
+def global_rmw(ctx, th, parts, addr_op, val_op):
+    """red / atom .global.{add,min,max}.{u32,u64}: one indivisible read-modify-write; returns
+    the old value. A byte may be updated any number of times (atomics commute, so running the
+    threads in turn gives every result a GPU may give)."""
+    if len(parts) != 4 or parts[1] != "global" or parts[2] not in ("add", "min", "max") \
+            or parts[3] not in ("u32", "u64"):
+        raise SimError(opcode_text(parts))
+    kind, ty = parts[2], parts[3]
+    base, off = ctx.address(th, addr_op)
+    addr = (ctx.operand(th, base) + off) & M64
+    size = WIDTH[ty] // 8
+    if addr % size:
+        raise SimError(f"misaligned {size}-byte {parts[0]} at {addr:#x}")
+    old = int.from_bytes(ctx.mem.read(addr, size), "little")
+    v = ctx.operand(th, val_op) & ((1 << (8 * size)) - 1)
+    if kind == "max":
+        new = max(old, v)
+    elif kind == "min":
+        new = min(old, v)
+    else:
+        new = (old + v) & ((1 << (8 * size)) - 1)
+    ctx.mem.write(addr, new.to_bytes(size, "little"), once=False)
+    return old
+
+
+def testp_f32(cls, x):
+    """testp.<cls>.f32; zeros count as normal (PTX ISA)."""
+    exp, man = (x >> 23) & 0xFF, x & 0x7FFFFF
+    if cls == "finite":
+        return exp != 0xFF
+    if cls == "infinite":
+        return exp == 0xFF and man == 0
+    if cls == "number":
+        return not (exp == 0xFF and man)
+    if cls == "notanumber":
+        return exp == 0xFF and man != 0
+    if cls == "normal":
+        return exp not in (0, 0xFF) or (exp == 0 and man == 0)
+    if cls == "subnormal":
+        return exp == 0 and man != 0
+    raise SimError(f"testp.{cls}")
 
 
 CP_ASYNC_MODE = ["wait"]  # "wait": copies land at cp.async.wait_group; "issue": at issue
@@ -1517,6 +1583,89 @@ def self_test():
         raise AssertionError("divergent collectives were accepted")
     except SimError as e:
         assert "divergent" in str(e), e
+    # sqrt.rn.f32 against exact rationals: r is correctly rounded iff (r - ulp/2)^2 <= x <=
+    # (r + ulp/2)^2 with ties impossible (an f32 square root is never halfway)
+    for _ in range(3000):
+        x = rng.getrandbits(31)
+        if x >= 0x7F800000:
+            continue
+        r = sqrt_f32(x)
+        v = decode(x, *F32)[2]
+        lo, hi = decode(r - 1, *F32)[2] if r else 0, decode(r + 1, *F32)[2]
+        rv = decode(r, *F32)[2]
+        assert ((lo + rv) / 2) ** 2 <= v <= ((rv + hi) / 2) ** 2, hex(x)
+    assert sqrt_f32(0x80000000) == 0x80000000 and sqrt_f32(mone) == F32_NAN
+    assert sqrt_f32(inf) == inf and sqrt_f32(0xFFC00001) == F32_NAN and sqrt_f32(1) == 0x1A3504F3
+    # testp classes (zeros are normal) and abs
+    cases = {0: "finite number normal", 0x80000000: "finite number normal", 1: "finite number subnormal",
+             one: "finite number normal", ninf: "infinite number", qnan: "notanumber",
+             0xFF800001: "notanumber"}
+    for x, want in cases.items():
+        got = [c for c in ("finite", "infinite", "number", "notanumber", "normal", "subnormal") if testp_f32(c, x)]
+        assert got == want.split(), (hex(x), got)
+
+    # merge.ptx's forms: register ranges, typed .shared arrays, bar.sync between warps, atom,
+    # testp, abs, cvt.u32.u16, div.u32.
+    ptx = """
+    .visible .entry t(.param .align 8 .b8 p[8])
+    {
+        .reg .pred %q<2>; .reg .b32 %r<8>; .reg .f32 %f<3>; .reg .b64 %rd<4>; .reg .b16 %h<2>;
+        .shared .align 4 .f32 buf[64];
+        ld.param.u64 %rd0, [p+0];
+        mov.u32 %r0, %tid.x;
+        cvt.rn.f32.u32 %f0, %r0;
+        sub.f32 %f0, 0f41F80000, %f0;
+        shl.b32 %r1, %r0, 2;
+        mov.u32 %r2, buf;
+        add.u32 %r2, %r2, %r1;
+        st.shared.f32 [%r2], %f0;
+        bar.sync 0;
+        xor.b32 %r3, %r1, 128;
+        mov.u32 %r2, buf;
+        add.u32 %r2, %r2, %r3;
+        ld.shared.f32 %f1, [%r2];
+        abs.f32 %f2, %f1;
+        testp.finite.f32 %q0, %f1;
+        selp.u32 %r4, 1, 0, %q0;
+        mov.b32 %r5, %f2;
+        mov.b32 {%h0, %h1}, %r5;
+        cvt.u32.u16 %r6, %h1;
+        div.u32 %r7, %r0, 3;
+        mul.wide.u32 %rd1, %r0, 16;
+        add.u64 %rd1, %rd1, %rd0;
+        st.global.v4.b32 [%rd1], {%r5, %r4, %r6, %r7};
+        cvt.u64.u32 %rd2, %r0;
+        atom.global.max.u64 %rd3, [%rd0+1024], %rd2;
+        st.global.u64 [%rd1+1032], %rd3;
+        ret;
+    }
+    """
+    kern = parse_module(ptx)["t"]
+    assert len(kern.regs) == 2 + 8 + 3 + 4 + 2 and kern.shared == {"buf": 0} and kern.shared_size == 256
+    mem = Memory()
+    mem.add("out", 0x1000, bytes(2048), True)
+    run_kernel(kern, [1, 1, 1], [64, 1, 1], (0x1000).to_bytes(8, "little"), mem, dict(stats))
+    out = mem.read(0x1000, 2048)
+    for t in range(64):
+        a, fin, hi, q = struct.unpack_from("<4I", out, 16 * t)
+        assert a == _f32(abs(31.0 - (t ^ 32))) and fin == 1 and hi == a >> 16 and q == t // 3, t
+        assert struct.unpack_from("<Q", out, 1032 + 16 * t)[0] == max(t - 1, 0)  # threads in order
+    assert struct.unpack_from("<Q", out, 1024)[0] == 63
+    # division by zero (the result is unspecified) is an error
+    bad = parse_module(ptx.replace("div.u32 %r7, %r0, 3;", "div.u32 %r7, 3, %r0;"))["t"]
+    mem = Memory()
+    mem.add("out", 0x1000, bytes(2048), True)
+    try:
+        run_kernel(bad, [1, 1, 1], [64, 1, 1], (0x1000).to_bytes(8, "little"), mem, dict(stats))
+        raise AssertionError("div.u32 by zero was accepted")
+    except SimError as e:
+        assert "by zero" in str(e), e
+    for decl in (".reg .b32 %r<2>, %r1;", ".reg .b32 %r<>;", ".shared .align 2 .f32 buf[4];"):
+        try:
+            parse_module(ptx.replace(".reg .f32 %f<3>;", ".reg .f32 %f<3>; " + decl))
+            raise AssertionError(f"{decl} was accepted")
+        except SimError:
+            pass
     print("ptx_sim self-test passed")
 
 
