@@ -7,7 +7,7 @@ Python 3 standard library only. Usage:
     python3 kernels/gen_merge.py --check     # exit 1 if the committed file is stale
     python3 kernels/gen_merge.py --list      # print "<entry> <param bytes>" per entry
     python3 kernels/gen_merge.py --stdout    # print the PTX
-    python3 kernels/gen_merge.py --simulate 4 [--seed S]   # run the PTX on kernels/ptx_sim.py
+    python3 kernels/gen_merge.py --simulate [CASES] [--seed S]   # run merge.ptx on kernels/ptx_sim.py
 
 Semantics are those of the cpu backend (src/cpu/merge.rs), bit for bit, following the f32
 score contract of src/merge.rs operation for operation: `mul.rn`, `add.rn`, `fma.rn`,
@@ -691,157 +691,86 @@ def generate():
 
 
 # --------------------------------------------------------------------------------------------
-# --simulate: runs the generated PTX on kernels/ptx_sim.py (imported, not modified) with a
-# thin shim for what that interpreter lacks (shared memory mapped to a scratch buffer that may
-# be rewritten, bar.sync as a block-wide barrier, div.u32, testp, abs/max/min, sqrt.rn via
-# double sqrt (correctly rounded for f32), atom.max.u64, vector stores, cvt.u32.u16), and
-# compares with a Python model of the f32 score contract of src/merge.rs: the normalised rows
-# bit for bit, the ranking (A token, best B) of every batch, the merge / weighted merge kernels
-# and the status words. No GPU needed; a few seconds per case.
+# --simulate: runs the committed kernels/merge.ptx on kernels/ptx_sim.py (no GPU, nothing
+# patched) and compares with a Python model of the contract of src/merge.rs, bit for bit: the
+# normalised rows, the ranking (A token, best B) of every batch, the merge / weighted merge /
+# unmerge kernels and the status words. A few seconds per case.
 # --------------------------------------------------------------------------------------------
 def simulate(seed=0, count=4):
     import math
     import random
-    import re
     import struct
+    import time
     import ptx_sim as S
 
-    SH = {'sa': 0x10000, 'sb': 0x20000, 'sc': 0x10000}
-    t = generate()
-    t = re.sub(r'(\.reg\s+\.\w+\s+)(%\w+)<(\d+)>', lambda m: m.group(1) + ', '.join(f'{m.group(2)}{i}' for i in range(int(m.group(3)))), t)
-    t = re.sub(r'\n\s*\.shared \.align[^;]*;', '', t)
-    for k, v in SH.items():
-        t = re.sub(rf'mov\.u32 (%r\d+), {k};', rf'mov.u32 \1, {v};', t)
-    t = t.replace('ld.shared', 'ld.global').replace('st.shared', 'st.global')
+    started = time.time()
+    path = os.path.join(ptxgen.HERE, "merge.ptx")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text != generate():
+        print(f"{path} is stale: run python3 kernels/gen_merge.py", file=sys.stderr)
+        return 1
+    mod = S.parse_module(text)
 
-    orig_write = S.Memory.write
-    def write(self, addr, data, once=True):
-        if 0x10000 <= addr < 0x30000: once = False
-        return orig_write(self, addr, data, once)
-    S.Memory.write = write
-
-    orig = S.step
-    def step(ctx, th, parts, ops, pc, labels):
-        op = parts[0]; ty = parts[-1]
-        if op == 'div' and ty == 'u32':
-            d, a, b = ops
-            ctx.setreg(th, d, (ctx.operand(th, a) & 0xffffffff) // (ctx.operand(th, b) & 0xffffffff)); return pc
-        if op == 'cvt' and parts[1:] == ['u32', 'u16']:
-            d, a = ops; ctx.setreg(th, d, ctx.operand(th, a) & 0xffff); return pc
-        if op == 'testp':
-            d, a = ops; x = ctx.operand(th, a)
-            ctx.setreg(th, d, ((x >> 23) & 0xff) != 0xff); return pc
-        if op == 'abs' and ty == 'f32':
-            d, a = ops; ctx.setreg(th, d, ctx.operand(th, a) & 0x7fffffff); return pc
-        if op == 'sqrt':
-            d, a = ops; x = ctx.operand(th, a)
-            v = struct.unpack('<f', struct.pack('<I', x))[0]
-            assert v >= 0 or v != v, v
-            if v != v: r = 0x7fffffff; ctx.setreg(th, d, r); return pc
-            r = struct.unpack('<I', struct.pack('<f', math.sqrt(v)))[0]
-            ctx.setreg(th, d, r); return pc
-        if op in ('max', 'min') and ty == 's32':
-            d, a, b = ops
-            sg = lambda v: (v & 0xffffffff) - (1 << 32) if (v >> 31) & 1 else v & 0xffffffff
-            r = (max if op == 'max' else min)(sg(ctx.operand(th, a)), sg(ctx.operand(th, b)))
-            ctx.setreg(th, d, r & 0xffffffff); return pc
-        if op == 'max' and ty == 'f32':
-            d, a, b = ops
-            ctx.setreg(th, d, S.f32_minmax('max', ctx.operand(th, a), ctx.operand(th, b))); return pc
-        if op == 'st' and len(ops) > 2:
-            ops = [ops[0], ', '.join(ops[1:])]
-            return orig(ctx, th, parts, ops, pc, labels)
-        if op == 'atom':
-            d, a, b = ops
-            base, off = ctx.address(th, a); addr = (ctx.operand(th, base) + off) & S.M64
-            old = int.from_bytes(ctx.mem.read(addr, 8), 'little'); v = ctx.operand(th, b)
-            orig_write(ctx.mem, addr, max(old, v).to_bytes(8, 'little'), once=False)
-            ctx.setreg(th, d, old); return pc
-        try:
-            return orig(ctx, th, parts, ops, pc, labels)
-        except (IndexError, ValueError) as e:
-            raise S.SimError(f"{parts} {ops}: {e!r}")
-    S.step = step
-
-    def run_kernel(kernel, grid, block, param_bytes, mem, stats):
-        ctx = S.Ctx(kernel, param_bytes, mem)
-        code = kernel.code
-        for bz in range(grid[2]):
-            for by in range(grid[1]):
-                for bx in range(grid[0]):
-                    threads = []
-                    for tx in range(block[0]):
-                        th = S.Thread(); th.regs, th.pc, th.steps, th.done = {}, 0, 0, False
-                        th.lane = tx % 32
-                        th.special = {"%tid.x": tx, "%tid.y": 0, "%tid.z": 0, "%ntid.x": block[0], "%ntid.y": 1, "%ntid.z": 1,
-                                      "%ctaid.x": bx, "%ctaid.y": by, "%ctaid.z": bz, "%nctaid.x": grid[0], "%nctaid.y": grid[1],
-                                      "%nctaid.z": grid[2], "%laneid": th.lane}
-                        threads.append(th)
-                    warps = [threads[w:w + 32] for w in range(0, len(threads), 32)]
-                    while True:
-                        for warp in warps:
-                            while True:
-                                for th in warp:
-                                    if not th.done: S.advance(ctx, th, stats)
-                                live = [th for th in warp if not th.done]
-                                if not live: break
-                                pcs = {th.pc for th in live}
-                                assert len(pcs) == 1, "divergent"
-                                _, parts, ops, text = code[live[0].pc]
-                                if parts[0] == 'bar' and parts[1] == 'sync': break
-                                S.collective(ctx, live, parts, ops)
-                                for th in live: th.pc += 1
-                        rest = [th for th in threads if not th.done]
-                        if not rest: break
-                        assert len(rest) == len(threads), "a thread exited before a bar.sync"
-                        assert len({th.pc for th in rest}) == 1
-                        for th in rest: th.pc += 1
-    S.run_kernel = run_kernel
-    mod = S.parse_module(t)
-
-    def P(**kw):
+    def params(**kw):
         b = bytearray(PARAM_BYTES)
         for k, v in kw.items():
-            struct.pack_into('<Q' if dict(MERGE_FIELDS)[k] == 'u64' else '<I', b, OFF[k], v)
+            struct.pack_into("<Q" if dict(MERGE_FIELDS)[k] == "u64" else "<I", b, OFF[k], v)
         return bytes(b)
 
-    def launch(name, grid, bufs, params):
+    def launch(name, grid, bufs, p, must_write=()):
+        """bufs: (name, address, bytes, writable). Returns {name: bytes}; every byte of the
+        buffers named in must_write must have been written by a plain store."""
         mem = S.Memory()
-        for nm, addr, data, w in bufs: mem.add(nm, addr, bytearray(data), w)
-        mem.add('shared_a', 0x10000, bytearray(0x10000), True)
-        mem.add('shared_b', 0x20000, bytearray(0x10000), True)
-        stats = {"threads": 0, "instructions": 0}
-        S.run_kernel(mod[name], grid, (256, 1, 1), params, mem, stats)
+        for nm, addr, data, w in bufs:
+            mem.add(nm, addr, data, w)
+        S.run_kernel(mod[name], list(grid), [BLOCK, 1, 1], p, mem, {"threads": 0, "instructions": 0})
         out = {}
-        for s, data, w, cnt, n in mem.buffers: out[n] = bytes(data)
+        for _, data, _, cnt, n in mem.buffers:
+            if n in must_write and not all(cnt):
+                raise S.SimError(f"{name}: {cnt.count(0)} bytes of {n} never written")
+            out[n] = bytes(data)
         return out
 
-    # ---- the contract in Python (bits) ----
-    def fb(x): return struct.unpack('<I', struct.pack('<f', x))[0]
-    def bf(b): return struct.unpack('<f', struct.pack('<I', b))[0]
-    def mul(a, b): return S.f32_arith('mul', a, b)
-    def add(a, b): return S.f32_arith('add', a, b)
-    def div(a, b): return S.f32_arith('div', a, b)
-    def fma(a, b, c): return S.fma_f32(c, a, b) if False else S.fma_f32(a, b, c)
+    # ---- the contract in Python (f32 bits) ----
+    def fb(x):
+        return struct.unpack("<I", struct.pack("<f", x))[0]
+
+    def bf(b):
+        return struct.unpack("<f", struct.pack("<I", b))[0]
+
+    def mul(a, b):
+        return S.f32_arith("mul", a, b)
+
+    def add(a, b):
+        return S.f32_arith("add", a, b)
+
+    def div(a, b):
+        return S.f32_arith("div", a, b)
+
+    def fma(a, b, c):  # a * b + c, rounded once
+        return S.fma_f32(a, b, c)
 
     def normalise(row):
         m = max(abs(bf(x)) for x in row)
-        if m == 0: return [0] * len(row)
-        e = min(max(((fb(m) >> 23) & 0xff) - 127, -126), 126)
+        if m == 0:
+            return [0] * len(row)
+        e = min(max(((fb(m) >> 23) & 0xFF) - 127, -126), 126)
         p = (127 - e) << 23
         y = [mul(x, p) for x in row]
         lanes = [0] * 16
-        for k, v in enumerate(y): lanes[k % 16] = fma(v, v, lanes[k % 16])
+        for k, v in enumerate(y):
+            lanes[k % 16] = fma(v, v, lanes[k % 16])
         w = 8
         while w:
-            for l in range(w): lanes[l] = add(lanes[l], lanes[l + w])
+            for i in range(w):
+                lanes[i] = add(lanes[i], lanes[i + w])
             w //= 2
         inv = div(fb(1.0), fb(math.sqrt(bf(lanes[0]))))
         return [mul(v, inv) for v in y]
 
-    def lt(a, b): return bf(a) < bf(b)
-    def gt(a, b): return bf(a) > bf(b)
-    def eq(a, b): return bf(a) == bf(b)
+    def gt(a, b):
+        return bf(a) > bf(b)
 
     def model(x, B, N, C, cls, dist):
         na, nb = (N + 1) // 2, N // 2
@@ -850,172 +779,217 @@ def simulate(seed=0, count=4):
             u = [normalise(x[(b * N + t) * C:(b * N + t + 1) * C]) for t in range(N)]
             best = []
             for a in range(na):
-                if cls and a == 0: best.append((fb(float('-inf')), 0)); continue
-                bs, bj = fb(float('-inf')), 0
+                if cls and a == 0:
+                    best.append((fb(float("-inf")), 0))
+                    continue
+                bs, bj = fb(float("-inf")), 0
                 for j in range(nb):
-                    if dist and j == 0: continue
+                    if dist and j == 0:
+                        continue
                     s = 0
-                    for k in range(C): s = fma(u[2 * a][k], u[2 * j + 1][k], s)
-                    if gt(s, bs): bs, bj = s, j
+                    for k in range(C):
+                        s = fma(u[2 * a][k], u[2 * j + 1][k], s)
+                    if gt(s, bs):
+                        bs, bj = s, j
                 best.append((bs, bj))
             order = sorted(range(na), key=lambda a: (-bf(best[a][0]), a))
             res.append([(a, best[a][1]) for a in order])
         return res
 
-    FN = struct.calcsize
     def pipeline(x, B, N, C, cls, dist, target):
         na, nb = (N + 1) // 2, N // 2
         X, U, ST, PA, RE, OR = 0x1000000, 0x2000000, 0x3000, 0x4000000, 0x5000000, 0x6000000
-        xb = struct.pack(f'<{len(x)}I', *x)
+        xb = struct.pack(f"<{len(x)}I", *x)
         flags = cls | (dist << 1)
-        o = launch('merge_normalize_f32', ((B * N + 15) // 16, 1, 1),
-                   [('x', X, xb, False), ('u', U, bytes(4 * B * N * C), True), ('st', ST, bytes(8), True)],
-                   P(src=X, dst=U, status=ST, batch=B, n=N, c=C, na=na, nb=nb, flags=flags))
-        ub, st = o['u'], int.from_bytes(o['st'], 'little')
-        ax = (na + 63) // 64; nbt = (nb + 63) // 64
-        want = -(-target // (ax * B)); splits = min(max(want, 1), nbt); tiles = -(-nbt // splits); splits = -(-nbt // tiles)
-        o = launch('merge_similarity', (ax, splits, B), [('u', U, ub, False), ('pa', PA, bytes(8 * B * splits * na), True)],
-                   P(src=U, dst=PA, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags))
-        o = launch('merge_reduce', ((B * na + 255) // 256, 1, 1), [('pa', PA, o['pa'], False), ('re', RE, bytes(8 * B * na), True)],
-                   P(src=PA, dst=RE, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags))
-        o = launch('merge_rank', ((na + 255) // 256, B, 1), [('re', RE, o['re'], False), ('or', OR, bytes(8 * B * na), True)],
-                   P(src=RE, dst=OR, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags))
-        pairs = [struct.unpack_from('<II', o['or'], 8 * i) for i in range(B * na)]
-        u = struct.unpack(f'<{B*N*C}I', ub)
+        o = launch("merge_normalize_f32", ((B * N + 15) // 16, 1, 1),
+                   [("x", X, xb, False), ("u", U, bytes(4 * B * N * C), True), ("st", ST, bytes(8), True)],
+                   params(src=X, dst=U, status=ST, batch=B, n=N, c=C, na=na, nb=nb, flags=flags),
+                   must_write=("u",))
+        ub, st = o["u"], int.from_bytes(o["st"], "little")
+        ax, nbt = (na + 63) // 64, (nb + 63) // 64
+        want = -(-target // (ax * B))
+        splits = min(max(want, 1), nbt)
+        tiles = -(-nbt // splits)
+        splits = -(-nbt // tiles)
+        o = launch("merge_similarity", (ax, splits, B), [("u", U, ub, False), ("pa", PA, bytes(8 * B * splits * na), True)],
+                   params(src=U, dst=PA, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags),
+                   must_write=("pa",))
+        o = launch("merge_reduce", ((B * na + 255) // 256, 1, 1), [("pa", PA, o["pa"], False), ("re", RE, bytes(8 * B * na), True)],
+                   params(src=PA, dst=RE, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags),
+                   must_write=("re",))
+        o = launch("merge_rank", ((na + 255) // 256, B, 1), [("re", RE, o["re"], False), ("or", OR, bytes(8 * B * na), True)],
+                   params(src=RE, dst=OR, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags),
+                   must_write=("or",))
+        pairs = [struct.unpack_from("<II", o["or"], 8 * i) for i in range(B * na)]
+        u = struct.unpack(f"<{B * N * C}I", ub)
         return [pairs[b * na:(b + 1) * na] for b in range(B)], u, st, splits
 
-
     fails = []
+
+    def check(ok, line):
+        fails.append(not ok)
+        print(line, flush=True)
+
+    # ---- the plan: normalise, similarity, reduce, rank ----
     random.seed(seed)
-    for case in range(count):
-        B = random.choice([1, 2]); N = random.choice([2, 3, 5, 9, 64, 66, 131, 140]); C = random.choice([1, 3, 16, 17, 35])
+    for _ in range(count):
+        B = random.choice([1, 2])
+        N = random.choice([2, 3, 5, 9, 64, 66, 131, 140])
+        C = random.choice([1, 3, 16, 17, 35])
         cls, dist = random.randint(0, 1), random.randint(0, 1)
         style = random.randint(0, 2)
-        if style == 0: vals = [float(random.randint(-2, 2)) for _ in range(B * N * C)]
-        else: vals = [random.uniform(-2, 2) for _ in range(B * N * C)]
-        if style == 2:
+        if style == 0:  # small integers: exact ties
+            vals = [float(random.randint(-2, 2)) for _ in range(B * N * C)]
+        else:
+            vals = [random.uniform(-2, 2) for _ in range(B * N * C)]
+        if style == 2:  # duplicate and all-zero rows
             for r in range(2, B * N):
-                if random.random() < 0.2: vals[r*C:(r+1)*C] = vals[(r-2)*C:(r-1)*C]
-                elif random.random() < 0.1: vals[r*C:(r+1)*C] = [0.0]*C
+                if random.random() < 0.2:
+                    vals[r * C:(r + 1) * C] = vals[(r - 2) * C:(r - 1) * C]
+                elif random.random() < 0.1:
+                    vals[r * C:(r + 1) * C] = [0.0] * C
         x = [fb(v) for v in vals]
         target = random.choice([1, 1000])
         got, u, st, splits = pipeline(x, B, N, C, cls, dist, target)
         want = model(x, B, N, C, cls, dist)
-        uw = [v for b in range(B) for t in range(N) for v in normalise(x[(b*N+t)*C:(b*N+t+1)*C])]
+        uw = [v for r in range(B * N) for v in normalise(x[r * C:(r + 1) * C])]
         ok_u = list(u) == uw
-        nonlocal_fail = got != want or not ok_u
-        fails.append(nonlocal_fail)
-        print(f"B={B} N={N} C={C} cls={cls} dist={dist} style={style} splits={splits}: u {'ok' if ok_u else 'DIFF'}, ranking {'ok' if got == want else 'DIFF'}, status {st}", flush=True)
+        check(got == want and ok_u and st == 0,
+              f"plan B={B} N={N} C={C} cls={cls} dist={dist} style={style} splits={splits}: "
+              f"u {'ok' if ok_u else 'DIFF'}, ranking {'ok' if got == want else 'DIFF'}, status {st}")
         if got != want:
-            print(' got ', got[0][:10]); print(' want', want[0][:10])
-    # non-finite
-    x = [fb(1.0)] * (2 * 5 * 3); x[17] = fb(float('nan')); x[23] = fb(float('inf'))
+            print("  got ", got[0][:10])
+            print("  want", want[0][:10])
+    # non-finite metric: the lowest flat index of a NaN / infinity, as !index
+    x = [fb(1.0)] * (2 * 5 * 3)
+    x[17], x[23] = fb(float("nan")), fb(float("inf"))
     _, _, st, _ = pipeline(x, 2, 5, 3, 0, 0, 1)
-    fails.append(((~st) & (2**64-1)) != 17)
-    print('status word', hex(st), '-> index', (~st) & (2**64-1))
+    check((~st) & (2**64 - 1) == 17, f"non-finite metric: status {st:#x} -> index {(~st) & (2**64 - 1)}")
 
-    def h16(v, t):
-        if t == 'f32': return fb(v), 4
-        b = fb(v)
-        if t == 'bf16':
-            return S.f32_to_format(b, 'bf16') if hasattr(S, 'f32_to_format') else None, 2
-        return S.f32_to_format(b, 'f16'), 2
+    # ---- applying a plan: sum, mean, wavg, normalise in 16 bits, unmerge ----
+    fmt = {"f16": S.F16, "bf16": S.BF16}
+
     def to32(bits, t):
-        if t == 'f32': return bits
-        return S.format_to_f32(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
+        return bits if t == "f32" else S.format_to_f32(bits, fmt[t])
+
     def from32(bits, t):
-        if t == 'f32': return bits
-        return S.f32_to_format(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
-    random.seed(3)
-    def h16(v, t):
-        if t == 'f32': return fb(v), 4
-        b = fb(v)
-        if t == 'bf16':
-            return S.f32_to_format(b, 'bf16') if hasattr(S, 'f32_to_format') else None, 2
-        return S.f32_to_format(b, 'f16'), 2
-    def to32(bits, t):
-        if t == 'f32': return bits
-        return S.format_to_f32(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
-    def from32(bits, t):
-        if t == 'f32': return bits
-        return S.f32_to_format(bits, {'f16': S.F16, 'bf16': S.BF16}[t])
+        return bits if t == "f32" else S.f32_to_format(bits, fmt[t])
+
+    def pack(vals, t):
+        return struct.pack(f"<{len(vals)}{'I' if SIZE[t] == 4 else 'H'}", *vals)
+
+    def unpack(raw, t):
+        return struct.unpack(f"<{len(raw) // SIZE[t]}{'I' if SIZE[t] == 4 else 'H'}", raw)
+
+    random.seed(seed + 3)
     B, N, O = 2, 5, 3
-    members = [0,1,2,4,3, 0,3,1,2,4]
-    offsets = [0,1,4,5, 0,2,3,5]
-    for t in ['f32', 'f16', 'bf16']:
+    members = [0, 1, 2, 4, 3, 0, 3, 1, 2, 4]  # per batch: slot s holds members[offsets[s]..offsets[s+1]]
+    offsets = [0, 1, 4, 5, 0, 2, 3, 5]
+    X, M, OF, Y, SZ, OS, ST = 0x1000000, 0x2000000, 0x3000000, 0x4000000, 0x5000000, 0x6000000, 0x7000
+    for t in FLOATS:
         C = 19
-        sz = 4 if t == 'f32' else 2
-        xs = [from32(fb(random.uniform(-3, 3)), t) for _ in range(B*N*C)]
-        sizes = [fb(random.choice([1.0, 2.0, 0.5, 3.25])) for _ in range(B*N)]
-        X, M, OF, Y, SZ, OS, ST = 0x1000000, 0x2000000, 0x3000000, 0x4000000, 0x5000000, 0x6000000, 0x7000
-        pk = (lambda v: struct.pack(f'<{len(v)}I', *v)) if sz == 4 else (lambda v: struct.pack(f'<{len(v)}H', *v))
-        for mode in ['sum', 'mean', 'wavg']:
-            o = launch(f'merge_{mode}_{t}', (B*O, 1, 1), [('x', X, pk(xs), False), ('m', M, struct.pack('<10I', *members), False),
-                  ('of', OF, struct.pack('<8I', *offsets), False), ('y', Y, bytes(sz*B*O*C), True), ('sz', SZ, struct.pack('<10I', *sizes), False),
-                  ('os', OS, bytes(4*B*O), True), ('st', ST, bytes(8), True)],
-                  P(src=X, dst=Y, status=ST, aux=M, offsets=OF, sizes=SZ, out_sizes=OS, batch=B, n=N, c=C, out=O))
-            y = struct.unpack(f'<{B*O*C}' + ('I' if sz == 4 else 'H'), o['y'])
-            bad = 0
+        xs = [from32(fb(random.uniform(-3, 3)), t) for _ in range(B * N * C)]
+        sizes = [fb(random.choice([1.0, 2.0, 0.5, 3.25])) for _ in range(B * N)]
+        for mode in ["sum", "mean", "wavg"]:
+            o = launch(f"merge_{mode}_{t}", (B * O, 1, 1),
+                       [("x", X, pack(xs, t), False), ("m", M, struct.pack("<10I", *members), False),
+                        ("of", OF, struct.pack("<8I", *offsets), False), ("y", Y, bytes(SIZE[t] * B * O * C), True),
+                        ("sz", SZ, struct.pack("<10I", *sizes), False), ("os", OS, bytes(4 * B * O), True),
+                        ("st", ST, bytes(8), True)],
+                       params(src=X, dst=Y, status=ST, aux=M, offsets=OF, sizes=SZ, out_sizes=OS, batch=B, n=N, c=C, out=O),
+                       must_write=("y", "os") if mode == "wavg" else ("y",))
+            y = unpack(o["y"], t)
+            bad, wsz = 0, []
             for b in range(B):
                 for s in range(O):
-                    src = members[b*N+offsets[b*(O+1)+s]: b*N+offsets[b*(O+1)+s+1]]
+                    src = members[b * N + offsets[b * (O + 1) + s]:b * N + offsets[b * (O + 1) + s + 1]]
+                    w = 0
+                    for tt in src:
+                        w = add(w, sizes[b * N + tt])
+                    wsz.append(w)
                     for k in range(C):
-                        xv = lambda tt: to32(xs[(b*N+tt)*C+k], t)
-                        if len(src) == 1: want = xs[(b*N+src[0])*C+k]
+                        def xv(tt):
+                            return to32(xs[(b * N + tt) * C + k], t)
+                        if len(src) == 1:  # one source is copied bit for bit
+                            want = xs[(b * N + src[0]) * C + k]
+                        elif mode == "wavg":
+                            acc = 0
+                            for tt in src:
+                                acc = fma(xv(tt), sizes[b * N + tt], acc)
+                            want = from32(div(acc, w), t)
                         else:
-                            if mode == 'wavg':
-                                acc, w = 0, 0
-                                for tt in src:
-                                    acc = fma(xv(tt), sizes[b*N+tt], acc); w = add(w, sizes[b*N+tt])
-                                want = from32(div(acc, w), t)
-                            else:
-                                acc = xv(src[0])
-                                for tt in src[1:]: acc = add(acc, xv(tt))
-                                if mode == 'mean': acc = div(acc, fb(float(len(src))))
-                                want = from32(acc, t)
-                        bad += y[(b*O+s)*C+k] != want
-            extra = ''
-            if mode == 'wavg':
-                osz = struct.unpack(f'<{B*O}I', o['os'])
-                wsz = []
-                for b in range(B):
-                    for s in range(O):
-                        src = members[b*N+offsets[b*(O+1)+s]: b*N+offsets[b*(O+1)+s+1]]
-                        w = 0
-                        for tt in src: w = add(w, sizes[b*N+tt])
-                        wsz.append(w)
-                extra = f", sizes {'ok' if list(osz) == wsz else 'DIFF'}, status {int.from_bytes(o['st'], 'little')}"
-            fails.append(bad != 0 or 'DIFF' in extra)
-            print(t, mode, 'mismatches', bad, extra)
-        # normalise in 16-bit
-        xs2 = [from32(fb(random.uniform(-3, 3)), t) for _ in range(2*7*21)]
-        o = launch(f'merge_normalize_{t}', ((14 + 15)//16, 1, 1), [('x', X, pk(xs2), False), ('u', Y, bytes(4*14*21), True), ('st', ST, bytes(8), True)],
-                   P(src=X, dst=Y, status=ST, batch=2, n=7, c=21))
-        u = list(struct.unpack(f'<{14*21}I', o['u']))
-        uw = [v for r in range(14) for v in normalise([to32(b, t) for b in xs2[r*21:(r+1)*21]])]
-        fails.append(u != uw)
-        print(t, 'normalise', 'ok' if u == uw else 'DIFF')
-    # bad size
-    sizes = [fb(1.0)] * 10; sizes[7] = fb(-1.0); sizes[3] = fb(float('nan'))
-    o = launch('merge_wavg_f32', (B*O, 1, 1), [('x', 0x1000000, bytes(4*B*N*4), False), ('m', 0x2000000, struct.pack('<10I', *members), False),
-          ('of', 0x3000000, struct.pack('<8I', *offsets), False), ('y', 0x4000000, bytes(4*B*O*4), True), ('sz', 0x5000000, struct.pack('<10I', *sizes), False),
-          ('os', 0x6000000, bytes(4*B*O), True), ('st', 0x7000, bytes(8), True)],
-          P(src=0x1000000, dst=0x4000000, status=0x7000, aux=0x2000000, offsets=0x3000000, sizes=0x5000000, out_sizes=0x6000000, batch=B, n=N, c=4, out=O))
-    fails.append(((~int.from_bytes(o['st'], 'little')) & (2**64-1)) != 3)
-    print('bad size index', (~int.from_bytes(o['st'], 'little')) & (2**64-1))
+                            acc = xv(src[0])
+                            for tt in src[1:]:
+                                acc = add(acc, xv(tt))
+                            if mode == "mean":
+                                acc = div(acc, fb(float(len(src))))
+                            want = from32(acc, t)
+                        bad += y[(b * O + s) * C + k] != want
+            st = int.from_bytes(o["st"], "little")
+            extra, ok = "", bad == 0 and st == 0
+            if mode == "wavg":
+                ok_s = list(struct.unpack(f"<{B * O}I", o["os"])) == wsz
+                ok = ok and ok_s
+                extra = f", sizes {'ok' if ok_s else 'DIFF'}"
+            check(ok, f"{mode} {t}: {bad} mismatches{extra}, status {st}")
+        # normalise in this dtype
+        xs2 = [from32(fb(random.uniform(-3, 3)), t) for _ in range(2 * 7 * 21)]
+        o = launch(f"merge_normalize_{t}", ((14 + 15) // 16, 1, 1),
+                   [("x", X, pack(xs2, t), False), ("u", Y, bytes(4 * 14 * 21), True), ("st", ST, bytes(8), True)],
+                   params(src=X, dst=Y, status=ST, batch=2, n=7, c=21), must_write=("u",))
+        u = list(struct.unpack(f"<{14 * 21}I", o["u"]))
+        uw = [v for r in range(14) for v in normalise([to32(b, t) for b in xs2[r * 21:(r + 1) * 21]])]
+        check(u == uw, f"normalize {t}: {'ok' if u == uw else 'DIFF'}")
+        # unmerge: out[b, t] = y[b, slots[b, t]], bit copies (NaN payloads and -0 included);
+        # C past the block size so threads loop over channels
+        for (ub, un, uo, uc) in [(2, 5, 3, 19), (1, 7, 7, 1), (3, 4, 1, 2 * BLOCK + 3)]:
+            slots = [random.randrange(uo) for _ in range(ub * un)]
+            width = 8 * SIZE[t]
+            ys = [random.getrandbits(width) for _ in range(ub * uo * uc)]
+            ys[0] = (1 << (width - 1))  # -0
+            ys[-1] = (1 << width) - 1  # a NaN with every payload bit set
+            o = launch(f"merge_unmerge_{t}", (ub * un, 1, 1),
+                       [("y", X, pack(ys, t), False), ("slots", M, struct.pack(f"<{ub * un}I", *slots), False),
+                        ("out", Y, bytes(SIZE[t] * ub * un * uc), True)],
+                       params(src=X, dst=Y, aux=M, batch=ub, n=un, c=uc, out=uo), must_write=("out",))
+            got = unpack(o["out"], t)
+            want = [ys[((g // un) * uo + slots[g]) * uc + k] for g in range(ub * un) for k in range(uc)]
+            bad = sum(a != b for a, b in zip(got, want))
+            check(bad == 0, f"unmerge {t} B={ub} N={un} O={uo} C={uc}: {bad} mismatches")
+    # a size that is not finite and > 0: the lowest index, as !index
+    sizes = [fb(1.0)] * (B * N)
+    sizes[7], sizes[3] = fb(-1.0), fb(float("nan"))
+    o = launch("merge_wavg_f32", (B * O, 1, 1),
+               [("x", X, bytes(4 * B * N * 4), False), ("m", M, struct.pack("<10I", *members), False),
+                ("of", OF, struct.pack("<8I", *offsets), False), ("y", Y, bytes(4 * B * O * 4), True),
+                ("sz", SZ, struct.pack("<10I", *sizes), False), ("os", OS, bytes(4 * B * O), True),
+                ("st", ST, bytes(8), True)],
+               params(src=X, dst=Y, status=ST, aux=M, offsets=OF, sizes=SZ, out_sizes=OS, batch=B, n=N, c=4, out=O))
+    bad_index = (~int.from_bytes(o["st"], "little")) & (2**64 - 1)
+    check(bad_index == 3, f"bad size: status -> index {bad_index}")
 
-    print(f"simulate: {len(fails) - sum(fails)} checks ok, {sum(fails)} failed")
-    return 1 if any(fails) else 0
+    took = time.time() - started
+    if any(fails):
+        print(f"merge simulation FAILED: {sum(fails)} of {len(fails)} checks ({took:.1f} s)")
+        return 1
+    print(f"merge simulation passed: {len(fails)} checks ({took:.1f} s)")
+    return 0
 
 
 def main():
     ap = ptxgen.parser(__doc__, stdout_help="print the PTX instead of writing")
-    ap.add_argument("--simulate", type=int, metavar="CASES", help="run CASES random plan cases and the "
+    ap.add_argument("--simulate", type=int, nargs="?", const=4, metavar="CASES",
+                    help="run CASES (default 4) random plan cases and the "
                     "apply kernels on kernels/ptx_sim.py against a model of the f32 contract")
     ap.add_argument("--seed", type=int, default=0, help="seed of --simulate")
     args = ap.parse_args()
     if args.simulate is not None:
-        return simulate(args.seed, args.simulate)
+        import ptx_sim
+        try:
+            return simulate(args.seed, args.simulate)
+        except ptx_sim.SimError as e:
+            print(f"merge simulation FAILED: ptx_sim: {e}")
+            return 2
     if args.list:
         for name, _, _ in entries():
             print(name, PARAM_BYTES)
