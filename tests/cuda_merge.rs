@@ -2,7 +2,8 @@
 //!
 //! Without a GPU: the committed `kernels/merge.ptx` is what `kernels/gen_merge.py` writes, and
 //! every entry the Rust side launches exists with one parameter block of `MergeParams`' size
-//! (and, with the `cuda` feature, the same field offsets as the PTX's `// abi` lines).
+//! (and, with the `cuda` feature, the same field offsets as the PTX's `// abi` lines), and that
+//! PTX runs on `kernels/ptx_sim.py` as the contract says.
 //!
 //! With a GPU (skipped with a `skipped:` line when there is none, FAILING when
 //! `VISTOK_REQUIRE_GPU=1`): random B, N (odd / even, 2, 3, tile edges), C (1, odd, not a
@@ -65,6 +66,23 @@ fn ptx_header_and_entries() {
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
     ptx::check_generated("gen_merge.py", &[], "merge.ptx", PTX);
+}
+
+/// The committed PTX run on `kernels/ptx_sim.py` (no GPU): the plan kernels (random shapes,
+/// class / distillation tokens, exact ties, B-tile splits), the non-finite status words, merge /
+/// mean / weighted merge and unmerge in every dtype, against the Python model of the contract
+/// in `kernels/gen_merge.py --simulate`, bit for bit.
+#[test]
+fn ptx_runs_on_the_interpreter_as_the_contract_says() {
+    if let Some(out) = ptx::run_generator("gen_merge.py", &["--simulate"]) {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("merge simulation passed"),
+            "simulation failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", text.trim_end());
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
