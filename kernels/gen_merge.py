@@ -724,7 +724,8 @@ def simulate(seed=0, count=4):
         mem = S.Memory()
         for nm, addr, data, w in bufs:
             mem.add(nm, addr, data, w)
-        S.run_kernel(mod[name], list(grid), [BLOCK, 1, 1], p, mem, {"threads": 0, "instructions": 0})
+        S.run_kernel(mod[name], list(grid), [BLOCK, 1, 1], p, mem, {"threads": 0, "instructions": 0},
+                     strict_shared=True)
         out = {}
         for _, data, _, cnt, n in mem.buffers:
             if n in must_write and not all(cnt):

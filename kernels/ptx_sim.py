@@ -22,9 +22,12 @@ Threads run one warp at a time; within a warp each lane runs until it reaches a 
 of a block run in turn up to `bar.sync 0`, which they then pass together; each block has its
 own `.shared` memory (entry-scoped `.shared .align A .T name[N]` variables, T any scalar
 type: N elements; a variable's name is its offset in the block's window, usable as a `mov`
-operand). Blocks never synchronise with each other, and atomics (`red`, and `atom`, which
-also returns the old value) commute, so running them in order gives every result a GPU may
-give. Registers are declared one by one or as ranges (`.reg .b32 %r<48>`: %r0 .. %r47).
+operand). Shared memory is undefined when a block starts: it reads as all ones (an f32 NaN)
+until written, and with strict_shared (job key "shared_reads": "written") reading a byte the
+block has not written is an error. Blocks never synchronise with each other, and atomics
+(`red`, and `atom`, which also returns the old value) commute, so running them in order
+gives every result a GPU may give. Registers are declared one by one or as ranges
+(`.reg .b32 %r<48>`: %r0 .. %r47).
 
 mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} is a model: each D element is C plus the 16
 exact products, rounded once (the hardware's accumulation order and rounding are not
@@ -558,6 +561,8 @@ class Ctx:
         self.pname = kernel.params[0]
         self.decl = kernel.regs
         self.smem = bytearray(kernel.shared_size)  # the running block's shared memory
+        self.smem_set = bytearray(kernel.shared_size)  # 1: written since the block started
+        self.strict_shared = False  # reading a byte the block has not written is an error
 
     def operand(self, th, op):
         regs = th.regs
@@ -606,11 +611,12 @@ class Ctx:
         return m.group(1), int(m.group(2) or 0)
 
 
-def run_kernel(kernel, grid, block, param_bytes, mem, stats):
+def run_kernel(kernel, grid, block, param_bytes, mem, stats, strict_shared=False):
     _, psize = kernel.params
     if len(param_bytes) != psize:
         raise SimError(f"{kernel.name}: param block is {len(param_bytes)} bytes, entry wants {psize}")
     ctx = Ctx(kernel, param_bytes, mem)
+    ctx.strict_shared = strict_shared
     for bz in range(grid[2]):
         for by in range(grid[1]):
             for bx in range(grid[0]):
@@ -630,7 +636,9 @@ def run_kernel(kernel, grid, block, param_bytes, mem, stats):
                                 "%laneid": th.lane,
                             }
                             threads.append(th)
-                ctx.smem = bytearray(kernel.shared_size)
+                # Shared memory is undefined at block start: poison it (all ones: an f32 NaN).
+                ctx.smem = bytearray(b"\xff" * kernel.shared_size)
+                ctx.smem_set = bytearray(kernel.shared_size)
                 ctx.cp_groups = {}
                 warps = [threads[w:w + 32] for w in range(0, len(threads), 32)]
                 # Each warp runs until it exits or waits at bar.sync; when every warp that has
@@ -799,6 +807,7 @@ def ldmatrix(ctx, lanes, parts, ops):
             addr = (ctx.operand(th, b2) + o2) & M64
             if addr % 16 or addr + 16 > len(ctx.smem):
                 raise SimError(f"bad ldmatrix row address {addr:#x}")
+            check_smem_set(ctx, addr, 16)
             raw = ctx.smem[addr:addr + 16]
             rows.append([int.from_bytes(raw[2 * c:2 * c + 2], "little") for c in range(8)])
         mats.append(rows)
@@ -979,6 +988,7 @@ def step(ctx, th, parts, ops, pc, labels):
             addr = (operand(th, base) + off) & M64
             if addr % (size * vec) or addr + size * vec > len(ctx.smem):
                 raise SimError(f"bad {size * vec}-byte shared load at {addr:#x}")
+            check_smem_set(ctx, addr, size * vec)
             raw = bytes(ctx.smem[addr:addr + size * vec])
         else:
             raise SimError(f"state space {space}")
@@ -1011,6 +1021,7 @@ def step(ctx, th, parts, ops, pc, labels):
             if addr + len(raw) > len(ctx.smem):
                 raise SimError(f"shared store at {addr:#x} outside the block's {len(ctx.smem)} bytes")
             ctx.smem[addr:addr + len(raw)] = raw
+            ctx.smem_set[addr:addr + len(raw)] = b"\x01" * len(raw)
         else:
             ctx.mem.write(addr, raw)
         return pc
@@ -1368,6 +1379,15 @@ def cp_async(ctx, th, parts, ops, pc):
 def do_copy(ctx, dst, src, size, src_size):
     data = ctx.mem.read(src, src_size) if src_size else b""
     ctx.smem[dst:dst + size] = data + bytes(size - src_size)
+    ctx.smem_set[dst:dst + size] = b"\x01" * size
+
+
+def check_smem_set(ctx, addr, size):
+    """Shared memory starts undefined in every block (poisoned with ones here); with
+    strict_shared, reading a byte no store (or cp.async) of this block has written is an error
+    (without it, such reads are allowed, as a kernel may load a value it then discards)."""
+    if ctx.strict_shared and 0 in ctx.smem_set[addr:addr + size]:
+        raise SimError(f"shared memory at {addr:#x} read before this block wrote it")
 
 
 def opcode_text(parts):
@@ -1383,8 +1403,9 @@ _MODULES = {}
 def run_job(path):
     """JOB.json: {"ptx": path, "kernel": name, "grid": [x, y, z], "block": [x, y, z],
     "params": hex string, "buffers": [{"name", "addr", "file", "writable", "out"?,
-    "must_write"?}]}, or {"jobs": [job, ...]} to run several launches in one process (each on
-    its own buffers). Paths are relative to the job file. Buffers with "out" are saved there
+    "must_write"?}], "cp_async"?, "shared_reads"?}, or {"jobs": [job, ...]} to run several
+    launches in one process (each on its own buffers). "shared_reads": "written" makes reading
+    shared memory the block has not written an error (default "any": such bytes read as ones). Paths are relative to the job file. Buffers with "out" are saved there
     after the run; "must_write" makes it an error if any of the buffer's bytes was not written
     by a plain store."""
     with open(path, encoding="utf-8") as f:
@@ -1412,7 +1433,7 @@ def run_one(job, root):
     stats = {"threads": 0, "instructions": 0}
     CP_ASYNC_MODE[0] = job.get("cp_async", "wait")
     run_kernel(kernels[job["kernel"]], job["grid"], job["block"], bytes.fromhex(job["params"]),
-               mem, stats)
+               mem, stats, strict_shared=job.get("shared_reads", "any") == "written")
     for b in job["buffers"]:
         for _, data, _, counts, n in mem.buffers:
             if n != b["name"]:
@@ -1644,7 +1665,8 @@ def self_test():
     assert len(kern.regs) == 2 + 8 + 3 + 4 + 2 and kern.shared == {"buf": 0} and kern.shared_size == 256
     mem = Memory()
     mem.add("out", 0x1000, bytes(2048), True)
-    run_kernel(kern, [1, 1, 1], [64, 1, 1], (0x1000).to_bytes(8, "little"), mem, dict(stats))
+    run_kernel(kern, [1, 1, 1], [64, 1, 1], (0x1000).to_bytes(8, "little"), mem, dict(stats),
+               strict_shared=True)
     out = mem.read(0x1000, 2048)
     for t in range(64):
         a, fin, hi, q = struct.unpack_from("<4I", out, 16 * t)
@@ -1660,6 +1682,19 @@ def self_test():
         raise AssertionError("div.u32 by zero was accepted")
     except SimError as e:
         assert "by zero" in str(e), e
+    # shared memory is undefined at block start: poisoned (all ones), or an error when strict
+    early = ptx.replace("        bar.sync 0;\n", "", 1)  # warp 0 reads warp 1's bytes too early
+    for strict in (False, True):
+        mem = Memory()
+        mem.add("out", 0x1000, bytes(2048), True)
+        try:
+            run_kernel(parse_module(early)["t"], [1, 1, 1], [64, 1, 1], (0x1000).to_bytes(8, "little"),
+                       mem, dict(stats), strict_shared=strict)
+            assert not strict, "a read of unwritten shared memory was accepted"
+            a, fin = struct.unpack_from("<2I", mem.read(0x1000, 8))
+            assert a == F32_NAN and fin == 0, (hex(a), fin)  # |poison| is a NaN
+        except SimError as e:
+            assert strict and "before this block wrote it" in str(e), e
     for decl in (".reg .b32 %r<2>, %r1;", ".reg .b32 %r<>;", ".shared .align 2 .f32 buf[4];"):
         try:
             parse_module(ptx.replace(".reg .f32 %f<3>;", ".reg .f32 %f<3>; " + decl))
