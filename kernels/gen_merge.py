@@ -812,13 +812,16 @@ def simulate(seed=0, count=4):
         splits = min(max(want, 1), nbt)
         tiles = -(-nbt // splits)
         splits = -(-nbt // tiles)
-        o = launch("merge_similarity", (ax, splits, B), [("u", U, ub, False), ("pa", PA, bytes(8 * B * splits * na), True)],
+        o = launch("merge_similarity", (ax, splits, B),
+                   [("u", U, ub, False), ("pa", PA, bytes(8 * B * splits * na), True)],
                    params(src=U, dst=PA, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags),
                    must_write=("pa",))
-        o = launch("merge_reduce", ((B * na + 255) // 256, 1, 1), [("pa", PA, o["pa"], False), ("re", RE, bytes(8 * B * na), True)],
+        o = launch("merge_reduce", ((B * na + 255) // 256, 1, 1),
+                   [("pa", PA, o["pa"], False), ("re", RE, bytes(8 * B * na), True)],
                    params(src=PA, dst=RE, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags),
                    must_write=("re",))
-        o = launch("merge_rank", ((na + 255) // 256, B, 1), [("re", RE, o["re"], False), ("or", OR, bytes(8 * B * na), True)],
+        o = launch("merge_rank", ((na + 255) // 256, B, 1),
+                   [("re", RE, o["re"], False), ("or", OR, bytes(8 * B * na), True)],
                    params(src=RE, dst=OR, batch=B, n=N, c=C, na=na, nb=nb, splits=splits, tiles=tiles, flags=flags),
                    must_write=("or",))
         pairs = [struct.unpack_from("<II", o["or"], 8 * i) for i in range(B * na)]
@@ -897,7 +900,8 @@ def simulate(seed=0, count=4):
                         ("of", OF, struct.pack("<8I", *offsets), False), ("y", Y, bytes(SIZE[t] * B * O * C), True),
                         ("sz", SZ, struct.pack("<10I", *sizes), False), ("os", OS, bytes(4 * B * O), True),
                         ("st", ST, bytes(8), True)],
-                       params(src=X, dst=Y, status=ST, aux=M, offsets=OF, sizes=SZ, out_sizes=OS, batch=B, n=N, c=C, out=O),
+                       params(src=X, dst=Y, status=ST, aux=M, offsets=OF, sizes=SZ, out_sizes=OS,
+                              batch=B, n=N, c=C, out=O),
                        must_write=("y", "os") if mode == "wavg" else ("y",))
             y = unpack(o["y"], t)
             bad, wsz = 0, []

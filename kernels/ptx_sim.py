@@ -1405,7 +1405,8 @@ def run_job(path):
     "params": hex string, "buffers": [{"name", "addr", "file", "writable", "out"?,
     "must_write"?}], "cp_async"?, "shared_reads"?}, or {"jobs": [job, ...]} to run several
     launches in one process (each on its own buffers). "shared_reads": "written" makes reading
-    shared memory the block has not written an error (default "any": such bytes read as ones). Paths are relative to the job file. Buffers with "out" are saved there
+    shared memory the block has not written an error (default "any": such bytes read as ones).
+    Paths are relative to the job file. Buffers with "out" are saved there
     after the run; "must_write" makes it an error if any of the buffer's bytes was not written
     by a plain store."""
     with open(path, encoding="utf-8") as f:
