@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs the CUDA test suites WITHOUT a GPU: tools/simcuda (a stand-in libcuda.so) takes the
+# driver's place and runs every launch on kernels/ptx_sim.py, so the host code (cudarc calls,
+# buffers, grids, parameter blocks, multi-launch sequences, the C ABI's device entry points)
+# runs for real against the real PTX. Slow (a Python interpreter executes every thread), so
+# each test runs alone under a time limit; a test that runs out of time is reported as such,
+# not as a failure. Not part of CI; run it before spending GPU time.
+#
+#   bash scripts/sim-gpu-check.sh [FILTER...]     # tests whose name contains a FILTER (default: all)
+#
+# Environment: SIM_TEST_TIMEOUT (seconds per test, default 300), SIM_SUITES (the test binaries,
+# default: every suite with GPU tests), plus tools/simcuda/simcuda.c's VISTOK_SIMCUDA_*.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+timeout_s=${SIM_TEST_TIMEOUT:-300}
+suites=${SIM_SUITES:-"cuda_patchify cuda_quant cuda_argmin cuda_attention cuda_merge capi_cuda thread_safety"}
+
+mkdir -p target/simcuda
+cc -std=c99 -O2 -Wall -Wextra -Werror -shared -fPIC -fvisibility=hidden \
+    -DSIMCUDA_RUNNER="\"$root/tools/simcuda/runner.py\"" \
+    -o target/simcuda/libcuda.so tools/simcuda/simcuda.c -lpthread
+
+# The test executables, built as the GPU machine gets them.
+args=()
+for s in $suites; do args+=(--test "$s"); done
+cargo test --release --features cuda,capi --no-run "${args[@]}" 2>&1 | grep -E '^(error|warning)' || true
+cargo test --release --features cuda,capi --no-run --message-format=json "${args[@]}" 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' > target/simcuda/executables
+
+export LD_LIBRARY_PATH="$root/target/simcuda${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export VISTOK_REQUIRE_GPU=1
+pass=0 fail=0 slow=0
+log=target/simcuda/log
+: > "$log"
+while read -r suite exe; do
+    while IFS= read -r t; do
+        t=${t%: test}
+        if [ $# -gt 0 ]; then
+            hit=0
+            for f in "$@"; do case "$t" in *"$f"*) hit=1 ;; esac; done
+            [ $hit = 1 ] || continue
+        fi
+        start=$(date +%s)
+        set +e
+        timeout "$timeout_s" "$exe" --exact "$t" --test-threads=1 > target/simcuda/one.log 2>&1
+        rc=$?
+        set -e
+        secs=$(( $(date +%s) - start ))
+        if [ $rc = 0 ] && grep -q '^test result: ok. 1 passed' target/simcuda/one.log; then
+            verdict=ok; pass=$((pass + 1))
+        elif [ $rc = 124 ]; then
+            verdict="out of time"; slow=$((slow + 1))
+        else
+            verdict=FAILED; fail=$((fail + 1))
+        fi
+        printf '%-14s %-60s %-11s %4ds\n' "$suite" "$t" "$verdict" "$secs" | tee -a "$log"
+        if [ "$verdict" = FAILED ]; then
+            { echo "----- $suite $t"; tail -40 target/simcuda/one.log; echo "-----"; } | tee -a "$log"
+        fi
+    done < <("$exe" --list 2>/dev/null | grep ': test$')
+done < target/simcuda/executables
+echo "simulated GPU: $pass passed, $fail failed, $slow out of time (limit ${timeout_s}s each); log: $log"
+[ $fail = 0 ]
