@@ -647,6 +647,8 @@ def f32_kernel(name):
     k(f"mul.lo.u32 %qa0, %qa0, {F32_DMAX * 4};")
     k("add.u32 %qa0, %qa0, %qs;")
     k(f"mad.lo.u32 %ka, %jj, {KS * 4}, %kvs;")
+    k.r("s32", "%dl")
+    k("sub.s32 %dl, %p_d, %lane;")  # D - lane: V·P column clamp below
     k.r("s32", "%j0"); k.r("s32", "%j")
     k.label("LOOP")
     k(f"mul.lo.s32 %j0, %t, {BK};")
@@ -743,13 +745,19 @@ def f32_kernel(name):
     for r in range(RW):
         for j in range(BK):
             k(f"ld.shared.f32 {pr[r][j]}, [%pw+{(r * BK + j) * 4}];")
-    k.r("u32", "%c32")
+    k.r("u32", "%c32"); k.r("s32", "%vo"); k.r("u32", "%vac")
     for c in range(NC):
         skip = k.new_label("PV")
         k(f"setp.le.u32 %pd, %p_d, {c * 32};")
         k(f"@%pd bra.uni {skip};")
+        # The fill stores columns < D only: a lane past D reads column D - 1 instead (a
+        # broadcast; its accumulators are never stored). Clamping the address, not predicating
+        # the loads, keeps the 16 loads independent so they issue ahead of the fmas.
+        k(f"add.s32 %vo, %dl, {-(c * 32 + 1)};")  # (D - 1) - (lane + 32 c)
+        k("min.s32 %vo, %vo, 0;")
+        k("mad.lo.s32 %vac, %vo, 4, %va;")
         for j in range(BK):
-            k(f"ld.shared.f32 %vv, [%va+{(j * KS + c * 32) * 4}];")
+            k(f"ld.shared.f32 %vv, [%vac+{(j * KS + c * 32) * 4}];")
             for r in range(RW):
                 k(f"fma.rn.f32 {O[r][c]}, {pr[r][j]}, %vv, {O[r][c]};")
         k.label(skip)
