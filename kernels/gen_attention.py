@@ -7,7 +7,8 @@ Python 3 standard library only. Usage:
     python3 kernels/gen_attention.py --check    # exit 1 if the committed file is stale
     python3 kernels/gen_attention.py --list     # print "<entry> <param bytes>" per entry
     python3 kernels/gen_attention.py --stdout   # print the PTX
-    python3 kernels/gen_attention.py --emulate quick   # run it on kernels/ptx_sim.py (no GPU)
+    python3 kernels/gen_attention.py --emulate quick   # run it on kernels/ptx_sim.py (no GPU),
+                                                       # strict: no read of unwritten shared memory
 
 Entries (all take one parameter block, ATTN_FIELDS below, shared with src/cuda/attention.rs):
 
@@ -844,7 +845,8 @@ def generate():
 # --------------------------------------------------------------------------------------------
 # --emulate: the committed PTX on kernels/ptx_sim.py (no GPU) against an f64 model of
 # softmax(Q K^T scale + bias) V and its log-sum-exp. The host side (parameter block, grid, band)
-# is modelled as src/cuda/attention.rs (`plan`, `band`) does it.
+# is modelled as src/cuda/attention.rs (`plan`, `band`) does it. Strict shared reads: a block that
+# reads shared memory it has not written fails the run, even when the value would be discarded.
 # --------------------------------------------------------------------------------------------
 EMU_CASES = [  # (entry, D, B, H, Hkv, Nq, Nk, mask, bias, layout, cp.async mode)
     ("attention_bf16_d64", 64, 1, 1, 1, 37, 83, "none", None, "bhnd", "wait"),
@@ -855,6 +857,7 @@ EMU_CASES = [  # (entry, D, B, H, Hkv, Nq, Nk, mask, bias, layout, cp.async mode
     ("attention_bf16_d64", 64, 1, 1, 1, 70, 150, "seg", None, "bnhd", "wait"),
     ("attention_f16_d32", 32, 1, 1, 1, 70, 100, "causal", None, "bhnd", "wait"),
     ("attention_f32", 24, 1, 2, 1, 21, 35, "causal", "full", "bnhd", "wait"),
+    ("attention_f32", 40, 1, 1, 1, 9, 20, "none", None, "bhnd", "wait"),  # D past 32, not a multiple
 ]
 
 
@@ -953,7 +956,7 @@ def emulate(quick):
         S.CP_ASYNC_MODE[0] = mode
         stats = {"threads": 0, "instructions": 0}
         grid = [max(1, -(-Nq // bm)), H, B]
-        S.run_kernel(mods[entry], grid, [threads, 1, 1], bytes(pb), mem, stats)
+        S.run_kernel(mods[entry], grid, [threads, 1, 1], bytes(pb), mem, stats, strict_shared=True)
         out = {n: (data, cnt) for _, data, _, cnt, n in mem.buffers}
         for n in ("o", "lse"):
             if not all(out[n][1]):
