@@ -398,7 +398,7 @@ fn cuda_devices_at_once() {
     };
     let lfq = Lfq::new(&LfqConfig::new(3, 11, BitOrder::MsbFirst)).unwrap();
     let fsq = Fsq::new(&[8, 8, 8, 5, 5, 5]).unwrap();
-    let n = 4099;
+    let n = common::sim_cap(4099, 259);
     // The cpu backend's answer for input `t`.
     let input = |t: usize| -> (Vec<bf16>, Vec<f32>) {
         (random_data(n * lfq.channels(), 700 + t as u64), uniform(n * fsq.dim(), -4.0, 4.0, 800 + t as u64))

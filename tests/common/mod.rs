@@ -79,6 +79,24 @@ pub fn require_gpu() -> bool {
     std::env::var("VISTOK_REQUIRE_GPU").as_deref() == Ok("1")
 }
 
+/// Whether the "GPU" is tools/simcuda (`VISTOK_SIMCUDA=1`, set by scripts/sim-gpu-check.sh):
+/// every launch then runs on the PTX interpreter, thousands of times slower than a device, so
+/// the suites shrink their largest cases (never their checks) to fit.
+#[allow(dead_code)] // not every suite has cases to shrink
+pub fn simulated() -> bool {
+    std::env::var("VISTOK_SIMCUDA").as_deref() == Ok("1")
+}
+
+/// `n` on a GPU, at most `sim` on tools/simcuda (see [`simulated`]).
+#[allow(dead_code)]
+pub fn sim_cap(n: usize, sim: usize) -> usize {
+    if simulated() {
+        n.min(sim)
+    } else {
+        n
+    }
+}
+
 /// The body of each GPU suite's `skipped_without_cuda_feature` test.
 pub fn skip_without_cuda_feature() {
     assert!(!require_gpu(), "VISTOK_REQUIRE_GPU=1 but this test binary was built without the cuda feature");
