@@ -7,6 +7,7 @@
 # not as a failure. Not part of CI; run it before spending GPU time.
 #
 #   bash scripts/sim-gpu-check.sh [FILTER...]     # tests whose name contains a FILTER (default: all)
+#   bash scripts/sim-gpu-check.sh --smoke         # CI's quick subset: every family's host path once
 #
 # Environment: SIM_TEST_TIMEOUT (seconds per test, default 300), SIM_SUITES (the test binaries,
 # default: every suite with GPU tests), plus tools/simcuda/simcuda.c's VISTOK_SIMCUDA_*.
@@ -16,16 +17,23 @@ root=$PWD
 timeout_s=${SIM_TEST_TIMEOUT:-300}
 suites=${SIM_SUITES:-"cuda_patchify cuda_quant cuda_argmin cuda_attention cuda_merge capi_cuda thread_safety"}
 
+if [ "${1:-}" = --smoke ]; then
+    # About two minutes: each family's device path end to end (uploads, launches, downloads,
+    # typed errors), other streams and the module cache, the C ABI's devices, two devices at once.
+    set -- gpu_round_trip_is_exact gpu_other_stream_and_module_cache gpu_small_shapes bad_input \
+        devices_and_their_errors_are_values cuda_devices_at_once lookup_matches_cpu host_helpers
+fi
+
 mkdir -p target/simcuda
 cc -std=c99 -O2 -Wall -Wextra -Werror -shared -fPIC -fvisibility=hidden \
     -DSIMCUDA_RUNNER="\"$root/tools/simcuda/runner.py\"" \
     -o target/simcuda/libcuda.so tools/simcuda/simcuda.c -lpthread
 
-# The test executables, built as the GPU machine gets them.
+# The test executables (the README test command's build: --all-features, so CI reuses it).
 args=()
 for s in $suites; do args+=(--test "$s"); done
-cargo test --release --features cuda,capi --no-run "${args[@]}" 2>&1 | grep -E '^(error|warning)' || true
-cargo test --release --features cuda,capi --no-run --message-format=json "${args[@]}" 2>/dev/null |
+cargo test --release --all-features --no-run --quiet "${args[@]}"
+cargo test --release --all-features --no-run --message-format=json "${args[@]}" 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -34,8 +42,10 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])
 ' > target/simcuda/executables
 
+[ -s target/simcuda/executables ] || { echo "no test executables found" >&2; exit 1; }
+
 export LD_LIBRARY_PATH="$root/target/simcuda${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export VISTOK_REQUIRE_GPU=1
+export VISTOK_REQUIRE_GPU=1 VISTOK_SIMCUDA=1
 pass=0 fail=0 slow=0
 log=target/simcuda/log
 : > "$log"

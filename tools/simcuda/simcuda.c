@@ -6,7 +6,8 @@
  * library implements the part of the driver API the crate uses, synchronously and on host
  * memory, and runs every cuLaunchKernel on the strict PTX interpreter. The interpreter fails a
  * launch that reads or writes outside every live allocation of the launching context, writes a
- * byte twice with plain stores, reads an unset register, etc.; the driver fails copies and
+ * byte twice with plain stores, reads a shared-memory byte its block did not write, reads an
+ * unset register, etc.; the driver fails copies and
  * memsets that leave their allocation, frees of unknown pointers and launches whose parameter
  * block size differs from the entry's. Scripts/sim-gpu-check.sh builds and uses it.
  *
@@ -727,7 +728,8 @@ EXPORT CUresult cuLaunchKernel(void *func, unsigned gx, unsigned gy, unsigned gz
         pthread_mutex_unlock(&lock);
         return CUDA_ERROR_UNKNOWN;
     }
-    fprintf(j, "{\"ptx\": \"%s\", \"kernel\": \"%s\", \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u],\n \"params\": \"",
+    fprintf(j, "{\"ptx\": \"%s\", \"kernel\": \"%s\", \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u],\n"
+               " \"shared_reads\": \"written\", \"params\": \"",
             f->module->path, f->name, gx, gy, gz, bx, by, bz);
     const unsigned char *pb = (const unsigned char *)params[0];
     for (size_t i = 0; i < f->param_bytes; i++) fprintf(j, "%02x", pb[i]);
