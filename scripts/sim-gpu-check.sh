@@ -28,6 +28,8 @@ mkdir -p target/simcuda
 cc -std=c99 -O2 -Wall -Wextra -Werror -shared -fPIC -fvisibility=hidden \
     -DSIMCUDA_RUNNER="\"$root/tools/simcuda/runner.py\"" \
     -o target/simcuda/libcuda.so tools/simcuda/simcuda.c -lpthread
+python3 tools/simcuda/selftest.py target/simcuda/libcuda.so 2> target/simcuda/selftest.log ||
+    { cat target/simcuda/selftest.log >&2; exit 1; }
 
 # The test executables (the README test command's build: --all-features, so CI reuses it).
 args=()

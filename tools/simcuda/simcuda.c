@@ -8,8 +8,9 @@
  * launch that reads or writes outside every live allocation of the launching context, writes a
  * byte twice with plain stores, reads a shared-memory byte its block did not write, reads an
  * unset register, etc.; the driver fails copies and
- * memsets that leave their allocation, frees of unknown pointers and launches whose parameter
- * block size differs from the entry's. Scripts/sim-gpu-check.sh builds and uses it.
+ * memsets that leave their allocation, frees of unknown pointers, zero-byte allocations, and
+ * launches with more threads per block than the entry's `.maxntid` or on another context's
+ * stream. scripts/sim-gpu-check.sh builds it, runs tools/simcuda/selftest.py, then the suites.
  *
  * It is a test tool, not a GPU: no concurrency between streams (every call completes before it
  * returns, which is one legal ordering of the real driver's), no timing, no JIT (a module is
@@ -98,6 +99,7 @@ typedef struct Func {
     Module *module;
     char name[256];
     size_t param_bytes;
+    unsigned long long max_threads; /* from `.maxntid x, y, z`; 1024 when not declared */
 } Func;
 
 typedef struct Alloc {
@@ -603,8 +605,9 @@ EXPORT CUresult cuModuleUnload(void *mod) {
 }
 
 /* `.visible .entry NAME(` ... `)`: the size of its single `.param .align A .b8 p[N]`, or 0 if
- * the entry is absent, (size_t)-1 if its parameter list is not one such block. */
-static size_t entry_param_bytes(const char *text, const char *name) {
+ * the entry is absent, (size_t)-1 if its parameter list is not one such block; `*max_threads`
+ * (if not NULL) gets the block size its `.maxntid` allows. */
+static size_t entry_param_bytes(const char *text, const char *name, unsigned long long *max_threads) {
     size_t nl = strlen(name);
     for (const char *p = strstr(text, ".entry"); p; p = strstr(p + 6, ".entry")) {
         const char *q = p + 6;
@@ -618,6 +621,17 @@ static size_t entry_param_bytes(const char *text, const char *name) {
         const char *br = b8 ? strchr(b8, '[') : NULL;
         if (!close || !b8 || b8 > close || !br || br > close) return (size_t)-1;
         if (strstr(b8 + 3, ".param") && strstr(b8 + 3, ".param") < close) return (size_t)-1;
+        if (max_threads) {
+            /* `.maxntid x, y, z` between the parameter list and the body */
+            const char *body = strchr(close, '{');
+            const char *mx = strstr(close, ".maxntid");
+            *max_threads = 1024;
+            if (mx && body && mx < body) {
+                unsigned long long x = 1, y = 1, z = 1;
+                int n = sscanf(mx + 8, " %llu , %llu , %llu", &x, &y, &z);
+                if (n >= 1) *max_threads = x * (n >= 2 ? y : 1) * (n >= 3 ? z : 1);
+            }
+        }
         return (size_t)strtoull(br + 1, NULL, 10);
     }
     return 0;
@@ -627,7 +641,8 @@ EXPORT CUresult cuModuleGetFunction(void **pf, void *mod, const char *name) {
     Module *m = (Module *)mod;
     if (!pf || !name) return CUDA_ERROR_INVALID_VALUE;
     if (!m || m->magic != MAGIC_MODULE) return CUDA_ERROR_INVALID_HANDLE;
-    size_t bytes = entry_param_bytes(m->text, name);
+    unsigned long long max_threads = 1024;
+    size_t bytes = entry_param_bytes(m->text, name, &max_threads);
     if (bytes == 0) return CUDA_ERROR_NOT_FOUND;
     if (bytes == (size_t)-1 || strlen(name) >= sizeof((Func *)0)->name) {
         note("entry %s: only one `.param .align A .b8 p[N]` block is modelled", name);
@@ -638,6 +653,7 @@ EXPORT CUresult cuModuleGetFunction(void **pf, void *mod, const char *name) {
     f->magic = MAGIC_FUNC;
     f->module = m;
     f->param_bytes = bytes;
+    f->max_threads = max_threads;
     strcpy(f->name, name);
     *pf = f;
     return CUDA_SUCCESS;
@@ -712,6 +728,11 @@ EXPORT CUresult cuLaunchKernel(void *func, unsigned gx, unsigned gy, unsigned gz
     if (!gx || !gy || !gz || !bx || !by || !bz || gy > 65535 || gz > 65535 || bz > 64 ||
         (unsigned long long)bx * by * bz > 1024) {
         note("%s: bad launch configuration grid (%u, %u, %u) block (%u, %u, %u)", f->name, gx, gy, gz, bx, by, bz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ((unsigned long long)bx * by * bz > f->max_threads) {
+        /* the real driver refuses it (CUDA_ERROR_INVALID_VALUE): ptxas sized the registers for .maxntid */
+        note("%s: block (%u, %u, %u) exceeds the entry's .maxntid (%llu threads)", f->name, bx, by, bz, f->max_threads);
         return CUDA_ERROR_INVALID_VALUE;
     }
     if (shmem != 0 || extra != NULL || params == NULL || params[0] == NULL) {
