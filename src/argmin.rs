@@ -53,7 +53,9 @@
 //! written by the cpu backend are within `(D + 3)·u` (relative, L2) or `(2D + 6)·u` (absolute,
 //! cosine) of the exact distance of the chosen entry. The bounds assume no overflow or
 //! underflow: values whose squares overflow f32 (`|v| ≳ 1.8e19`) give scores of ±∞ or NaN
-//! (the index is then valid and deterministic but not meaningful), products below `2⁻¹²⁶`
+//! (the index is then valid and deterministic but not meaningful; a NaN distance's sign and
+//! payload are not specified: the cpu gives x86's default NaN, the cuda backend the GPU's
+//! canonical one — every other distance bit is the same), products below `2⁻¹²⁶`
 //! lose precision, and for cosine an entry whose squared norm underflows to 0 in f32 (every
 //! `|e_d| ≲ 1e-19`) is a zero vector.
 //!
