@@ -10,12 +10,13 @@
 #   bash scripts/sim-gpu-check.sh --smoke         # CI's quick subset: every family's host path once
 #
 # Environment: SIM_TEST_TIMEOUT (seconds per test, default 300), SIM_SUITES (the test binaries,
-# default: every suite with GPU tests), plus tools/simcuda/simcuda.c's VISTOK_SIMCUDA_*.
+# default: every suite with GPU tests; of the cli_* suites only the `--backend cuda` tests),
+# plus tools/simcuda/simcuda.c's VISTOK_SIMCUDA_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 timeout_s=${SIM_TEST_TIMEOUT:-300}
-suites=${SIM_SUITES:-"cuda_patchify cuda_quant cuda_argmin cuda_attention cuda_merge capi_cuda thread_safety"}
+suites=${SIM_SUITES:-"cuda_patchify cuda_quant cuda_argmin cuda_attention cuda_merge capi_cuda thread_safety cli_run cli_families cli_quant"}
 
 if [ "${1:-}" = --smoke ]; then
     # About two minutes: each family's device path end to end (uploads, launches, downloads,
@@ -54,6 +55,8 @@ log=target/simcuda/log
 while read -r suite exe; do
     while IFS= read -r t; do
         t=${t%: test}
+        # The command's suites: only their `--backend cuda` tests.
+        case "$suite:$t" in cli_*:*cuda*) ;; cli_*) continue ;; esac
         if [ $# -gt 0 ]; then
             hit=0
             for f in "$@"; do case "$t" in *"$f"*) hit=1 ;; esac; done
