@@ -514,6 +514,10 @@ mod cuda {
     #[test]
     fn gpu_bench_shapes() {
         let Some(g) = gpu() else { return };
+        if super::common::simulated() {
+            // Millions of elements: hours on the interpreter; the other device tests cover the paths.
+            return super::common::say_skipped("bench shapes on tools/simcuda");
+        }
         let image = plan(Nchw, Cpq, false, true, [1, 16, 16], &[32, 3, 256, 256]);
         check_pair(Device::Gpu(g), &image, 0, 1, PLAIN); // u8 -> f32
         check_pair(Device::Gpu(g), &image, 12, 2, PLAIN); // f32 -> u8
@@ -733,6 +737,7 @@ mod cuda {
     }
 
     fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+        let cases = super::common::sim_cap(cases as usize, 6) as u32; // tools/simcuda is slow
         let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
         let rng = proptest::test_runner::TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
         proptest::test_runner::TestRunner::new_with_rng(config, rng)

@@ -818,6 +818,10 @@ mod cuda {
     fn gpu_bench_shapes() {
         // The bench shapes (and odd sizes near them), every dtype.
         let Some(g) = gpu() else { return };
+        if super::common::simulated() {
+            // Millions of elements: hours on the interpreter; the other device tests cover the paths.
+            return super::common::say_skipped("bench shapes on tools/simcuda");
+        }
         let dev = &mut Dev::Gpu(g);
         for t in 0..3 {
             lfq_encode_t(dev, t, &lfq(1, 18, BitOrder::MsbFirst, false), 1 << 20, 1, PLAIN);
@@ -953,6 +957,7 @@ mod cuda {
     }
 
     fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+        let cases = super::common::sim_cap(cases as usize, 6) as u32; // tools/simcuda is slow
         let config = ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() };
         let rng = proptest::test_runner::TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha);
         proptest::test_runner::TestRunner::new_with_rng(config, rng)
