@@ -4,7 +4,7 @@
 # buffers, grids, parameter blocks, multi-launch sequences, the C ABI's device entry points)
 # runs for real against the real PTX. Slow (a Python interpreter executes every thread), so
 # each test runs alone under a time limit; a test that runs out of time is reported as such,
-# not as a failure. Not part of CI; run it before spending GPU time.
+# not as a failure. CI runs --smoke; run the whole of it before spending GPU time.
 #
 #   bash scripts/sim-gpu-check.sh [FILTER...]     # tests whose name contains a FILTER (default: all)
 #   bash scripts/sim-gpu-check.sh --smoke         # CI's quick subset: every family's host path once

@@ -71,15 +71,7 @@ fn committed_ptx_is_what_the_generator_writes() {
 /// against a Python model of the contract in `kernels/gen_argmin.py --emulate`.
 #[test]
 fn ptx_runs_on_the_interpreter_as_the_contract_says() {
-    if let Some(out) = ptx::run_generator("gen_argmin.py", &["--emulate", "quick"]) {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("argmin emulation passed"),
-            "emulation failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{}", text.trim_end());
-    }
+    ptx::check_generator_run("gen_argmin.py", &["--emulate", "quick"], "argmin emulation passed");
 }
 
 #[cfg(feature = "cuda")]

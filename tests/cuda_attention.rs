@@ -45,15 +45,7 @@ fn committed_ptx_is_what_the_generator_writes() {
 /// twice the naive same-dtype error plus a small absolute term, LSE within 1e-4.
 #[test]
 fn ptx_runs_on_the_interpreter_as_the_reference_says() {
-    if let Some(out) = ptx::run_generator("gen_attention.py", &["--emulate", "quick"]) {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("attention emulation passed"),
-            "emulation failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{}", text.trim_end());
-    }
+    ptx::check_generator_run("gen_attention.py", &["--emulate", "quick"], "attention emulation passed");
 }
 
 #[test]

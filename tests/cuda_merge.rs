@@ -74,15 +74,7 @@ fn committed_ptx_is_what_the_generator_writes() {
 /// in `kernels/gen_merge.py --simulate`, bit for bit.
 #[test]
 fn ptx_runs_on_the_interpreter_as_the_contract_says() {
-    if let Some(out) = ptx::run_generator("gen_merge.py", &["--simulate"]) {
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("merge simulation passed"),
-            "simulation failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{}", text.trim_end());
-    }
+    ptx::check_generator_run("gen_merge.py", &["--simulate"], "merge simulation passed");
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -100,6 +100,20 @@ pub fn run_generator(generator: &str, args: &[&str]) -> Option<std::process::Out
     }
 }
 
+/// Runs `python3 kernels/{generator} {args}` (an interpreter check) and asserts it succeeds and
+/// prints `passed` (its success line); echoes its report. Skips without python3.
+pub fn check_generator_run(generator: &str, args: &[&str], passed: &str) {
+    if let Some(out) = run_generator(generator, args) {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(passed),
+            "{generator} {args:?} failed:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{}", text.trim_end());
+    }
+}
+
 /// Runs `kernels/{generator} --stdout {args}` and asserts it writes `embedded` (the PTX embedded
 /// in the test binary, not the file next to the generator); skips without python3.
 pub fn check_generated(generator: &str, args: &[&str], file: &str, embedded: &str) {
