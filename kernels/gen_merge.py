@@ -46,9 +46,12 @@ import ptxgen  # noqa: E402
 BLOCK = 256
 TILE = 64  # A rows and B rows per similarity block
 KSTEP = 16  # channels per shared-memory stage
+TC_TILE = 128  # tensor-core similarity: A rows and B rows per block (and the packed row padding)
+TC_K = 32  # tensor-core similarity: channels per cp.async stage (and the packed channel padding)
 FULL = "0xffffffff"
 
 FLOATS = ["f32", "f16", "bf16"]
+MMA_TYPES = ["f16", "bf16"]
 SIZE = {"f32": 4, "f16": 2, "bf16": 2}
 
 MERGE_FIELDS = [
@@ -84,6 +87,8 @@ def entries():
     for mode in ["sum", "mean", "wavg"]:
         out += [(f"merge_{mode}_{t}", mode, t) for t in FLOATS]
     out += [(f"merge_unmerge_{t}", "unmerge", t) for t in FLOATS]
+    out += [(f"merge_pack_{t}", "pack", t) for t in MMA_TYPES]
+    out += [(f"merge_similarity_mma_{t}", "similarity_mma", t) for t in MMA_TYPES]
     return out
 
 
@@ -123,7 +128,12 @@ REGS = [".reg .pred %p<16>;", ".reg .b16 %h<4>;", ".reg .b32 %r<48>;", ".reg .b3
         ".reg .f32 %f<24>;", ".reg .b64 %rd<24>;", ".reg .b64 %rdt;"]
 
 
-def normalize(name, t):
+def normalize(name, t, pack=False):
+    """merge_normalize_{t} (pack=False) or merge_pack_{t} (pack=True, t in f16 / bf16): the
+    contract's steps 1-3 (m, p, y = v*p, ss) and then either u = y * (1/sqrt ss) -> dst, or the
+    tensor-core operands: y rounded to t (exact for a 16-bit input: p is a power of two) into the
+    packed matrices at dst (TC_FIELDS in the docstring) and 1/sqrt(ss) (0 for an all-zero row)
+    per token into aux."""
     s = head(name, REGS)
     s += [
         param("%rd1", "src"), param("%rd2", "dst"), param("%rd3", "status"),
@@ -193,22 +203,71 @@ def normalize(name, t):
         f"    shfl.sync.idx.b32 %f9, %f6, %r16, 0x1f, {FULL};",
         "    sqrt.rn.f32 %f10, %f9;",
         "    div.rn.f32 %f11, 0f3F800000, %f10;  // 1 / sqrt(ss)",
-        "    mov.u32 %r11, %r8;",
-        "    @!%p1 bra P3_END;",
-        "P3_LOOP:",
-        "    setp.ge.u32 %p2, %r11, %r3;",
-        "    @%p2 bra P3_END;",
-        "    cvt.u64.u32 %rd5, %r11;",
-        "    add.u64 %rd6, %rd4, %rd5;",
-    ] + elem_addr("%rd7", "%rd1", "%rd6", t) + load_f32(t, "%f2", "%rd7") + [
-        "    mul.rn.f32 %f7, %f2, %f5;",
-        "    mul.rn.f32 %f12, %f7, %f11;",
-        "    selp.f32 %f12, 0f00000000, %f12, %p4;",
-        "    shl.b64 %rd10, %rd6, 2;",
-        "    add.u64 %rd11, %rd2, %rd10;",
-        "    st.global.f32 [%rd11], %f12;",
-        "    add.u32 %r11, %r11, 16;",
-        "    bra P3_LOOP;",
+    ]
+    if pack:
+        s += [param("%rd16", "aux")]
+        s += [
+            "    @!%p1 bra P3_END;",
+            "    div.u32 %r17, %r10, %r2;  // b",
+            "    mul.lo.u32 %r18, %r17, %r2;",
+            "    sub.u32 %r18, %r10, %r18;  // token",
+            "    add.u32 %r19, %r2, 1;",
+            "    shr.u32 %r19, %r19, 1;",
+            f"    add.u32 %r19, %r19, {TC_TILE - 1};",
+            f"    and.b32 %r19, %r19, {-TC_TILE};  // NP: A rows per batch and set, padded",
+            f"    add.u32 %r20, %r3, {TC_K - 1};",
+            f"    and.b32 %r20, %r20, {-TC_K};  // CP: channels per packed row, padded",
+            "    and.b32 %r21, %r18, 1;  // set (0: A, 1: B)",
+            "    shr.u32 %r22, %r18, 1;  // index within the set",
+            "    shl.b32 %r23, %r17, 1;",
+            "    add.u32 %r23, %r23, %r21;",
+            "    mul.wide.u32 %rd12, %r23, %r19;",
+            "    cvt.u64.u32 %rd13, %r22;",
+            "    add.u64 %rd12, %rd12, %rd13;  // packed row (2b + set)*NP + index",
+            "    cvt.u64.u32 %rd13, %r20;",
+            "    mul.lo.u64 %rd12, %rd12, %rd13;",
+            "    shl.b64 %rd12, %rd12, 1;",
+            "    add.u64 %rd12, %rd12, %rd2;  // &packed[row][0]",
+            "    selp.f32 %f13, 0f00000000, %f11, %p4;  // 1/sqrt(ss), 0 for an all-zero row",
+            "    setp.eq.u32 %p5, %r8, 0;",
+            "    mul.wide.u32 %rd14, %r10, 4;",
+            "    add.u64 %rd14, %rd14, %rd16;",
+            "    @%p5 st.global.f32 [%rd14], %f13;",
+            "    mov.u32 %r11, %r8;",
+            "P3_LOOP:",
+            "    setp.ge.u32 %p2, %r11, %r3;",
+            "    @%p2 bra P3_END;",
+            "    cvt.u64.u32 %rd5, %r11;",
+            "    add.u64 %rd6, %rd4, %rd5;",
+        ] + elem_addr("%rd7", "%rd1", "%rd6", t) + load_f32(t, "%f2", "%rd7") + [
+            "    mul.rn.f32 %f7, %f2, %f5;  // y: exact in t (p is a power of two)",
+            f"    cvt.rn.{t}.f32 %h2, %f7;",
+            "    shl.b64 %rd15, %rd5, 1;",
+            "    add.u64 %rd15, %rd15, %rd12;",
+            "    st.global.b16 [%rd15], %h2;",
+            "    add.u32 %r11, %r11, 16;",
+            "    bra P3_LOOP;",
+        ]
+    else:
+        s += [
+            "    mov.u32 %r11, %r8;",
+            "    @!%p1 bra P3_END;",
+            "P3_LOOP:",
+            "    setp.ge.u32 %p2, %r11, %r3;",
+            "    @%p2 bra P3_END;",
+            "    cvt.u64.u32 %rd5, %r11;",
+            "    add.u64 %rd6, %rd4, %rd5;",
+        ] + elem_addr("%rd7", "%rd1", "%rd6", t) + load_f32(t, "%f2", "%rd7") + [
+            "    mul.rn.f32 %f7, %f2, %f5;",
+            "    mul.rn.f32 %f12, %f7, %f11;",
+            "    selp.f32 %f12, 0f00000000, %f12, %p4;",
+            "    shl.b64 %rd10, %rd6, 2;",
+            "    add.u64 %rd11, %rd2, %rd10;",
+            "    st.global.f32 [%rd11], %f12;",
+            "    add.u32 %r11, %r11, 16;",
+            "    bra P3_LOOP;",
+        ]
+    s += [
         "P3_END:",
         "    ret;",
         "}",
@@ -379,6 +438,304 @@ def similarity(name):
             "    add.u64 %rd9, %rd9, %rd2;",
             f"    @%p15 st.global.v2.b32 [%rd9], {{%bs{i}, %bj{i}}};",
         ]
+    s += ["DONE:", "    ret;", "}", ""]
+    return "\n".join(s)
+
+
+def similarity_mma(name, t):
+    """merge_similarity_mma_{t}: the packed y rows of merge_pack_{t} -> per (batch, split, A row)
+    the best (score, B index) over the split's B tiles, as merge_similarity writes them.
+
+    score(a, j) = (sum_k y_a[k] y_j[k]) * inv_a * inv_j: the products of 16-bit values are exact
+    in f32 and mma.sync accumulates them in f32 (in an order the hardware chooses), then two
+    mul.rn. Block: 8 warps on a 128 (A) x 128 (B) tile, warp (wm, wn) = (warp & 3, warp >> 2)
+    owns A rows 32 wm .. +32 and B rows 64 wn .. +64 (2 x 8 m16n8 accumulators). Channels in
+    stages of TC_K = 32 through shared memory (cp.async.cg, two stages: the next stage loads
+    while this one computes), 64-byte rows of four 16-byte chunks XOR-swizzled by (row >> 1) & 3
+    so that ldmatrix phases hit distinct banks. Per B tile the thread folds its 16 columns into
+    the running best of its 4 rows (ascending B index, strict >), then the quad (shfl) and the
+    two warps of a row (shared memory) merge by (greater, or equal with a lower index)."""
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32"
+    ROWB = TC_K * 2  # bytes per staged row
+    MAT = TC_TILE * ROWB  # one staged matrix
+    STAGE = 2 * MAT  # A then B
+    regs = [".reg .pred %p<16>;", ".reg .b32 %r<64>;", ".reg .f32 %f<8>;", ".reg .b64 %rd<24>;",
+            ".reg .f32 %acc<64>;", ".reg .b32 %fa<8>;", ".reg .b32 %fb<4>;", ".reg .f32 %ia<4>;",
+            ".reg .f32 %bs<4>;", ".reg .b32 %bj<4>;", f".shared .align 128 .b8 smem[{2 * STAGE}];"]
+    s = head(name, regs)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"), param("%rd3", "aux"),
+        param("%r1", "n"), param("%r2", "c"), param("%r3", "na"), param("%r4", "nb"),
+        param("%r5", "splits"), param("%r6", "tiles"), param("%r7", "flags"),
+        "    mov.u32 %r8, %tid.x;",
+        "    shr.u32 %r9, %r8, 5;  // warp",
+        "    and.b32 %r10, %r8, 31;  // lane",
+        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
+        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 2 t4, 2 t4 + 1",
+        "    and.b32 %r13, %r9, 3;  // wm",
+        "    shr.u32 %r14, %r9, 2;  // wn",
+        "    mov.u32 %r15, %ctaid.x;",
+        f"    shl.b32 %r15, %r15, {TC_TILE.bit_length() - 1};  // a0",
+        "    mov.u32 %r16, %ctaid.y;  // split",
+        "    mov.u32 %r17, %ctaid.z;  // batch",
+        f"    add.u32 %r18, %r3, {TC_TILE - 1};",
+        f"    and.b32 %r18, %r18, {-TC_TILE};  // NP",
+        f"    add.u32 %r19, %r2, {TC_K - 1};",
+        f"    and.b32 %r19, %r19, {-TC_K};  // CP",
+        "    cvt.u64.u32 %rd4, %r19;",
+        "    shl.b64 %rd4, %rd4, 1;  // packed row bytes",
+        "    mul.lo.u32 %r51, %r17, %r1;  // b*N",
+        "    and.b32 %r53, %r7, 2;",
+        "    setp.ne.u32 %p2, %r53, 0;  // distillation token: B 0 is never a target",
+        "    // copies: chunk cc of staged rows cr and cr + 64 of each matrix",
+        "    and.b32 %r20, %r8, 3;  // cc",
+        "    shr.u32 %r21, %r8, 2;  // cr",
+        "    shr.u32 %r22, %r21, 1;",
+        "    and.b32 %r22, %r22, 3;",
+        "    xor.b32 %r22, %r22, %r20;",
+        "    shl.b32 %r22, %r22, 4;",
+        "    mov.u32 %r23, smem;",
+        f"    mad.lo.u32 %r23, %r21, {ROWB}, %r23;",
+        "    add.u32 %r23, %r23, %r22;  // &stage[cr][cc ^ swizzle]",
+        "    cvt.u64.u32 %rd5, %r21;",
+        "    mul.lo.u64 %rd5, %rd5, %rd4;",
+        "    cvt.u64.u32 %rd6, %r20;",
+        "    shl.b64 %rd6, %rd6, 4;",
+        "    add.u64 %rd5, %rd5, %rd6;  // byte offset of (cr, cc) in a packed matrix",
+        "    shl.b64 %rd7, %rd4, 6;  // 64 packed rows",
+        "    shl.b32 %r24, %r17, 1;",
+        "    mul.wide.u32 %rd8, %r24, %r18;",
+        "    cvt.u64.u32 %rd6, %r15;",
+        "    add.u64 %rd8, %rd8, %rd6;",
+        "    mul.lo.u64 %rd8, %rd8, %rd4;",
+        "    add.u64 %rd8, %rd8, %rd1;",
+        "    add.u64 %rd8, %rd8, %rd5;  // A source of this thread (channel 0)",
+        "    add.u32 %r24, %r24, 1;",
+        "    mul.wide.u32 %rd9, %r24, %r18;",
+        "    mul.lo.u64 %rd9, %rd9, %rd4;",
+        "    add.u64 %rd9, %rd9, %rd1;",
+        "    add.u64 %rd9, %rd9, %rd5;  // B source of this thread in tile 0 (channel 0)",
+        f"    shl.b64 %rd10, %rd4, {TC_TILE.bit_length() - 1};  // bytes per B tile",
+        "    // ldmatrix addressing: A (row = lane & 15, chunk lane >> 4), B (row = (lane & 7) |",
+        "    // (lane >> 4) << 3, chunk (lane >> 3) & 1); chunk ^= (row >> 1) & 3; + 2 per k16 step",
+        "    and.b32 %r34, %r10, 15;",
+        "    shr.u32 %r35, %r10, 4;",
+        "    shr.u32 %r36, %r34, 1;",
+        "    and.b32 %r36, %r36, 3;",
+        "    xor.b32 %r36, %r36, %r35;",
+        "    shl.b32 %r36, %r36, 4;",
+        "    shl.b32 %r37, %r13, 5;",
+        "    add.u32 %r37, %r37, %r34;",
+        "    mov.u32 %r38, smem;",
+        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // A row base",
+        "    add.u32 %r42, %r37, %r36;",
+        "    xor.b32 %r36, %r36, 32;",
+        "    add.u32 %r43, %r37, %r36;",
+        "    and.b32 %r39, %r10, 7;",
+        "    shl.b32 %r40, %r35, 3;",
+        "    or.b32 %r39, %r39, %r40;",
+        "    shr.u32 %r40, %r10, 3;",
+        "    and.b32 %r40, %r40, 1;",
+        "    shr.u32 %r41, %r39, 1;",
+        "    and.b32 %r41, %r41, 3;",
+        "    xor.b32 %r41, %r41, %r40;",
+        "    shl.b32 %r41, %r41, 4;",
+        "    shl.b32 %r37, %r14, 6;",
+        "    add.u32 %r37, %r37, %r39;",
+        f"    add.u32 %r38, %r38, {MAT};",
+        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // B row base",
+        "    add.u32 %r44, %r37, %r41;",
+        "    xor.b32 %r41, %r41, 32;",
+        "    add.u32 %r45, %r37, %r41;",
+        "    // inverse norms of the thread's 4 A rows a0 + 32 wm + 16 mt + g + 8 h (0 past na)",
+    ]
+    for mt in range(2):
+        for h in range(2):
+            r = 2 * mt + h
+            s += [
+                f"    mov.f32 %ia{r}, 0f00000000;",
+                f"    mad.lo.u32 %r46, %r13, 32, %r15;",
+                f"    add.u32 %r46, %r46, %r11;",
+                f"    add.u32 %r46, %r46, {16 * mt + 8 * h};",
+                "    setp.lt.u32 %p7, %r46, %r3;",
+                "    shl.b32 %r47, %r46, 1;",
+                "    add.u32 %r47, %r47, %r51;",
+                "    mul.wide.u32 %rd11, %r47, 4;",
+                "    add.u64 %rd11, %rd11, %rd3;",
+                f"    @%p7 ld.global.nc.f32 %ia{r}, [%rd11];",
+                f"    mov.f32 %bs{r}, 0fFF800000;",
+                f"    mov.u32 %bj{r}, 0;",
+            ]
+    for i in range(64):
+        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
+    s += [
+        "    // B tiles [t, t_end) of this split",
+        f"    add.u32 %r25, %r4, {TC_TILE - 1};",
+        f"    shr.u32 %r25, %r25, {TC_TILE.bit_length() - 1};  // B tiles",
+        "    mul.lo.u32 %r26, %r16, %r6;  // t",
+        "    add.u32 %r27, %r26, %r6;",
+        "    min.u32 %r27, %r27, %r25;  // t_end",
+        "    mov.u32 %r28, %r26;  // tile of the next copy",
+        "    mov.u32 %r29, 0;  // channel of the next copy",
+        "    mov.u32 %r30, %r26;  // tile being computed",
+        "    mov.u32 %r31, 0;  // channel being computed",
+        "    mov.u32 %r32, 0;  // stage being computed (byte offset)",
+        "    setp.ge.u32 %p3, %r26, %r27;",
+        "    @%p3 bra.uni FINAL;",
+    ]
+
+    def copy(stage_reg):
+        return [
+            "    cvt.u64.u32 %rd11, %r29;",
+            "    shl.b64 %rd11, %rd11, 1;",
+            "    add.u64 %rd12, %rd8, %rd11;",
+            "    cvt.u64.u32 %rd13, %r28;",
+            "    mul.lo.u64 %rd13, %rd13, %rd10;",
+            "    add.u64 %rd13, %rd13, %rd9;",
+            "    add.u64 %rd13, %rd13, %rd11;",
+            "    add.u64 %rd14, %rd12, %rd7;",
+            "    add.u64 %rd15, %rd13, %rd7;",
+            f"    add.u32 %r33, %r23, {stage_reg};",
+            "    cp.async.cg.shared.global [%r33], [%rd12], 16, 16;",
+            f"    cp.async.cg.shared.global [%r33+{64 * ROWB}], [%rd14], 16, 16;",
+            f"    cp.async.cg.shared.global [%r33+{MAT}], [%rd13], 16, 16;",
+            f"    cp.async.cg.shared.global [%r33+{MAT + 64 * ROWB}], [%rd15], 16, 16;",
+            "    cp.async.commit_group;",
+            f"    add.u32 %r29, %r29, {TC_K};",
+            "    setp.ge.u32 %p4, %r29, %r19;",
+            "    @%p4 mov.u32 %r29, 0;",
+            "    @%p4 add.u32 %r28, %r28, 1;",
+        ]
+
+    s += copy("0")
+    s += [
+        "LOOP:",
+        "    cp.async.wait_group 0;",
+        "    bar.sync 0;",
+        "    setp.ge.u32 %p5, %r28, %r27;",
+        "    @%p5 bra.uni NOCOPY;",
+        f"    xor.b32 %r52, %r32, {STAGE};",
+    ] + copy("%r52") + ["NOCOPY:"]
+    for kk in range(2):
+        s += [f"    add.u32 %r48, %r{42 + kk}, %r32;", f"    add.u32 %r49, %r{44 + kk}, %r32;"]
+        for mt in range(2):
+            fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
+            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{fa}}}, [%r48+{mt * 16 * ROWB}];")
+        for npair in range(4):
+            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%fb0, %fb1, %fb2, %fb3}}, [%r49+{npair * 16 * ROWB}];")
+            for half in range(2):
+                n = 2 * npair + half
+                for mt in range(2):
+                    acc = ", ".join(f"%acc{(mt * 8 + n) * 4 + e}" for e in range(4))
+                    fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
+                    s.append(f"    {mma} {{{acc}}}, {{{fa}}}, {{%fb{2 * half}, %fb{2 * half + 1}}}, {{{acc}}};")
+    s += [
+        f"    add.u32 %r31, %r31, {TC_K};",
+        "    setp.lt.u32 %p6, %r31, %r19;",
+        "    @%p6 bra.uni NEXT;",
+        "    // the tile is done: scores of columns j = 128 t + 64 wn + 8 n + 2 t4 + c, ascending",
+        f"    shl.b32 %r50, %r30, {TC_TILE.bit_length() - 1};",
+        "    shl.b32 %r53, %r14, 6;",
+        "    add.u32 %r50, %r50, %r53;",
+        "    shl.b32 %r53, %r12, 1;",
+        "    add.u32 %r50, %r50, %r53;",
+    ]
+    for n in range(8):
+        for c in range(2):
+            s += [
+                f"    add.u32 %r54, %r50, {8 * n + c};  // j",
+                "    setp.lt.u32 %p9, %r54, %r4;",
+                "    setp.eq.and.u32 %p10, %r54, 0, %p2;",
+                "    not.pred %p10, %p10;",
+                "    and.pred %p9, %p9, %p10;  // a valid target",
+                "    shl.b32 %r55, %r54, 1;",
+                "    add.u32 %r55, %r55, %r51;",
+                "    add.u32 %r55, %r55, 1;  // token b*N + 2j + 1",
+                "    mul.wide.u32 %rd16, %r55, 4;",
+                "    add.u64 %rd16, %rd16, %rd3;",
+                "    mov.f32 %f1, 0f00000000;",
+                "    @%p9 ld.global.nc.f32 %f1, [%rd16];",
+            ]
+            for mt in range(2):
+                for h in range(2):
+                    r = 2 * mt + h
+                    a = (mt * 8 + n) * 4 + 2 * h + c
+                    s += [
+                        f"    mul.rn.f32 %f2, %acc{a}, %ia{r};",
+                        "    mul.rn.f32 %f2, %f2, %f1;",
+                        f"    setp.gt.and.f32 %p11, %f2, %bs{r}, %p9;",
+                        f"    selp.f32 %bs{r}, %f2, %bs{r}, %p11;",
+                        f"    selp.b32 %bj{r}, %r54, %bj{r}, %p11;",
+                    ]
+    for i in range(64):
+        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
+    s += [
+        "    mov.u32 %r31, 0;",
+        "    add.u32 %r30, %r30, 1;",
+        "NEXT:",
+        f"    xor.b32 %r32, %r32, {STAGE};",
+        "    setp.lt.u32 %p6, %r30, %r27;",
+        "    @%p6 bra.uni LOOP;",
+        "FINAL:",
+        "    // the quad: greater, or equal with a lower index",
+    ]
+    for w in [1, 2]:
+        for r in range(4):
+            s += [
+                f"    shfl.sync.bfly.b32 %f3, %bs{r}, {w}, 0x1f, {FULL};",
+                f"    shfl.sync.bfly.b32 %r56, %bj{r}, {w}, 0x1f, {FULL};",
+                f"    setp.eq.f32 %p12, %f3, %bs{r};",
+                f"    setp.lt.and.u32 %p12, %r56, %bj{r}, %p12;",
+                f"    setp.gt.or.f32 %p12, %f3, %bs{r}, %p12;",
+                f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
+                f"    selp.b32 %bj{r}, %r56, %bj{r}, %p12;",
+            ]
+    s += [
+        "    // the two warps of a row: wn = 1 through shared memory (row slot 8 bytes)",
+        "    bar.sync 0;",
+        "    setp.eq.u32 %p13, %r12, 0;",
+        "    setp.eq.and.u32 %p14, %r14, 1, %p13;",
+        "    setp.eq.and.u32 %p15, %r14, 0, %p13;",
+        "    mov.u32 %r57, smem;",
+        "    shl.b32 %r58, %r13, 5;",
+        "    add.u32 %r58, %r58, %r11;  // A row of slot 0 within the tile",
+        "    mad.lo.u32 %r57, %r58, 8, %r57;",
+    ]
+    for mt in range(2):
+        for h in range(2):
+            r = 2 * mt + h
+            s.append(f"    @%p14 st.shared.v2.b32 [%r57+{8 * (16 * mt + 8 * h)}], {{%bs{r}, %bj{r}}};")
+    s += [
+        "    bar.sync 0;",
+        "    @!%p15 bra.uni DONE;",
+        "    and.b32 %r59, %r7, 1;",
+        "    setp.ne.u32 %p8, %r59, 0;  // class token: A 0 scores -inf everywhere",
+        "    mul.lo.u32 %r60, %r17, %r5;",
+        "    add.u32 %r60, %r60, %r16;",
+        "    mul.lo.u32 %r60, %r60, %r3;  // (b*splits + split)*na",
+        "    mad.lo.u32 %r61, %r13, 32, %r15;",
+        "    add.u32 %r61, %r61, %r11;  // a of row 0",
+    ]
+    for mt in range(2):
+        for h in range(2):
+            r = 2 * mt + h
+            s += [
+                f"    ld.shared.v2.b32 {{%f3, %r56}}, [%r57+{8 * (16 * mt + 8 * h)}];",
+                f"    setp.eq.f32 %p12, %f3, %bs{r};",
+                f"    setp.lt.and.u32 %p12, %r56, %bj{r}, %p12;",
+                f"    setp.gt.or.f32 %p12, %f3, %bs{r}, %p12;",
+                f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
+                f"    selp.b32 %bj{r}, %r56, %bj{r}, %p12;",
+                f"    add.u32 %r62, %r61, {16 * mt + 8 * h};",
+                "    setp.lt.u32 %p7, %r62, %r3;",
+                "    setp.eq.and.u32 %p11, %r62, 0, %p8;",
+                f"    selp.f32 %bs{r}, 0fFF800000, %bs{r}, %p11;",
+                f"    selp.b32 %bj{r}, 0, %bj{r}, %p11;",
+                "    add.u32 %r63, %r60, %r62;",
+                "    mul.wide.u32 %rd17, %r63, 8;",
+                "    add.u64 %rd17, %rd17, %rd2;",
+                f"    @%p7 st.global.v2.b32 [%rd17], {{%bs{r}, %bj{r}}};",
+            ]
     s += ["DONE:", "    ret;", "}", ""]
     return "\n".join(s)
 
@@ -668,10 +1025,16 @@ def generate():
         "// merge_normalize_{f32,f16,bf16}, merge_similarity, merge_reduce, merge_rank:",
         "//     the plan (ToMe bipartite soft matching, the f32 contract of src/merge.rs)",
         "// merge_{sum,mean,wavg}_{f32,f16,bf16}, merge_unmerge_{f32,f16,bf16}: applying it",
+        "// merge_pack_{f16,bf16}, merge_similarity_mma_{f16,bf16}: the tensor-core similarity",
+        "//     (replaces merge_normalize / merge_similarity when asked for; plan = reference up to",
+        "//     near-ties)",
         "//",
+        "// vistok: max-regs 128",
         f"// abi block {BLOCK}",
         f"// abi tile {TILE}",
         f"// abi kstep {KSTEP}",
+        f"// abi tc_tile {TC_TILE}",
+        f"// abi tc_k {TC_K}",
     ] + ptxgen.abi_params("merge", OFF, PARAM_BYTES)
     parts = [ptxgen.module_header("gen_merge.py", lines)]
     for name, kind, t in entries():
@@ -685,6 +1048,10 @@ def generate():
             parts.append(rank(name))
         elif kind == "unmerge":
             parts.append(unmerge(name, t))
+        elif kind == "pack":
+            parts.append(normalize(name, t, pack=True))
+        elif kind == "similarity_mma":
+            parts.append(similarity_mma(name, t))
         else:
             parts.append(apply_(name, kind, t))
     return "\n".join(parts)
@@ -752,10 +1119,11 @@ def simulate(seed=0, count=4):
     def fma(a, b, c):  # a * b + c, rounded once
         return S.fma_f32(a, b, c)
 
-    def normalise(row):
+    def scaled(row):
+        """(y, 1/sqrt(ss)) of the contract's steps 1-4 (inv = 0 for an all-zero row)."""
         m = max(abs(bf(x)) for x in row)
         if m == 0:
-            return [0] * len(row)
+            return [0] * len(row), 0
         e = min(max(((fb(m) >> 23) & 0xFF) - 127, -126), 126)
         p = (127 - e) << 23
         y = [mul(x, p) for x in row]
@@ -767,7 +1135,10 @@ def simulate(seed=0, count=4):
             for i in range(w):
                 lanes[i] = add(lanes[i], lanes[i + w])
             w //= 2
-        inv = div(fb(1.0), fb(math.sqrt(bf(lanes[0]))))
+        return y, div(fb(1.0), fb(math.sqrt(bf(lanes[0]))))
+
+    def normalise(row):
+        y, inv = scaled(row)
         return [mul(v, inv) for v in y]
 
     def gt(a, b):
@@ -870,8 +1241,116 @@ def simulate(seed=0, count=4):
     _, _, st, _ = pipeline(x, 2, 5, 3, 0, 0, 1)
     check((~st) & (2**64 - 1) == 17, f"non-finite metric: status {st:#x} -> index {(~st) & (2**64 - 1)}")
 
-    # ---- applying a plan: sum, mean, wavg, normalise in 16 bits, unmerge ----
+    # ---- the tensor-core plan: pack, similarity_mma, reduce, rank ----
     fmt = {"f16": S.F16, "bf16": S.BF16}
+    random.seed(seed + 1)
+    near = 0
+    for case in range(max(count, 2)):
+        t = MMA_TYPES[case % 2]
+        B = random.choice([1, 2])
+        N = random.choice([2, 5, 9, 66, 131, 260, 300])
+        C = random.choice([1, 7, 16, 33, 40])
+        cls, dist = random.randint(0, 1), random.randint(0, 1)
+        style = random.randint(0, 2)
+        if case == 0:  # two B tiles and two channel stages, small integers: exact ties
+            B, N, C, style = 1, 300, 40, 0
+        if style == 0:
+            vals = [float(random.randint(-2, 2)) for _ in range(B * N * C)]
+        else:
+            vals = [random.uniform(-2, 2) for _ in range(B * N * C)]
+        if style == 2:
+            for r in range(2, B * N):
+                if random.random() < 0.2:
+                    vals[r * C:(r + 1) * C] = vals[(r - 2) * C:(r - 1) * C]
+                elif random.random() < 0.1:
+                    vals[r * C:(r + 1) * C] = [0.0] * C
+        xs = [S.f32_to_format(fb(v), fmt[t]) for v in vals]
+        x32 = [S.format_to_f32(h, fmt[t]) for h in xs]
+        na, nb = (N + 1) // 2, N // 2
+        NP, CP = -(-na // TC_TILE) * TC_TILE, -(-C // TC_K) * TC_K
+        X, PK, IV, ST, PA, RE, OR = 0x1000000, 0x2000000, 0x3000000, 0x3000, 0x4000000, 0x5000000, 0x6000000
+        flags = cls | (dist << 1)
+        common = dict(batch=B, n=N, c=C, na=na, nb=nb, flags=flags)
+        o = launch(f"merge_pack_{t}", ((B * N + 15) // 16, 1, 1),
+                   [("x", X, struct.pack(f"<{len(xs)}H", *xs), False), ("pk", PK, bytes(2 * B * 2 * NP * CP), True),
+                    ("iv", IV, bytes(4 * B * N), True), ("st", ST, bytes(8), True)],
+                   params(src=X, dst=PK, aux=IV, status=ST, **common), must_write=("iv",))
+        pk, iv = o["pk"], list(struct.unpack(f"<{B * N}I", o["iv"]))
+        st = int.from_bytes(o["st"], "little")
+        want_pk = bytearray(len(pk))
+        ys, ivw = [], []
+        for row in range(B * N):
+            y, inv = scaled(x32[row * C:(row + 1) * C])
+            ys.append(y)
+            ivw.append(inv)
+            b, tok = divmod(row, N)
+            base = ((2 * b + (tok & 1)) * NP + tok // 2) * CP
+            for k, v in enumerate(y):
+                struct.pack_into("<H", want_pk, 2 * (base + k), S.f32_to_format(v, fmt[t]))
+        ok_pack = pk == bytes(want_pk) and iv == ivw and st == 0
+        ax, nbt = NP // TC_TILE, -(-nb // TC_TILE)
+        target = random.choice([1, 1000])
+        want_splits = -(-target // (ax * B))
+        splits = min(max(want_splits, 1), nbt)
+        tiles = -(-nbt // splits)
+        splits = -(-nbt // tiles)
+        o = launch(f"merge_similarity_mma_{t}", (ax, splits, B),
+                   [("pk", PK, pk, False), ("iv", IV, o["iv"], False), ("pa", PA, bytes(8 * B * splits * na), True)],
+                   params(src=PK, dst=PA, aux=IV, splits=splits, tiles=tiles, **common), must_write=("pa",))
+        o = launch("merge_reduce", ((B * na + 255) // 256, 1, 1),
+                   [("pa", PA, o["pa"], False), ("re", RE, bytes(8 * B * na), True)],
+                   params(src=PA, dst=RE, splits=splits, tiles=tiles, **common), must_write=("re",))
+        red = [struct.unpack_from("<II", o["re"], 8 * i) for i in range(B * na)]
+        o = launch("merge_rank", ((na + 255) // 256, B, 1),
+                   [("re", RE, o["re"], False), ("or", OR, bytes(8 * B * na), True)],
+                   params(src=RE, dst=OR, splits=splits, tiles=tiles, **common), must_write=("or",))
+        order = [struct.unpack_from("<II", o["or"], 8 * i) for i in range(B * na)]
+        near0 = near
+        # Scores: the exact dot of the y rows (products of 16-bit values are exact; f64 sums of
+        # <= 40 of them are exact for small integers and within 2^-50 otherwise) times inv_a
+        # times inv_b. Small integers: the mma sums are exact too, so the kernel must equal the
+        # model bit for bit (ties included); otherwise within the f32 accumulation bound.
+        bad = 0
+        for b in range(B):
+            for a in range(na):
+                bs_, bj_ = red[b * na + a]
+                if cls and a == 0:
+                    bad += (bs_, bj_) != (fb(float("-inf")), 0)
+                    continue
+                ya, ia = ys[b * N + 2 * a], bf(ivw[b * N + 2 * a])
+                exact, bound = [], []
+                for j in range(nb):
+                    yj, ij = ys[b * N + 2 * j + 1], bf(ivw[b * N + 2 * j + 1])
+                    dot = sum(bf(p) * bf(q) for p, q in zip(ya, yj))
+                    if style == 0:
+                        exact.append(bf(mul(mul(fb(dot), fb(ia)), fb(ij))))
+                        bound.append(0.0)
+                    else:
+                        exact.append(dot * ia * ij)
+                        mag = sum(abs(bf(p) * bf(q)) for p, q in zip(ya, yj)) * ia * ij
+                        bound.append((C // 16 + 4) * 2.0 ** -23 * mag + 4 * 2.0 ** -24 * abs(dot * ia * ij))
+                cand = [j for j in range(nb) if not (dist and j == 0)]
+                if not cand:
+                    bad += bs_ != fb(float("-inf"))
+                    continue
+                best = max(exact[j] for j in cand)
+                first = min(j for j in cand if exact[j] == best)
+                if style == 0:
+                    bad += (bs_, bj_) != (fb(best), first)
+                elif bj_ != first:
+                    near += 1
+                    tol = bound[bj_] + bound[first]
+                    bad += not (bj_ in cand and exact[bj_] >= best - tol and abs(bf(bs_) - exact[bj_]) <= bound[bj_])
+                else:
+                    bad += abs(bf(bs_) - exact[bj_]) > bound[bj_]
+            ranked = sorted(range(na), key=lambda a: (-bf(red[b * na + a][0]), a))
+            bad += order[b * na:(b + 1) * na] != [(a, red[b * na + a][1]) for a in ranked]
+        check(ok_pack and bad == 0,
+              f"mma plan {t} B={B} N={N} C={C} cls={cls} dist={dist} style={style} splits={splits}: "
+              f"pack {'ok' if ok_pack else 'DIFF'}, {bad} bad rows, {near - near0} near-ties")
+    print(f"  mma plans: {near} near-tie choices (a different B within the bound)")
+
+    # ---- applying a plan: sum, mean, wavg, normalise in 16 bits, unmerge ----
 
     def to32(bits, t):
         return bits if t == "f32" else S.format_to_f32(bits, fmt[t])

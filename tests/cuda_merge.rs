@@ -32,6 +32,9 @@ fn expected_entries() -> Vec<String> {
     for kind in ["sum", "mean", "wavg", "unmerge"] {
         v.extend(floats.iter().map(|t| format!("merge_{kind}_{t}")));
     }
+    for kind in ["pack", "similarity_mma"] {
+        v.extend(["f16", "bf16"].map(|t| format!("merge_{kind}_{t}")));
+    }
     v
 }
 
@@ -54,6 +57,7 @@ fn ptx_header_and_entries() {
     }
     let abi = abi();
     assert_eq!((abi["merge size"], abi["block"], abi["tile"], abi["kstep"]), (PARAM_BYTES, BLOCK, 64, 16));
+    assert_eq!((abi["tc_tile"], abi["tc_k"]), (128, 32));
     let offs: Vec<usize> =
         abi.iter().filter(|(k, _)| k.starts_with("merge ") && *k != "merge size").map(|(_, &v)| v).collect();
     assert!(offs.len() == 17 && offs.iter().all(|&o| o < PARAM_BYTES), "{offs:?}");
@@ -88,6 +92,7 @@ mod cuda {
     use std::time::Instant;
 
     use super::common::gpu::gpu;
+    use super::common::plans::{compare_plans, oracle_scores};
     use super::common::{poison, Rng};
     use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
     use vistok::cuda::merge::{self as cm, MergeKernel};
@@ -108,6 +113,7 @@ mod cuda {
         let rust: Vec<(String, usize)> = cm::param_offsets().into_iter().map(|(f, o)| (f.to_string(), o)).collect();
         assert_eq!(rust, ptx, "field offsets, Rust vs PTX");
         assert_eq!((abi["tile"], abi["kstep"]), (cm::TILE, cm::KSTEP));
+        assert_eq!((abi["tc_tile"], abi["tc_k"]), (cm::TC_TILE, cm::TC_K));
     }
 
     /// A metric with planted exact ties: small integers (many equal cosines), duplicated rows,
@@ -270,6 +276,104 @@ mod cuda {
         eprintln!(
             "cuda merge (ViT / SD shapes): {} plans and merges equal to the cpu backend, {:.1} s",
             tally.plans,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+
+    /// One tensor-core case: the plan equals the reference's except at near-ties (counted),
+    /// is valid within the tolerance everywhere, and is the same for both grid splits.
+    fn tc_case<M: Float + DeviceRepr>(
+        ks: &[MergeKernel],
+        dims: [usize; 3],
+        cfg: &MatchConfig,
+        style: u64,
+        rng: &mut Rng,
+        tally: &mut TcTally,
+    ) {
+        let m: Vec<M> = metric(dims[0], dims[1], dims[2], style, rng);
+        let mv = View::new(&m, &dims).unwrap();
+        let want = MergePlan::bipartite(Backend::Reference, mv, cfg).unwrap();
+        let scores = oracle_scores(&m, dims, cfg);
+        let got = ks[0].plan_host(mv, cfg).unwrap();
+        let ctx = format!("tensor cores, {}: dims {dims:?} {cfg:?} style {style}", M::DTYPE.name());
+        tally.tied += compare_plans(&got, &want, &scores, tc_tol(dims[2]), &ctx);
+        tally.batches += dims[0];
+        tally.plans += 1;
+        for k in &ks[1..] {
+            assert_eq!(k.plan_host(mv, cfg).unwrap(), got, "{ctx}: another grid split gave another plan");
+        }
+    }
+
+    struct TcTally {
+        plans: usize,
+        batches: usize,
+        tied: usize,
+    }
+
+    /// The tensor-core score error against the f64 oracle: f32 accumulation of `C` exact
+    /// products by the tensor cores (at most one rounding per 16-product step in the PTX
+    /// model; allow one per 4 on hardware), the inverse norms' `(C + 6)·2⁻²⁴` each, two
+    /// products — doubled, relative to `Σ|u_a u_b| ≤ 1`.
+    fn tc_tol(c: usize) -> f64 {
+        2.0 * ((c as f64 / 4.0 + 4.0) * 2f64.powi(-23) + 2.0 * (c as f64 + 6.0) * 2f64.powi(-24))
+    }
+
+    #[test]
+    fn tensor_core_plans_equal_the_reference_up_to_near_ties() {
+        let Some(gpu) = gpu() else { return };
+        let t0 = Instant::now();
+        let ks: Vec<MergeKernel> = [1, 4096]
+            .map(|t| MergeKernel::new(gpu).unwrap().with_target_blocks(t).with_tensor_cores(true).unwrap())
+            .into();
+        assert!(ks[0].tensor_cores());
+        let mut rng = Rng(71);
+        let mut tally = TcTally { plans: 0, batches: 0, tied: 0 };
+        let ns: [usize; 12] = [2, 3, 5, 8, 33, 127, 130, 255, 256, 257, 300, 513];
+        let cs = [1, 2, 7, 16, 31, 32, 33, 40, 65, 100];
+        for i in 0..super::common::sim_cap(40, 4) {
+            let b = 1 + (rng.next_u64() % 3) as usize;
+            let n = ns[(rng.next_u64() as usize) % ns.len()];
+            let c = cs[(rng.next_u64() as usize) % cs.len()];
+            let r = match i % 3 {
+                0 => 1,
+                1 => n,
+                _ => 1 + (rng.next_u64() as usize) % n.div_ceil(2),
+            };
+            let f = rng.next_u64();
+            let cfg =
+                MatchConfig::new(r).class_token(f & 1 != 0).distill_token(f & 2 != 0).keep_original_order(f & 4 != 0);
+            let style = (f >> 3) % 4;
+            if i % 2 == 0 {
+                tc_case::<bf16>(&ks, [b, n, c], &cfg, style, &mut rng, &mut tally);
+            } else {
+                tc_case::<f16>(&ks, [b, n, c], &cfg, style, &mut rng, &mut tally);
+            }
+        }
+        // ViT-B/16, the 8×1024×768 and SD-sized shapes (narrow ones on the stand-in).
+        let shapes = [([8, 197, 768], 49, true), ([8, 1024, 768], 256, false), ([2, 4096, 320], 2048, false)];
+        let sim = [([2, 197, 40], 49, true)];
+        let shapes = if super::common::simulated() { &sim[..] } else { &shapes[..] };
+        for &(dims, r, class) in shapes {
+            let cfg = MatchConfig::new(r).class_token(class);
+            tc_case::<bf16>(&ks[..1], dims, &cfg, 1, &mut rng, &mut tally);
+        }
+        // f32 metrics keep the exact kernel: equal to the cpu backend.
+        let m: Vec<f32> = metric(2, 65, 24, 3, &mut rng);
+        let mv = View::new(&m, &[2, 65, 24]).unwrap();
+        let cfg = MatchConfig::new(20);
+        assert_eq!(ks[0].plan_host(mv, &cfg).unwrap(), MergePlan::bipartite(Backend::Cpu, mv, &cfg).unwrap());
+        // A non-finite element: the cpu backend's error.
+        let mut m: Vec<bf16> = metric(2, 9, 5, 1, &mut rng);
+        m[53] = bf16::from_f32(f32::NAN);
+        m[61] = bf16::from_f32(f32::INFINITY);
+        let mv = View::new(&m, &[2, 9, 5]).unwrap();
+        let cfg = MatchConfig::new(3);
+        assert_eq!(ks[0].plan_host(mv, &cfg).unwrap_err(), MergePlan::bipartite(Backend::Cpu, mv, &cfg).unwrap_err());
+        eprintln!(
+            "cuda merge (tensor cores): {} plans equal to the reference ({} of {} batches had a near-tie, allowed), {:.1} s",
+            tally.plans,
+            tally.tied,
+            tally.batches,
             t0.elapsed().as_secs_f64()
         );
     }

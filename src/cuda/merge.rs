@@ -7,9 +7,9 @@
 //! The kernels follow the f32 score contract of [`crate::merge`] operation for operation
 //! (`mul.rn`, `add.rn`, `fma.rn`, `sqrt.rn`, `div.rn`; nothing contracted, no `.ftz`), so the
 //! scores are the cpu backend's bit for bit and so is the plan, for every input (f16 / bf16
-//! metrics are widened exactly to f32 on load and take the same f32 path; the issue's
-//! tensor-core similarity for 16-bit metrics is NOT done — its scores would differ from the
-//! cpu's f32 contract):
+//! metrics are widened exactly to f32 on load and take the same f32 path;
+//! [`MergeKernel::with_tensor_cores`] switches them to a tensor-core similarity whose plan
+//! equals the reference's up to near-ties instead):
 //! 1. `merge_normalize_{dtype}`: half a warp per token row; lane `l` accumulates the contract's
 //!    lane `l` (channels `k ≡ l mod 16`, in order), the lane tree by `shfl.down`; non-finite
 //!    elements are reported through a status word (the lowest flat index wins).
@@ -21,6 +21,14 @@
 //! 4. `merge_rank`: `rank(a) = #{a' : s(a') > s(a) or (s(a') = s(a) and a' < a)}` — a stable
 //!    descending sort, ties to the lower A index, `−0 = +0`, computed as `O(N²/4)` compares
 //!    per batch (cheap next to the similarity) — and `order[b, rank(a)] = (a, best B of a)`.
+//!
+//!
+//! With [`MergeKernel::with_tensor_cores`] and an f16 / bf16 metric, steps 1–2 are instead
+//! `merge_pack_{dtype}` (the contract's scaled rows `y`, exact in the input dtype, packed as
+//! zero-padded A and B matrices, and `1/√ss` per token) and `merge_similarity_mma_{dtype}`
+//! (blocks of 128 A × 128 B tokens, 8 warps of 32 × 64 `mma.sync` m16n8k16 tiles, channels in
+//! cp.async double-buffered stages of 32, ldmatrix from XOR-swizzled shared memory; score =
+//! dot · inv_a · inv_b), feeding the same reduce and rank.
 //!
 //! The `B·⌈N/2⌉` (A token, best B) pairs in rank order are copied back and the host assembles
 //! the [`MergePlan`] (`O(B·N)`), exactly as the cpu backend does from the same ranking.
@@ -89,8 +97,17 @@ pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 const _: () = assert!(TILE == 4 * 16 && KSTEP * TILE == 4 * BLOCK as usize && BLOCK.is_multiple_of(32));
 
+/// A tokens and B tokens per tensor-core similarity block (also the row padding of its packed
+/// operands).
+pub const TC_TILE: usize = 128;
+/// Channels per shared-memory stage of the tensor-core similarity (also the channel padding of
+/// its packed operands).
+pub const TC_K: usize = 32;
+/// The metric dtypes the tensor-core similarity takes, in entry order.
+pub const TC_DTYPES: [DType; 2] = [DType::F16, DType::BF16];
+
 /// Every entry of `kernels/merge.ptx`, in file order.
-pub const KERNEL_NAMES: [&str; 18] = [
+pub const KERNEL_NAMES: [&str; 22] = [
     "merge_normalize_f32",
     "merge_normalize_f16",
     "merge_normalize_bf16",
@@ -109,10 +126,14 @@ pub const KERNEL_NAMES: [&str; 18] = [
     "merge_unmerge_f32",
     "merge_unmerge_f16",
     "merge_unmerge_bf16",
+    "merge_pack_f16",
+    "merge_pack_bf16",
+    "merge_similarity_mma_f16",
+    "merge_similarity_mma_bf16",
 ];
 
 /// The entry name of a per-dtype kernel (`"normalize"`, `"sum"`, `"mean"`, `"wavg"`,
-/// `"unmerge"`).
+/// `"unmerge"`; `"pack"` and `"similarity_mma"` for f16 / bf16).
 ///
 /// ```
 /// use vistok::{cuda::merge::kernel_name, DType};
@@ -205,8 +226,22 @@ pub fn param_offsets() -> Vec<(&'static str, usize)> {
 /// assert_eq!(vistok::cuda::merge::similarity_grid(8, 512, 512, 1), (8, 1, 8));
 /// ```
 pub fn similarity_grid(batch: usize, na: usize, nb: usize, target_blocks: usize) -> (u32, u32, u32) {
-    let ax = na.div_ceil(TILE).max(1);
-    let nbt = nb.div_ceil(TILE).max(1);
+    grid_for(TILE, batch, na, nb, target_blocks)
+}
+
+/// [`similarity_grid`] for the tensor-core similarity (tiles of [`TC_TILE`] tokens).
+///
+/// ```
+/// let (ax, splits, tiles) = vistok::cuda::merge::tc_similarity_grid(8, 512, 512, 264);
+/// assert_eq!((ax, splits, tiles), (4, 4, 1));
+/// ```
+pub fn tc_similarity_grid(batch: usize, na: usize, nb: usize, target_blocks: usize) -> (u32, u32, u32) {
+    grid_for(TC_TILE, batch, na, nb, target_blocks)
+}
+
+fn grid_for(tile: usize, batch: usize, na: usize, nb: usize, target_blocks: usize) -> (u32, u32, u32) {
+    let ax = na.div_ceil(tile).max(1);
+    let nbt = nb.div_ceil(tile).max(1);
     let want = target_blocks.div_ceil(ax * batch.max(1));
     let splits = want.clamp(1, nbt);
     let tiles = nbt.div_ceil(splits);
@@ -304,11 +339,12 @@ impl DevicePlan {
 pub struct MergeKernel {
     gpu: Gpu,
     target_blocks: usize,
+    tensor_cores: bool,
 }
 
 impl std::fmt::Debug for MergeKernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MergeKernel").field("gpu", &self.gpu).finish()
+        f.debug_struct("MergeKernel").field("gpu", &self.gpu).field("tensor_cores", &self.tensor_cores).finish()
     }
 }
 
@@ -339,7 +375,56 @@ impl MergeKernel {
     /// Errors: [`Error::MissingKernel`] / [`Error::Driver`] from the driver.
     pub fn new(gpu: &Gpu) -> Result<Self> {
         gpu.function(MODULE, PTX, KERNEL_NAMES[0])?;
-        Ok(MergeKernel { gpu: gpu.clone(), target_blocks: gpu.sm_count() as usize * BLOCKS_PER_SM })
+        Ok(MergeKernel {
+            gpu: gpu.clone(),
+            target_blocks: gpu.sm_count() as usize * BLOCKS_PER_SM,
+            tensor_cores: false,
+        })
+    }
+
+    /// Switches the similarity of f16 / bf16 metrics to tensor cores (`mma.sync` m16n8k16, f32
+    /// accumulation in an order the hardware chooses) or back to the exact f32 kernel (the
+    /// default). f32 metrics always take the exact kernel.
+    ///
+    /// With tensor cores, `merge_pack_{dtype}` writes each token's scaled row `y` (steps 1–2
+    /// of the [score contract](crate::merge#score-arithmetic), exact in the input dtype because
+    /// the scale is a power of two) and `1/√ss` (step 3–4), and `merge_similarity_mma_{dtype}`
+    /// computes `score(a, b) = (Σₖ y_a[k]·y_b[k]) · inv_a · inv_b`: the products are exact, the
+    /// sum is accumulated in f32 by the tensor cores, then two correctly rounded products.
+    /// The scores differ from the f64 reference by about `(C/16 + 4)·2⁻²³` (relative to
+    /// `Σ|u_a[k]·u_b[k]| ≤ 1`), like the exact kernel's, but not bit for bit: the plan equals
+    /// the reference's (and the cpu backend's) except at such near-ties. Ties between equal
+    /// scores still go to the lowest index, the ranking is the same stable sort, non-finite
+    /// metrics are reported the same way, and the result is the same on every run.
+    ///
+    /// Errors: driver errors loading the entries.
+    ///
+    /// ```no_run
+    /// use vistok::cuda::{merge::MergeKernel, Gpu};
+    /// use vistok::merge::MatchConfig;
+    /// use vistok::{bf16, View};
+    /// # fn main() -> vistok::Result<()> {
+    /// let gpu = Gpu::new(0)?;
+    /// let kernel = MergeKernel::new(&gpu)?.with_tensor_cores(true)?;
+    /// let m: Vec<bf16> = [1.0f32, 0.0, 0.0, 1.0, 0.0, 2.0, 1.0, 1.0].map(bf16::from_f32).to_vec();
+    /// let plan = kernel.plan_host(View::new(&m, &[1, 4, 2])?, &MatchConfig::new(1))?;
+    /// assert_eq!(plan.slots(), &[0, 1, 1, 2]);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_tensor_cores(mut self, on: bool) -> Result<Self> {
+        if on {
+            for t in TC_DTYPES {
+                self.gpu.function(MODULE, PTX, &kernel_name("pack", t))?;
+                self.gpu.function(MODULE, PTX, &kernel_name("similarity_mma", t))?;
+            }
+        }
+        self.tensor_cores = on;
+        Ok(self)
+    }
+
+    /// Whether f16 / bf16 metrics use the tensor-core similarity.
+    pub fn tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
 
     /// Sets the similarity grid's target block count (tests of the B-tile splits, tuning).
@@ -365,8 +450,9 @@ impl MergeKernel {
     }
 
     /// ToMe's bipartite soft matching of `metric` `[B, N, C]` (`dims`) on the device; returns
-    /// the same [`MergePlan`] as [`MergePlan::bipartite`] on [`Backend::Cpu`](crate::Backend::Cpu).
-    /// Waits for the stream (the plan is copied back).
+    /// the same [`MergePlan`] as [`MergePlan::bipartite`] on [`Backend::Cpu`](crate::Backend::Cpu)
+    /// (with [`tensor_cores`](Self::with_tensor_cores) and an f16 / bf16 metric: the same up to
+    /// near-ties). Waits for the stream (the plan is copied back).
     ///
     /// Errors: as [`MergePlan::bipartite`] (dims, `N < 2`, `C = 0`, [`Error::NonFinite`] naming
     /// the first non-finite element), [`Error::Length`] if `metric.len() ≠ B·N·C`,
@@ -393,8 +479,8 @@ impl MergeKernel {
             return Ok(MergePlan::from_parts(b, n, r, *config, parts_empty));
         }
         let (na, nb) = (n.div_ceil(2), n / 2);
+        let tc = self.tensor_cores && TC_DTYPES.contains(&M::DTYPE);
         let mut status = alloc::<u64>(stream, 1, "the status word")?;
-        let mut u = alloc::<f32>(stream, b * n * c, "normalised metric rows")?;
         let mut p = MergeParams {
             batch: b as u32,
             n: n as u32,
@@ -404,32 +490,41 @@ impl MergeKernel {
             flags: u32::from(config.class_token) | (u32::from(config.distill_token) << 1),
             ..MergeParams::default()
         };
-        {
-            let f = self.gpu.function(MODULE, PTX, &kernel_name("normalize", M::DTYPE))?;
-            let (src, _r) = metric.device_ptr(stream);
-            let (dst, _w) = u.device_ptr_mut(stream);
-            let (st, _s) = status.device_ptr_mut(stream);
-            let params = MergeParams { src, dst, status: st, ..p };
-            let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
-            // SAFETY: parameter block MergeParams (size and offsets checked by tests/cuda_merge.rs).
-            // The kernel reads metric [0, B·N·C) (= metric.len(), checked), writes u [0, B·N·C)
-            // (allocated with that length) and the one status word; B·N < 2³¹ and C < 2³¹
-            // (checked), flat indices are 64-bit. The guards keep the buffers borrowed until the
-            // launch is enqueued; cudarc's stream-ordered frees keep them alive until it ends.
-            unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
+        let mut u = None;
+        if r == 0 || !tc {
+            let mut buf = alloc::<f32>(stream, b * n * c, "normalised metric rows")?;
+            {
+                let f = self.gpu.function(MODULE, PTX, &kernel_name("normalize", M::DTYPE))?;
+                let (src, _r) = metric.device_ptr(stream);
+                let (dst, _w) = buf.device_ptr_mut(stream);
+                let (st, _s) = status.device_ptr_mut(stream);
+                let params = MergeParams { src, dst, status: st, ..p };
+                let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
+                // SAFETY: parameter block MergeParams (size and offsets checked by tests/cuda_merge.rs).
+                // The kernel reads metric [0, B·N·C) (= metric.len(), checked), writes u [0, B·N·C)
+                // (allocated with that length) and the one status word; B·N < 2³¹ and C < 2³¹
+                // (checked), flat indices are 64-bit. The guards keep the buffers borrowed until the
+                // launch is enqueued; cudarc's stream-ordered frees keep them alive until it ends.
+                unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
+            }
+            u = Some(buf);
         }
         if r == 0 {
             self.status(stream, &status, |i| non_finite("metric", i, n, c))?;
             return Ok(MergePlan::from_parts(b, n, r, *config, parts_empty));
         }
-        let (ax, splits, tiles) = similarity_grid(b, na, nb, self.target_blocks);
+        let (ax, splits, tiles) = if tc {
+            tc_similarity_grid(b, na, nb, self.target_blocks)
+        } else {
+            similarity_grid(b, na, nb, self.target_blocks)
+        };
         check_index("B·splits·⌈N/2⌉", b * splits as usize * na)?;
         p.splits = splits;
         p.tiles = tiles;
         let mut partial = alloc::<u64>(stream, b * splits as usize * na, "partial bests")?;
         let mut reduced = alloc::<u64>(stream, b * na, "best B tokens")?;
         let mut order = alloc::<u64>(stream, b * na, "the ranking")?;
-        {
+        if let Some(u) = &u {
             let f = self.gpu.function(MODULE, PTX, "merge_similarity")?;
             let (src, _r) = u.device_ptr(stream);
             let (dst, _w) = partial.device_ptr_mut(stream);
@@ -438,6 +533,42 @@ impl MergeKernel {
             // checked), A tokens 2a < N and B tokens 2j + 1 < N (guarded by na / nb), channels
             // < C; writes partial[(b·splits + s)·na + a] for a < na, s < splits: inside the
             // B·splits·na entries allocated (< 2³¹, checked).
+            unsafe { f.launch(stream, (ax, splits, b as u32), (BLOCK, 1, 1), &params) }?;
+        } else {
+            // Packed operands: per batch NP = ⌈na/128⌉·128 A rows then NP B rows (nb ≤ na), each
+            // of CP = ⌈C/32⌉·32 channels, zero-filled padding (alloc_zeros).
+            let np = na.div_ceil(TC_TILE) * TC_TILE;
+            let cp = c.div_ceil(TC_K) * TC_K;
+            let elems = b
+                .checked_mul(2 * np)
+                .and_then(|v| v.checked_mul(cp))
+                .ok_or_else(|| unsupported(format!("packed tensor-core operands for [{b}, {n}, {c}] overflow")))?;
+            let mut packed = alloc::<u16>(stream, elems, "packed tensor-core operands")?;
+            let mut inv = alloc::<f32>(stream, b * n, "inverse norms")?;
+            {
+                let f = self.gpu.function(MODULE, PTX, &kernel_name("pack", M::DTYPE))?;
+                let (src, _r) = metric.device_ptr(stream);
+                let (dst, _w) = packed.device_ptr_mut(stream);
+                let (aux, _a) = inv.device_ptr_mut(stream);
+                let (st, _s) = status.device_ptr_mut(stream);
+                let params = MergeParams { src, dst, aux, status: st, ..p };
+                let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
+                // SAFETY: MergeParams as above. Reads metric [0, B·N·C) (checked length); token
+                // row b·N + t < B·N writes packed[((2b + t mod 2)·NP + ⌊t/2⌋)·CP + k] for k < C
+                // (< B·2·NP·CP = the allocation, computed without overflow above; the kernel
+                // computes these offsets in 64 bits) and inv[b·N + t] (B·N entries allocated),
+                // plus the status word.
+                unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
+            }
+            let f = self.gpu.function(MODULE, PTX, &kernel_name("similarity_mma", M::DTYPE))?;
+            let (src, _r) = packed.device_ptr(stream);
+            let (aux, _a) = inv.device_ptr(stream);
+            let (dst, _w) = partial.device_ptr_mut(stream);
+            let params = MergeParams { src, dst, aux, ..p };
+            // SAFETY: MergeParams as above. Block (x, s, b) reads the packed A rows
+            // [2b·NP + 128x, +128) and B rows (2b + 1)·NP + [128t, 128t + 128) for its tiles
+            // t < ⌈nb/128⌉ ≤ NP/128, all CP channels: inside the allocation; inv of tokens < B·N
+            // (guarded by na / nb); writes partial[(b·splits + s)·na + a] for a < na as above.
             unsafe { f.launch(stream, (ax, splits, b as u32), (BLOCK, 1, 1), &params) }?;
         }
         {
@@ -861,6 +992,9 @@ mod tests {
         names.extend(["merge_similarity", "merge_reduce", "merge_rank"].map(String::from));
         for kind in ["sum", "mean", "wavg", "unmerge"] {
             names.extend(DTYPES.iter().map(|&t| kernel_name(kind, t)));
+        }
+        for kind in ["pack", "similarity_mma"] {
+            names.extend(TC_DTYPES.iter().map(|&t| kernel_name(kind, t)));
         }
         assert_eq!(names, KERNEL_NAMES);
     }

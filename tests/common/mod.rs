@@ -108,4 +108,5 @@ pub mod cli;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod judge;
+pub mod plans;
 pub mod ptx;
