@@ -12,11 +12,13 @@ pub fn tol(c: usize) -> f64 {
 
 /// An f64 oracle of the A×B cosine scores, `[B, na, nb]`, −∞ where masked.
 pub fn oracle_scores<M: Float>(m: &[M], [b, n, c]: [usize; 3], cfg: &MatchConfig) -> Vec<f64> {
-    let unit = |bi: usize, t: usize| -> Vec<f64> {
-        let row: Vec<f64> = m[(bi * n + t) * c..][..c].iter().map(|v| v.to_f32() as f64).collect();
-        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
-        row.iter().map(|v| if norm == 0.0 { 0.0 } else { v / norm }).collect()
-    };
+    let units: Vec<Vec<f64>> = (0..b * n)
+        .map(|t| {
+            let row: Vec<f64> = m[t * c..][..c].iter().map(|v| v.to_f32() as f64).collect();
+            let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+            row.iter().map(|v| if norm == 0.0 { 0.0 } else { v / norm }).collect()
+        })
+        .collect();
     let (na, nb) = (n.div_ceil(2), n / 2);
     let mut s = vec![f64::NEG_INFINITY; b * na * nb];
     for bi in 0..b {
@@ -25,8 +27,8 @@ pub fn oracle_scores<M: Float>(m: &[M], [b, n, c]: [usize; 3], cfg: &MatchConfig
                 if (cfg.class_token && i == 0) || (cfg.distill_token && j == 0) {
                     continue;
                 }
-                let (u, w) = (unit(bi, 2 * i), unit(bi, 2 * j + 1));
-                s[(bi * na + i) * nb + j] = u.iter().zip(&w).map(|(x, y)| x * y).sum();
+                let (u, w) = (&units[bi * n + 2 * i], &units[bi * n + 2 * j + 1]);
+                s[(bi * na + i) * nb + j] = u.iter().zip(w).map(|(x, y)| x * y).sum();
             }
         }
     }
