@@ -93,6 +93,7 @@ def entries():
     out += [(f"argmin_finish_{t}", "finish", t, None, None) for t in FLOATS]
     out += [(f"argmin_lookup_{t}", "lookup", t, None, None) for t in FLOATS]
     out += [(f"argmin_mma_{t}_{m}", "mma", t, m, 16) for t in MMA_TYPES for m in METRICS]
+    out += [("argmin_pad_b16", "pad", None, None, None)]
     return out
 
 
@@ -526,173 +527,307 @@ def lookup_entry(name, ty):
 # --------------------------------------------------------------------------------------------
 # mma: the tensor-core search for f16 / bf16 (m16n8k16, f32 accumulation).
 # --------------------------------------------------------------------------------------------
+TC_K = 32  # tensor-core search: dims per cp.async stage (and the codebook's row padding)
+
+
 def mma_entry(name, ty, metric):
-    """Warp w of the block owns rows row0 + 16 w + [0, 16); per code tile (128 codes, two
-    halves of 8 n-tiles of 8 codes) it accumulates over D in k-steps of 16 with mma.sync.
-    A fragments come straight from x (L1-cached u16 loads, zero past N and D); B fragments
-    from the host's fragment-ordered copy of the codebook: [n-tile][k-step][lane][2] u32, each
-    lane's b0 = (e[g][k0+2t], e[g][k0+2t+1]) and b1 = the same 8 dims later, low half first.
-    Lane (g = lane / 4, t = lane % 4) holds the dot products of rows g, g+8 with codes 2t, 2t+1
-    of each n-tile; scores and the running best per row as in the FFMA search (codes ascending
-    per thread), merged over the 4 lanes of a row, then red.max of ~key into ws."""
+    """argmin_mma_{ty}_{metric}: a block of 256 threads (8 warps) owns BM = 128 rows and sweeps
+    its split's code tiles of BN = 128 codes. Warp (wm, wn) = (warp & 3, warp >> 2) computes the
+    dot products of rows 32 wm .. +32 with codes 64 wn .. +64 of the tile: 2 x 8 mma.sync
+    m16n8k16 accumulators, D in stages of TC_K = 32 dims through shared memory (cp.async.cg
+    16-byte chunks, two stages: the next stage loads while this one computes; 64-byte rows, the
+    four chunks XOR-swizzled by (row >> 1) & 3 so that ldmatrix phases hit distinct banks).
+    x: rows of `d` elements (the host passes d % 8 = 0 and a 16-byte aligned x, padding a copy
+    when the caller's is not), chunks past d or rows past n zero-filled (src-size 0). Codebook:
+    the host's [tiles * 128][d_pad] copy (d_pad = D rounded up to 32, zero rows and dims past K
+    and D). After the last stage of a tile: scores from the bias exactly as the FFMA search
+    (s = h - p or s = p * c, rounded once), folded into the running best of the thread's 4 rows
+    in ascending code order with strict <; at the end the 4 lanes of a row merge by
+    (score, code) and lane 0 of each warp does red.max of ~key into ws."""
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    ROWB = TC_K * 2  # bytes per staged row
+    MAT = BM * ROWB  # one staged matrix (BM == BN == 128 rows)
+    STAGE = 2 * MAT
+    assert BM == BN == 128
+
+    def prm(reg, field):
+        return f"    ld.param.{dict(ARGMIN_FIELDS)[field]} {reg}, [p+{OFF[field]}];"
+
+    doc = [f"{name}: x {ty} [N, D] x codebook {ty} [tiles * 128][d_pad] -> ws [N] (tensor cores,",
+           "cp.async + ldmatrix + mma.sync on 128 x 128 tiles; see the generator)."]
+    s = [f"// {line}" for line in doc] + ptxgen.signature(name, PARAM_SIZE, BLOCK) + [
+        ".minnctapersm 2", "{",
+        ".reg .pred %p<16>;", ".reg .b32 %r<64>;", ".reg .f32 %f<8>;", ".reg .b64 %rd<24>;",
+        ".reg .f32 %acc<64>;", ".reg .b32 %fa<8>;", ".reg .b32 %fb<4>;",
+        ".reg .f32 %bs<4>;", ".reg .b32 %bj<4>;", f".shared .align 128 .b8 smem[{2 * STAGE}];",
+        prm("%rd1", "x"), prm("%rd2", "packed"), prm("%rd3", "bias"), prm("%rd4", "ws"),
+        prm("%r1", "n"), prm("%r2", "d"), prm("%r3", "d_pad"), prm("%r4", "tiles"), prm("%r5", "tiles_per_split"),
+        "    mov.u32 %r8, %tid.x;",
+        "    shr.u32 %r9, %r8, 5;  // warp",
+        "    and.b32 %r10, %r8, 31;  // lane",
+        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
+        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 2 t4, 2 t4 + 1",
+        "    and.b32 %r13, %r9, 3;  // wm",
+        "    shr.u32 %r14, %r9, 2;  // wn",
+        "    mov.u32 %r15, %ctaid.x;",
+        "    shl.b32 %r15, %r15, 7;  // row0",
+        "    // copies: chunk cc of staged rows cr and cr + 64 of each matrix",
+        "    and.b32 %r20, %r8, 3;  // cc",
+        "    shr.u32 %r21, %r8, 2;  // cr",
+        "    shr.u32 %r22, %r21, 1;",
+        "    and.b32 %r22, %r22, 3;",
+        "    xor.b32 %r22, %r22, %r20;",
+        "    shl.b32 %r22, %r22, 4;",
+        "    mov.u32 %r23, smem;",
+        f"    mad.lo.u32 %r23, %r21, {ROWB}, %r23;",
+        "    add.u32 %r23, %r23, %r22;  // &stage[cr][cc ^ swizzle]",
+        "    shl.b32 %r24, %r20, 3;  // first dim of the chunk",
+        "    // x rows row0 + cr (+ 64): valid below n; their chunk addresses at dim 0",
+        "    add.u32 %r25, %r15, %r21;",
+        "    setp.lt.u32 %p8, %r25, %r1;",
+        "    mul.wide.u32 %rd5, %r25, %r2;",
+        "    cvt.u64.u32 %rd6, %r24;",
+        "    add.u64 %rd5, %rd5, %rd6;",
+        "    shl.b64 %rd5, %rd5, 1;",
+        "    add.u64 %rd5, %rd5, %rd1;",
+        "    add.u32 %r25, %r25, 64;",
+        "    setp.lt.u32 %p9, %r25, %r1;",
+        "    mul.wide.u32 %rd6, %r25, %r2;",
+        "    cvt.u64.u32 %rd7, %r24;",
+        "    add.u64 %rd6, %rd6, %rd7;",
+        "    shl.b64 %rd6, %rd6, 1;",
+        "    add.u64 %rd6, %rd6, %rd1;",
+        "    // codebook rows: (128 t + cr) * d_pad + 8 cc, tile stride 128 d_pad (elements)",
+        "    cvt.u64.u32 %rd7, %r3;",
+        "    shl.b64 %rd7, %rd7, 1;  // codebook row bytes",
+        "    cvt.u64.u32 %rd8, %r21;",
+        "    mul.lo.u64 %rd8, %rd8, %rd7;",
+        "    cvt.u64.u32 %rd9, %r20;",
+        "    shl.b64 %rd9, %rd9, 4;",
+        "    add.u64 %rd8, %rd8, %rd9;",
+        "    add.u64 %rd8, %rd8, %rd2;  // this thread's chunk in tile 0, dim 0",
+        "    shl.b64 %rd9, %rd7, 6;  // 64 codebook rows",
+        "    shl.b64 %rd10, %rd7, 7;  // one code tile",
+        "    // ldmatrix addressing: A (row = lane & 15, chunk lane >> 4), B (row = (lane & 7) |",
+        "    // (lane >> 4) << 3, chunk (lane >> 3) & 1); chunk ^= (row >> 1) & 3; + 2 per k16 step",
+        "    and.b32 %r34, %r10, 15;",
+        "    shr.u32 %r35, %r10, 4;",
+        "    shr.u32 %r36, %r34, 1;",
+        "    and.b32 %r36, %r36, 3;",
+        "    xor.b32 %r36, %r36, %r35;",
+        "    shl.b32 %r36, %r36, 4;",
+        "    shl.b32 %r37, %r13, 5;",
+        "    add.u32 %r37, %r37, %r34;",
+        "    mov.u32 %r38, smem;",
+        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // A row base",
+        "    add.u32 %r42, %r37, %r36;",
+        "    xor.b32 %r36, %r36, 32;",
+        "    add.u32 %r43, %r37, %r36;",
+        "    and.b32 %r39, %r10, 7;",
+        "    shl.b32 %r40, %r35, 3;",
+        "    or.b32 %r39, %r39, %r40;",
+        "    shr.u32 %r40, %r10, 3;",
+        "    and.b32 %r40, %r40, 1;",
+        "    shr.u32 %r41, %r39, 1;",
+        "    and.b32 %r41, %r41, 3;",
+        "    xor.b32 %r41, %r41, %r40;",
+        "    shl.b32 %r41, %r41, 4;",
+        "    shl.b32 %r37, %r14, 6;",
+        "    add.u32 %r37, %r37, %r39;",
+        f"    add.u32 %r38, %r38, {MAT};",
+        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // B row base",
+        "    add.u32 %r44, %r37, %r41;",
+        "    xor.b32 %r41, %r41, 32;",
+        "    add.u32 %r45, %r37, %r41;",
+    ]
+    for r in range(4):
+        s += [f"    mov.f32 %bs{r}, 0f7F800000;", f"    mov.u32 %bj{r}, 0;"]
+    for i in range(64):
+        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
+    s += [
+        "    // code tiles [t, t_end) of this split",
+        "    mov.u32 %r26, %ctaid.y;",
+        "    mul.lo.u32 %r26, %r26, %r5;  // t",
+        "    add.u32 %r27, %r26, %r5;",
+        "    min.u32 %r27, %r27, %r4;  // t_end",
+        "    mov.u32 %r28, %r26;  // tile of the next copy",
+        "    mov.u32 %r29, 0;  // dim of the next copy",
+        "    mov.u32 %r30, %r26;  // tile being computed",
+        "    mov.u32 %r31, 0;  // dim being computed",
+        "    mov.u32 %r32, 0;  // stage being computed (byte offset)",
+        "    setp.ge.u32 %p3, %r26, %r27;",
+        "    @%p3 bra.uni FINAL;",
+    ]
+
+    def copy(stage_reg):
+        return [
+            "    add.u32 %r33, %r29, %r24;",
+            "    setp.lt.u32 %p10, %r33, %r2;  // the chunk's dims are inside d",
+            "    cvt.u64.u32 %rd11, %r29;",
+            "    shl.b64 %rd11, %rd11, 1;",
+            "    and.pred %p11, %p10, %p8;",
+            "    add.u64 %rd12, %rd5, %rd11;",
+            "    selp.u64 %rd12, %rd12, %rd1, %p11;",
+            "    selp.u32 %r46, 16, 0, %p11;",
+            "    and.pred %p11, %p10, %p9;",
+            "    add.u64 %rd13, %rd6, %rd11;",
+            "    selp.u64 %rd13, %rd13, %rd1, %p11;",
+            "    selp.u32 %r47, 16, 0, %p11;",
+            "    cvt.u64.u32 %rd14, %r28;",
+            "    mul.lo.u64 %rd14, %rd14, %rd10;",
+            "    add.u64 %rd14, %rd14, %rd8;",
+            "    add.u64 %rd14, %rd14, %rd11;",
+            "    add.u64 %rd15, %rd14, %rd9;",
+            f"    add.u32 %r33, %r23, {stage_reg};",
+            "    cp.async.cg.shared.global [%r33], [%rd12], 16, %r46;",
+            f"    cp.async.cg.shared.global [%r33+{64 * ROWB}], [%rd13], 16, %r47;",
+            f"    cp.async.cg.shared.global [%r33+{MAT}], [%rd14], 16, 16;",
+            f"    cp.async.cg.shared.global [%r33+{MAT + 64 * ROWB}], [%rd15], 16, 16;",
+            "    cp.async.commit_group;",
+            f"    add.u32 %r29, %r29, {TC_K};",
+            "    setp.ge.u32 %p4, %r29, %r3;",
+            "    @%p4 mov.u32 %r29, 0;",
+            "    @%p4 add.u32 %r28, %r28, 1;",
+        ]
+
+    s += copy("0")
+    s += [
+        "LOOP:",
+        "    cp.async.wait_group 0;",
+        "    bar.sync 0;",
+        "    setp.ge.u32 %p5, %r28, %r27;",
+        "    @%p5 bra.uni NOCOPY;",
+        f"    xor.b32 %r52, %r32, {STAGE};",
+    ] + copy("%r52") + ["NOCOPY:"]
+    for kk in range(2):
+        s += [f"    add.u32 %r48, %r{42 + kk}, %r32;", f"    add.u32 %r49, %r{44 + kk}, %r32;"]
+        for mt in range(2):
+            fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
+            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{fa}}}, [%r48+{mt * 16 * ROWB}];")
+        for npair in range(4):
+            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%fb0, %fb1, %fb2, %fb3}}, [%r49+{npair * 16 * ROWB}];")
+            for half in range(2):
+                n = 2 * npair + half
+                for mt in range(2):
+                    acc = ", ".join(f"%acc{(mt * 8 + n) * 4 + e}" for e in range(4))
+                    fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
+                    s.append(f"    {mma} {{{acc}}}, {{{fa}}}, {{%fb{2 * half}, %fb{2 * half + 1}}}, {{{acc}}};")
+    s += [
+        f"    add.u32 %r31, %r31, {TC_K};",
+        "    setp.lt.u32 %p6, %r31, %r3;",
+        "    @%p6 bra.uni NEXT;",
+        "    // the tile is done: codes 128 t + 64 wn + 8 n + 2 t4 + c, ascending per row",
+        "    shl.b32 %r50, %r30, 7;",
+        "    shl.b32 %r53, %r14, 6;",
+        "    add.u32 %r50, %r50, %r53;",
+        "    shl.b32 %r53, %r12, 1;",
+        "    add.u32 %r50, %r50, %r53;",
+    ]
+    for n in range(8):
+        s += [
+            f"    add.u32 %r54, %r50, {8 * n};  // code of column c = 0",
+            "    add.u32 %r55, %r54, 1;",
+            "    mul.wide.u32 %rd16, %r54, 4;",
+            "    add.u64 %rd16, %rd16, %rd3;",
+            "    ld.global.nc.v2.f32 {%f1, %f2}, [%rd16];",
+        ]
+        for c in range(2):
+            for mt in range(2):
+                for h in range(2):
+                    r = 2 * mt + h
+                    a = (mt * 8 + n) * 4 + 2 * h + c
+                    if metric == "l2":
+                        s.append(f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};")
+                    else:
+                        s.append(f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};")
+                    s += [
+                        f"    setp.lt.f32 %p12, %f3, %bs{r};",
+                        f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
+                        f"    selp.b32 %bj{r}, %r{54 + c}, %bj{r}, %p12;",
+                    ]
+    for i in range(64):
+        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
+    s += [
+        "    mov.u32 %r31, 0;",
+        "    add.u32 %r30, %r30, 1;",
+        "NEXT:",
+        f"    xor.b32 %r32, %r32, {STAGE};",
+        "    setp.lt.u32 %p6, %r30, %r27;",
+        "    @%p6 bra.uni LOOP;",
+        "FINAL:",
+        "    // key = ordered score << 32 | code (-0 as +0); the quad keeps the least, lane 0 of",
+        "    // the quad does red.max of ~key",
+        "    setp.eq.u32 %p13, %r12, 0;",
+        "    mad.lo.u32 %r56, %r13, 32, %r15;",
+        "    add.u32 %r56, %r56, %r11;  // row of slot 0",
+    ]
+    for mt in range(2):
+        for h in range(2):
+            r = 2 * mt + h
+            s += [
+                f"    mov.b32 %r57, %bs{r};",
+                "    setp.eq.u32 %p14, %r57, 0x80000000;",
+                "    selp.u32 %r57, 0, %r57, %p14;",
+                "    setp.lt.s32 %p14, %r57, 0;",
+                "    not.b32 %r58, %r57;",
+                "    or.b32 %r57, %r57, 0x80000000;",
+                "    selp.u32 %r57, %r58, %r57, %p14;",
+                f"    mov.u32 %r58, %bj{r};",
+            ]
+            for w in (1, 2):
+                s += [
+                    f"    shfl.sync.bfly.b32 %r59, %r57, {w}, 31, {FULL};",
+                    f"    shfl.sync.bfly.b32 %r60, %r58, {w}, 31, {FULL};",
+                    "    setp.eq.u32 %p14, %r59, %r57;",
+                    "    setp.lt.and.u32 %p14, %r60, %r58, %p14;",
+                    "    setp.lt.or.u32 %p14, %r59, %r57, %p14;",
+                    "    selp.u32 %r57, %r59, %r57, %p14;",
+                    "    selp.u32 %r58, %r60, %r58, %p14;",
+                ]
+            s += [
+                f"    add.u32 %r61, %r56, {16 * mt + 8 * h};",
+                "    setp.lt.and.u32 %p15, %r61, %r1, %p13;",
+                "    mov.b64 %rd17, {%r58, %r57};",
+                "    not.b64 %rd17, %rd17;",
+                "    mul.wide.u32 %rd18, %r61, 8;",
+                "    add.u64 %rd18, %rd18, %rd4;",
+                "    @%p15 red.global.max.u64 [%rd18], %rd17;",
+            ]
+    s += ["    ret;", "}", ""]
+    return "\n".join(s)
+
+
+def pad_entry(name):
+    """argmin_pad_b16: x [n, d] (16-bit) -> out [n, d_pad] with zeros in dims >= d: the
+    tensor-core search's copy of an x whose rows are not 16-byte aligned. count = n * d_pad."""
     k = Entry(name)
-    shape = f"m16n8k16.row.col.f32.{ty}.{ty}.f32"
-    k.comment(f"Tensor-core search, mma.sync.aligned.{shape}; see the generator.")
-    tid, lane, warp, g, t4 = (k.u32(v) for v in ("tid", "lane", "warp", "g", "t4"))
-    k.op(f"mov.u32 {tid}, %tid.x")
-    k.op(f"and.b32 {lane}, {tid}, 31")
-    k.op(f"shr.u32 {warp}, {tid}, 5")
-    k.op(f"shr.u32 {g}, {lane}, 2")
-    k.op(f"and.b32 {t4}, {lane}, 3")
-    n, d, d_pad = k.param("u32", "n"), k.param("u32", "d"), k.param("u32", "d_pad")
-    tiles, tps = k.param("u32", "tiles"), k.param("u32", "tiles_per_split")
-    x, packed, bias, ws = k.param("u64", "x"), k.param("u64", "packed"), k.param("u64", "bias"), k.param("u64", "ws")
-    ra, rb, tmp = k.u32("ra"), k.u32("rb"), k.u32("tmp")
-    k.op(f"mov.u32 {ra}, %ctaid.x")
-    k.op(f"shl.b32 {ra}, {ra}, 7")
-    k.op(f"shl.b32 {tmp}, {warp}, 4")
-    k.op(f"add.u32 {ra}, {ra}, {tmp}")
-    k.op(f"add.u32 {ra}, {ra}, {g}", "row g of the warp's 16")
-    k.op(f"add.u32 {rb}, {ra}, 8", "row g + 8")
-    va, vb = k.pred("va"), k.pred("vb")
-    k.op(f"setp.lt.u32 {va}, {ra}, {n}")
-    k.op(f"setp.lt.u32 {vb}, {rb}, {n}")
-    xa, xb, xk = k.u64("xa"), k.u64("xb"), k.u64("xk")
-    k.op(f"mul.lo.u32 {tmp}, {ra}, {d}")
-    k.op(f"mul.wide.u32 {xa}, {tmp}, 2")
-    k.op(f"add.u64 {xa}, {xa}, {x}")
-    k.op(f"mul.lo.u32 {tmp}, {rb}, {d}")
-    k.op(f"mul.wide.u32 {xb}, {tmp}, 2")
-    k.op(f"add.u64 {xb}, {xb}, {x}")
-    t, t_end, ksteps = k.u32("t"), k.u32("t_end"), k.u32("ksteps")
-    k.op(f"mov.u32 {t}, %ctaid.y")
-    k.op(f"mul.lo.u32 {t}, {t}, {tps}")
-    k.op(f"add.u32 {t_end}, {t}, {tps}")
-    k.op(f"min.u32 {t_end}, {t_end}, {tiles}")
-    k.op(f"shr.u32 {ksteps}, {d_pad}, 4")
-    jstride = k.u64("jstride")
-    k.op(f"mul.wide.u32 {jstride}, {ksteps}, 256", "bytes between n-tiles of the packed codebook")
-    best = [k.f32("best0"), k.f32("best1")]
-    bidx = [k.u32("bidx0"), k.u32("bidx1")]
-    for i in range(2):
-        k.op(f"mov.f32 {best[i]}, 0f7F800000")
-        k.op(f"mov.u32 {bidx[i]}, 0")
+    i, step = grid_stride(k)
+    x, out = k.param("u64", "x"), k.param("u64", "out")
+    d, d_pad, count = k.param("u32", "d"), k.param("u32", "d_pad"), k.param("u32", "count")
+    row, col, tmp = k.u32("row"), k.u32("col"), k.u32("tmp")
+    h = k.b16("h")
+    a = k.u64("a")
     p = k.pred("p")
-    k.op(f"setp.ge.u32 {p}, {t}, {t_end}")
-    k.op(f"@{p} bra $L_reduce")
-    acc = [[k.f32(f"c{j}_{q}") for q in range(4)] for j in range(8)]
-    areg = [k.reg("b32", f"a{i}") for i in range(4)]
-    breg = [k.reg("b32", f"b{i}") for i in range(2)]
-    lo, hi, col, kk, ks, nt = (k.u32(v) for v in ("lo", "hi", "col", "kk", "ks", "nt"))
-    pc = k.pred("pc")
-    pbase, pb = k.u64("pbase"), k.u64("pb")
-    k.label("$L_tile")
-    for h in range(2):
-        for j in range(8):
-            for q in range(4):
-                k.op(f"mov.f32 {acc[j][q]}, 0f00000000")
-        k.op(f"mov.u32 {kk}, 0", "first dim of the k-step")
-        k.op(f"mov.u32 {ks}, 0")
-        k.op(f"shl.b32 {nt}, {t}, 4")
-        k.op(f"add.u32 {nt}, {nt}, {h * 8}", "first n-tile of this half")
-        k.op(f"mul.lo.u32 {nt}, {nt}, {ksteps}")
-        k.label(f"$L_k{h}")
-        # A fragment: (row, dims) = a0 (g, c, c+1), a1 (g+8, c, c+1), a2 (g, c+8, c+9), a3 (g+8, ...)
-        for i, (rowaddr, valid, off) in enumerate([(xa, va, 0), (xb, vb, 0), (xa, va, 8), (xb, vb, 8)]):
-            k.op(f"shl.b32 {col}, {t4}, 1")
-            k.op(f"add.u32 {col}, {col}, {kk}")
-            if off:
-                k.op(f"add.u32 {col}, {col}, {off}")
-            k.op(f"mul.wide.u32 {xk}, {col}, 2")
-            k.op(f"add.u64 {xk}, {xk}, {rowaddr}")
-            for half, dst in ((0, lo), (1, hi)):
-                k.op(f"mov.u32 {dst}, 0")
-                k.op(f"setp.lt.u32 {pc}, {col}, {d}")
-                k.op(f"and.pred {pc}, {pc}, {valid}")
-                k.op(f"@{pc} ld.global.nc.u16 {dst}, [{xk}+{2 * half}]")
-                if half == 0:
-                    k.op(f"add.u32 {col}, {col}, 1")
-            k.op(f"shl.b32 {hi}, {hi}, 16")
-            k.op(f"or.b32 {areg[i]}, {lo}, {hi}", "lower dim in the low half")
-        k.op(f"add.u32 {tmp}, {nt}, {ks}")
-        k.op(f"shl.b32 {tmp}, {tmp}, 5")
-        k.op(f"add.u32 {tmp}, {tmp}, {lane}")
-        k.op(f"mul.wide.u32 {pbase}, {tmp}, 8")
-        k.op(f"add.u64 {pbase}, {pbase}, {packed}")
-        for j in range(8):
-            if j == 0:
-                k.op(f"mov.u64 {pb}, {pbase}")
-            else:
-                k.op(f"add.u64 {pb}, {pb}, {jstride}")
-            k.op(f"ld.global.nc.v2.u32 {{{breg[0]}, {breg[1]}}}, [{pb}]")
-            dvec = "{" + ", ".join(acc[j]) + "}"
-            k.op(f"mma.sync.aligned.{shape} {dvec}, {{{', '.join(areg)}}}, {{{breg[0]}, {breg[1]}}}, {dvec}")
-        k.op(f"add.u32 {kk}, {kk}, 16")
-        k.op(f"add.u32 {ks}, {ks}, 1")
-        k.op(f"setp.lt.u32 {p}, {ks}, {ksteps}")
-        k.op(f"@{p} bra $L_k{h}")
-        # Epilogue of the half: codes t*128 + h*64 + 8j + 2t4 (+1).
-        code, ba = k.u32("code"), k.u64("ba")
-        bz = [k.f32("bz0"), k.f32("bz1")]
-        code1 = k.u32("code1")
-        for j in range(8):
-            k.op(f"shl.b32 {code}, {t}, 7")
-            k.op(f"add.u32 {code}, {code}, {h * 64 + 8 * j}")
-            k.op(f"shl.b32 {tmp}, {t4}, 1")
-            k.op(f"add.u32 {code}, {code}, {tmp}")
-            k.op(f"add.u32 {code1}, {code}, 1")
-            k.op(f"mul.wide.u32 {ba}, {code}, 4")
-            k.op(f"add.u64 {ba}, {ba}, {bias}")
-            k.op(f"ld.global.nc.v2.f32 {{{bz[0]}, {bz[1]}}}, [{ba}]")
-            for q in range(4):
-                r = q // 2
-                s_ = acc[j][q]
-                b_ = bz[q % 2]
-                if metric == "l2":
-                    k.op(f"sub.rn.f32 {s_}, {b_}, {s_}")
-                else:
-                    k.op(f"mul.rn.f32 {s_}, {s_}, {b_}")
-                k.op(f"setp.lt.f32 {p}, {s_}, {best[r]}")
-                k.op(f"@{p} mov.f32 {best[r]}, {s_}")
-                k.op(f"@{p} mov.u32 {bidx[r]}, {code if q % 2 == 0 else code1}")
-    k.op(f"add.u32 {t}, {t}, 1")
-    k.op(f"setp.lt.u32 {p}, {t}, {t_end}")
-    k.op(f"@{p} bra $L_tile")
-    k.label("$L_reduce")
-    hi_, lo_, ohi, olo, tmp2 = k.u32("khi"), k.u32("klo"), k.u32("ohi"), k.u32("olo"), k.u32("tmp2")
-    neg, less, eq, lt2, lead, rv = (k.pred(v) for v in ("neg", "less", "eq", "lt2", "lead", "rv"))
-    key, k64, a = k.u64("key"), k.u64("k64"), k.u64("a")
-    k.op(f"setp.eq.u32 {lead}, {t4}, 0")
-    for i, (row, valid) in enumerate([(ra, va), (rb, vb)]):
-        k.op(f"mov.b32 {hi_}, {best[i]}")
-        k.op(f"setp.eq.u32 {p}, {hi_}, 0x80000000")
-        k.op(f"selp.u32 {hi_}, 0, {hi_}, {p}", "-0 -> +0")
-        k.op(f"setp.lt.s32 {neg}, {hi_}, 0")
-        k.op(f"not.b32 {tmp2}, {hi_}")
-        k.op(f"or.b32 {hi_}, {hi_}, 0x80000000")
-        k.op(f"selp.u32 {hi_}, {tmp2}, {hi_}, {neg}")
-        k.op(f"mov.u32 {lo_}, {bidx[i]}")
-        for sh in (1, 2):
-            k.op(f"shfl.sync.bfly.b32 {ohi}, {hi_}, {sh}, 31, {FULL}")
-            k.op(f"shfl.sync.bfly.b32 {olo}, {lo_}, {sh}, 31, {FULL}")
-            k.op(f"setp.lt.u32 {less}, {ohi}, {hi_}")
-            k.op(f"setp.eq.u32 {eq}, {ohi}, {hi_}")
-            k.op(f"setp.lt.u32 {lt2}, {olo}, {lo_}")
-            k.op(f"and.pred {eq}, {eq}, {lt2}")
-            k.op(f"or.pred {less}, {less}, {eq}")
-            k.op(f"selp.u32 {hi_}, {ohi}, {hi_}, {less}")
-            k.op(f"selp.u32 {lo_}, {olo}, {lo_}, {less}")
-        k.op(f"and.pred {rv}, {valid}, {lead}")
-        k.op(f"cvt.u64.u32 {key}, {hi_}")
-        k.op(f"shl.b64 {key}, {key}, 32")
-        k.op(f"cvt.u64.u32 {k64}, {lo_}")
-        k.op(f"or.b64 {key}, {key}, {k64}")
-        k.op(f"not.b64 {key}, {key}")
-        k.op(f"mul.wide.u32 {a}, {row}, 8")
-        k.op(f"add.u64 {a}, {a}, {ws}")
-        k.op(f"@{rv} red.global.max.u64 [{a}], {key}")
+    k.label("$L_loop")
+    k.op(f"setp.ge.u32 {p}, {i}, {count}")
+    k.op(f"@{p} bra $L_done")
+    k.op(f"div.u32 {row}, {i}, {d_pad}")
+    k.op(f"mul.lo.u32 {tmp}, {row}, {d_pad}")
+    k.op(f"sub.u32 {col}, {i}, {tmp}")
+    k.op(f"mov.b16 {h}, 0")
+    k.op(f"setp.lt.u32 {p}, {col}, {d}")
+    k.op(f"mad.lo.u32 {tmp}, {row}, {d}, {col}")
+    k.op(f"mul.wide.u32 {a}, {tmp}, 2")
+    k.op(f"add.u64 {a}, {a}, {x}")
+    k.op(f"@{p} ld.global.nc.b16 {h}, [{a}]")
+    k.op(f"mul.wide.u32 {a}, {i}, 2")
+    k.op(f"add.u64 {a}, {a}, {out}")
+    k.op(f"st.global.b16 [{a}], {h}")
+    k.op(f"add.u32 {i}, {i}, {step}")
+    k.op(f"bra $L_loop")
+    k.label("$L_done")
     k.op("ret")
-    return k.render([f"{name}: x {ty} [N, D] x fragment-packed codebook -> ws [N] (tensor cores)."])
+    return k.render([f"{name}: x [n, d] (16-bit) -> out [n, d_pad], zeros past d."])
 
 
 def abi_lines():
@@ -721,6 +856,8 @@ def generate():
             parts.append(finish_entry(name, ty))
         elif kind == "lookup":
             parts.append(lookup_entry(name, ty))
+        elif kind == "pad":
+            parts.append(pad_entry(name))
         else:
             parts.append(mma_entry(name, ty, metric))
     return "\n".join(parts)
@@ -837,19 +974,12 @@ def emulate(quick):
         bd = 16 if tc else (4 if d <= 4 else (16 if d % 16 == 0 else 8))
         d_pad, tiles = (d + bd - 1) // bd * bd, (k + BN - 1) // BN
         if tc:
-            # [n-tile][k-step][lane][2] u32, pairs of 16-bit values, the lower dim low.
-            ksteps = d_pad // 16
-            packed = [0] * (tiles * 16 * ksteps * 64)
-
-            def e16(c, j):
-                return eb[c * d + j] if c < k and j < d else 0
-
-            for nt in range(tiles * 16):
-                for ks in range(ksteps):
-                    for lane in range(32):
-                        c, t = nt * 8 + (lane >> 2), lane & 3
-                        for i, j in enumerate((ks * 16 + 2 * t, ks * 16 + 2 * t + 8)):
-                            packed[((nt * ksteps + ks) * 32 + lane) * 2 + i] = e16(c, j) | e16(c, j + 1) << 16
+            # [tiles * 128][d_pad] 16-bit entries, d_pad = D rounded up to TC_K, zeros past K, D.
+            d_pad = (d + TC_K - 1) // TC_K * TC_K
+            packed = [0] * (tiles * BN * d_pad)
+            for c in range(k):
+                for j in range(d):
+                    packed[c * d_pad + j] = eb[c * d + j]
         else:
             packed = [0] * (tiles * d_pad * BN)
             for c in range(k):
@@ -861,7 +991,10 @@ def emulate(quick):
                  out=7 << 20, dist=8 << 20, status=9 << 20)
         mem = S.Memory()
         mem.add("x", A["x"], b"".join(v.to_bytes(sz, "little") for v in xb), False)
-        mem.add("packed", A["packed"], u32s(packed), False)
+        if tc:
+            mem.add("packed", A["packed"], b"".join(v.to_bytes(2, "little") for v in packed), False)
+        else:
+            mem.add("packed", A["packed"], u32s(packed), False)
         mem.add("bias", A["bias"], u32s(biasp), False)
         mem.add("ws", A["ws"], bytes(8 * n), True)
         mem.add("rows", A["rows"], u32s(ew), False)
@@ -879,7 +1012,14 @@ def emulate(quick):
         t0 = time.time()
         S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1], pb, mem, st)
         entry = f"argmin_mma_{ty}_{metric}" if tc else f"argmin_search_{ty}_{metric}_bd{bd}"
-        S.run_kernel(mods[entry], [row_tiles, splits, 1], [BLOCK, 1, 1], pb, mem, st)
+        sp = pb
+        if tc and d % 8:  # rows not 16-byte aligned: the host's padded copy of x
+            d8, XP = (d + 7) // 8 * 8, 10 << 20
+            mem.add("xpad", XP, bytes(2 * n * d8), True)
+            S.run_kernel(mods["argmin_pad_b16"], [2, 1, 1], [BLOCK, 1, 1],
+                         params(x=A["x"], out=XP, d=d, d_pad=d8, count=n * d8), mem, st)
+            sp = params(n=n, d=d8, k=k, d_pad=d_pad, tiles=tiles, tiles_per_split=per, **dict(A, x=XP))
+        S.run_kernel(mods[entry], [row_tiles, splits, 1], [BLOCK, 1, 1], sp, mem, st, strict_shared=True)
         S.run_kernel(mods[f"argmin_finish_{ty}"], [1, 1, 1], [BLOCK, 1, 1], pb, mem, st)
         got = list(struct.unpack(f"<{n}I", mem.read(A["out"], 4 * n)))
         gdist = list(struct.unpack(f"<{n}I", mem.read(A["dist"], 4 * n)))
@@ -940,8 +1080,11 @@ def emulate(quick):
     if not quick:
         cases += [(130, 7, 16, "bf16", "l2", 3, False, 1), (4, 300, 9, "f16", "l2", 4, False, 3),
                   (2, 260, 17, "bf16", "cos", 7, False, 2), (129, 3, 1, "f16", "cos", 8, True, 1)]
-    tc_cases = [(3, 9, 33, "f16", "cos", 10, True, 1)]
+    # tc: x padded (d % 8 != 0) or read in place (d = 40: chunks past d zero-filled; d = 72:
+    # three stages), two row tiles, K splits, lattice ties.
+    tc_cases = [(3, 9, 33, "f16", "cos", 10, True, 1), (140, 150, 40, "bf16", "l2", 13, True, 2)]
     if not quick:
+        tc_cases += [(7, 130, 72, "f16", "cos", 14, False, 1)]
         tc_cases += [(20, 130, 5, "bf16", "l2", 9, False, 2), (130, 40, 16, "f16", "l2", 11, False, 1),
                      (5, 260, 20, "bf16", "cos", 12, False, 3)]
     for c in cases:

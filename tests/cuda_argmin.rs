@@ -32,6 +32,7 @@ fn expected_entries() -> Vec<String> {
             v.push(format!("argmin_mma_{t}_{m}"));
         }
     }
+    v.push("argmin_pad_b16".into());
     v
 }
 
@@ -472,6 +473,22 @@ mod cuda {
             ties += case::<bf16>(g, n, k, d, Metric::L2, 5, false).0;
             rows += n;
         }
+        // x not 16-byte aligned (a view one element in, D a multiple of 8): the padded copy,
+        // with the same indices as the aligned buffer and (small integers) as the cpu's.
+        let (n, d) = (37, 16);
+        let e = lattice::<bf16>(70 * d, 3);
+        let cb = codebook(&e, d, Metric::L2);
+        let dev = CodebookGpu::new(g, &cb).unwrap().with_tensor_cores(true).unwrap();
+        let x = lattice::<bf16>(n * d + 1, 4); // exact dot products: the cpu's indices
+        let stream = g.stream();
+        let whole = stream.clone_htod(&x).unwrap();
+        let aligned = stream.clone_htod(&x[1..]).unwrap();
+        let (mut i1, mut i2) = (stream.alloc_zeros::<u32>(n).unwrap(), stream.alloc_zeros::<u32>(n).unwrap());
+        dev.argmin(stream, &whole.slice(1..), &mut i1, None).unwrap();
+        dev.argmin(stream, &aligned, &mut i2, None).unwrap();
+        let (h1, h2) = (stream.clone_dtoh(&i1).unwrap(), stream.clone_dtoh(&i2).unwrap());
+        assert_eq!(h1, h2, "an unaligned x view gives other indices");
+        assert_eq!(h1, host(&cb, Backend::Cpu, &x[1..]).unwrap().0, "unaligned x vs the cpu backend");
         eprintln!("cuda argmin tensor cores: {rows} rows vs the reference, {ties} near-ties (within 2x the f32 bound)");
         assert!(CodebookGpu::new(g, &codebook(&values::<f32>(8, 1), 2, Metric::L2))
             .unwrap()

@@ -688,8 +688,10 @@ pub unsafe extern "C" fn vistok_cuda_attention_forward(
 /// ToMe bipartite matching on the GPU: `metric` `[B, N, C]` (f32, f16 or bf16) → a new
 /// merge-plan handle in `*out`, the same plan as the cpu backend's bit for bit (free it with
 /// `vistok_merge_plan_free`; it works with the host merge functions too). `r`: tokens to
-/// remove (clamped as on the host); `flags`: `VISTOK_MERGE_*` bits (as for `vistok_merge_plan_new`). Synchronous (the
-/// plan is copied back).
+/// remove (clamped as on the host); `flags`: `VISTOK_MERGE_*` bits (as for
+/// `vistok_merge_plan_new`), plus `VISTOK_MERGE_TENSOR_CORES` (f16 / bf16 metrics on tensor
+/// cores: the plan then equals the reference's up to near-ties). Synchronous (the plan is
+/// copied back).
 ///
 /// Statuses: before anything is enqueued `NULL_POINTER`, `INVALID` (unknown dtype or flag
 /// bits, a stream of another context), `SHAPE` (rank, `N < 2`, `C = 0`), `ALIGNMENT`,

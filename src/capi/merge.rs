@@ -16,6 +16,10 @@ pub const VISTOK_MERGE_DISTILL_TOKEN: u32 = 2;
 /// `flags` bit: output tokens in ascending order of their original index (instead of ToMe's
 /// `[kept A…, B…]`).
 pub const VISTOK_MERGE_KEEP_ORIGINAL_ORDER: u32 = 4;
+/// `flags` bit of `vistok_cuda_merge_plan` only: f16 / bf16 metrics take the tensor-core
+/// similarity (the plan then equals the reference's up to near-ties, instead of the cpu
+/// backend's bit for bit); f32 metrics are unaffected. `vistok_merge_plan_new` refuses it.
+pub const VISTOK_MERGE_TENSOR_CORES: u32 = 8;
 /// `mode` value: each output slot is the sum of its tokens.
 pub const VISTOK_MERGE_MODE_SUM: u32 = 0;
 /// `mode` value: each output slot is the mean of its tokens (ToMe's default).

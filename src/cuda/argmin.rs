@@ -22,11 +22,15 @@
 //!    row and block on a 64-bit key (ordered score, code) in a zeroed workspace;
 //! 3. `argmin_finish_{T}`: indices (and distances) from the workspace.
 //!
-//! The tensor-core search `argmin_mma_{f16,bf16}_{l2,cos}` replaces step 2: each warp owns 16
-//! rows and runs `mma.sync` over code tiles (8 n-tiles of 8 codes per half tile, D in k-steps of
-//! 16); x fragments come straight from global memory (L1-cached), codebook fragments from a
-//! host-built fragment-ordered copy, no shared memory yet. It feeds the same workspace and
-//! finish kernel, with the same key, tie and NaN rules.
+//! The tensor-core search `argmin_mma_{f16,bf16}_{l2,cos}` replaces step 2: blocks of 256
+//! threads own 128 rows and sweep code tiles of 128 codes, each warp a 32-row × 64-code tile of
+//! `mma.sync` m16n8k16 accumulators; x rows and the tensor-core codebook copy (`[tiles·128]`
+//! rows of D rounded up to 32, zero-padded) stream through shared memory in cp.async
+//! double-buffered stages of 32 dims and reach the tensor cores through `ldmatrix` from
+//! XOR-swizzled rows. x is read in place when its rows are 16-byte aligned (D a multiple of 8
+//! and an aligned buffer); otherwise `argmin_pad_b16` first copies it into rows of ⌈D/8⌉·8
+//! elements. It feeds the same workspace and finish kernel, with the same key, tie and NaN
+//! rules.
 //!
 //! The status word is read after the launches: on [`Error::NonFinite`] (naming `x[row, col]`
 //! and the value, as the cpu backend does) the outputs have been written and are unspecified.
@@ -110,7 +114,21 @@ pub fn kernel_names() -> Vec<String> {
             v.push(mma_name(t, m));
         }
     }
+    v.push(PAD.to_string());
     v
+}
+
+/// Dims per shared-memory stage of the tensor-core search; its codebook rows are padded to a
+/// multiple of this.
+pub const TC_K: usize = 32;
+
+/// The entry that copies an x whose rows are not 16-byte aligned (D not a multiple of 8, or
+/// an unaligned buffer) into rows of ⌈D/8⌉·8 elements for the tensor-core search.
+pub const PAD: &str = "argmin_pad_b16";
+
+/// Elements per row of the tensor-core codebook.
+fn tc_row(d: usize) -> usize {
+    d.div_ceil(TC_K) * TC_K
 }
 
 /// The tensor-core search entry for a 16-bit input dtype and metric.
@@ -334,8 +352,8 @@ pub struct CodebookGpu<T: Float> {
     d_pad: usize,
     tiles: usize,
     packed: CudaSlice<f32>,
-    /// The fragment-ordered 16-bit codebook of the tensor-core path, when enabled.
-    packed_tc: Option<CudaSlice<u32>>,
+    /// The row-major, zero-padded 16-bit codebook of the tensor-core path, when enabled.
+    packed_tc: Option<CudaSlice<u16>>,
     /// f16 / bf16 codebooks: the entries on the host, for [`Self::with_tensor_cores`].
     host_rows: Vec<f32>,
     bias: CudaSlice<f32>,
@@ -449,6 +467,7 @@ impl<T: Float> CodebookGpu<T> {
         let host = self.tc_layout();
         let dev = self.gpu.stream().clone_htod(&host).map_err(alloc_error("copying the tensor-core codebook"))?;
         self.gpu.function(MODULE, PTX, &mma_name(T::DTYPE, self.metric))?;
+        self.gpu.function(MODULE, PTX, PAD)?;
         self.packed_tc = Some(dev);
         Ok(self)
     }
@@ -458,31 +477,17 @@ impl<T: Float> CodebookGpu<T> {
         self.packed_tc.is_some()
     }
 
-    /// The tensor-core codebook `[n-tile of 8 codes][k-step of 16 dims][lane][2]` u32: lane
-    /// (g = lane / 4, t = lane % 4) holds the m16n8k16 B fragment of code g: dims (2t, 2t+1)
-    /// and (2t+8, 2t+9) of the k-step, the lower dim in the low half; zero past K and D.
-    fn tc_layout(&self) -> Vec<u32> {
-        let (d, ksteps, ntiles) = (self.d, self.d.div_ceil(16), self.tiles * BN / 8);
-        let rows = &self.host_rows;
-        let bits = |c: usize, j: usize| -> u32 {
-            if c >= self.k || j >= d {
-                return 0;
-            }
-            let v = rows[c * d + j];
-            u32::from(match T::DTYPE {
-                DType::F16 => crate::f16::from_f32(v).to_bits(), // exact: v came from an f16
-                _ => crate::bf16::from_f32(v).to_bits(),
-            })
-        };
-        let mut out = vec![0u32; ntiles * ksteps * 64];
-        for nt in 0..ntiles {
-            for ks in 0..ksteps {
-                for lane in 0..32 {
-                    let (c, t) = (nt * 8 + lane / 4, lane % 4);
-                    for (i, j) in [ks * 16 + 2 * t, ks * 16 + 2 * t + 8].into_iter().enumerate() {
-                        out[((nt * ksteps + ks) * 32 + lane) * 2 + i] = bits(c, j) | bits(c, j + 1) << 16;
-                    }
-                }
+    /// The tensor-core codebook: `[tiles·128][d_pad]` 16-bit entries (`d_pad` = D rounded up to
+    /// [`TC_K`]), zeros past K and D.
+    fn tc_layout(&self) -> Vec<u16> {
+        let (d, dp) = (self.d, tc_row(self.d));
+        let mut out = vec![0u16; self.tiles * BN * dp];
+        for (c, row) in self.host_rows.chunks_exact(d).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                out[c * dp + j] = match T::DTYPE {
+                    DType::F16 => crate::f16::from_f32(v).to_bits(), // exact: v came from an f16
+                    _ => crate::bf16::from_f32(v).to_bits(),
+                };
             }
         }
         out
@@ -584,6 +589,43 @@ impl<T: Float> CodebookGpu<T> {
         let mut status = stream.alloc_zeros::<u64>(1).map_err(alloc_error("allocating a status word"))?;
         let mut ws = stream.alloc_zeros::<u64>(n).map_err(alloc_error("allocating the argmin workspace"))?;
         let (sgrid, per) = grid(n, self.k, self.gpu.sm_count());
+        // The tensor-core search reads x rows with 16-byte copies: rows of d8 = ⌈D/8⌉·8 elements
+        // from a 16-byte aligned buffer, the caller's x when it is one, else a padded copy.
+        let d8 = self.d.div_ceil(8) * 8;
+        let in_place = {
+            let (xp, _x) = x.device_ptr(stream);
+            self.d == d8 && xp % 16 == 0
+        };
+        let mut xpad = None;
+        if self.packed_tc.is_some() && !in_place {
+            let count = n * d8;
+            if count > MAX_ELEMS {
+                return Err(Error::Unsupported {
+                    family: Family::Argmin,
+                    msg: format!("x padded to [{n}, {d8}] for the tensor cores exceeds {MAX_ELEMS} elements"),
+                });
+            }
+            let mut buf = stream.alloc_zeros::<u16>(count).map_err(alloc_error("allocating the padded x"))?;
+            let pad = self.gpu.function(MODULE, PTX, PAD)?;
+            {
+                let (xp, _x) = x.device_ptr(stream);
+                let (op, _o) = buf.device_ptr_mut(stream);
+                let params = ArgminParams {
+                    x: xp,
+                    out: op,
+                    n: n as u32,
+                    d: self.d as u32,
+                    d_pad: d8 as u32,
+                    count: count as u32, // ≤ MAX_ELEMS (checked)
+                    ..ArgminParams::default()
+                };
+                // SAFETY: parameter block ArgminParams (checked against the PTX). Thread i <
+                // count = n·d8 writes buf[i] (count elements allocated) and reads x[row·d + col]
+                // only for col < d, row < n: inside x's n·d elements (checked by rows_of).
+                unsafe { pad.launch(stream, (self.grid_stride_blocks(count), 1, 1), (BLOCK, 1, 1), &params)? };
+            }
+            xpad = Some(buf);
+        }
         {
             let (xp, _x) = x.device_ptr(stream);
             let (ip, _i) = indices.device_ptr_mut(stream);
@@ -591,8 +633,7 @@ impl<T: Float> CodebookGpu<T> {
             let (wp, _w) = ws.device_ptr_mut(stream);
             let (pf, _pf) = self.packed.device_ptr(stream);
             let tc = self.packed_tc.as_ref().map(|t| t.device_ptr(stream));
-            let pp = tc.as_ref().map_or(pf, |g| g.0);
-            let d_pad = if tc.is_some() { self.d.div_ceil(16) * 16 } else { self.d_pad };
+            let xpad_guard = xpad.as_ref().map(|b| b.device_ptr(stream));
             let (bp, _b) = self.bias.device_ptr(stream);
             let (rp, _r) = self.rows.device_ptr(stream);
             let (np, _n) = self.norms.device_ptr(stream);
@@ -601,7 +642,7 @@ impl<T: Float> CodebookGpu<T> {
             let dp = dguard.as_ref().map_or(0, |g| g.0);
             let params = ArgminParams {
                 x: xp,
-                packed: pp,
+                packed: pf,
                 bias: bp,
                 ws: wp,
                 rows: rp,
@@ -613,30 +654,44 @@ impl<T: Float> CodebookGpu<T> {
                 n: n as u32, // n·d ≤ MAX_ELEMS (checked)
                 d: self.d as u32,
                 k: self.k as u32, // ≤ MAX_CODES (checked in new)
-                d_pad: d_pad as u32,
+                d_pad: self.d_pad as u32,
                 tiles: self.tiles as u32,
                 tiles_per_split: per,
                 count: (n * self.d) as u32,
                 metric: u32::from(self.metric == Metric::Cosine),
             };
+            // The tensor-core search: its codebook ([tiles·128][tc_row(D)] u16), x rows of d8
+            // elements (the caller's x or the padded copy).
+            let search_params = match &tc {
+                Some(g) => ArgminParams {
+                    x: xpad_guard.as_ref().map_or(xp, |p| p.0),
+                    packed: g.0,
+                    d: d8 as u32,
+                    d_pad: tc_row(self.d) as u32,
+                    ..params
+                },
+                None => params,
+            };
             let block = (BLOCK, 1, 1);
             // SAFETY (all three launches): the parameter block is ArgminParams (size and offsets
             // checked against the PTX by tests/cuda_argmin.rs). check reads x [0, count) =
-            // [0, x.len()) and updates the status word. search reads x rows < n (loads
+            // [0, x.len()) and updates the status word. The FFMA search reads x rows < n (loads
             // predicated on row < n and dim < d), the packed codebook [tiles][d_pad][128] and
             // the biases [tiles·128] (both allocated with exactly those sizes in `new`, for this
-            // entry's depth; the mma entry instead reads the fragment codebook
-            // [tiles·16][⌈D/16⌉][32][2] u32 of `tc_layout` at n-tiles < tiles·16, k-steps <
-            // d_pad/16) and updates ws [0, n) (n elements allocated above). finish reads
-            // ws [0, n), x rows < n, rows [K, D] and norms [K] at codes < K (codes come from
-            // keys of real codes: padding codes never win and every row gets a key, see
-            // kernels/gen_argmin.py) and writes indices [0, n) and, when dist != 0, dist
-            // [0, n) (lengths checked above). Every buffer is borrowed, with its stream event
-            // recorded by the guards, until the launches are enqueued; ws and status are freed
-            // stream-ordered after them.
+            // entry's depth); the mma search instead reads x rows < n of d8 elements (16-byte
+            // copies of dims < d8, predicated on row < n: the caller's x when D = d8, else the
+            // padded copy of n·d8 elements) and the tensor-core codebook at rows < tiles·128,
+            // dims < tc_row(D) (allocated with that size in `with_tensor_cores`). Both update ws
+            // [0, n) (n elements allocated above). finish reads ws [0, n), x rows < n, rows
+            // [K, D] and norms [K] at codes < K (codes come from keys of real codes: padding
+            // codes never win and every row gets a key, see kernels/gen_argmin.py) and writes
+            // indices [0, n) and, when dist != 0, dist [0, n) (lengths checked above). Every
+            // buffer is borrowed, with its stream event recorded by the guards, until the
+            // launches are enqueued; ws, status and the padded x are freed stream-ordered after
+            // them.
             unsafe {
                 check.launch(stream, (self.grid_stride_blocks(n * self.d), 1, 1), block, &params)?;
-                search.launch(stream, sgrid, block, &params)?;
+                search.launch(stream, sgrid, block, &search_params)?;
                 finish.launch(stream, (self.grid_stride_blocks(n), 1, 1), block, &params)?;
             }
         }
@@ -782,7 +837,7 @@ mod tests {
     #[test]
     fn names_are_in_file_order_and_unique() {
         let names = kernel_names();
-        assert_eq!(names.len(), 3 + 18 + 3 + 3 + 4);
+        assert_eq!(names.len(), 3 + 18 + 3 + 3 + 4 + 1);
         let mut sorted = names.clone();
         sorted.sort();
         sorted.dedup();

@@ -11,7 +11,7 @@ use cudarc::driver::{sys, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, Sync
 use super::super::attention::{attention_from_options, seq_lens, VistokAttentionOptions};
 use super::super::merge::{
     VISTOK_MERGE_CLASS_TOKEN, VISTOK_MERGE_DISTILL_TOKEN, VISTOK_MERGE_KEEP_ORIGINAL_ORDER, VISTOK_MERGE_MODE_MEAN,
-    VISTOK_MERGE_MODE_SUM,
+    VISTOK_MERGE_MODE_SUM, VISTOK_MERGE_TENSOR_CORES,
 };
 use super::super::{
     dims as read_dims, dtype as read_dtype, handle, new_handle, numel, AnyCodebook, CError, CResult, VistokCodebook,
@@ -619,7 +619,10 @@ pub(super) unsafe fn merge_plan(
         return Err(CError::null("out"));
     }
     let t = float(dtype, "metric_dtype")?;
-    let known = VISTOK_MERGE_CLASS_TOKEN | VISTOK_MERGE_DISTILL_TOKEN | VISTOK_MERGE_KEEP_ORIGINAL_ORDER;
+    let known = VISTOK_MERGE_CLASS_TOKEN
+        | VISTOK_MERGE_DISTILL_TOKEN
+        | VISTOK_MERGE_KEEP_ORIGINAL_ORDER
+        | VISTOK_MERGE_TENSOR_CORES;
     if flags & !known != 0 {
         return Err(CError::invalid(format!("flags: unknown bits {:#x}", flags & !known)));
     }
@@ -638,7 +641,7 @@ pub(super) unsafe fn merge_plan(
         .keep_original_order(flags & VISTOK_MERGE_KEEP_ORIGINAL_ORDER != 0);
     // SAFETY: as above.
     let (g, s) = unsafe { caller_stream(device(device_h)?, stream)? };
-    let k = MergeKernel::new(&g)?;
+    let k = MergeKernel::new(&g)?.with_tensor_cores(flags & VISTOK_MERGE_TENSOR_CORES != 0)?;
     let plan = with_float!(t, T, { Ok(k.plan::<T>(&s, &mb.on(&s), dims, &cfg)?) })?;
     // SAFETY: as above (`out` checked non-null).
     unsafe { new_handle(out, VistokMergePlan(plan), "out") }

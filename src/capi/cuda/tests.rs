@@ -13,7 +13,7 @@ use super::super::{
 };
 use super::*;
 use crate::argmin::{Codebook, Metric};
-use crate::capi::merge::{VISTOK_MERGE_CLASS_TOKEN, VISTOK_MERGE_MODE_MEAN};
+use crate::capi::merge::{VISTOK_MERGE_CLASS_TOKEN, VISTOK_MERGE_MODE_MEAN, VISTOK_MERGE_TENSOR_CORES};
 use crate::{bf16, Backend, BitOrder, Fsq, Layout, Lfq, LfqConfig, MatchConfig, MergeMode, MergePlan, PatchConfig};
 use crate::{Patchify, View, ViewMut};
 
@@ -185,7 +185,7 @@ fn host_checks_of_every_family() {
         expect_status(s, VistokStatus::Shape, "N = 1");
         let s = vistok_cuda_merge_plan(null_dev, ns, FAKE, 1, md.as_ptr(), 2, 1, 0, &mut mp);
         expect_status(s, VistokStatus::Shape, "[B, N, C]");
-        let s = vistok_cuda_merge_plan(null_dev, ns, FAKE, 1, [2usize, 4, 4].as_ptr(), 3, 1, 8, &mut mp);
+        let s = vistok_cuda_merge_plan(null_dev, ns, FAKE, 1, [2usize, 4, 4].as_ptr(), 3, 1, 16, &mut mp);
         expect_status(s, VistokStatus::Invalid, "flags");
 
         let m = values(2 * 6 * 3, 5);
@@ -581,6 +581,24 @@ fn merge_matches_the_cpu_backend() {
     assert_eq!((down(&s, &dy, b * o * c), down(&s, &dso, b * o)), (yw, sw));
     // SAFETY: the handle made above, no use in flight.
     unsafe { free_handle(p) };
+
+    // VISTOK_MERGE_TENSOR_CORES with a bf16 metric: the Rust API's tensor-core plan.
+    let mb: Vec<bf16> = m.iter().map(|&v| bf16::from_f32(v)).collect();
+    let want = crate::cuda::MergeKernel::new(&dev.gpu)
+        .and_then(|k| k.with_tensor_cores(true))
+        .and_then(|k| k.plan_host(View::new(&mb, &[b, n, c]).unwrap(), &cfg))
+        .unwrap();
+    let dmb = up(&s, &mb);
+    let mut p = std::ptr::null_mut();
+    let flags = VISTOK_MERGE_CLASS_TOKEN | VISTOK_MERGE_TENSOR_CORES;
+    // SAFETY: a device buffer of the given dims; a valid out-pointer.
+    let st = unsafe { vistok_cuda_merge_plan(dev, raw(&s), ptr(&s, &dmb), 3, md.as_ptr(), 3, r, flags, &mut p) };
+    expect_status(st, VistokStatus::Ok, "");
+    // SAFETY: the handle just made; freed once, nothing in flight.
+    unsafe {
+        assert_eq!((*p).0, want);
+        free_handle(p);
+    }
 }
 
 #[test]
