@@ -700,6 +700,8 @@ def mma_entry(name, ty, metric):
         f"    xor.b32 %r52, %r32, {STAGE};",
     ] + copy("%r52") + ["NOCOPY:"]
     for kk in range(2):
+        if kk == 1:  # the stage's second 16 dims only when some lie below d (else all zeros)
+            s += ["    add.u32 %r48, %r31, 16;", f"    setp.ge.u32 %p7, %r48, %r2;", "    @%p7 bra.uni SKIP_K1;"]
         s += [f"    add.u32 %r48, %r{42 + kk}, %r32;", f"    add.u32 %r49, %r{44 + kk}, %r32;"]
         for mt in range(2):
             fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
@@ -713,6 +715,7 @@ def mma_entry(name, ty, metric):
                     fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
                     s.append(f"    {mma} {{{acc}}}, {{{fa}}}, {{%fb{2 * half}, %fb{2 * half + 1}}}, {{{acc}}};")
     s += [
+        "SKIP_K1:",
         f"    add.u32 %r31, %r31, {TC_K};",
         "    setp.lt.u32 %p6, %r31, %r3;",
         "    @%p6 bra.uni NEXT;",
