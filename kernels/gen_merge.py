@@ -58,7 +58,7 @@ MERGE_FIELDS = [
     ("src", "u64"),  # metric / u / partial bests / x / y
     ("dst", "u64"),  # u / reduced bests / order / merged out / unmerged out
     ("status", "u64"),  # one u64, zeroed by the host: !index of the first bad element
-    ("aux", "u64"),  # merge: plan members [B*N]; unmerge: slots [B*N]
+    ("aux", "u64"),  # merge: plan members [B*N]; unmerge: slots [B*N]; pack / mma: 1/norm f32 [B*N]
     ("offsets", "u64"),  # merge: plan offsets [B*(O+1)]
     ("sizes", "u64"),  # wavg: sizes f32 [B*N]
     ("out_sizes", "u64"),  # wavg: out sizes f32 [B*O]

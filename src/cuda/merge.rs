@@ -148,13 +148,15 @@ pub fn kernel_name(kind: &str, dtype: DType) -> String {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct MergeParams {
-    /// Input buffer (metric, normalised rows, partial bests, `x` or `y`).
+    /// Input buffer (metric, normalised rows, packed tensor-core operands, partial bests, `x` or
+    /// `y`).
     pub src: u64,
     /// Output buffer.
     pub dst: u64,
     /// The status word (one zeroed `u64`; `!index` of the first bad element).
     pub status: u64,
-    /// Merge: the plan's members `[B, N]`; unmerge: its slots `[B, N]`.
+    /// Merge: the plan's members `[B, N]`; unmerge: its slots `[B, N]`; pack / tensor-core
+    /// similarity: the inverse norms `[B·N]` f32.
     pub aux: u64,
     /// Merge: the plan's offsets `[B, N − r + 1]`.
     pub offsets: u64,
