@@ -527,7 +527,7 @@ def lookup_entry(name, ty):
 # --------------------------------------------------------------------------------------------
 # mma: the tensor-core search for f16 / bf16 (m16n8k16, f32 accumulation).
 # --------------------------------------------------------------------------------------------
-TC_K = 32  # tensor-core search: dims per cp.async stage (and the codebook's row padding)
+TC_K = ptxgen.TC_K  # tensor-core search: dims per cp.async stage (and the codebook's row padding)
 
 
 def mma_entry(name, ty, metric):
@@ -544,11 +544,8 @@ def mma_entry(name, ty, metric):
     (s = h - p or s = p * c, rounded once), folded into the running best of the thread's 4 rows
     in ascending code order with strict <; at the end the 4 lanes of a row merge by
     (score, code) and lane 0 of each warp does red.max of ~key into ws."""
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
-    ROWB = TC_K * 2  # bytes per staged row
-    MAT = BM * ROWB  # one staged matrix (BM == BN == 128 rows)
-    STAGE = 2 * MAT
-    assert BM == BN == 128
+    STAGE = ptxgen.TC_STAGE  # the tile, its stages and registers: ptxgen.tc_*
+    assert BM == BN == 128 and TC_K == ptxgen.TC_K
 
     def prm(reg, field):
         return f"    ld.param.{dict(ARGMIN_FIELDS)[field]} {reg}, [p+{OFF[field]}];"
@@ -562,25 +559,10 @@ def mma_entry(name, ty, metric):
         ".reg .f32 %bs<4>;", ".reg .b32 %bj<4>;", f".shared .align 128 .b8 smem[{2 * STAGE}];",
         prm("%rd1", "x"), prm("%rd2", "packed"), prm("%rd3", "bias"), prm("%rd4", "ws"),
         prm("%r1", "n"), prm("%r2", "d"), prm("%r3", "d_pad"), prm("%r4", "tiles"), prm("%r5", "tiles_per_split"),
-        "    mov.u32 %r8, %tid.x;",
-        "    shr.u32 %r9, %r8, 5;  // warp",
-        "    and.b32 %r10, %r8, 31;  // lane",
-        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
-        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 2 t4, 2 t4 + 1",
-        "    and.b32 %r13, %r9, 3;  // wm",
-        "    shr.u32 %r14, %r9, 2;  // wn",
+    ] + ptxgen.tc_warp_layout() + [
         "    mov.u32 %r15, %ctaid.x;",
         "    shl.b32 %r15, %r15, 7;  // row0",
-        "    // copies: chunk cc of staged rows cr and cr + 64 of each matrix",
-        "    and.b32 %r20, %r8, 3;  // cc",
-        "    shr.u32 %r21, %r8, 2;  // cr",
-        "    shr.u32 %r22, %r21, 1;",
-        "    and.b32 %r22, %r22, 3;",
-        "    xor.b32 %r22, %r22, %r20;",
-        "    shl.b32 %r22, %r22, 4;",
-        "    mov.u32 %r23, smem;",
-        f"    mad.lo.u32 %r23, %r21, {ROWB}, %r23;",
-        "    add.u32 %r23, %r23, %r22;  // &stage[cr][cc ^ swizzle]",
+    ] + ptxgen.tc_copy_slot() + [
         "    shl.b32 %r24, %r20, 3;  // first dim of the chunk",
         "    // x rows row0 + cr (+ 64): valid below n; their chunk addresses at dim 0",
         "    add.u32 %r25, %r15, %r21;",
@@ -608,42 +590,10 @@ def mma_entry(name, ty, metric):
         "    add.u64 %rd8, %rd8, %rd2;  // this thread's chunk in tile 0, dim 0",
         "    shl.b64 %rd9, %rd7, 6;  // 64 codebook rows",
         "    shl.b64 %rd10, %rd7, 7;  // one code tile",
-        "    // ldmatrix addressing: A (row = lane & 15, chunk lane >> 4), B (row = (lane & 7) |",
-        "    // (lane >> 4) << 3, chunk (lane >> 3) & 1); chunk ^= (row >> 1) & 3; + 2 per k16 step",
-        "    and.b32 %r34, %r10, 15;",
-        "    shr.u32 %r35, %r10, 4;",
-        "    shr.u32 %r36, %r34, 1;",
-        "    and.b32 %r36, %r36, 3;",
-        "    xor.b32 %r36, %r36, %r35;",
-        "    shl.b32 %r36, %r36, 4;",
-        "    shl.b32 %r37, %r13, 5;",
-        "    add.u32 %r37, %r37, %r34;",
-        "    mov.u32 %r38, smem;",
-        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // A row base",
-        "    add.u32 %r42, %r37, %r36;",
-        "    xor.b32 %r36, %r36, 32;",
-        "    add.u32 %r43, %r37, %r36;",
-        "    and.b32 %r39, %r10, 7;",
-        "    shl.b32 %r40, %r35, 3;",
-        "    or.b32 %r39, %r39, %r40;",
-        "    shr.u32 %r40, %r10, 3;",
-        "    and.b32 %r40, %r40, 1;",
-        "    shr.u32 %r41, %r39, 1;",
-        "    and.b32 %r41, %r41, 3;",
-        "    xor.b32 %r41, %r41, %r40;",
-        "    shl.b32 %r41, %r41, 4;",
-        "    shl.b32 %r37, %r14, 6;",
-        "    add.u32 %r37, %r37, %r39;",
-        f"    add.u32 %r38, %r38, {MAT};",
-        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // B row base",
-        "    add.u32 %r44, %r37, %r41;",
-        "    xor.b32 %r41, %r41, 32;",
-        "    add.u32 %r45, %r37, %r41;",
-    ]
+    ] + ptxgen.tc_ldmatrix_addresses()
     for r in range(4):
         s += [f"    mov.f32 %bs{r}, 0f7F800000;", f"    mov.u32 %bj{r}, 0;"]
-    for i in range(64):
-        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
+    s += ptxgen.tc_zero_accumulators()
     s += [
         "    // code tiles [t, t_end) of this split",
         "    mov.u32 %r26, %ctaid.y;",
@@ -679,16 +629,7 @@ def mma_entry(name, ty, metric):
             "    add.u64 %rd14, %rd14, %rd11;",
             "    add.u64 %rd15, %rd14, %rd9;",
             f"    add.u32 %r33, %r23, {stage_reg};",
-            "    cp.async.cg.shared.global [%r33], [%rd12], 16, %r46;",
-            f"    cp.async.cg.shared.global [%r33+{64 * ROWB}], [%rd13], 16, %r47;",
-            f"    cp.async.cg.shared.global [%r33+{MAT}], [%rd14], 16, 16;",
-            f"    cp.async.cg.shared.global [%r33+{MAT + 64 * ROWB}], [%rd15], 16, 16;",
-            "    cp.async.commit_group;",
-            f"    add.u32 %r29, %r29, {TC_K};",
-            "    setp.ge.u32 %p4, %r29, %r3;",
-            "    @%p4 mov.u32 %r29, 0;",
-            "    @%p4 add.u32 %r28, %r28, 1;",
-        ]
+        ] + ptxgen.tc_copy_issue(("%r46", "%r47"), "%r3")
 
     s += copy("0")
     s += [
@@ -699,26 +640,8 @@ def mma_entry(name, ty, metric):
         "    @%p5 bra.uni NOCOPY;",
         f"    xor.b32 %r52, %r32, {STAGE};",
     ] + copy("%r52") + ["NOCOPY:"]
-    for kk in range(2):
-        if kk == 1:  # the stage's second 16 dims only when some lie below d (else all zeros)
-            s += ["    add.u32 %r48, %r31, 16;", f"    setp.ge.u32 %p7, %r48, %r2;", "    @%p7 bra.uni SKIP_K1;"]
-        s += [f"    add.u32 %r48, %r{42 + kk}, %r32;", f"    add.u32 %r49, %r{44 + kk}, %r32;"]
-        for mt in range(2):
-            fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
-            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{fa}}}, [%r48+{mt * 16 * ROWB}];")
-        for npair in range(4):
-            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%fb0, %fb1, %fb2, %fb3}}, [%r49+{npair * 16 * ROWB}];")
-            for half in range(2):
-                n = 2 * npair + half
-                for mt in range(2):
-                    acc = ", ".join(f"%acc{(mt * 8 + n) * 4 + e}" for e in range(4))
-                    fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
-                    s.append(f"    {mma} {{{acc}}}, {{{fa}}}, {{%fb{2 * half}, %fb{2 * half + 1}}}, {{{acc}}};")
+    s += ptxgen.tc_stage_mma(ty, "%r2", "%r3")
     s += [
-        "SKIP_K1:",
-        f"    add.u32 %r31, %r31, {TC_K};",
-        "    setp.lt.u32 %p6, %r31, %r3;",
-        "    @%p6 bra.uni NEXT;",
         "    // the tile is done: codes 128 t + 64 wn + 8 n + 2 t4 + c, ascending per row",
         "    shl.b32 %r50, %r30, 7;",
         "    shl.b32 %r53, %r14, 6;",
@@ -748,15 +671,7 @@ def mma_entry(name, ty, metric):
                         f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
                         f"    selp.b32 %bj{r}, %r{54 + c}, %bj{r}, %p12;",
                     ]
-    for i in range(64):
-        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
-    s += [
-        "    mov.u32 %r31, 0;",
-        "    add.u32 %r30, %r30, 1;",
-        "NEXT:",
-        f"    xor.b32 %r32, %r32, {STAGE};",
-        "    setp.lt.u32 %p6, %r30, %r27;",
-        "    @%p6 bra.uni LOOP;",
+    s += ptxgen.tc_next_tile("%r27") + [
         "FINAL:",
         "    // key = ordered score << 32 | code (-0 as +0); the quad keeps the least, lane 0 of",
         "    // the quad does red.max of ~key",

@@ -47,7 +47,7 @@ BLOCK = 256
 TILE = 64  # A rows and B rows per similarity block
 KSTEP = 16  # channels per shared-memory stage
 TC_TILE = 128  # tensor-core similarity: A rows and B rows per block (and the packed row padding)
-TC_K = 32  # tensor-core similarity: channels per cp.async stage (and the packed channel padding)
+TC_K = ptxgen.TC_K  # tensor-core similarity: channels per cp.async stage (and the packed channel padding)
 FULL = "0xffffffff"
 
 FLOATS = ["f32", "f16", "bf16"]
@@ -455,10 +455,8 @@ def similarity_mma(name, t):
     so that ldmatrix phases hit distinct banks. Per B tile the thread folds its 16 columns into
     the running best of its 4 rows (ascending B index, strict >), then the quad (shfl) and the
     two warps of a row (shared memory) merge by (greater, or equal with a lower index)."""
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32"
-    ROWB = TC_K * 2  # bytes per staged row
-    MAT = TC_TILE * ROWB  # one staged matrix
-    STAGE = 2 * MAT  # A then B
+    STAGE = ptxgen.TC_STAGE  # the tile, its stages and registers: ptxgen.tc_*
+    assert TC_TILE == 128 and TC_K == ptxgen.TC_K
     regs = [".reg .pred %p<16>;", ".reg .b32 %r<64>;", ".reg .f32 %f<8>;", ".reg .b64 %rd<24>;",
             ".reg .f32 %acc<64>;", ".reg .b32 %fa<8>;", ".reg .b32 %fb<4>;", ".reg .f32 %ia<4>;",
             ".reg .f32 %bs<4>;", ".reg .b32 %bj<4>;", f".shared .align 128 .b8 smem[{2 * STAGE}];"]
@@ -467,13 +465,7 @@ def similarity_mma(name, t):
         param("%rd1", "src"), param("%rd2", "dst"), param("%rd3", "aux"),
         param("%r1", "n"), param("%r2", "c"), param("%r3", "na"), param("%r4", "nb"),
         param("%r5", "splits"), param("%r6", "tiles"), param("%r7", "flags"),
-        "    mov.u32 %r8, %tid.x;",
-        "    shr.u32 %r9, %r8, 5;  // warp",
-        "    and.b32 %r10, %r8, 31;  // lane",
-        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
-        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 2 t4, 2 t4 + 1",
-        "    and.b32 %r13, %r9, 3;  // wm",
-        "    shr.u32 %r14, %r9, 2;  // wn",
+    ] + ptxgen.tc_warp_layout() + [
         "    mov.u32 %r15, %ctaid.x;",
         f"    shl.b32 %r15, %r15, {TC_TILE.bit_length() - 1};  // a0",
         "    mov.u32 %r16, %ctaid.y;  // split",
@@ -487,16 +479,7 @@ def similarity_mma(name, t):
         "    mul.lo.u32 %r51, %r17, %r1;  // b*N",
         "    and.b32 %r53, %r7, 2;",
         "    setp.ne.u32 %p2, %r53, 0;  // distillation token: B 0 is never a target",
-        "    // copies: chunk cc of staged rows cr and cr + 64 of each matrix",
-        "    and.b32 %r20, %r8, 3;  // cc",
-        "    shr.u32 %r21, %r8, 2;  // cr",
-        "    shr.u32 %r22, %r21, 1;",
-        "    and.b32 %r22, %r22, 3;",
-        "    xor.b32 %r22, %r22, %r20;",
-        "    shl.b32 %r22, %r22, 4;",
-        "    mov.u32 %r23, smem;",
-        f"    mad.lo.u32 %r23, %r21, {ROWB}, %r23;",
-        "    add.u32 %r23, %r23, %r22;  // &stage[cr][cc ^ swizzle]",
+    ] + ptxgen.tc_copy_slot() + [
         "    cvt.u64.u32 %rd5, %r21;",
         "    mul.lo.u64 %rd5, %rd5, %rd4;",
         "    cvt.u64.u32 %rd6, %r20;",
@@ -516,37 +499,7 @@ def similarity_mma(name, t):
         "    add.u64 %rd9, %rd9, %rd1;",
         "    add.u64 %rd9, %rd9, %rd5;  // B source of this thread in tile 0 (channel 0)",
         f"    shl.b64 %rd10, %rd4, {TC_TILE.bit_length() - 1};  // bytes per B tile",
-        "    // ldmatrix addressing: A (row = lane & 15, chunk lane >> 4), B (row = (lane & 7) |",
-        "    // (lane >> 4) << 3, chunk (lane >> 3) & 1); chunk ^= (row >> 1) & 3; + 2 per k16 step",
-        "    and.b32 %r34, %r10, 15;",
-        "    shr.u32 %r35, %r10, 4;",
-        "    shr.u32 %r36, %r34, 1;",
-        "    and.b32 %r36, %r36, 3;",
-        "    xor.b32 %r36, %r36, %r35;",
-        "    shl.b32 %r36, %r36, 4;",
-        "    shl.b32 %r37, %r13, 5;",
-        "    add.u32 %r37, %r37, %r34;",
-        "    mov.u32 %r38, smem;",
-        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // A row base",
-        "    add.u32 %r42, %r37, %r36;",
-        "    xor.b32 %r36, %r36, 32;",
-        "    add.u32 %r43, %r37, %r36;",
-        "    and.b32 %r39, %r10, 7;",
-        "    shl.b32 %r40, %r35, 3;",
-        "    or.b32 %r39, %r39, %r40;",
-        "    shr.u32 %r40, %r10, 3;",
-        "    and.b32 %r40, %r40, 1;",
-        "    shr.u32 %r41, %r39, 1;",
-        "    and.b32 %r41, %r41, 3;",
-        "    xor.b32 %r41, %r41, %r40;",
-        "    shl.b32 %r41, %r41, 4;",
-        "    shl.b32 %r37, %r14, 6;",
-        "    add.u32 %r37, %r37, %r39;",
-        f"    add.u32 %r38, %r38, {MAT};",
-        f"    mad.lo.u32 %r37, %r37, {ROWB}, %r38;  // B row base",
-        "    add.u32 %r44, %r37, %r41;",
-        "    xor.b32 %r41, %r41, 32;",
-        "    add.u32 %r45, %r37, %r41;",
+    ] + ptxgen.tc_ldmatrix_addresses() + [
         "    // inverse norms of the thread's 4 A rows a0 + 32 wm + 16 mt + g + 8 h (0 past na)",
     ]
     for mt in range(2):
@@ -566,8 +519,7 @@ def similarity_mma(name, t):
                 f"    mov.f32 %bs{r}, 0fFF800000;",
                 f"    mov.u32 %bj{r}, 0;",
             ]
-    for i in range(64):
-        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
+    s += ptxgen.tc_zero_accumulators()
     s += [
         "    // B tiles [t, t_end) of this split",
         f"    add.u32 %r25, %r4, {TC_TILE - 1};",
@@ -589,23 +541,14 @@ def similarity_mma(name, t):
             "    cvt.u64.u32 %rd11, %r29;",
             "    shl.b64 %rd11, %rd11, 1;",
             "    add.u64 %rd12, %rd8, %rd11;",
-            "    cvt.u64.u32 %rd13, %r28;",
-            "    mul.lo.u64 %rd13, %rd13, %rd10;",
-            "    add.u64 %rd13, %rd13, %rd9;",
-            "    add.u64 %rd13, %rd13, %rd11;",
-            "    add.u64 %rd14, %rd12, %rd7;",
-            "    add.u64 %rd15, %rd13, %rd7;",
+            "    cvt.u64.u32 %rd14, %r28;",
+            "    mul.lo.u64 %rd14, %rd14, %rd10;",
+            "    add.u64 %rd14, %rd14, %rd9;",
+            "    add.u64 %rd14, %rd14, %rd11;",
+            "    add.u64 %rd13, %rd12, %rd7;",
+            "    add.u64 %rd15, %rd14, %rd7;",
             f"    add.u32 %r33, %r23, {stage_reg};",
-            "    cp.async.cg.shared.global [%r33], [%rd12], 16, 16;",
-            f"    cp.async.cg.shared.global [%r33+{64 * ROWB}], [%rd14], 16, 16;",
-            f"    cp.async.cg.shared.global [%r33+{MAT}], [%rd13], 16, 16;",
-            f"    cp.async.cg.shared.global [%r33+{MAT + 64 * ROWB}], [%rd15], 16, 16;",
-            "    cp.async.commit_group;",
-            f"    add.u32 %r29, %r29, {TC_K};",
-            "    setp.ge.u32 %p4, %r29, %r19;",
-            "    @%p4 mov.u32 %r29, 0;",
-            "    @%p4 add.u32 %r28, %r28, 1;",
-        ]
+        ] + ptxgen.tc_copy_issue(("16", "16"), "%r19")
 
     s += copy("0")
     s += [
@@ -616,26 +559,8 @@ def similarity_mma(name, t):
         "    @%p5 bra.uni NOCOPY;",
         f"    xor.b32 %r52, %r32, {STAGE};",
     ] + copy("%r52") + ["NOCOPY:"]
-    for kk in range(2):
-        if kk == 1:  # the stage's second 16 dims only when some lie below d (else all zeros)
-            s += ["    add.u32 %r48, %r31, 16;", f"    setp.ge.u32 %p7, %r48, %r2;", "    @%p7 bra.uni SKIP_K1;"]
-        s += [f"    add.u32 %r48, %r{42 + kk}, %r32;", f"    add.u32 %r49, %r{44 + kk}, %r32;"]
-        for mt in range(2):
-            fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
-            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{fa}}}, [%r48+{mt * 16 * ROWB}];")
-        for npair in range(4):
-            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%fb0, %fb1, %fb2, %fb3}}, [%r49+{npair * 16 * ROWB}];")
-            for half in range(2):
-                n = 2 * npair + half
-                for mt in range(2):
-                    acc = ", ".join(f"%acc{(mt * 8 + n) * 4 + e}" for e in range(4))
-                    fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
-                    s.append(f"    {mma} {{{acc}}}, {{{fa}}}, {{%fb{2 * half}, %fb{2 * half + 1}}}, {{{acc}}};")
+    s += ptxgen.tc_stage_mma(t, "%r2", "%r19")
     s += [
-        "SKIP_K1:",
-        f"    add.u32 %r31, %r31, {TC_K};",
-        "    setp.lt.u32 %p6, %r31, %r19;",
-        "    @%p6 bra.uni NEXT;",
         "    // the tile is done: scores of columns j = 128 t + 64 wn + 8 n + 2 t4 + c, ascending",
         f"    shl.b32 %r50, %r30, {TC_TILE.bit_length() - 1};",
         "    shl.b32 %r53, %r14, 6;",
@@ -670,15 +595,7 @@ def similarity_mma(name, t):
                         f"    selp.f32 %bs{r}, %f2, %bs{r}, %p11;",
                         f"    selp.b32 %bj{r}, %r54, %bj{r}, %p11;",
                     ]
-    for i in range(64):
-        s.append(f"    mov.f32 %acc{i}, 0f00000000;")
-    s += [
-        "    mov.u32 %r31, 0;",
-        "    add.u32 %r30, %r30, 1;",
-        "NEXT:",
-        f"    xor.b32 %r32, %r32, {STAGE};",
-        "    setp.lt.u32 %p6, %r30, %r27;",
-        "    @%p6 bra.uni LOOP;",
+    s += ptxgen.tc_next_tile("%r27") + [
         "FINAL:",
         "    // the quad: greater, or equal with a lower index",
     ]

@@ -142,6 +142,159 @@ class Entry:
 
 
 # --------------------------------------------------------------------------------------------
+# The 128 x 128 tensor-core tile shared by argmin_mma_* (gen_argmin.py) and
+# merge_similarity_mma_* (gen_merge.py): 256 threads = 8 warps, warp (wm, wn) = (warp & 3,
+# warp >> 2) owns rows 32 wm .. +32 of operand A and rows 64 wn .. +64 of operand B as 2 x 8
+# mma.sync m16n8k16 accumulators (%acc0..63, (mt * 8 + n) * 4 + e). The K dimension streams in
+# stages of TC_K = 32 through shared memory `smem`: per stage A then B, 128 rows of 64 bytes
+# each, the four 16-byte chunks of a row XOR-swizzled by (row >> 1) & 3 (distinct banks for the
+# ldmatrix phases and the cp.async stores), two stages (cp.async double buffering).
+#
+# Register convention of the callers (these helpers read and write exactly these):
+#   %r8 tid, %r9 warp, %r10 lane, %r11 g, %r12 t4, %r13 wm, %r14 wn;
+#   %r20 cc, %r21 cr, %r23 &stage[cr][cc ^ swizzle] (the thread's copy slot, rows cr, cr + 64);
+#   %r42 / %r43 A and %r44 / %r45 B ldmatrix addresses of k16 steps 0 / 1 (stage 0);
+#   %r28 / %r29 tile / K offset of the next copy, %r30 / %r31 those being computed, %r32 the
+#   computed stage's byte offset; %fa0..7, %fb0..3 fragments; %r48, %r49, %p4, %p6, %p7 scratch.
+# --------------------------------------------------------------------------------------------
+TC_K = 32  # K elements per stage
+TC_ROWB = TC_K * 2  # bytes per staged row
+TC_MAT = 128 * TC_ROWB  # one staged operand
+TC_STAGE = 2 * TC_MAT  # A then B
+
+
+def tc_warp_layout():
+    """%r8 .. %r14: thread, warp, lane, the accumulator row group g and column pair t4, wm, wn."""
+    return [
+        "    mov.u32 %r8, %tid.x;",
+        "    shr.u32 %r9, %r8, 5;  // warp",
+        "    and.b32 %r10, %r8, 31;  // lane",
+        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
+        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 2 t4, 2 t4 + 1",
+        "    and.b32 %r13, %r9, 3;  // wm",
+        "    shr.u32 %r14, %r9, 2;  // wn",
+    ]
+
+
+def tc_copy_slot():
+    """%r20 cc, %r21 cr, %r23: the thread copies chunk cc of staged rows cr and cr + 64."""
+    return [
+        "    // copies: chunk cc of staged rows cr and cr + 64 of each matrix",
+        "    and.b32 %r20, %r8, 3;  // cc",
+        "    shr.u32 %r21, %r8, 2;  // cr",
+        "    shr.u32 %r22, %r21, 1;",
+        "    and.b32 %r22, %r22, 3;",
+        "    xor.b32 %r22, %r22, %r20;",
+        "    shl.b32 %r22, %r22, 4;",
+        "    mov.u32 %r23, smem;",
+        f"    mad.lo.u32 %r23, %r21, {TC_ROWB}, %r23;",
+        "    add.u32 %r23, %r23, %r22;  // &stage[cr][cc ^ swizzle]",
+    ]
+
+
+def tc_ldmatrix_addresses():
+    """%r42 .. %r45: the lane's ldmatrix addresses (A, B; k16 steps 0 and 1) in stage 0."""
+    return [
+        "    // ldmatrix addressing: A (row = lane & 15, chunk lane >> 4), B (row = (lane & 7) |",
+        "    // (lane >> 4) << 3, chunk (lane >> 3) & 1); chunk ^= (row >> 1) & 3; + 2 per k16 step",
+        "    and.b32 %r34, %r10, 15;",
+        "    shr.u32 %r35, %r10, 4;",
+        "    shr.u32 %r36, %r34, 1;",
+        "    and.b32 %r36, %r36, 3;",
+        "    xor.b32 %r36, %r36, %r35;",
+        "    shl.b32 %r36, %r36, 4;",
+        "    shl.b32 %r37, %r13, 5;",
+        "    add.u32 %r37, %r37, %r34;",
+        "    mov.u32 %r38, smem;",
+        f"    mad.lo.u32 %r37, %r37, {TC_ROWB}, %r38;  // A row base",
+        "    add.u32 %r42, %r37, %r36;",
+        "    xor.b32 %r36, %r36, 32;",
+        "    add.u32 %r43, %r37, %r36;",
+        "    and.b32 %r39, %r10, 7;",
+        "    shl.b32 %r40, %r35, 3;",
+        "    or.b32 %r39, %r39, %r40;",
+        "    shr.u32 %r40, %r10, 3;",
+        "    and.b32 %r40, %r40, 1;",
+        "    shr.u32 %r41, %r39, 1;",
+        "    and.b32 %r41, %r41, 3;",
+        "    xor.b32 %r41, %r41, %r40;",
+        "    shl.b32 %r41, %r41, 4;",
+        "    shl.b32 %r37, %r14, 6;",
+        "    add.u32 %r37, %r37, %r39;",
+        f"    add.u32 %r38, %r38, {TC_MAT};",
+        f"    mad.lo.u32 %r37, %r37, {TC_ROWB}, %r38;  // B row base",
+        "    add.u32 %r44, %r37, %r41;",
+        "    xor.b32 %r41, %r41, 32;",
+        "    add.u32 %r45, %r37, %r41;",
+    ]
+
+
+def tc_zero_accumulators():
+    return [f"    mov.f32 %acc{i}, 0f00000000;" for i in range(64)]
+
+
+def tc_copy_issue(a_sizes, kpad):
+    """The four 16-byte cp.async of the thread's slot into the stage at %r33 (A rows cr, cr + 64
+    from %rd12 / %rd13 with src-sizes `a_sizes`, B rows from %rd14 / %rd15), the commit, and
+    the advance of the next copy's position: K offset += TC_K, wrapping to the next tile at
+    `kpad` (the padded K)."""
+    return [
+        f"    cp.async.cg.shared.global [%r33], [%rd12], 16, {a_sizes[0]};",
+        f"    cp.async.cg.shared.global [%r33+{64 * TC_ROWB}], [%rd13], 16, {a_sizes[1]};",
+        f"    cp.async.cg.shared.global [%r33+{TC_MAT}], [%rd14], 16, 16;",
+        f"    cp.async.cg.shared.global [%r33+{TC_MAT + 64 * TC_ROWB}], [%rd15], 16, 16;",
+        "    cp.async.commit_group;",
+        f"    add.u32 %r29, %r29, {TC_K};",
+        f"    setp.ge.u32 %p4, %r29, {kpad};",
+        "    @%p4 mov.u32 %r29, 0;",
+        "    @%p4 add.u32 %r28, %r28, 1;",
+    ]
+
+
+def tc_stage_mma(ty, kreal, kpad):
+    """One stage of the computed tile at stage offset %r32: per k16 step ldmatrix A (2 m-tiles)
+    and B (4 x 2 n-tiles) and 16 mma.sync; the second k16 step is skipped when it lies wholly
+    at or past `kreal` (all padding). Then the K offset %r31 advances; when it reaches `kpad`
+    the code falls through to the tile's epilogue, else branches to NEXT."""
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+    s = []
+    for kk in range(2):
+        if kk == 1:  # the stage's second 16 elements only when some lie below kreal
+            s += ["    add.u32 %r48, %r31, 16;", f"    setp.ge.u32 %p7, %r48, {kreal};", "    @%p7 bra.uni SKIP_K1;"]
+        s += [f"    add.u32 %r48, %r{42 + kk}, %r32;", f"    add.u32 %r49, %r{44 + kk}, %r32;"]
+        for mt in range(2):
+            fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
+            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{fa}}}, [%r48+{mt * 16 * TC_ROWB}];")
+        for npair in range(4):
+            s.append(f"    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%fb0, %fb1, %fb2, %fb3}}, [%r49+{npair * 16 * TC_ROWB}];")
+            for half in range(2):
+                n = 2 * npair + half
+                for mt in range(2):
+                    acc = ", ".join(f"%acc{(mt * 8 + n) * 4 + e}" for e in range(4))
+                    fa = ", ".join(f"%fa{4 * mt + e}" for e in range(4))
+                    s.append(f"    {mma} {{{acc}}}, {{{fa}}}, {{%fb{2 * half}, %fb{2 * half + 1}}}, {{{acc}}};")
+    return s + [
+        "SKIP_K1:",
+        f"    add.u32 %r31, %r31, {TC_K};",
+        f"    setp.lt.u32 %p6, %r31, {kpad};",
+        "    @%p6 bra.uni NEXT;",
+    ]
+
+
+def tc_next_tile(t_end):
+    """After a tile's epilogue: zero the accumulators, move to the next tile, flip the stage and
+    loop while the computed tile is below `t_end`."""
+    return tc_zero_accumulators() + [
+        "    mov.u32 %r31, 0;",
+        "    add.u32 %r30, %r30, 1;",
+        "NEXT:",
+        f"    xor.b32 %r32, %r32, {TC_STAGE};",
+        f"    setp.lt.u32 %p6, %r30, {t_end};",
+        "    @%p6 bra.uni LOOP;",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
 # Command line.
 # --------------------------------------------------------------------------------------------
 def parser(doc, check_help="fail if the committed PTX is stale",
