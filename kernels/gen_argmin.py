@@ -600,13 +600,6 @@ def mma_entry(name, ty, metric):
         "    mul.lo.u32 %r26, %r26, %r5;  // t",
         "    add.u32 %r27, %r26, %r5;",
         "    min.u32 %r27, %r27, %r4;  // t_end",
-        "    mov.u32 %r28, %r26;  // tile of the next copy",
-        "    mov.u32 %r29, 0;  // dim of the next copy",
-        "    mov.u32 %r30, %r26;  // tile being computed",
-        "    mov.u32 %r31, 0;  // dim being computed",
-        "    mov.u32 %r32, 0;  // stage being computed (byte offset)",
-        "    setp.ge.u32 %p3, %r26, %r27;",
-        "    @%p3 bra.uni FINAL;",
     ]
 
     def copy(stage_reg):
@@ -631,24 +624,7 @@ def mma_entry(name, ty, metric):
             f"    add.u32 %r33, %r23, {stage_reg};",
         ] + ptxgen.tc_copy_issue(("%r46", "%r47"), "%r3")
 
-    s += copy("0")
-    s += [
-        "LOOP:",
-        "    cp.async.wait_group 0;",
-        "    bar.sync 0;",
-        "    setp.ge.u32 %p5, %r28, %r27;",
-        "    @%p5 bra.uni NOCOPY;",
-        f"    xor.b32 %r52, %r32, {STAGE};",
-    ] + copy("%r52") + ["NOCOPY:"]
-    s += ptxgen.tc_stage_mma(ty, "%r2", "%r3")
-    s += [
-        "    // the tile is done: codes 128 t + 64 wn + 8 n + 2 t4 + c, ascending per row",
-        "    shl.b32 %r50, %r30, 7;",
-        "    shl.b32 %r53, %r14, 6;",
-        "    add.u32 %r50, %r50, %r53;",
-        "    shl.b32 %r53, %r12, 1;",
-        "    add.u32 %r50, %r50, %r53;",
-    ]
+    s += ptxgen.tc_main_loop(copy, ty, "%r2", "%r3")
     for n in range(8):
         s += [
             f"    add.u32 %r54, %r50, {8 * n};  // code of column c = 0",

@@ -527,13 +527,6 @@ def similarity_mma(name, t):
         "    mul.lo.u32 %r26, %r16, %r6;  // t",
         "    add.u32 %r27, %r26, %r6;",
         "    min.u32 %r27, %r27, %r25;  // t_end",
-        "    mov.u32 %r28, %r26;  // tile of the next copy",
-        "    mov.u32 %r29, 0;  // channel of the next copy",
-        "    mov.u32 %r30, %r26;  // tile being computed",
-        "    mov.u32 %r31, 0;  // channel being computed",
-        "    mov.u32 %r32, 0;  // stage being computed (byte offset)",
-        "    setp.ge.u32 %p3, %r26, %r27;",
-        "    @%p3 bra.uni FINAL;",
     ]
 
     def copy(stage_reg):
@@ -550,24 +543,7 @@ def similarity_mma(name, t):
             f"    add.u32 %r33, %r23, {stage_reg};",
         ] + ptxgen.tc_copy_issue(("16", "16"), "%r19")
 
-    s += copy("0")
-    s += [
-        "LOOP:",
-        "    cp.async.wait_group 0;",
-        "    bar.sync 0;",
-        "    setp.ge.u32 %p5, %r28, %r27;",
-        "    @%p5 bra.uni NOCOPY;",
-        f"    xor.b32 %r52, %r32, {STAGE};",
-    ] + copy("%r52") + ["NOCOPY:"]
-    s += ptxgen.tc_stage_mma(t, "%r2", "%r19")
-    s += [
-        "    // the tile is done: scores of columns j = 128 t + 64 wn + 8 n + 2 t4 + c, ascending",
-        f"    shl.b32 %r50, %r30, {TC_TILE.bit_length() - 1};",
-        "    shl.b32 %r53, %r14, 6;",
-        "    add.u32 %r50, %r50, %r53;",
-        "    shl.b32 %r53, %r12, 1;",
-        "    add.u32 %r50, %r50, %r53;",
-    ]
+    s += ptxgen.tc_main_loop(copy, t, "%r2", "%r19")
     for n in range(8):
         for c in range(2):
             s += [

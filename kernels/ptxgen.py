@@ -281,6 +281,38 @@ def tc_stage_mma(ty, kreal, kpad):
     ]
 
 
+def tc_main_loop(copy, ty, kreal, kpad):
+    """From the split's tile range (%r26 first tile, %r27 end; FINAL when empty) to the end of a
+    tile's last stage: the first copy, then per stage wait + barrier, the next stage's copy
+    (while tiles remain) overlapping this stage's mma, and, after the tile's last stage, %r50 =
+    the thread's first column 128 t + 64 wn + 2 t4 of the computed tile (its columns are %r50 +
+    8 n + c, ascending per row). `copy(stage_reg)`: the caller's copy of the next position into
+    the stage at byte offset stage_reg (ending with tc_copy_issue)."""
+    return [
+        "    mov.u32 %r28, %r26;  // tile of the next copy",
+        "    mov.u32 %r29, 0;  // K offset of the next copy",
+        "    mov.u32 %r30, %r26;  // tile being computed",
+        "    mov.u32 %r31, 0;  // K offset being computed",
+        "    mov.u32 %r32, 0;  // stage being computed (byte offset)",
+        "    setp.ge.u32 %p3, %r26, %r27;",
+        "    @%p3 bra.uni FINAL;",
+    ] + copy("0") + [
+        "LOOP:",
+        "    cp.async.wait_group 0;",
+        "    bar.sync 0;",
+        "    setp.ge.u32 %p5, %r28, %r27;",
+        "    @%p5 bra.uni NOCOPY;",
+        f"    xor.b32 %r52, %r32, {TC_STAGE};",
+    ] + copy("%r52") + ["NOCOPY:"] + tc_stage_mma(ty, kreal, kpad) + [
+        "    // the tile is done: columns 128 t + 64 wn + 8 n + 2 t4 + c, ascending per row",
+        "    shl.b32 %r50, %r30, 7;",
+        "    shl.b32 %r53, %r14, 6;",
+        "    add.u32 %r50, %r50, %r53;",
+        "    shl.b32 %r53, %r12, 1;",
+        "    add.u32 %r50, %r50, %r53;",
+    ]
+
+
 def tc_next_tile(t_end):
     """After a tile's epilogue: zero the accumulators, move to the next tile, flip the stage and
     loop while the computed tile is below `t_end`."""
