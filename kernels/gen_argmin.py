@@ -3,10 +3,10 @@
 
 Python 3 standard library only. Usage:
 
-    python3 kernels/gen_argmin.py             # (re)write kernels/argmin.ptx
-    python3 kernels/gen_argmin.py --check     # exit 1 if the committed file is stale
-    python3 kernels/gen_argmin.py --list      # print "argmin <entry> <param bytes>" per entry
-    python3 kernels/gen_argmin.py --stdout    # print the PTX
+    python3 kernels/gen_argmin.py             # (re)write kernels/argmin.ptx, kernels/argmin_sm90.ptx
+    python3 kernels/gen_argmin.py --check     # exit 1 if a committed file is stale
+    python3 kernels/gen_argmin.py --list      # print "<module> <entry> <param bytes>" per entry
+    python3 kernels/gen_argmin.py --stdout argmin|argmin_sm90   # print one module
     python3 kernels/gen_argmin.py --emulate quick|full   # run it on kernels/ptx_sim.py (no GPU)
 
 Entries (all take one parameter block, ARGMIN_FIELDS below; src/cuda/argmin.rs mirrors it):
@@ -24,6 +24,8 @@ Entries (all take one parameter block, ARGMIN_FIELDS below; src/cuda/argmin.rs m
   distance of the chosen entry (plain f32, no ftz) -> dist [N].
 - `argmin_lookup_{O}`: ids [N] -> out [N, D] (entries rounded to O with cvt.rn); an id >= K
   sets `status = max(status, (~row) << 32 | id)` and its row is not written.
+- `argmin_mma_{f16,bf16}_{l2,cos}` (sm_80+) and, in the sm_90a module argmin_sm90.ptx,
+  `argmin_wgmma_{f16,bf16}_{l2,cos}`: the tensor-core searches (mma_entry, wgmma_entry).
 
 The search tiling (kernels/README.md has the picture): a block of 256 threads (16 x 16) owns
 BM = 128 rows and sweeps code tiles of BN = 128 codes (the codes of tile t are
@@ -758,6 +760,336 @@ def generate():
 
 
 # --------------------------------------------------------------------------------------------
+# argmin_sm90.ptx: the Hopper (sm_90a) tensor-core search with wgmma.
+# --------------------------------------------------------------------------------------------
+WG_KB = 64  # dims per k-block: one 128-byte swizzle row
+WG_BLOCK_BYTES = 128 * WG_KB * 2  # 128 rows of one k-block: 16 KB (sixteen 1024-byte atoms)
+WG_STAGES = 4  # codebook ring buffers
+WG_AHEAD = WG_STAGES - 2  # stages copied ahead (one more stage's wgmma may still be reading)
+WG_MAX_D = 256  # x rows stay in shared memory: at most 4 k-blocks
+WG_SLACK = 1024  # the dynamic window is aligned up to 1024 bytes inside the launch's bytes
+WG_TYPES = MMA_TYPES
+
+
+def wgmma_entries():
+    return [(f"argmin_wgmma_{t}_{m}", t, m) for t in WG_TYPES for m in METRICS]
+
+
+def wgmma_shared_bytes(d8):
+    """Dynamic shared memory of a launch for x rows of d8 elements (the host mirrors it)."""
+    ka = (d8 + WG_KB - 1) // WG_KB
+    return WG_SLACK + (ka + WG_STAGES) * WG_BLOCK_BYTES
+
+
+def wgmma_entry(name, ty, metric):
+    """argmin_wgmma_{ty}_{metric} (sm_90a): a block of 256 threads = two warpgroups owns BM =
+    128 rows (warpgroup w: rows 64 w .. +64) and sweeps its split's code tiles of BN = 128
+    codes with wgmma.mma_async m64n128k16 (f32 accumulators, 64 per thread), both operands
+    from shared memory in K-major 128-byte-swizzled layout (CUTLASS's SW128 K-major atom: 8
+    rows of 128 bytes per 1024-byte group, 16-byte chunk c of row r stored at chunk c ^ (r & 7)).
+
+    Shared memory (dynamic, the base aligned up to 1024): the block's x rows, copied once as
+    ka = ceil(d / 64) k-blocks of [128 rows][64 dims] (16 KB each, rows past n and dims past
+    d zero-filled), then a ring of WG_STAGES codebook buffers of [128 codes][64 dims]. The
+    codebook streams in stages (tile, k-block) in order, WG_AHEAD stages ahead with cp.async
+    (zero-fill past d_pad); per stage: wait for its copy, fence.proxy.async (the generic-proxy
+    cp.async writes become visible to wgmma), barrier, issue the copy WG_AHEAD ahead into the
+    buffer whose wgmma completed (wait_group 1 at the end of the previous stage leaves only
+    that stage's wgmma in flight), then wgmma.fence and four k16 wgmma, straight-line (steps
+    past d multiply zeros; the first of a tile with scale-d = 0, so the accumulators need no
+    zeroing).
+    After a tile's last stage: wait_group 0 and the same epilogue as argmin_mma_*: scores
+    s = h - p or s = p * c from the bias, folded per row in ascending code order with strict <
+    (each thread holds rows g, g + 8 of its warp's 16 and columns 8 j + 2 t4 + {0, 1}); at the
+    end the quad of a row merges by (score, code) and red.max of ~key into ws."""
+    def prm(reg, field):
+        return f"    ld.param.{dict(ARGMIN_FIELDS)[field]} {reg}, [p+{OFF[field]}];"
+
+    mma = f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{ty}.{ty}"
+    accs = ", ".join(f"%acc{i}" for i in range(64))
+    doc = [f"{name}: x {ty} [N, d] x codebook {ty} [tiles * 128][d_pad] -> ws [N] (sm_90a wgmma,",
+           "x resident in shared memory, the codebook streamed through a cp.async ring; see the generator)."]
+    s = [f"// {line}" for line in doc] + ptxgen.signature(name, PARAM_SIZE, BLOCK) + [
+        ".minnctapersm 2", "{",
+        ".reg .pred %p<20>;", ".reg .b32 %r<80>;", ".reg .f32 %f<8>;", ".reg .b64 %rd<32>;",
+        ".reg .f32 %acc<64>;", ".reg .f32 %bs<2>;", ".reg .b32 %bj<2>;",
+        prm("%rd1", "x"), prm("%rd2", "packed"), prm("%rd3", "bias"), prm("%rd4", "ws"),
+        prm("%r1", "n"), prm("%r2", "d"), prm("%r3", "d_pad"), prm("%r4", "tiles"), prm("%r5", "tiles_per_split"),
+        "    mov.u32 %r8, %tid.x;",
+        "    shr.u32 %r9, %r8, 5;  // warp",
+        "    and.b32 %r10, %r8, 31;  // lane",
+        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
+        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 8 j + 2 t4 + {0, 1}",
+        "    shr.u32 %r13, %r9, 2;  // warpgroup",
+        "    and.b32 %r14, %r9, 3;  // warp in the warpgroup: rows 16 q .. +16 of its 64",
+        "    mov.u32 %r15, %ctaid.x;",
+        "    shl.b32 %r15, %r15, 7;  // row0",
+        "    mov.u32 %r16, dsmem;",
+        f"    add.u32 %r16, %r16, {WG_SLACK - 1};",
+        f"    and.b32 %r16, %r16, {-WG_SLACK & 0xFFFFFFFF};  // the 1024-aligned base: x k-blocks",
+        "    add.u32 %r17, %r2, 63;",
+        "    shr.u32 %r17, %r17, 6;  // ka: k-blocks of d",
+        f"    mad.lo.u32 %r21, %r17, {WG_BLOCK_BYTES}, %r16;  // the codebook ring",
+        "    // copies: chunk cc = tid & 7 of rows r0 + 32 j (r0 = tid >> 3), stored at",
+        "    // (r >> 3) * 1024 + (r & 7) * 128 + (cc ^ (r & 7)) * 16 of a k-block (r & 7 = r0 & 7)",
+        "    and.b32 %r18, %r8, 7;  // cc",
+        "    shr.u32 %r19, %r8, 3;  // r0",
+        "    and.b32 %r20, %r19, 7;",
+        "    xor.b32 %r22, %r20, %r18;",
+        "    shl.b32 %r22, %r22, 4;",
+        "    shl.b32 %r20, %r20, 7;",
+        "    add.u32 %r20, %r20, %r22;",
+        "    shr.u32 %r22, %r19, 3;",
+        "    shl.b32 %r22, %r22, 10;",
+        "    add.u32 %r20, %r20, %r22;  // the thread's slot in a k-block",
+        "    shl.b32 %r23, %r18, 3;  // first dim of the chunk in a k-block",
+        "    // code tiles [t, t_end) of this split",
+        "    mov.u32 %r26, %ctaid.y;",
+        "    mul.lo.u32 %r26, %r26, %r5;",
+        "    add.u32 %r27, %r26, %r5;",
+        "    min.u32 %r27, %r27, %r4;",
+        "    mov.f32 %bs0, 0f7F800000;", "    mov.f32 %bs1, 0f7F800000;",
+        "    mov.u32 %bj0, 0;", "    mov.u32 %bj1, 0;",
+        "    setp.ge.u32 %p1, %r26, %r27;",
+        "    @%p1 bra.uni FINAL;",
+        "    // x: k-blocks 0 .. ka of rows row0 + r0 + 32 j, one cp.async group",
+    ]
+    for j in range(4):
+        s += [
+            f"    add.u32 %r24, %r15, %r19;",
+            f"    add.u32 %r24, %r24, {32 * j};",
+            f"    setp.lt.u32 %p{2 + j}, %r24, %r1;  // row j inside n",
+            f"    mul.wide.u32 %rd{5 + j}, %r24, %r2;",
+            f"    cvt.u64.u32 %rd9, %r23;",
+            f"    add.u64 %rd{5 + j}, %rd{5 + j}, %rd9;",
+            f"    shl.b64 %rd{5 + j}, %rd{5 + j}, 1;",
+            f"    add.u64 %rd{5 + j}, %rd{5 + j}, %rd1;  // &x[row][cc * 8]",
+        ]
+    s += [
+        "    mov.u32 %r24, 0;  // k-block",
+        "    add.u32 %r25, %r16, %r20;  // destination in k-block 0",
+        "XCOPY:",
+        "    shl.b32 %r28, %r24, 6;",
+        "    add.u32 %r28, %r28, %r23;",
+        "    setp.lt.u32 %p6, %r28, %r2;  // the chunk's dims are inside d",
+        "    cvt.u64.u32 %rd9, %r24;",
+        "    shl.b64 %rd9, %rd9, 7;  // k-block byte offset in a row",
+    ]
+    for j in range(4):
+        s += [
+            f"    and.pred %p7, %p6, %p{2 + j};",
+            f"    add.u64 %rd10, %rd{5 + j}, %rd9;",
+            "    selp.u64 %rd10, %rd10, %rd1, %p7;",
+            "    selp.u32 %r29, 16, 0, %p7;",
+            f"    cp.async.cg.shared.global [%r25+{4096 * j}], [%rd10], 16, %r29;",
+        ]
+    s += [
+        "    add.u32 %r24, %r24, 1;",
+        f"    add.u32 %r25, %r25, {WG_BLOCK_BYTES};",
+        "    setp.lt.u32 %p6, %r24, %r17;",
+        "    @%p6 bra.uni XCOPY;",
+        "    cp.async.commit_group;",
+        "    // codebook chunk addresses: packed + ((128 t + r0 + 32 j) d_pad + 64 kb + 8 cc) * 2",
+        "    cvt.u64.u32 %rd11, %r3;",
+        "    shl.b64 %rd11, %rd11, 1;  // codebook row bytes",
+        "    cvt.u64.u32 %rd12, %r19;",
+        "    mul.lo.u64 %rd12, %rd12, %rd11;",
+        "    cvt.u64.u32 %rd13, %r23;",
+        "    shl.b64 %rd13, %rd13, 1;",
+        "    add.u64 %rd12, %rd12, %rd13;",
+        "    add.u64 %rd12, %rd12, %rd2;  // row r0, chunk cc of tile 0, k-block 0",
+        "    shl.b64 %rd13, %rd11, 5;  // 32 rows",
+        "    shl.b64 %rd14, %rd11, 7;  // one code tile",
+        "    // stages: S = (t_end - t) * ka; the next copy (tile %r30, k-block %r31, stage %r32)",
+        "    sub.u32 %r33, %r27, %r26;",
+        "    mul.lo.u32 %r33, %r33, %r17;",
+        "    mov.u32 %r30, %r26;",
+        "    mov.u32 %r31, 0;",
+        "    mov.u32 %r32, 0;",
+    ]
+
+    def copy_stage(tag):
+        """The copy of stage %r32 (tile %r30, k-block %r31) into ring buffer %r32 % STAGES when
+        %r32 < S, one cp.async group either way; then the position advances."""
+        return [
+            "    setp.ge.u32 %p8, %r32, %r33;",
+            f"    @%p8 bra.uni NOCOPY_{tag};",
+            f"    and.b32 %r34, %r32, {WG_STAGES - 1};",
+            f"    mad.lo.u32 %r34, %r34, {WG_BLOCK_BYTES}, %r21;",
+            "    add.u32 %r34, %r34, %r20;  // destination",
+            "    shl.b32 %r35, %r31, 6;",
+            "    add.u32 %r35, %r35, %r23;",
+            "    setp.lt.u32 %p9, %r35, %r3;  // the chunk's dims are inside d_pad",
+            "    selp.u32 %r36, 16, 0, %p9;",
+            "    cvt.u64.u32 %rd15, %r30;",
+            "    mul.lo.u64 %rd15, %rd15, %rd14;",
+            "    add.u64 %rd15, %rd15, %rd12;",
+            "    cvt.u64.u32 %rd16, %r31;",
+            "    shl.b64 %rd16, %rd16, 7;",
+            "    add.u64 %rd15, %rd15, %rd16;",
+            "    selp.u64 %rd15, %rd15, %rd2, %p9;",
+        ] + [line for j in range(4) for line in (
+            f"    cp.async.cg.shared.global [%r34+{4096 * j}], [%rd15], 16, %r36;",
+            "    add.u64 %rd15, %rd15, %rd13;" if j < 3 else "",
+        ) if line] + [
+            "    add.u32 %r31, %r31, 1;",
+            "    setp.ge.u32 %p9, %r31, %r17;",
+            "    @%p9 mov.u32 %r31, 0;",
+            "    @%p9 add.u32 %r30, %r30, 1;",
+            "    add.u32 %r32, %r32, 1;",
+            f"NOCOPY_{tag}:",
+            "    cp.async.commit_group;",
+        ]
+
+    for a in range(WG_AHEAD):
+        s += copy_stage(f"P{a}")
+    s += [
+        "    // descriptors (PTX ISA matrix descriptor): start >> 4 | LBO 16 >> 4 << 16, SBO 1024 >> 4",
+        "    // << 32, 128-byte swizzle (1 << 62). A: this warpgroup's 64 rows of k-block 0.",
+        f"    mad.lo.u32 %r37, %r13, {WG_BLOCK_BYTES // 2}, %r16;",
+        "    shr.u32 %r37, %r37, 4;",
+        "    add.u32 %r37, %r37, 0x10000;",
+        "    mov.b64 %rd17, {%r37, 0x40000040};",
+        "    shr.u32 %r38, %r21, 4;",
+        "    add.u32 %r38, %r38, 0x10000;",
+        "    mov.b64 %rd18, {%r38, 0x40000040};  // B: ring buffer 0",
+        "    mov.u32 %r40, %r26;  // tile being computed",
+        "    mov.u32 %r41, 0;  // its k-block",
+        "    mov.u32 %r42, 0;  // stage being computed",
+        "LOOP:",
+        f"    cp.async.wait_group {WG_AHEAD - 1};",
+        "    fence.proxy.async.shared::cta;",
+        "    bar.sync 0;",
+    ] + copy_stage("L") + [
+        "    // this stage's descriptors: A + 1024 * kb (16 KB >> 4), B + 1024 * buffer",
+        "    shl.b32 %r43, %r41, 10;",
+        "    cvt.u64.u32 %rd19, %r43;",
+        "    add.u64 %rd19, %rd19, %rd17;",
+        f"    and.b32 %r43, %r42, {WG_STAGES - 1};",
+        "    shl.b32 %r43, %r43, 10;",
+        "    cvt.u64.u32 %rd20, %r43;",
+        "    add.u64 %rd20, %rd20, %rd18;",
+        "    setp.ne.u32 %p10, %r41, 0;  // scale-d: accumulate after a tile's first k-block",
+        "    shl.b32 %r44, %r41, 6;",
+        "    wgmma.fence.sync.aligned;",
+    ]
+    s.append("    setp.eq.u32 %p12, %r44, %r44;  // true: the k-block's later steps accumulate")
+    for kk in range(4):
+        if kk:  # straight-line: ptxas serializes wgmma chains broken by branches
+            s += ["    add.u64 %rd19, %rd19, 2;  // + 32 bytes along K", "    add.u64 %rd20, %rd20, 2;"]
+        s.append(f"    {mma} {{{accs}}}, %rd19, %rd20, {'%p10' if kk == 0 else '%p12'}, 1, 1, 0, 0;")
+    s += [
+        "    wgmma.commit_group.sync.aligned;",
+        "    add.u32 %r42, %r42, 1;",
+        "    add.u32 %r41, %r41, 1;",
+        "    setp.lt.u32 %p13, %r41, %r17;",
+        "    @%p13 bra.uni MORE;",
+        "    wgmma.wait_group.sync.aligned 0;",
+        "    // the tile is done: columns 128 t + 8 j + 2 t4 + c, ascending per row",
+        "    shl.b32 %r50, %r40, 7;",
+        "    shl.b32 %r53, %r12, 1;",
+        "    add.u32 %r50, %r50, %r53;",
+    ]
+    for j in range(16):
+        s += [
+            f"    add.u32 %r54, %r50, {8 * j};",
+            "    add.u32 %r55, %r54, 1;",
+            "    mul.wide.u32 %rd21, %r54, 4;",
+            "    add.u64 %rd21, %rd21, %rd3;",
+            "    ld.global.nc.v2.f32 {%f1, %f2}, [%rd21];",
+        ]
+        for c in range(2):
+            for h in range(2):
+                a = 4 * j + 2 * h + c
+                if metric == "l2":
+                    s.append(f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};")
+                else:
+                    s.append(f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};")
+                s += [
+                    f"    setp.lt.f32 %p14, %f3, %bs{h};",
+                    f"    selp.f32 %bs{h}, %f3, %bs{h}, %p14;",
+                    f"    selp.b32 %bj{h}, %r{54 + c}, %bj{h}, %p14;",
+                ]
+    s += [
+        "    mov.u32 %r41, 0;",
+        "    add.u32 %r40, %r40, 1;",
+        "    setp.lt.u32 %p15, %r42, %r33;",
+        "    @%p15 bra.uni LOOP;",
+        "    bra.uni DONE;",
+        "MORE:  // the tile goes on (so do the stages): one stage's wgmma may stay in flight",
+        "    wgmma.wait_group.sync.aligned 1;",
+        "    bra.uni LOOP;",
+        "DONE:",
+        "    cp.async.wait_group 0;  // the empty trailing groups",
+        "FINAL:",
+        "    // key = ordered score << 32 | code (-0 as +0); the quad keeps the least, lane 0 of",
+        "    // the quad does red.max of ~key",
+        "    setp.eq.u32 %p16, %r12, 0;",
+        "    shl.b32 %r56, %r13, 6;",
+        "    add.u32 %r56, %r56, %r15;",
+        "    shl.b32 %r57, %r14, 4;",
+        "    add.u32 %r56, %r56, %r57;",
+        "    add.u32 %r56, %r56, %r11;  // row of h = 0",
+    ]
+    for h in range(2):
+        s += [
+            f"    mov.b32 %r57, %bs{h};",
+            "    setp.eq.u32 %p17, %r57, 0x80000000;",
+            "    selp.u32 %r57, 0, %r57, %p17;",
+            "    setp.lt.s32 %p17, %r57, 0;",
+            "    not.b32 %r58, %r57;",
+            "    or.b32 %r57, %r57, 0x80000000;",
+            "    selp.u32 %r57, %r58, %r57, %p17;",
+            f"    mov.u32 %r58, %bj{h};",
+        ]
+        for w in (1, 2):
+            s += [
+                f"    shfl.sync.bfly.b32 %r59, %r57, {w}, 31, {FULL};",
+                f"    shfl.sync.bfly.b32 %r60, %r58, {w}, 31, {FULL};",
+                "    setp.eq.u32 %p17, %r59, %r57;",
+                "    setp.lt.and.u32 %p17, %r60, %r58, %p17;",
+                "    setp.lt.or.u32 %p17, %r59, %r57, %p17;",
+                "    selp.u32 %r57, %r59, %r57, %p17;",
+                "    selp.u32 %r58, %r60, %r58, %p17;",
+            ]
+        s += [
+            f"    add.u32 %r61, %r56, {8 * h};",
+            "    setp.lt.and.u32 %p18, %r61, %r1, %p16;",
+            "    mov.b64 %rd22, {%r58, %r57};",
+            "    not.b64 %rd22, %rd22;",
+            "    mul.wide.u32 %rd23, %r61, 8;",
+            "    add.u64 %rd23, %rd23, %rd4;",
+            "    @%p18 red.global.max.u64 [%rd23], %rd22;",
+        ]
+    s += ["    ret;", "}", ""]
+    return "\n".join(s)
+
+
+def generate_sm90():
+    head = [
+        "// and commit the result. Design: wgmma_entry in kernels/gen_argmin.py.",
+        f"// vistok: max-regs {MAX_REGS}",
+        "//",
+        "// argmin_wgmma_{f16,bf16}_{l2,cos}: x, tensor-core codebook -> ws u64 [N] (sm_90a only:",
+        "// wgmma; the other entries, and the sm_80+ tensor-core search, are in argmin.ptx)",
+        "//",
+        f"// abi block {BLOCK}",
+        f"// abi bm {BM}",
+        f"// abi bn {BN}",
+        f"// abi wgmma_kb {WG_KB}",
+        f"// abi wgmma_stages {WG_STAGES}",
+        f"// abi wgmma_max_d {WG_MAX_D}",
+        f"// abi wgmma_slack {WG_SLACK}",
+    ] + ptxgen.abi_params("argmin", OFF, PARAM_SIZE)
+    parts = [ptxgen.module_header("gen_argmin.py", head, target="sm_90a"),
+             "// the launch's dynamic shared memory (its base is aligned up to 1024 in the entries)",
+             ".extern .shared .align 1024 .b8 dsmem[];", ""]
+    for name, ty, metric in wgmma_entries():
+        parts.append(wgmma_entry(name, ty, metric))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
 # --emulate: the committed PTX on kernels/ptx_sim.py against an independent model of the
 # contract (src/argmin.rs), without a GPU. The host side (packing, padding, grid) is modelled
 # as src/cuda/argmin.rs does it.
@@ -770,6 +1102,8 @@ def emulate(quick):
 
     with open(os.path.join(ptxgen.HERE, "argmin.ptx"), encoding="utf-8") as f:
         mods = S.parse_module(f.read())
+    with open(os.path.join(ptxgen.HERE, "argmin_sm90.ptx"), encoding="utf-8") as f:
+        mods.update(S.parse_module(f.read()))
 
     def fbits(v):
         return struct.unpack("<I", struct.pack("<f", v))[0]
@@ -850,7 +1184,7 @@ def emulate(quick):
             dist.append(acc)
         return idx, dist, norms, bias
 
-    def search(n, k, d, ty, metric, seed, lattice, splits_target, tc=False):
+    def search(n, k, d, ty, metric, seed, lattice, splits_target, tc=False, wg=False, modules=None):
         rng = random.Random(seed)
 
         def val():
@@ -906,14 +1240,18 @@ def emulate(quick):
         t0 = time.time()
         S.run_kernel(mods[f"argmin_check_{ty}"], [2, 1, 1], [BLOCK, 1, 1], pb, mem, st)
         entry = f"argmin_mma_{ty}_{metric}" if tc else f"argmin_search_{ty}_{metric}_bd{bd}"
+        if wg:
+            entry = f"argmin_wgmma_{ty}_{metric}"
         sp = pb
+        d8 = (d + 7) // 8 * 8
         if tc and d % 8:  # rows not 16-byte aligned: the host's padded copy of x
-            d8, XP = (d + 7) // 8 * 8, 10 << 20
+            XP = 10 << 20
             mem.add("xpad", XP, bytes(2 * n * d8), True)
             S.run_kernel(mods["argmin_pad_b16"], [2, 1, 1], [BLOCK, 1, 1],
                          params(x=A["x"], out=XP, d=d, d_pad=d8, count=n * d8), mem, st)
             sp = params(n=n, d=d8, k=k, d_pad=d_pad, tiles=tiles, tiles_per_split=per, **dict(A, x=XP))
-        S.run_kernel(mods[entry], [row_tiles, splits, 1], [BLOCK, 1, 1], sp, mem, st, strict_shared=True)
+        S.run_kernel((modules or mods)[entry], [row_tiles, splits, 1], [BLOCK, 1, 1], sp, mem, st, strict_shared=True,
+                     dynamic_shared=wgmma_shared_bytes(d8) if wg else 0)
         S.run_kernel(mods[f"argmin_finish_{ty}"], [1, 1, 1], [BLOCK, 1, 1], pb, mem, st)
         got = list(struct.unpack(f"<{n}I", mem.read(A["out"], 4 * n)))
         gdist = list(struct.unpack(f"<{n}I", mem.read(A["dist"], 4 * n)))
@@ -985,6 +1323,38 @@ def emulate(quick):
         search(*c)
     for c in tc_cases:
         search(*c, tc=True)
+    # wgmma (sm_90a): two k-blocks (d = 72, the second mostly zero-filled), x padded (d = 67),
+    # two row tiles and a partial one, K splits, lattice ties; full: four k-blocks (d = 256).
+    wg_cases = [(70, 150, 72, "bf16", "l2", 15, True, 2), (3, 20, 67, "f16", "cos", 16, False, 1)]
+    if not quick:
+        wg_cases += [(140, 130, 64, "f16", "l2", 17, False, 1), (5, 9, 256, "bf16", "cos", 18, False, 1)]
+    for c in wg_cases:
+        search(*c, tc=True, wg=True)
+    # Copies landing at issue: a copy into a ring buffer that a wgmma still reads is caught
+    # (three k-blocks per tile, so stages of one tile overlap in flight).
+    deep = (20, 150, 200, "bf16", "l2", 19, False, 1)
+    mode = S.CP_ASYNC_MODE[0]
+    S.CP_ASYNC_MODE[0] = "issue"
+    try:
+        search(*deep, tc=True, wg=True)
+        # The interpreter's wgmma checks can fail: each broken variant of the module must be
+        # refused (a missing proxy fence or wgmma.fence, a ring buffer refilled while read).
+        with open(os.path.join(ptxgen.HERE, "argmin_sm90.ptx"), encoding="utf-8") as f:
+            text = f.read()
+        for what, old, new in [
+            ("no fence.proxy.async", "    fence.proxy.async.shared::cta;\n", ""),
+            ("no wgmma.fence", "    wgmma.fence.sync.aligned;\n", ""),
+            ("two stages left in flight", "wgmma.wait_group.sync.aligned 1;", "wgmma.wait_group.sync.aligned 2;"),
+        ]:
+            assert old in text, what
+            try:
+                search(*deep, tc=True, wg=True, modules=S.parse_module(text.replace(old, new)))
+            except S.SimError as e:
+                print(f"broken wgmma module ({what}) refused: {str(e)[-90:]}")
+            else:
+                raise AssertionError(f"the interpreter ran a broken wgmma module ({what})")
+    finally:
+        S.CP_ASYNC_MODE[0] = mode
     for ty in FLOATS:
         check(ty, 700, [])
         check(ty, 700, [650, 3, 699])
@@ -994,7 +1364,8 @@ def emulate(quick):
 
 
 def main():
-    ap = ptxgen.parser(__doc__, check_help="fail if the committed PTX file is stale")
+    ap = ptxgen.parser(__doc__, check_help="fail if the committed PTX files are stale",
+                       stdout_help="print one module's PTX instead of writing", stdout_choices=["argmin", "argmin_sm90"])
     ap.add_argument("--emulate", choices=["quick", "full"],
                     help="run the committed PTX on kernels/ptx_sim.py against a model of the contract")
     args = ap.parse_args()
@@ -1003,8 +1374,10 @@ def main():
     if args.list:
         for name, *_ in entries():
             print("argmin", name, PARAM_SIZE)
+        for name, *_ in wgmma_entries():
+            print("argmin_sm90", name, PARAM_SIZE)
         return 0
-    return ptxgen.emit("gen_argmin.py", {"argmin": generate}, args)
+    return ptxgen.emit("gen_argmin.py", {"argmin": generate, "argmin_sm90": generate_sm90}, args)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ is within 2 ulp / 2^-22.6 abs, so tests use tolerances); rcp.rn.f32; cvt.rn.{f16
 without a rounding modifier as .rn (ptxas may contract mul+add into fma on hardware);
 negated predicate sources (`and.pred p, q, !r`).
 
+For the sm_90a module of kernels/gen_argmin.py: wgmma.{fence,mma_async,commit_group,
+wait_group} (see wgmma(): per warp, K-major operands through 128-byte-swizzle descriptors,
+accumulators in flight until their wait_group), fence.proxy.async(.shared::cta) (shared writes
+of the generic proxy, st.shared and cp.async, must be fenced by their writer before a wgmma
+reads them), and a module-scope `.extern .shared .align A .b8 name[]` (the launch's dynamic
+shared memory, job key "dynamic_shared": bytes).
+
 For kernels/gen_merge.py: red / atom .global.{add,min,max}.{u32,u64}; testp.{finite,
 infinite,number,notanumber,normal,subnormal}.f32 (zeros are normal); abs.f32 (clears the sign;
 a NaN input gives the canonical NaN, the ISA leaves which NaN unspecified); sqrt.rn.f32
@@ -404,7 +411,7 @@ WIDTH = {"u32": 32, "b32": 32, "s32": 32, "u64": 64, "b64": 64, "f32": 32, "b16"
 SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x",
            "%ctaid.y", "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid"}
 # Warp collectives: executed for all lanes of a warp together.
-COLLECTIVE = {"vote", "shfl", "bar", "mma", "ldmatrix"}
+COLLECTIVE = {"vote", "shfl", "bar", "mma", "ldmatrix", "wgmma"}
 M32, M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 
 
@@ -431,7 +438,7 @@ def split_operands(s):
 
 
 class Kernel:
-    def __init__(self, name, params, regs, code, labels, shared=None):
+    def __init__(self, name, params, regs, code, labels, shared=None, dynamic=None):
         self.name, self.params, self.regs, self.code, self.labels = name, params, regs, code, labels
         self.consts = {}  # operand text -> immediate value (cache)
         # .shared variables: name -> offset in the block's shared window, and its total size
@@ -440,11 +447,33 @@ class Kernel:
             off = (self.shared_size + align - 1) // align * align
             self.shared[sname] = off
             self.shared_size = off + size
+        # `.extern .shared .align A .b8 name[]`: the launch's dynamic shared memory, after the
+        # static variables (aligned to A)
+        if dynamic:
+            dname, align = dynamic
+            self.shared[dname] = (self.shared_size + align - 1) // align * align
+            self.shared_size = self.shared[dname]
+        self.dynamic = dynamic
+        self.uses_wgmma = any(c[1][0] == "wgmma" for c in code)
 
 
 def parse_module(text):
     text = strip_comments(text)
     kernels = {}
+    # a module-scope `.extern .shared .align A .b8 name[]`: every entry's dynamic shared memory
+    module_dynamic = None
+    depth = 0
+    for stmt in re.split(r"([{};])", text):
+        if stmt == "{":
+            depth += 1
+        elif stmt == "}":
+            depth -= 1
+        elif depth == 0 and ".extern" in stmt:  # (directives without ';' may precede it)
+            ext = stmt[stmt.index(".extern"):].strip()
+            dm = re.fullmatch(r"\.extern\s+\.shared\s+\.align\s+(\d+)\s+\.b8\s+(\w+)\[\]", ext)
+            if not dm or module_dynamic or int(dm.group(1)) & (int(dm.group(1)) - 1):
+                raise SimError(f"unsupported dynamic shared declaration {ext!r}")
+            module_dynamic = (dm.group(2), int(dm.group(1)))
     for m in re.finditer(r"\.visible\s+\.entry\s+(\w+)\s*\((.*?)\)(.*?)\{", text, flags=re.S):
         name, params_src = m.group(1), m.group(2)
         start = m.end()
@@ -460,7 +489,7 @@ def parse_module(text):
         if not pm:
             raise SimError(f"{name}: unsupported parameter list {params_src!r}")
         params = (pm.group(1), int(pm.group(2)))
-        regs, code, labels, shared = {}, [], {}, []
+        regs, code, labels, shared, dynamic = {}, [], {}, [], module_dynamic
         for stmt in body.split(";"):
             stmt = stmt.strip()
             while True:  # labels may precede a statement
@@ -494,7 +523,7 @@ def parse_module(text):
                         regs[n] = rm.group(1)
                 continue
             code.append(parse_instr(stmt))
-        kernels[name] = Kernel(name, params, regs, code, labels, shared)
+        kernels[name] = Kernel(name, params, regs, code, labels, shared, dynamic)
     return kernels
 
 
@@ -550,7 +579,7 @@ class Memory:
 
 
 class Thread:
-    __slots__ = ("regs", "special", "pc", "steps", "done", "lane", "cp_pending")
+    __slots__ = ("regs", "special", "pc", "steps", "done", "lane", "cp_pending", "wid", "dirty")
 
 
 class Ctx:
@@ -563,6 +592,17 @@ class Ctx:
         self.smem = bytearray(kernel.shared_size)  # the running block's shared memory
         self.smem_set = bytearray(kernel.shared_size)  # 1: written since the block started
         self.strict_shared = False  # reading a byte the block has not written is an error
+        self.track = kernel.uses_wgmma  # shared writes versioned and proxy-tracked (wgmma)
+        self.wg, self.smem_ver, self.smem_dirty = {}, {}, {}
+
+    def smem_written(self, th, addr, size):
+        """Bookkeeping of a generic-proxy write of shared memory by `th` (for wgmma checks)."""
+        if not self.track:
+            return
+        for c in range(addr >> 4, (addr + size + 15) >> 4):
+            self.smem_ver[c] = self.smem_ver.get(c, 0) + 1
+            self.smem_dirty[c] = th
+            th.dirty.add(c)
 
     def operand(self, th, op):
         regs = th.regs
@@ -611,10 +651,13 @@ class Ctx:
         return m.group(1), int(m.group(2) or 0)
 
 
-def run_kernel(kernel, grid, block, param_bytes, mem, stats, strict_shared=False):
+def run_kernel(kernel, grid, block, param_bytes, mem, stats, strict_shared=False, dynamic_shared=0):
     _, psize = kernel.params
     if len(param_bytes) != psize:
         raise SimError(f"{kernel.name}: param block is {len(param_bytes)} bytes, entry wants {psize}")
+    if dynamic_shared and not kernel.dynamic:
+        raise SimError(f"{kernel.name}: {dynamic_shared} bytes of dynamic shared memory for an entry without .extern .shared")
+    smem_size = kernel.shared_size + dynamic_shared
     ctx = Ctx(kernel, param_bytes, mem)
     ctx.strict_shared = strict_shared
     for bz in range(grid[2]):
@@ -628,6 +671,8 @@ def run_kernel(kernel, grid, block, param_bytes, mem, stats, strict_shared=False
                             th.regs, th.pc, th.steps, th.done = {}, 0, 0, False
                             th.cp_pending = None
                             th.lane = len(threads) % 32
+                            th.wid = len(threads) // 32
+                            th.dirty = set()
                             th.special = {
                                 "%tid.x": tx, "%tid.y": ty_, "%tid.z": tz,
                                 "%ntid.x": block[0], "%ntid.y": block[1], "%ntid.z": block[2],
@@ -637,9 +682,13 @@ def run_kernel(kernel, grid, block, param_bytes, mem, stats, strict_shared=False
                             }
                             threads.append(th)
                 # Shared memory is undefined at block start: poison it (all ones: an f32 NaN).
-                ctx.smem = bytearray(b"\xff" * kernel.shared_size)
-                ctx.smem_set = bytearray(kernel.shared_size)
+                ctx.smem = bytearray(b"\xff" * smem_size)
+                ctx.smem_set = bytearray(smem_size)
                 ctx.cp_groups = {}
+                # wgmma: per-warp async state; per 16-byte shared chunk a write count and the
+                # thread whose generic-proxy write is not yet fenced for the async proxy
+                ctx.wg = {}
+                ctx.smem_ver, ctx.smem_dirty = {}, {}
                 warps = [threads[w:w + 32] for w in range(0, len(threads), 32)]
                 # Each warp runs until it exits or waits at bar.sync; when every warp that has
                 # not exited waits, they all pass the barrier together.
@@ -697,6 +746,8 @@ def run_warp(ctx, warp, stats):
                 advance(ctx, th, stats)
         live = [th for th in warp if not th.done]
         if not live:
+            if ctx.wg.get(warp[0].wid, {}).get("ops"):
+                raise SimError("a warp exited with wgmma operations in flight (no wait_group)")
             return
         pcs = {th.pc for th in live}
         if len(pcs) != 1:
@@ -717,6 +768,43 @@ def run_warp(ctx, warp, stats):
         stats["instructions"] += len(live)
 
 
+def widen16(h, fmt):
+    """A bf16 / f16 value's f32 bits (exact; NaNs canonical)."""
+    if fmt is BF16:
+        return F32_NAN if (h & 0x7F80) == 0x7F80 and h & 0x7F else h << 16
+    return F32_NAN if (h & 0x7C00) == 0x7C00 and h & 0x3FF else f32_bits_of(struct.unpack("<e", h.to_bytes(2, "little"))[0])
+
+
+def exact_dots(A, B, C):
+    """D[i][j] = C[i][j] + sum_k A[i][k] B[k][j], all f32 bits, each D element rounded once from
+    the exact sum (the tensor-core model of mma.sync and wgmma)."""
+    def sdy(v):
+        _, sg, m, e = dyadic(v)
+        return (-m if sg else m, e)
+    kk = len(B)
+    Ad = [[sdy(x) for x in row] for row in A]
+    Bd = [[sdy(x) for x in row] for row in B]
+    D = [[0] * len(C[0]) for _ in range(len(C))]
+    for i in range(len(C)):
+        for j in range(len(C[0])):
+            vals = [A[i][k] for k in range(kk)] + [B[k][j] for k in range(kk)] + [C[i][j]]
+            if any((v >> 23) & 0xFF == 0xFF for v in vals):  # a NaN or an infinity
+                r = f32_value(C[i][j]) + sum(f32_value(A[i][k]) * f32_value(B[k][j]) for k in range(kk))
+                D[i][j] = F32_NAN if r != r else f32_bits_of(r)
+                continue
+            # exact sum as an integer times a power of two (all inputs are dyadic)
+            _, sc, mc, ec = dyadic(C[i][j])
+            terms = [(-mc if sc else mc, ec)]
+            for k in range(kk):
+                ma, ea = Ad[i][k]
+                mb, eb = Bd[k][j]
+                terms.append((ma * mb, ea + eb))
+            emin_ = min(e for _, e in terms)
+            total = sum(m << (e - emin_) for m, e in terms)
+            D[i][j] = round_dyadic(total, emin_) if total != 0 else 0
+    return D
+
+
 def mma(ctx, lanes, parts, ops):
     """mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 for a full warp. The
     PTX ISA leaves the accumulation order and intermediate rounding unspecified; this model
@@ -732,14 +820,9 @@ def mma(ctx, lanes, parts, ops):
         raise SimError("mma operand arity")
     d_, a_, b_, c_ = regs
 
-    def widen(h):  # exact, as format_to_f32
-        if fmt is BF16:
-            return F32_NAN if (h & 0x7F80) == 0x7F80 and h & 0x7F else h << 16
-        return F32_NAN if (h & 0x7C00) == 0x7C00 and h & 0x3FF else f32_bits_of(struct.unpack("<e", h.to_bytes(2, "little"))[0])
-
     def halves(th, r):
         v = ctx.operand(th, r) & M32
-        return [widen(v & 0xFFFF), widen(v >> 16)]
+        return [widen16(v & 0xFFFF, fmt), widen16(v >> 16, fmt)]
 
     A = [[None] * 16 for _ in range(16)]
     B = [[None] * 8 for _ in range(16)]
@@ -752,34 +835,152 @@ def mma(ctx, lanes, parts, ops):
             B[k][g], B[k + 1][g] = halves(th, b_[i])
         for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
             C[row][col] = ctx.operand(th, c_[i]) & M32
-    D = [[0] * 8 for _ in range(16)]
-
-    def sdy(v):
-        _, sg, m, e = dyadic(v)
-        return (-m if sg else m, e)
-    Ad = [[sdy(x) for x in row] for row in A]
-    Bd = [[sdy(x) for x in row] for row in B]
-    for i in range(16):
-        for j in range(8):
-            vals = [A[i][k] for k in range(16)] + [B[k][j] for k in range(16)] + [C[i][j]]
-            if any((v >> 23) & 0xFF == 0xFF for v in vals):  # a NaN or an infinity
-                r = f32_value(C[i][j]) + sum(f32_value(A[i][k]) * f32_value(B[k][j]) for k in range(16))
-                D[i][j] = F32_NAN if r != r else f32_bits_of(r)
-                continue
-            # exact sum as an integer times a power of two (all inputs are dyadic)
-            _, sc, mc, ec = dyadic(C[i][j])
-            terms = [(-mc if sc else mc, ec)]
-            for k in range(16):
-                ma, ea = Ad[i][k]
-                mb, eb = Bd[k][j]
-                terms.append((ma * mb, ea + eb))
-            emin_ = min(e for _, e in terms)
-            total = sum(m << (e - emin_) for m, e in terms)
-            D[i][j] = round_dyadic(total, emin_) if total != 0 else 0
+    D = exact_dots(A, B, C)
     for lane, th in lanes.items():
         g, t = lane >> 2, lane & 3
         for i, (row, col) in enumerate([(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]):
             ctx.setreg(th, d_[i], D[row][col])
+
+
+def wgmma_smem_address(desc, r, k):
+    """Byte address in shared memory of element (r, k) (r: row of the M or N extent, k < 16) of
+    a K-major 16-bit operand described by the 64-bit matrix descriptor `desc` (PTX ISA,
+    "Matrix Descriptor Format"): start address bits 0-13, leading byte offset 16-29, stride
+    byte offset 32-45 (each >> 4), base offset 49-51, swizzle mode 62-63. Only the 128-byte
+    swizzle (mode 1) with base offset 0 is modelled, as CUTLASS's K-major SW128 atoms use it:
+    8-row groups of 128-byte rows `stride` bytes apart, and the swizzle XORs address bits 4-6
+    (the 16-byte chunk) with bits 7-9 (the row within a 1024-byte aligned group). The start
+    address must lie in the first row of such a group (it carries the K offset inside the
+    128-byte row, a multiple of 32 bytes for k16 steps)."""
+    start = (desc & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    if desc >> 62 != 1 or (desc >> 49) & 7:
+        raise SimError(f"wgmma descriptor {desc:#018x}: only 128-byte swizzle with base offset 0 is modelled")
+    if sbo % 1024:
+        raise SimError(f"wgmma descriptor stride byte offset {sbo} is not a multiple of the 1024-byte swizzle atom")
+    if (start >> 7) & 7 or (start & 127) % 32:
+        raise SimError(f"wgmma descriptor start {start:#x} is not a 32-byte step in the first row of a 1024-byte group")
+    a = start + (r >> 3) * sbo + (r & 7) * 128 + 2 * k
+    return a ^ (((a >> 7) & 7) << 4)
+
+
+def wgmma(ctx, lanes, parts, ops):
+    """wgmma (sm_90a) per warp: the warpgroup's four warps each issue it, and each warp's part
+    of the result (accumulator rows 16 (warp % 4) .. +16) depends only on its own rows of A, so
+    the model runs it warp by warp. Forms:
+
+    - `wgmma.fence.sync.aligned`: required before a warp's first mma_async after a wait_group
+      (and at the start): the registers the epilogue touched become the wgmma's again.
+    - `wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16} {d}, descA, descB,
+      scale-d, 1, 1, 0, 0`: A and B from shared memory (K-major, 128-byte swizzle descriptors,
+      see wgmma_smem_address), D = A B + (scale-d ? D : 0), each element rounded once from the
+      exact sum as mma.sync's model. The accumulator layout is mma.sync's m16n8 repeated over
+      N / 8: d[4 j + e] holds row g + 8 (e >> 1), column 8 j + 2 t + (e & 1) of the warp's 16 rows
+      (g = lane / 4, t = lane % 4). The operands are read at issue; the accumulators leave the
+      registers (reading them is an error) until the wait_group that completes the op's group
+      writes them back (writing them meanwhile is an error); a later mma_async on the same
+      accumulators chains on the in-flight values, as the hardware's in-order pipe does. Every
+      shared chunk read must have been fenced for the async proxy (fence.proxy.async) by the
+      thread whose generic write (st.shared, cp.async) produced it, and must not be written
+      again before the op completes.
+    - `wgmma.commit_group.sync.aligned`, `wgmma.wait_group.sync.aligned N`."""
+    if len(lanes) != 32:
+        raise SimError("wgmma needs all 32 lanes of the warp")
+    th0 = next(iter(lanes.values()))
+    st = ctx.wg.setdefault(th0.wid, {"fenced": False, "ops": [], "latest": {}, "commits": 0})
+    form = parts[1:]
+    if form == ["fence", "sync", "aligned"]:
+        st["fenced"] = True
+        return
+    if form == ["commit_group", "sync", "aligned"]:
+        for op in st["ops"]:
+            if op["group"] is None:
+                op["group"] = st["commits"]
+        st["commits"] += 1
+        return
+    if form == ["wait_group", "sync", "aligned"]:
+        n = ctx.operand(th0, ops[0])
+        keep = []
+        for op in st["ops"]:
+            if op["group"] is None or op["group"] >= st["commits"] - n:
+                keep.append(op)
+                continue
+            for c, ver in op["reads"].items():
+                if ctx.smem_ver.get(c, 0) != ver:
+                    raise SimError(f"shared memory at {16 * c:#x} written while a wgmma reading it was in flight")
+            for name in op["names"]:
+                if st["latest"].get(name) is not op:
+                    continue
+                del st["latest"][name]
+                for lane, th in lanes.items():
+                    if name in th.regs:
+                        raise SimError(f"{name} written while a wgmma accumulating into it was in flight")
+                    ctx.setreg(th, name, op["vals"][lane][name])
+        st["ops"] = keep
+        st["fenced"] = False
+        return
+    m = re.fullmatch(r"m64n(\d+)k16", form[3]) if len(form) == 7 else None
+    if (not m or form[:3] != ["mma_async", "sync", "aligned"] or form[4] != "f32"
+            or form[5] != form[6] or form[5] not in ("bf16", "f16")):
+        raise SimError(opcode_text(parts))
+    nn = int(m.group(1))
+    if nn % 8 or not 8 <= nn <= 256:
+        raise SimError(f"wgmma n = {nn}")
+    if not st["fenced"]:
+        raise SimError("wgmma.mma_async without a wgmma.fence since the last wait_group")
+    fmt = BF16 if form[5] == "bf16" else F16
+    if len(ops) != 8 or ops[4:] != ["1", "1", "0", "0"]:
+        raise SimError("wgmma operands: {d}, descA, descB, scale-d, 1, 1, 0, 0 (K-major, unscaled) are modelled")
+    names = [x.strip() for x in ops[0][1:-1].split(",")]
+    if len(names) != nn // 2 or len(set(names)) != len(names):
+        raise SimError("wgmma accumulator arity")
+    descs = []
+    for op_ in ops[1:3]:
+        vals = {ctx.operand(th, op_) & M64 for th in lanes.values()}
+        if len(vals) != 1:
+            raise SimError("wgmma descriptors differ between the lanes of a warp")
+        descs.append(vals.pop())
+    scale = {ctx.pred_operand(th, ops[3]) for th in lanes.values()}
+    if len(scale) != 1:
+        raise SimError("wgmma scale-d differs between lanes")
+    scale = scale.pop()
+    q = th0.wid % 4
+    reads = {}
+
+    def load(desc, r, k):
+        a = wgmma_smem_address(desc, r, k)
+        if a + 2 > len(ctx.smem):
+            raise SimError(f"wgmma operand at {a:#x} outside the block's {len(ctx.smem)} bytes of shared memory")
+        check_smem_set(ctx, a, 2)
+        c = a >> 4
+        if c in ctx.smem_dirty:
+            raise SimError(f"wgmma reads shared memory at {a:#x} written by the generic proxy and not fenced (fence.proxy.async)")
+        reads[c] = ctx.smem_ver.get(c, 0)
+        return widen16(int.from_bytes(ctx.smem[a:a + 2], "little"), fmt)
+
+    A = [[load(descs[0], 16 * q + i, k) for k in range(16)] for i in range(16)]
+    B = [[load(descs[1], j, k) for j in range(nn)] for k in range(16)]
+    C = [[0] * nn for _ in range(16)]
+    slots = []
+    for lane, th in lanes.items():
+        g, t = lane >> 2, lane & 3
+        for i, name in enumerate(names):
+            row, col = g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * t + (i & 1)
+            slots.append((lane, name, row, col))
+            if not scale:
+                continue
+            prev = st["latest"].get(name)
+            C[row][col] = prev["vals"][lane][name] if prev is not None else ctx.operand(th, name) & M32
+    D = exact_dots(A, B, C)
+    op = {"names": names, "vals": {lane: {} for lane in lanes}, "reads": reads, "group": None}
+    for lane, name, row, col in slots:
+        op["vals"][lane][name] = D[row][col]
+    for lane, th in lanes.items():
+        for name in names:
+            th.regs.pop(name, None)
+    for name in names:
+        st["latest"][name] = op
+    st["ops"].append(op)
 
 
 def ldmatrix(ctx, lanes, parts, ops):
@@ -870,6 +1071,9 @@ def collective(ctx, live, parts, ops):
         return
     if parts[0] == "ldmatrix":
         ldmatrix(ctx, lanes, parts, ops)
+        return
+    if parts[0] == "wgmma":
+        wgmma(ctx, lanes, parts, ops)
         return
     live_mask = sum(1 << lane for lane in lanes)
     mask = ctx.operand(live[0], ops[-1]) & M32
@@ -1022,6 +1226,7 @@ def step(ctx, th, parts, ops, pc, labels):
                 raise SimError(f"shared store at {addr:#x} outside the block's {len(ctx.smem)} bytes")
             ctx.smem[addr:addr + len(raw)] = raw
             ctx.smem_set[addr:addr + len(raw)] = b"\x01" * len(raw)
+            ctx.smem_written(th, addr, len(raw))
         else:
             ctx.mem.write(addr, raw)
         return pc
@@ -1239,6 +1444,16 @@ def step(ctx, th, parts, ops, pc, labels):
         d, a = ops
         setreg(th, d, f32_arith("div", 0x3F800000, operand(th, a) & M32))
         return pc
+    if op == "fence":
+        # fence.proxy.async(.shared::cta): this thread's generic-proxy shared writes become
+        # visible to the async proxy (wgmma operands)
+        if parts[1:3] != ["proxy", "async"] or parts[3:] not in ([], ["shared::cta"]) or ops:
+            raise SimError(opcode_text(parts))
+        for c in th.dirty:
+            if ctx.smem_dirty.get(c) is th:
+                del ctx.smem_dirty[c]
+        th.dirty.clear()
+        return pc
     if op == "cp":
         return cp_async(ctx, th, parts, ops, pc)
     if op == "div" and ty == "u32":
@@ -1366,7 +1581,7 @@ def cp_async(ctx, th, parts, ops, pc):
         raise SimError(f"bad cp.async shared address {dst:#x}")
     if src_size and src % size:
         raise SimError(f"misaligned cp.async global address {src:#x}")
-    copy = (dst, src, size, src_size)
+    copy = (dst, src, size, src_size, th)
     if CP_ASYNC_MODE[0] == "issue":
         do_copy(ctx, *copy)
     else:
@@ -1376,10 +1591,11 @@ def cp_async(ctx, th, parts, ops, pc):
     return pc
 
 
-def do_copy(ctx, dst, src, size, src_size):
+def do_copy(ctx, dst, src, size, src_size, th):
     data = ctx.mem.read(src, src_size) if src_size else b""
     ctx.smem[dst:dst + size] = data + bytes(size - src_size)
     ctx.smem_set[dst:dst + size] = b"\x01" * size
+    ctx.smem_written(th, dst, size)
 
 
 def check_smem_set(ctx, addr, size):
@@ -1403,7 +1619,7 @@ _MODULES = {}
 def run_job(path):
     """JOB.json: {"ptx": path, "kernel": name, "grid": [x, y, z], "block": [x, y, z],
     "params": hex string, "buffers": [{"name", "addr", "file", "writable", "out"?,
-    "must_write"?}], "cp_async"?, "shared_reads"?}, or {"jobs": [job, ...]} to run several
+    "must_write"?}], "cp_async"?, "shared_reads"?, "dynamic_shared"?}, or {"jobs": [job, ...]} to run several
     launches in one process (each on its own buffers). "shared_reads": "written" makes reading
     shared memory the block has not written an error (default "any": such bytes read as ones).
     Paths are relative to the job file. Buffers with "out" are saved there
@@ -1434,7 +1650,8 @@ def run_one(job, root):
     stats = {"threads": 0, "instructions": 0}
     CP_ASYNC_MODE[0] = job.get("cp_async", "wait")
     run_kernel(kernels[job["kernel"]], job["grid"], job["block"], bytes.fromhex(job["params"]),
-               mem, stats, strict_shared=job.get("shared_reads", "any") == "written")
+               mem, stats, strict_shared=job.get("shared_reads", "any") == "written",
+               dynamic_shared=int(job.get("dynamic_shared", 0)))
     for b in job["buffers"]:
         for _, data, _, counts, n in mem.buffers:
             if n != b["name"]:

@@ -4,7 +4,8 @@
 #      generator's --check);
 #   2. the PTX interpreter kernels/ptx_sim.py passes its self-test;
 #   3. every kernels/*.ptx declares .version <= 8.0 (JIT-able by CUDA 12.0 drivers);
-#   4. ptxas assembles each for sm_80 and sm_90 with -v, --warn-on-spills,
+#   4. ptxas assembles each for sm_80 and sm_90 (a file declaring `.target sm_90a`, the
+#      Hopper-only wgmma kernels: for sm_90a alone) with -v, --warn-on-spills,
 #      --warn-on-local-memory-usage and -Werror: any error, warning, spill or stack use fails;
 #   5. prints registers / shared memory / spills per entry and fails above the register budget:
 #      MAX_REGS, or the file's own budget from a header line `// vistok: max-regs N` (a
@@ -54,7 +55,11 @@ for f in "${files[@]}"; do
     fi
     budget="$(awk '$1 == "//" && $2 == "vistok:" && $3 == "max-regs" { print $4; exit }' "$f")"
     budget="${budget:-$MAX_REGS}"
-    for arch in "${ARCHES[@]}"; do
+    arches=("${ARCHES[@]}")
+    if [ "$(awk '$1 == ".target" { print $2; exit }' "$f")" = sm_90a ]; then
+        arches=(sm_90a)
+    fi
+    for arch in "${arches[@]}"; do
         log="$work/$(basename "$f" .ptx).$arch.log"
         if ! "$PTXAS" -arch="$arch" -v --warn-on-spills --warn-on-local-memory-usage -Werror \
             "$f" -o "$work/out.cubin" >"$log" 2>&1; then
@@ -92,4 +97,4 @@ if [ "$status" -ne 0 ]; then
     echo "ptx-check: FAILED" >&2
     exit 1
 fi
-echo "ptx-check: OK (${#files[@]} file(s), ${ARCHES[*]}, within register budgets (default $MAX_REGS), no spills)"
+echo "ptx-check: OK (${#files[@]} file(s), ${ARCHES[*]} (sm_90a for .target sm_90a), within register budgets (default $MAX_REGS), no spills)"

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use common::ptx::{self, EntryDecl};
 
 const PTX: &str = include_str!("../kernels/argmin.ptx");
+const PTX_SM90: &str = include_str!("../kernels/argmin_sm90.ptx");
 const PARAM_BYTES: usize = 112;
 const DTYPES: [&str; 3] = ["f32", "f16", "bf16"];
 
@@ -62,9 +63,33 @@ fn ptx_declares_every_entry_with_one_param_block() {
     assert_eq!((abi["argmin size"], abi["block"], abi["bm"], abi["bn"]), (PARAM_BYTES, 256, 128, 128));
 }
 
+/// The Hopper module: sm_90a (wgmma), PTX ISA 8.0, the four wgmma searches with the same
+/// parameter block, and the layout constants the host mirrors.
+#[test]
+fn sm90_ptx_declares_the_wgmma_entries() {
+    let directive = |d: &str| ptx::directive(PTX_SM90, d);
+    assert_eq!(directive(".version "), Some("8.0"));
+    assert_eq!(directive(".target "), Some("sm_90a"));
+    assert!(PTX_SM90.is_ascii());
+    let found = ptx::entries(PTX_SM90);
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["argmin_wgmma_f16_l2", "argmin_wgmma_f16_cos", "argmin_wgmma_bf16_l2", "argmin_wgmma_bf16_cos"]);
+    for EntryDecl { name, params, maxntid } in &found {
+        assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameters");
+        assert_eq!(maxntid.as_deref(), Some("256, 1, 1"), "{name}: .maxntid");
+    }
+    let abi = ptx::abi(PTX_SM90);
+    assert_eq!(
+        abi,
+        ptx::abi(PTX).into_iter().chain(abi.clone().into_iter().filter(|(k, _)| k.starts_with("wgmma"))).collect()
+    );
+    assert_eq!((abi["wgmma_kb"], abi["wgmma_stages"], abi["wgmma_max_d"], abi["wgmma_slack"]), (64, 4, 256, 1024));
+}
+
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    ptx::check_generated("gen_argmin.py", &[], "argmin.ptx", PTX);
+    ptx::check_generated("gen_argmin.py", &["argmin"], "argmin.ptx", PTX);
+    ptx::check_generated("gen_argmin.py", &["argmin_sm90"], "argmin_sm90.ptx", PTX_SM90);
 }
 
 /// The committed PTX run on `kernels/ptx_sim.py` (no GPU): search (every dtype, both metrics,
@@ -89,6 +114,13 @@ fn rust_launches_match_the_ptx_abi() {
     let fields = abi.keys().filter(|k| k.starts_with("argmin ") && *k != "argmin size").count();
     assert_eq!(fields, ca::param_offsets().len(), "every PTX field has a Rust field");
     assert_eq!((ca::BLOCK as usize, ca::BM, ca::BN), (abi["block"], abi["bm"], abi["bn"]));
+    let sm90: Vec<String> = ptx::entries(PTX_SM90).into_iter().map(|e| e.name).collect();
+    assert_eq!(ca::wgmma_kernel_names(), sm90);
+    let abi90 = ptx::abi(PTX_SM90);
+    assert_eq!(
+        (ca::WG_KB, ca::WG_STAGES, ca::WG_MAX_D, ca::WG_SLACK),
+        (abi90["wgmma_kb"], abi90["wgmma_stages"], abi90["wgmma_max_d"], abi90["wgmma_slack"])
+    );
     // Every search entry the host can pick exists.
     for d in 1..=300 {
         assert!(names.contains(&ca::search_name(vistok::DType::F32, vistok::argmin::Metric::L2, ca::depth(d))));
@@ -407,6 +439,50 @@ mod cuda {
         case::<f16, f32>(g);
     }
 
+    /// One tensor-core search against the reference (near-ties counted, returned with the
+    /// rows) and the cpu backend; `wg`: force the wgmma (`Some(true)`) or mma.sync search.
+    #[allow(clippy::too_many_arguments)]
+    fn tc_case<T: Float + DeviceRepr>(
+        g: &Gpu,
+        n: usize,
+        k: usize,
+        d: usize,
+        metric: Metric,
+        seed: u64,
+        lat: bool,
+        wg: Option<bool>,
+    ) -> (usize, usize) {
+        let (e, x) = if lat {
+            (lattice::<T>(k * d, seed), lattice::<T>(n * d, seed ^ 7))
+        } else {
+            (values::<T>(k * d, seed), values::<T>(n * d, seed ^ 7))
+        };
+        let cb = codebook(&e, d, metric);
+        let mut dev = CodebookGpu::new(g, &cb).unwrap().with_tensor_cores(true).unwrap();
+        if let Some(on) = wg {
+            dev = dev.with_wgmma(on).unwrap();
+            assert_eq!(dev.wgmma(), on);
+        }
+        assert!(dev.tensor_cores());
+        let (idx, dist) = dev.argmin_dist_host(&x).unwrap();
+        let (ri, _) = host(&cb, Backend::Reference, &x).unwrap();
+        let (ci, cd) = host(&cb, Backend::Cpu, &x).unwrap();
+        let kernel = if dev.wgmma() { "wgmma" } else { "mma.sync" };
+        let ctx = format!("tensor cores ({kernel}) {} {metric:?} n={n} k={k} d={d} seed={seed}", T::DTYPE.name());
+        if lat {
+            // Small integers: every dot product is exact in f32 however it is summed.
+            assert_eq!(idx, ci, "{ctx}: exact data must give the cpu's indices");
+        }
+        // Tensor cores may truncate inside an mma (Fasi et al. 2021): twice the f32 bound.
+        let ties = near_ties(&cb, &x, &idx, &ri, 2.0);
+        for r in 0..n {
+            if idx[r] == ci[r] {
+                assert_eq!(dist[r].to_bits(), cd[r].to_bits(), "{ctx}: row {r} distance");
+            }
+        }
+        (ties, n)
+    }
+
     /// The tensor-core path: indices equal to the reference's except at near-ties (rounding
     /// order differs), counted; distances bit-identical to the cpu backend's wherever the
     /// indices agree (the finish kernel is shared); ties to the lowest index on exact data.
@@ -422,30 +498,7 @@ mod cuda {
             seed: u64,
             lat: bool,
         ) -> (usize, usize) {
-            let (e, x) = if lat {
-                (lattice::<T>(k * d, seed), lattice::<T>(n * d, seed ^ 7))
-            } else {
-                (values::<T>(k * d, seed), values::<T>(n * d, seed ^ 7))
-            };
-            let cb = codebook(&e, d, metric);
-            let dev = CodebookGpu::new(g, &cb).unwrap().with_tensor_cores(true).unwrap();
-            assert!(dev.tensor_cores());
-            let (idx, dist) = dev.argmin_dist_host(&x).unwrap();
-            let (ri, _) = host(&cb, Backend::Reference, &x).unwrap();
-            let (ci, cd) = host(&cb, Backend::Cpu, &x).unwrap();
-            let ctx = format!("tensor cores {} {metric:?} n={n} k={k} d={d} seed={seed}", T::DTYPE.name());
-            if lat {
-                // Small integers: every dot product is exact in f32 however it is summed.
-                assert_eq!(idx, ci, "{ctx}: exact data must give the cpu's indices");
-            }
-            // Tensor cores may truncate inside an mma (Fasi et al. 2021): twice the f32 bound.
-            let ties = near_ties(&cb, &x, &idx, &ri, 2.0);
-            for r in 0..n {
-                if idx[r] == ci[r] {
-                    assert_eq!(dist[r].to_bits(), cd[r].to_bits(), "{ctx}: row {r} distance");
-                }
-            }
-            (ties, n)
+            tc_case::<T>(g, n, k, d, metric, seed, lat, None)
         }
         let (mut ties, mut rows) = (0, 0);
         let mut rng = Rng(99);
@@ -494,6 +547,56 @@ mod cuda {
             .unwrap()
             .with_tensor_cores(true)
             .is_err());
+    }
+
+    /// The sm_90a wgmma search where it applies (compute capability 9.0, 64 ≤ D ≤ 256): one
+    /// k-block and several (D = 64, 72, 256; D = 67 through the padded x), both metrics and
+    /// dtypes, exact data equal to the cpu's indices, random data against the reference up to
+    /// near-ties, and the mma.sync search on the same data; elsewhere `with_wgmma(true)` is a
+    /// typed error.
+    #[test]
+    fn wgmma_search_matches_the_reference_up_to_near_ties() {
+        let Some(g) = gpu() else { return };
+        let e = lattice::<bf16>(40 * 16, 1);
+        let small = CodebookGpu::new(g, &codebook(&e, 16, Metric::L2)).unwrap();
+        assert!(matches!(small.with_wgmma(true), Err(Error::Unsupported { .. })), "wgmma before tensor cores");
+        let small = CodebookGpu::new(g, &codebook(&e, 16, Metric::L2)).unwrap().with_tensor_cores(true).unwrap();
+        assert!(!small.wgmma(), "D = 16 is below WG_MIN_D: mma.sync");
+        assert!(matches!(small.with_wgmma(true), Err(Error::Unsupported { .. })), "D = 16");
+        if g.compute_capability().unwrap() != (9, 0) {
+            let e = lattice::<bf16>(40 * 64, 1);
+            let dev = CodebookGpu::new(g, &codebook(&e, 64, Metric::L2)).unwrap().with_tensor_cores(true).unwrap();
+            assert!(!dev.wgmma());
+            assert!(matches!(dev.with_wgmma(true), Err(Error::Unsupported { .. })), "not sm_90");
+            eprintln!("skipped: the wgmma search needs compute capability 9.0");
+            return;
+        }
+        let sim = super::common::simulated();
+        let cases: &[(usize, usize, usize, bool)] = if sim {
+            &[(70, 150, 72, true), (130, 20, 64, false), (3, 9, 256, false), (5, 30, 67, true)]
+        } else {
+            &[(70, 150, 72, true), (3000, 1100, 256, false), (1000, 5000, 64, false), (129, 300, 67, true)]
+        };
+        let (mut ties, mut rows) = (0, 0);
+        for (i, &(n, k, d, lat)) in cases.iter().enumerate() {
+            let metric = if i % 2 == 0 { Metric::L2 } else { Metric::Cosine };
+            for wg in [true, false] {
+                let (t, r) = if i % 2 == 0 {
+                    tc_case::<bf16>(g, n, k, d, metric, 40 + i as u64, lat, Some(wg))
+                } else {
+                    tc_case::<f16>(g, n, k, d, metric, 40 + i as u64, lat, Some(wg))
+                };
+                ties += t;
+                rows += r;
+            }
+        }
+        // The default on this GPU for D in range is wgmma.
+        let e = values::<bf16>(20 * 64, 9);
+        let dev = CodebookGpu::new(g, &codebook(&e, 64, Metric::L2)).unwrap().with_tensor_cores(true).unwrap();
+        assert!(dev.wgmma());
+        eprintln!(
+            "cuda argmin wgmma / mma.sync: {rows} rows vs the reference, {ties} near-ties (within 2x the f32 bound)"
+        );
     }
 
     #[test]

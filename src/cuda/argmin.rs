@@ -32,6 +32,15 @@
 //! elements. It feeds the same workspace and finish kernel, with the same key, tie and NaN
 //! rules.
 //!
+//! On compute capability 9.0 (H100, H200) with `64 ≤ D ≤ 256` the tensor-core search is
+//! instead `argmin_wgmma_{f16,bf16}_{l2,cos}` from the sm_90a module `kernels/argmin_sm90.ptx`:
+//! the same 128-row blocks as two warpgroups of `wgmma.mma_async` m64n128k16 (64 f32
+//! accumulators per thread), both operands read by the tensor cores straight from shared
+//! memory in the 128-byte-swizzled K-major layout; the block's x rows are copied into shared
+//! memory once, the codebook streams through a four-buffer cp.async ring two stages ahead
+//! (dynamic shared memory, [`wgmma_shared_bytes`]). Same workspace, finish kernel, keys, ties
+//! and NaN rules; [`CodebookGpu::with_wgmma`] picks either kernel.
+//!
 //! The status word is read after the launches: on [`Error::NonFinite`] (naming `x[row, col]`
 //! and the value, as the cpu backend does) the outputs have been written and are unspecified.
 //! [`CodebookGpu::lookup`] works the same way with `argmin_lookup_{O}` and reports the cpu
@@ -73,6 +82,11 @@ use crate::error::{Error, Family, Result};
 pub const MODULE: &str = "argmin";
 /// The generated PTX (`kernels/argmin.ptx`).
 pub const PTX: &str = include_str!("../../kernels/argmin.ptx");
+/// Name of the Hopper-only module (`wgmma`, `.target sm_90a`) in the [`Gpu`] cache.
+pub const MODULE_SM90: &str = "argmin_sm90";
+/// The generated PTX of the wgmma search (`kernels/argmin_sm90.ptx`), JIT-compiled only on
+/// compute capability 9.0 devices.
+pub const PTX_SM90: &str = include_str!("../../kernels/argmin_sm90.ptx");
 
 // ---- Tiling and ABI constants: one place, checked against the PTX by tests/cuda_argmin.rs. ----
 
@@ -121,6 +135,45 @@ pub fn kernel_names() -> Vec<String> {
 /// Dims per shared-memory stage of the tensor-core search; its codebook rows are padded to a
 /// multiple of this.
 pub const TC_K: usize = 32;
+
+/// Dims per k-block of the wgmma search (one 128-byte swizzled row of 16-bit elements).
+pub const WG_KB: usize = 64;
+/// Codebook ring buffers of the wgmma search, each `[128 codes][WG_KB]` (16 KB).
+pub const WG_STAGES: usize = 4;
+/// The wgmma search keeps a block's x rows in shared memory: D at most this.
+pub const WG_MAX_D: usize = 256;
+/// The wgmma search applies from this D on (below, most of each 64-dim k-block would be
+/// zero padding: the `mma.sync` search is the better kernel there).
+pub const WG_MIN_D: usize = 64;
+/// Bytes of slack in the dynamic shared memory (the kernel aligns its base up to 1024).
+pub const WG_SLACK: usize = 1024;
+
+/// The wgmma search entry for a 16-bit input dtype and metric.
+///
+/// ```
+/// use vistok::{argmin::Metric, cuda::argmin::wgmma_name, DType};
+/// assert_eq!(wgmma_name(DType::F16, Metric::Cosine), "argmin_wgmma_f16_cos");
+/// ```
+pub fn wgmma_name(dtype: DType, metric: Metric) -> String {
+    mma_name(dtype, metric).replacen("mma", "wgmma", 1)
+}
+
+/// Every entry of `kernels/argmin_sm90.ptx`, in file order.
+pub fn wgmma_kernel_names() -> Vec<String> {
+    [DType::F16, DType::BF16].into_iter().flat_map(|t| [Metric::L2, Metric::Cosine].map(|m| wgmma_name(t, m))).collect()
+}
+
+/// Dynamic shared memory of a wgmma search launch whose x rows hold `d8` elements: the
+/// block's x rows (`⌈d8/64⌉` k-blocks of 16 KB), the codebook ring and the alignment slack.
+///
+/// ```
+/// use vistok::cuda::argmin::wgmma_shared_bytes;
+/// assert_eq!(wgmma_shared_bytes(256), 1024 + 8 * 16384);
+/// assert_eq!(wgmma_shared_bytes(72), 1024 + 6 * 16384);
+/// ```
+pub fn wgmma_shared_bytes(d8: usize) -> usize {
+    WG_SLACK + (d8.div_ceil(WG_KB) + WG_STAGES) * BM * WG_KB * 2
+}
 
 /// The entry that copies an x whose rows are not 16-byte aligned (D not a multiple of 8, or
 /// an unaligned buffer) into rows of ⌈D/8⌉·8 elements for the tensor-core search.
@@ -354,6 +407,8 @@ pub struct CodebookGpu<T: Float> {
     packed: CudaSlice<f32>,
     /// The row-major, zero-padded 16-bit codebook of the tensor-core path, when enabled.
     packed_tc: Option<CudaSlice<u16>>,
+    /// The tensor-core path runs the sm_90a wgmma search (else mma.sync).
+    wgmma: bool,
     /// f16 / bf16 codebooks: the entries on the host, for [`Self::with_tensor_cores`].
     host_rows: Vec<f32>,
     bias: CudaSlice<f32>,
@@ -422,6 +477,7 @@ impl<T: Float> CodebookGpu<T> {
             tiles,
             packed: up(&packed, "copying the packed codebook to the device")?,
             packed_tc: None,
+            wgmma: false,
             host_rows: if T::DTYPE == DType::F32 { Vec::new() } else { p.rows.clone() },
             bias: up(&bias, "copying the codebook biases to the device")?,
             rows: up(&p.rows, "copying the codebook to the device")?,
@@ -453,9 +509,15 @@ impl<T: Float> CodebookGpu<T> {
     /// assert_eq!(idx, [1]);
     /// # Ok(()) }
     /// ```
+    ///
+    /// On a compute capability 9.0 GPU (H100, H200) with `64 ≤ D ≤ 256` the search is the
+    /// Hopper kernel `argmin_wgmma_*` (warpgroup `wgmma.mma_async`, the block's x rows kept in
+    /// shared memory); elsewhere `argmin_mma_*`. Both round the dot products as tensor cores
+    /// do; [`with_wgmma`](Self::with_wgmma) picks one explicitly.
     pub fn with_tensor_cores(mut self, on: bool) -> Result<Self> {
         if !on {
             self.packed_tc = None;
+            self.wgmma = false;
             return Ok(self);
         }
         if !matches!(T::DTYPE, DType::F16 | DType::BF16) {
@@ -469,12 +531,67 @@ impl<T: Float> CodebookGpu<T> {
         self.gpu.function(MODULE, PTX, &mma_name(T::DTYPE, self.metric))?;
         self.gpu.function(MODULE, PTX, PAD)?;
         self.packed_tc = Some(dev);
+        let wgmma = self.wgmma_applies()?.is_ok();
+        self.with_wgmma(wgmma)
+    }
+
+    /// With tensor cores on, chooses the sm_90a `wgmma` search (`true`) or the `mma.sync` one
+    /// (`false`, any GPU from sm_80 on), e.g. to compare the two.
+    ///
+    /// Errors: [`Error::Unsupported`] without tensor cores, or for `true` when the GPU is not
+    /// compute capability 9.0 or D is outside `WG_MIN_D ..= WG_MAX_D`; driver errors.
+    ///
+    /// ```no_run
+    /// use vistok::argmin::{Codebook, Metric};
+    /// use vistok::cuda::{argmin::CodebookGpu, Gpu};
+    /// use vistok::{bf16, View};
+    /// # fn main() -> vistok::Result<()> {
+    /// let gpu = Gpu::new(0)?;
+    /// let e: Vec<bf16> = (0..256 * 64).map(|i| bf16::from_f32((i % 5) as f32 - 2.0)).collect();
+    /// let cb = CodebookGpu::new(&gpu, &Codebook::new(View::new(&e, &[256, 64])?, Metric::L2)?)?
+    ///     .with_tensor_cores(true)?
+    ///     .with_wgmma(false)?; // mma.sync even on an H100
+    /// assert!(!cb.wgmma());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_wgmma(mut self, on: bool) -> Result<Self> {
+        if self.packed_tc.is_none() {
+            return Err(Error::Unsupported {
+                family: Family::Argmin,
+                msg: "the wgmma search is a tensor-core kernel: enable with_tensor_cores first".into(),
+            });
+        }
+        if on {
+            self.wgmma_applies()??;
+            let f = self.gpu.function(MODULE_SM90, PTX_SM90, &wgmma_name(T::DTYPE, self.metric))?;
+            // ≤ 132 KB (D ≤ 256): fits u32
+            f.allow_dynamic_shared(wgmma_shared_bytes(self.d.div_ceil(8) * 8) as u32)?;
+        }
+        self.wgmma = on;
         Ok(self)
+    }
+
+    /// Whether the wgmma search can run here: `Ok(Ok(()))`, or `Ok(Err(why))`.
+    fn wgmma_applies(&self) -> Result<Result<()>> {
+        let no = |msg: String| Ok(Err(Error::Unsupported { family: Family::Argmin, msg }));
+        let cc = self.gpu.compute_capability()?;
+        if cc != (9, 0) {
+            return no(format!("the wgmma search needs compute capability 9.0 (sm_90a), not {}.{}", cc.0, cc.1));
+        }
+        if !(WG_MIN_D..=WG_MAX_D).contains(&self.d) {
+            return no(format!("the wgmma search takes {WG_MIN_D} ≤ D ≤ {WG_MAX_D}, not D = {}", self.d));
+        }
+        Ok(Ok(()))
     }
 
     /// Whether f16 / bf16 searches use tensor cores.
     pub fn tensor_cores(&self) -> bool {
         self.packed_tc.is_some()
+    }
+
+    /// Whether the tensor-core search is the sm_90a `wgmma` kernel (else `mma.sync`).
+    pub fn wgmma(&self) -> bool {
+        self.wgmma
     }
 
     /// The tensor-core codebook: `[tiles·128][d_pad]` 16-bit entries (`d_pad` = D rounded up to
@@ -582,9 +699,12 @@ impl<T: Float> CodebookGpu<T> {
         }
         let check = self.gpu.function(MODULE, PTX, &format!("argmin_check_{}", T::DTYPE.name()))?;
         let search = match &self.packed_tc {
+            Some(_) if self.wgmma => self.gpu.function(MODULE_SM90, PTX_SM90, &wgmma_name(T::DTYPE, self.metric))?,
             Some(_) => self.gpu.function(MODULE, PTX, &mma_name(T::DTYPE, self.metric))?,
             None => self.gpu.function(MODULE, PTX, &search_name(T::DTYPE, self.metric, self.depth))?,
         };
+        // the wgmma search's dynamic shared memory (allowed in with_wgmma); 0 for the others
+        let shared = if self.wgmma { wgmma_shared_bytes(self.d.div_ceil(8) * 8) as u32 } else { 0 };
         let finish = self.gpu.function(MODULE, PTX, &format!("argmin_finish_{}", T::DTYPE.name()))?;
         let mut status = stream.alloc_zeros::<u64>(1).map_err(alloc_error("allocating a status word"))?;
         let mut ws = stream.alloc_zeros::<u64>(n).map_err(alloc_error("allocating the argmin workspace"))?;
@@ -681,7 +801,10 @@ impl<T: Float> CodebookGpu<T> {
             // entry's depth); the mma search instead reads x rows < n of d8 elements (16-byte
             // copies of dims < d8, predicated on row < n: the caller's x when D = d8, else the
             // padded copy of n·d8 elements) and the tensor-core codebook at rows < tiles·128,
-            // dims < tc_row(D) (allocated with that size in `with_tensor_cores`). Both update ws
+            // dims < tc_row(D) (allocated with that size in `with_tensor_cores`); the wgmma
+            // search reads the same, copying x rows of d8 into its dynamic shared memory of
+            // wgmma_shared_bytes(d8) bytes (what the PTX's layout needs, allowed in
+            // with_wgmma). All three update ws
             // [0, n) (n elements allocated above). finish reads ws [0, n), x rows < n, rows
             // [K, D] and norms [K] at codes < K (codes come from keys of real codes: padding
             // codes never win and every row gets a key, see kernels/gen_argmin.py) and writes
@@ -691,7 +814,7 @@ impl<T: Float> CodebookGpu<T> {
             // them.
             unsafe {
                 check.launch(stream, (self.grid_stride_blocks(n * self.d), 1, 1), block, &params)?;
-                search.launch(stream, sgrid, block, &search_params)?;
+                search.launch_shared(stream, sgrid, block, shared, &search_params)?;
                 finish.launch(stream, (self.grid_stride_blocks(n), 1, 1), block, &params)?;
             }
         }

@@ -142,6 +142,44 @@ impl Function {
         block: (u32, u32, u32),
         params: &P,
     ) -> Result<()> {
+        // SAFETY: the caller's contract, unchanged; no dynamic shared memory.
+        unsafe { self.launch_shared(stream, grid, block, 0, params) }
+    }
+
+    /// Lets launches of this entry use up to `bytes` of dynamic shared memory (above the
+    /// driver's default of 48 KB): `cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)`.
+    ///
+    /// Errors: [`Error::Driver`] when the device cannot give that much to one block.
+    pub(crate) fn allow_dynamic_shared(&self, bytes: u32) -> Result<()> {
+        let v = i32::try_from(bytes).map_err(|_| Error::Invalid {
+            family: Family::Cuda,
+            msg: format!("{bytes} bytes of dynamic shared memory for {}", self.name),
+        })?;
+        self.module.ctx.bind_to_thread().map_err(|e| driver_error("cuCtxSetCurrent", e))?;
+        // SAFETY: `raw` is a live function of a module loaded in the now-current context.
+        unsafe {
+            result::function::set_function_attribute(
+                self.raw,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                v,
+            )
+        }
+        .map_err(|e| driver_error(&format!("allowing {bytes} bytes of dynamic shared memory for {}", self.name), e))
+    }
+
+    /// [`launch`](Self::launch) with `shared` bytes of dynamic shared memory (above 48 KB only
+    /// after [`allow_dynamic_shared`](Self::allow_dynamic_shared)).
+    ///
+    /// # Safety
+    /// As for [`launch`](Self::launch).
+    pub(crate) unsafe fn launch_shared<P: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared: u32,
+        params: &P,
+    ) -> Result<()> {
         if stream.context().as_ref() != self.module.ctx.as_ref() {
             return Err(Error::Invalid {
                 family: Family::Cuda,
@@ -154,7 +192,7 @@ impl Function {
         let mut args = [params as *const P as *mut c_void];
         // SAFETY: `raw` is a function of a module loaded in this stream's context (checked
         // above); the parameter block layout and pointer validity are the caller's contract.
-        unsafe { result::launch_kernel(self.raw, grid, block, 0, stream.cu_stream(), &mut args) }
+        unsafe { result::launch_kernel(self.raw, grid, block, shared, stream.cu_stream(), &mut args) }
             .map_err(|e| driver_error(&format!("launching {}", self.name), e))
     }
 }

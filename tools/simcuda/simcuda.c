@@ -9,8 +9,9 @@
  * byte twice with plain stores, reads a shared-memory byte its block did not write, reads an
  * unset register, etc.; the driver fails copies and
  * memsets that leave their allocation, frees of unknown pointers, zero-byte allocations, and
- * launches with more threads per block than the entry's `.maxntid` or on another context's
- * stream. scripts/sim-gpu-check.sh builds it, runs tools/simcuda/selftest.py, then the suites.
+ * launches with more threads per block than the entry's `.maxntid`, with more dynamic shared
+ * memory than the entry allows (48 KB unless raised by cuFuncSetAttribute), or on another
+ * context's stream. scripts/sim-gpu-check.sh builds it, runs tools/simcuda/selftest.py, then the suites.
  *
  * It is a test tool, not a GPU: no concurrency between streams (every call completes before it
  * returns, which is one legal ordering of the real driver's), no timing, no JIT (a module is
@@ -100,6 +101,7 @@ typedef struct Func {
     char name[256];
     size_t param_bytes;
     unsigned long long max_threads; /* from `.maxntid x, y, z`; 1024 when not declared */
+    int max_dynamic_shared;         /* CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (48 KB default) */
 } Func;
 
 typedef struct Alloc {
@@ -654,6 +656,7 @@ EXPORT CUresult cuModuleGetFunction(void **pf, void *mod, const char *name) {
     f->module = m;
     f->param_bytes = bytes;
     f->max_threads = max_threads;
+    f->max_dynamic_shared = 49152;
     strcpy(f->name, name);
     *pf = f;
     return CUDA_SUCCESS;
@@ -667,10 +670,13 @@ EXPORT CUresult cuFuncGetAttribute(int *v, int attr, void *func) {
 }
 
 EXPORT CUresult cuFuncSetAttribute(void *func, int attr, int v) {
-    (void)attr;
-    (void)v;
     Func *f = (Func *)func;
-    return f && f->magic == MAGIC_FUNC ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (!f || f->magic != MAGIC_FUNC) return CUDA_ERROR_INVALID_HANDLE;
+    if (attr == 8) { /* MAX_DYNAMIC_SHARED_SIZE_BYTES: up to the opt-in limit (attribute 97) */
+        if (v < 0 || v > 232448) return CUDA_ERROR_INVALID_VALUE;
+        f->max_dynamic_shared = v;
+    }
+    return CUDA_SUCCESS;
 }
 
 static CUresult start_runner(void) {
@@ -735,9 +741,14 @@ EXPORT CUresult cuLaunchKernel(void *func, unsigned gx, unsigned gy, unsigned gz
         note("%s: block (%u, %u, %u) exceeds the entry's .maxntid (%llu threads)", f->name, bx, by, bz, f->max_threads);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if (shmem != 0 || extra != NULL || params == NULL || params[0] == NULL) {
-        note("%s: only kernelParams with one parameter block and no dynamic shared memory are modelled", f->name);
+    if (extra != NULL || params == NULL || params[0] == NULL) {
+        note("%s: only kernelParams with one parameter block are modelled", f->name);
         return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (shmem > (unsigned)f->max_dynamic_shared) {
+        /* the real driver refuses it: above 48 KB needs cuFuncSetAttribute first */
+        note("%s: %u bytes of dynamic shared memory above the entry's limit (%d)", f->name, shmem, f->max_dynamic_shared);
+        return CUDA_ERROR_INVALID_VALUE;
     }
     pthread_mutex_lock(&lock);
     CUresult r = start_runner();
@@ -750,8 +761,8 @@ EXPORT CUresult cuLaunchKernel(void *func, unsigned gx, unsigned gy, unsigned gz
         return CUDA_ERROR_UNKNOWN;
     }
     fprintf(j, "{\"ptx\": \"%s\", \"kernel\": \"%s\", \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u],\n"
-               " \"shared_reads\": \"written\", \"params\": \"",
-            f->module->path, f->name, gx, gy, gz, bx, by, bz);
+               " \"shared_reads\": \"written\", \"dynamic_shared\": %u, \"params\": \"",
+            f->module->path, f->name, gx, gy, gz, bx, by, bz, shmem);
     const unsigned char *pb = (const unsigned char *)params[0];
     for (size_t i = 0; i < f->param_bytes; i++) fprintf(j, "%02x", pb[i]);
     fprintf(j, "\",\n \"buffers\": [");

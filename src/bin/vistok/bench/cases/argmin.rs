@@ -10,8 +10,10 @@
 //! cuda rows (`--features cuda` with a device): `argmin/cuda/{f32,bf16}/<N>x<K>x<D>` at full size,
 //! inputs and outputs already on the device (host transfers are not timed; each call includes
 //! its NaN check, the search, the finish kernel and the 8-byte status read that syncs). The
-//! bf16 rows run the tensor-core kernel (`mma.sync` m16n8k16, f32 accumulation; indices equal
-//! to the reference's up to near-ties).
+//! bf16 rows run the tensor-core kernel (f32 accumulation; indices equal to the reference's up
+//! to near-ties): on an H100 / H200 with `64 ≤ D ≤ 256` the sm_90a `wgmma` search, with a
+//! second row `…-mma` running the `mma.sync` m16n8k16 search on the same data for a
+//! same-run ratio; elsewhere `mma.sync`.
 //! Peaks to compare with on an H200 SXM: FP32 FMA ≈ 67 TFLOP/s, dense bf16 tensor core ≈ 989
 //! TFLOP/s (NVIDIA's datasheet figures); the targets are ≥ 60 % and ≥ 50 % of those.
 //!
@@ -117,17 +119,25 @@ fn shape<T: Float + Dev>(env: &Env, n: usize, k: usize, d: usize, suffix: &str, 
     }
     #[cfg(feature = "cuda")]
     if let Some(gpu) = &env.gpu {
-        let (gpu, flow) = (gpu.clone(), flow.share());
-        cases.push(Case {
-            family: "argmin",
-            backend: Backend::Cuda,
-            dtype: T::DTYPE.name().to_string(),
-            shape: format!("{n}x{k}x{d}{suffix}"),
-            bytes: ((n + k) * d * size_of::<T>() + n * size_of::<u32>()) as u64,
-            flops: 2 * (n * k * d) as u64,
-            peak,
-            setup: Box::new(move || device::runner(&gpu, flow.share())),
-        });
+        // bf16 on compute capability 9.0 in the wgmma range: the default (wgmma) row, and the
+        // mma.sync search on the same data
+        let both = T::DTYPE == vistok::DType::BF16
+            && gpu.compute_capability().ok() == Some((9, 0))
+            && (vistok::cuda::argmin::WG_MIN_D..=vistok::cuda::argmin::WG_MAX_D).contains(&d);
+        let variants: &[(&str, Option<bool>)] = if both { &[("", None), ("-mma", Some(false))] } else { &[("", None)] };
+        for &(tag, wgmma) in variants {
+            let (gpu, flow) = (gpu.clone(), flow.share());
+            cases.push(Case {
+                family: "argmin",
+                backend: Backend::Cuda,
+                dtype: T::DTYPE.name().to_string(),
+                shape: format!("{n}x{k}x{d}{suffix}{tag}"),
+                bytes: ((n + k) * d * size_of::<T>() + n * size_of::<u32>()) as u64,
+                flops: 2 * (n * k * d) as u64,
+                peak,
+                setup: Box::new(move || device::runner(&gpu, flow.share(), wgmma)),
+            });
+        }
     }
     #[cfg(not(feature = "cuda"))]
     let _ = env;
@@ -209,11 +219,20 @@ mod device {
         idx: CudaSlice<u32>,
     }
 
-    pub(super) fn runner<T: Float + Dev + 'static>(gpu: &Gpu, flow: Flow<T>) -> Result<Box<dyn Runner>, String> {
+    /// `wgmma`: force the wgmma (`Some(true)`) or mma.sync search of the bf16 rows.
+    pub(super) fn runner<T: Float + Dev + 'static>(
+        gpu: &Gpu,
+        flow: Flow<T>,
+        wgmma: Option<bool>,
+    ) -> Result<Box<dyn Runner>, String> {
         // bf16 rows run on tensor cores (the target); f32 on the exact FFMA kernel.
         let tc = T::DTYPE == vistok::DType::BF16;
         let kernel = CodebookGpu::new(gpu, flow.codebook.get()?)
             .and_then(|k| k.with_tensor_cores(tc))
+            .and_then(|k| match wgmma {
+                Some(on) => k.with_wgmma(on),
+                None => Ok(k),
+            })
             .map_err(|e| e.to_string())?;
         let stream = gpu.stream().clone();
         let x = stream.clone_htod(flow.x.get()?).map_err(|e| format!("copying x to the GPU: {e}"))?;
