@@ -627,28 +627,33 @@ def mma_entry(name, ty, metric):
         ] + ptxgen.tc_copy_issue(("%r46", "%r47"), "%r3")
 
     s += ptxgen.tc_main_loop(copy, ty, "%r2", "%r3")
+
+    def score(a, c):
+        if metric == "l2":
+            return f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};"
+        return f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};"
+    # Epilogue: per row the tile's least score m_r (min.f32; NaN scores never win) in %f4..7,
+    # and only when m_r < best a second pass for the lowest column scoring m_r: the strict <
+    # fold over ascending codes in half the instructions.
+    s += ["    mul.wide.u32 %rd16, %r50, 4;", "    add.u64 %rd16, %rd16, %rd3;  // &bias[column 0]"]
+    s += [f"    mov.f32 %f{4 + r}, 0f7F800000;" for r in range(4)]
     for n in range(8):
-        s += [
-            f"    add.u32 %r54, %r50, {8 * n};  // code of column c = 0",
-            "    add.u32 %r55, %r54, 1;",
-            "    mul.wide.u32 %rd16, %r54, 4;",
-            "    add.u64 %rd16, %rd16, %rd3;",
-            "    ld.global.nc.v2.f32 {%f1, %f2}, [%rd16];",
-        ]
+        s.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd16+{32 * n}];")
         for c in range(2):
             for mt in range(2):
                 for h in range(2):
                     r = 2 * mt + h
-                    a = (mt * 8 + n) * 4 + 2 * h + c
-                    if metric == "l2":
-                        s.append(f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};")
-                    else:
-                        s.append(f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};")
-                    s += [
-                        f"    setp.lt.f32 %p12, %f3, %bs{r};",
-                        f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
-                        f"    selp.b32 %bj{r}, %r{54 + c}, %bj{r}, %p12;",
-                    ]
+                    s += [score((mt * 8 + n) * 4 + 2 * h + c, c), f"    min.f32 %f{4 + r}, %f{4 + r}, %f3;"]
+    for mt in range(2):
+        for h in range(2):
+            r = 2 * mt + h
+            s += [f"    setp.lt.f32 %p12, %f{4 + r}, %bs{r};", f"    @!%p12 bra SKIPM{r};", "    mov.u32 %r54, 0;"]
+            for n in reversed(range(8)):
+                s.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd16+{32 * n}];")
+                for c in reversed(range(2)):
+                    s += [score((mt * 8 + n) * 4 + 2 * h + c, c), f"    setp.eq.f32 %p12, %f3, %f{4 + r};",
+                          f"    selp.u32 %r54, {8 * n + c}, %r54, %p12;"]
+            s += [f"    add.u32 %bj{r}, %r50, %r54;", f"    mov.f32 %bs{r}, %f{4 + r};", f"SKIPM{r}:"]
     s += ptxgen.tc_next_tile("%r27") + [
         "FINAL:",
         "    // key = ordered score << 32 | code (-0 as +0); the quad keeps the least, lane 0 of",
@@ -767,6 +772,7 @@ WG_BLOCK_BYTES = 128 * WG_KB * 2  # 128 rows of one k-block: 16 KB (sixteen 1024
 WG_STAGES = 4  # codebook ring buffers
 WG_AHEAD = WG_STAGES - 2  # stages copied ahead (one more stage's wgmma may still be reading)
 WG_MAX_D = 256  # x rows stay in shared memory: at most 4 k-blocks
+WG_MAX_REGS = 240  # two sets of 64 accumulators: one 256-thread block per SM (by design)
 WG_SLACK = 1024  # the dynamic window is aligned up to 1024 bytes inside the launch's bytes
 WG_TYPES = MMA_TYPES
 
@@ -794,25 +800,27 @@ def wgmma_entry(name, ty, metric):
     codebook streams in stages (tile, k-block) in order, WG_AHEAD stages ahead with cp.async
     (zero-fill past d_pad); per stage: wait for its copy, fence.proxy.async (the generic-proxy
     cp.async writes become visible to wgmma), barrier, issue the copy WG_AHEAD ahead into the
-    buffer whose wgmma completed (wait_group 1 at the end of the previous stage leaves only
-    that stage's wgmma in flight), then wgmma.fence and four k16 wgmma, straight-line (steps
-    past d multiply zeros; the first of a tile with scale-d = 0, so the accumulators need no
-    zeroing).
-    After a tile's last stage: wait_group 0 and the same epilogue as argmin_mma_*: scores
-    s = h - p or s = p * c from the bias, folded per row in ascending code order with strict <
-    (each thread holds rows g, g + 8 of its warp's 16 and columns 8 j + 2 t4 + {0, 1}); at the
-    end the quad of a row merges by (score, code) and red.max of ~key into ws."""
+    buffer whose wgmma completed (wait_group 1 at the end of every stage leaves only that
+    stage's wgmma in flight), then wgmma.fence and four k16 wgmma, straight-line (steps past d
+    multiply zeros; the first of a tile with scale-d = 0, so the accumulators need no zeroing).
+    Two sets of accumulators (%acc, %accy) alternate between tiles, so a tile's epilogue runs
+    after the next tile's first stage is issued, while its wgmma compute (the code is the tile
+    loop twice, one per set; after the last tile wait_group 0 and its epilogue). Epilogue:
+    scores s = h - p or s = p * c from the bias, as the FFMA search computes them; per row the
+    tile's least score m (min.f32), and only when m < best a second pass for the lowest column
+    scoring m: the strict < fold over ascending codes (each thread holds rows g, g + 8 of its
+    warp's 16 and columns 8 j + 2 t4 + {0, 1}). At the end the quad of a row merges by
+    (score, code) and red.max of ~key into ws. 228 registers: one block per SM."""
     def prm(reg, field):
         return f"    ld.param.{dict(ARGMIN_FIELDS)[field]} {reg}, [p+{OFF[field]}];"
 
     mma = f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{ty}.{ty}"
-    accs = ", ".join(f"%acc{i}" for i in range(64))
     doc = [f"{name}: x {ty} [N, d] x codebook {ty} [tiles * 128][d_pad] -> ws [N] (sm_90a wgmma,",
            "x resident in shared memory, the codebook streamed through a cp.async ring; see the generator)."]
     s = [f"// {line}" for line in doc] + ptxgen.signature(name, PARAM_SIZE, BLOCK) + [
-        ".minnctapersm 2", "{",
+        "{",
         ".reg .pred %p<20>;", ".reg .b32 %r<80>;", ".reg .f32 %f<8>;", ".reg .b64 %rd<32>;",
-        ".reg .f32 %acc<64>;", ".reg .f32 %bs<2>;", ".reg .b32 %bj<2>;",
+        ".reg .f32 %acc<64>;", ".reg .f32 %accy<64>;", ".reg .f32 %bs<2>;", ".reg .b32 %bj<2>;", ".reg .f32 %m<2>;",
         prm("%rd1", "x"), prm("%rd2", "packed"), prm("%rd3", "bias"), prm("%rd4", "ws"),
         prm("%r1", "n"), prm("%r2", "d"), prm("%r3", "d_pad"), prm("%r4", "tiles"), prm("%r5", "tiles_per_split"),
         "    mov.u32 %r8, %tid.x;",
@@ -953,72 +961,109 @@ def wgmma_entry(name, ty, metric):
         "    shr.u32 %r38, %r21, 4;",
         "    add.u32 %r38, %r38, 0x10000;",
         "    mov.b64 %rd18, {%r38, 0x40000040};  // B: ring buffer 0",
-        "    mov.u32 %r40, %r26;  // tile being computed",
+        "    mov.u32 %r40, %r26;  // tile being issued",
         "    mov.u32 %r41, 0;  // its k-block",
-        "    mov.u32 %r42, 0;  // stage being computed",
-        "LOOP:",
-        f"    cp.async.wait_group {WG_AHEAD - 1};",
-        "    fence.proxy.async.shared::cta;",
-        "    bar.sync 0;",
-    ] + copy_stage("L") + [
-        "    // this stage's descriptors: A + 1024 * kb (16 KB >> 4), B + 1024 * buffer",
-        "    shl.b32 %r43, %r41, 10;",
-        "    cvt.u64.u32 %rd19, %r43;",
-        "    add.u64 %rd19, %rd19, %rd17;",
-        f"    and.b32 %r43, %r42, {WG_STAGES - 1};",
-        "    shl.b32 %r43, %r43, 10;",
-        "    cvt.u64.u32 %rd20, %r43;",
-        "    add.u64 %rd20, %rd20, %rd18;",
-        "    setp.ne.u32 %p10, %r41, 0;  // scale-d: accumulate after a tile's first k-block",
-        "    shl.b32 %r44, %r41, 6;",
-        "    wgmma.fence.sync.aligned;",
+        "    mov.u32 %r42, 0;  // stages issued",
+        "    shl.b32 %r53, %r12, 1;  // 2 t4",
+        "    setp.ne.u32 %p19, %r40, %r40;  // false: no tile awaits its epilogue yet",
     ]
-    s.append("    setp.eq.u32 %p12, %r44, %r44;  // true: the k-block's later steps accumulate")
-    for kk in range(4):
-        if kk:  # straight-line: ptxas serializes wgmma chains broken by branches
-            s += ["    add.u64 %rd19, %rd19, 2;  // + 32 bytes along K", "    add.u64 %rd20, %rd20, 2;"]
-        s.append(f"    {mma} {{{accs}}}, %rd19, %rd20, {'%p10' if kk == 0 else '%p12'}, 1, 1, 0, 0;")
-    s += [
-        "    wgmma.commit_group.sync.aligned;",
-        "    add.u32 %r42, %r42, 1;",
-        "    add.u32 %r41, %r41, 1;",
-        "    setp.lt.u32 %p13, %r41, %r17;",
-        "    @%p13 bra.uni MORE;",
-        "    wgmma.wait_group.sync.aligned 0;",
-        "    // the tile is done: columns 128 t + 8 j + 2 t4 + c, ascending per row",
-        "    shl.b32 %r50, %r40, 7;",
-        "    shl.b32 %r53, %r12, 1;",
-        "    add.u32 %r50, %r50, %r53;",
-    ]
-    for j in range(16):
-        s += [
-            f"    add.u32 %r54, %r50, {8 * j};",
-            "    add.u32 %r55, %r54, 1;",
-            "    mul.wide.u32 %rd21, %r54, 4;",
-            "    add.u64 %rd21, %rd21, %rd3;",
-            "    ld.global.nc.v2.f32 {%f1, %f2}, [%rd21];",
+
+    def epilogue(acc, tag):
+        """Folds the tile %r46 held in the accumulators `acc` into the running bests: per row
+        the tile's least score m by min.f32 (NaN scores, those of padding codes under the
+        cosine metric, never win: min returns the other operand), and only when m < best (rare
+        after the first tiles) a second pass for the lowest column whose score equals m, so
+        the result is the strict < fold over ascending codes."""
+        out = [
+            f"    // epilogue of tile %r46 (accumulators %{acc}): columns 128 t + 8 j + 2 t4 + c",
+            "    shl.b32 %r50, %r46, 7;",
+            "    add.u32 %r50, %r50, %r53;",
+            "    mul.wide.u32 %rd21, %r50, 4;",
+            "    add.u64 %rd21, %rd21, %rd3;  // &bias[column of j = c = 0]",
+            "    mov.f32 %m0, 0f7F800000;",
+            "    mov.f32 %m1, 0f7F800000;",
         ]
-        for c in range(2):
-            for h in range(2):
-                a = 4 * j + 2 * h + c
-                if metric == "l2":
-                    s.append(f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};")
-                else:
-                    s.append(f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};")
-                s += [
-                    f"    setp.lt.f32 %p14, %f3, %bs{h};",
-                    f"    selp.f32 %bs{h}, %f3, %bs{h}, %p14;",
-                    f"    selp.b32 %bj{h}, %r{54 + c}, %bj{h}, %p14;",
-                ]
+
+        def score(a, c):
+            if metric == "l2":
+                return f"    sub.rn.f32 %f3, %f{1 + c}, %{acc}{a};"
+            return f"    mul.rn.f32 %f3, %{acc}{a}, %f{1 + c};"
+        for j in range(16):
+            out.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd21+{32 * j}];")
+            for c in range(2):
+                for h in range(2):
+                    out += [score(4 * j + 2 * h + c, c), f"    min.f32 %m{h}, %m{h}, %f3;"]
+        for h in range(2):
+            out += [
+                f"    setp.lt.f32 %p14, %m{h}, %bs{h};",
+                f"    @!%p14 bra SKIP_{tag}{h};",
+                f"    // row {h}: a new best; its code is the lowest column scoring m",
+                "    mov.u32 %r54, 0;",
+            ]
+            for j in reversed(range(16)):
+                out.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd21+{32 * j}];")
+                for c in reversed(range(2)):
+                    out += [
+                        score(4 * j + 2 * h + c, c),
+                        f"    setp.eq.f32 %p14, %f3, %m{h};",
+                        f"    selp.u32 %r54, {8 * j + c}, %r54, %p14;",
+                    ]
+            out += [f"    add.u32 %bj{h}, %r50, %r54;", f"    mov.f32 %bs{h}, %m{h};", f"SKIP_{tag}{h}:"]
+        return out
+
+    def tile_loop(cur, other, tag, other_tag):
+        """The stages of one tile into the accumulators `cur`; after its first stage, the
+        epilogue of the previous tile (in `other`), which overlaps this tile's wgmma."""
+        accs = ", ".join(f"%{cur}{i}" for i in range(64))
+        out = [
+            f"STAGE_{tag}:",
+            f"    cp.async.wait_group {WG_AHEAD - 1};",
+            "    fence.proxy.async.shared::cta;",
+            "    bar.sync 0;",
+        ] + copy_stage(tag) + [
+            "    // this stage's descriptors: A + 1024 * kb (16 KB >> 4), B + 1024 * buffer",
+            "    shl.b32 %r43, %r41, 10;",
+            "    cvt.u64.u32 %rd19, %r43;",
+            "    add.u64 %rd19, %rd19, %rd17;",
+            f"    and.b32 %r43, %r42, {WG_STAGES - 1};",
+            "    shl.b32 %r43, %r43, 10;",
+            "    cvt.u64.u32 %rd20, %r43;",
+            "    add.u64 %rd20, %rd20, %rd18;",
+            "    setp.ne.u32 %p10, %r41, 0;  // scale-d: accumulate after a tile's first k-block",
+            "    setp.eq.u32 %p12, %r41, %r41;  // true: a k-block's later steps accumulate",
+            "    wgmma.fence.sync.aligned;",
+        ]
+        for kk in range(4):
+            if kk:  # straight-line: ptxas serializes wgmma chains broken by branches
+                out += ["    add.u64 %rd19, %rd19, 2;  // + 32 bytes along K", "    add.u64 %rd20, %rd20, 2;"]
+            out.append(f"    {mma} {{{accs}}}, %rd19, %rd20, {'%p10' if kk == 0 else '%p12'}, 1, 1, 0, 0;")
+        out += [
+            "    wgmma.commit_group.sync.aligned;",
+            "    add.u32 %r42, %r42, 1;",
+            "    add.u32 %r41, %r41, 1;",
+            "    // all but this stage's wgmma are complete: the ring buffer refilled next is free,",
+            "    // and after a tile's first stage so is the previous tile",
+            "    wgmma.wait_group.sync.aligned 1;",
+            "    setp.eq.u32 %p13, %r41, 1;",
+            "    and.pred %p13, %p13, %p19;",
+            f"    @!%p13 bra.uni NOEPI_{tag};",
+        ] + epilogue(other, tag) + [
+            f"NOEPI_{tag}:",
+            "    setp.lt.u32 %p13, %r41, %r17;",
+            f"    @%p13 bra.uni STAGE_{tag};",
+            "    // the tile is issued; its epilogue waits for the next tile's first stage",
+            "    mov.u32 %r46, %r40;",
+            "    add.u32 %r40, %r40, 1;",
+            "    mov.u32 %r41, 0;",
+            "    setp.eq.u32 %p19, %r41, 0;  // true",
+            "    setp.lt.u32 %p15, %r42, %r33;",
+            f"    @%p15 bra.uni STAGE_{other_tag};",
+            "    wgmma.wait_group.sync.aligned 0;",
+        ] + epilogue(cur, tag + "L") + ["    bra.uni DONE;"]
+        return out
+
+    s += tile_loop("acc", "accy", "X", "Y") + tile_loop("accy", "acc", "Y", "X")
     s += [
-        "    mov.u32 %r41, 0;",
-        "    add.u32 %r40, %r40, 1;",
-        "    setp.lt.u32 %p15, %r42, %r33;",
-        "    @%p15 bra.uni LOOP;",
-        "    bra.uni DONE;",
-        "MORE:  // the tile goes on (so do the stages): one stage's wgmma may stay in flight",
-        "    wgmma.wait_group.sync.aligned 1;",
-        "    bra.uni LOOP;",
         "DONE:",
         "    cp.async.wait_group 0;  // the empty trailing groups",
         "FINAL:",
@@ -1068,7 +1113,7 @@ def wgmma_entry(name, ty, metric):
 def generate_sm90():
     head = [
         "// and commit the result. Design: wgmma_entry in kernels/gen_argmin.py.",
-        f"// vistok: max-regs {MAX_REGS}",
+        f"// vistok: max-regs {WG_MAX_REGS}",
         "//",
         "// argmin_wgmma_{f16,bf16}_{l2,cos}: x, tensor-core codebook -> ws u64 [N] (sm_90a only:",
         "// wgmma; the other entries, and the sm_80+ tensor-core search, are in argmin.ptx)",
@@ -1324,8 +1369,10 @@ def emulate(quick):
     for c in tc_cases:
         search(*c, tc=True)
     # wgmma (sm_90a): two k-blocks (d = 72, the second mostly zero-filled), x padded (d = 67),
-    # two row tiles and a partial one, K splits, lattice ties; full: four k-blocks (d = 256).
-    wg_cases = [(70, 150, 72, "bf16", "l2", 15, True, 2), (3, 20, 67, "f16", "cos", 16, False, 1)]
+    # two row tiles and a partial one, K splits, lattice ties (also across the four tiles of
+    # one block: both accumulator sets twice); full: four k-blocks (d = 256).
+    wg_cases = [(70, 150, 72, "bf16", "l2", 15, True, 2), (3, 20, 67, "f16", "cos", 16, False, 1),
+                (9, 400, 64, "f16", "l2", 20, True, 1)]
     if not quick:
         wg_cases += [(140, 130, 64, "f16", "l2", 17, False, 1), (5, 9, 256, "bf16", "cos", 18, False, 1)]
     for c in wg_cases:

@@ -5,13 +5,15 @@
 
 Assembles kernels/*.ptx with the pinned ptxas of scripts/ptx-check.sh, disassembles the cubin
 (cuobjdump + nvdisasm from PyPI, installed into .cache/sass-tools on first use) and prints, per
-entry, its registers-free SASS totals (instructions, HMMA, LDSM, LDGSTS, MUFU) and, for every
+entry, its registers-free SASS totals (instructions, HMMA, HGMMA (wgmma), LDSM, LDGSTS, MUFU) and, for every
 loop (a backward branch), the instructions and HMMA between its target and the branch. The
 inner loop of a tensor-core kernel then reads directly as "H HMMA per N issued instructions":
 an upper bound on how busy the tensor pipe can be per warp. A static figure, not a measurement:
 it ignores latencies, stalls and memory, and both sides of a branch inside a loop are counted.
 
-Default entries: those with `mma` or `attention_` in their name. Python 3 standard library.
+Default entries: those with `mma` or `attention_` in their name. A module declaring
+`.target sm_90a` (the wgmma kernels) is assembled for sm_90a whatever --arch says. Python 3
+standard library.
 """
 
 import argparse
@@ -88,12 +90,16 @@ def main():
     for ptx in sorted(os.listdir(os.path.join(ROOT, "kernels"))):
         if not ptx.endswith(".ptx"):
             continue
-        for name, instrs in sass(os.path.join(ROOT, "kernels", ptx), args.arch).items():
+        path = os.path.join(ROOT, "kernels", ptx)
+        with open(path, encoding="utf-8") as f:
+            arch = "sm_90a" if re.search(r"^\.target sm_90a$", f.read(), flags=re.M) else args.arch
+        for name, instrs in sass(path, arch).items():
             if not any(f in name for f in filters):
                 continue
             instrs = [(a, t) for a, t in instrs if opcode(t) != "NOP"]
-            print(f"{name} ({args.arch}): {len(instrs)} instructions, {count(instrs, 'HMMA')} HMMA, "
-                  f"{count(instrs, 'LDSM')} LDSM, {count(instrs, 'LDGSTS')} LDGSTS, {count(instrs, 'MUFU')} MUFU")
+            print(f"{name} ({arch}): {len(instrs)} instructions, {count(instrs, 'HMMA')} HMMA, "
+                  f"{count(instrs, 'HGMMA')} HGMMA, {count(instrs, 'LDSM')} LDSM, {count(instrs, 'LDGSTS')} LDGSTS, "
+                  f"{count(instrs, 'MUFU')} MUFU")
             for addr, text in instrs:
                 m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
                 if not m or not m.group(1):
@@ -103,7 +109,8 @@ def main():
                     continue
                 body = [(a, t) for a, t in instrs if target <= a <= addr]
                 print(f"    loop {target:#06x}..{addr:#06x}: {len(body)} instructions, "
-                      f"{count(body, 'HMMA')} HMMA, {count(body, 'LDSM')} LDSM, {count(body, 'MUFU')} MUFU")
+                      f"{count(body, 'HMMA')} HMMA, {count(body, 'HGMMA')} HGMMA, {count(body, 'LDSM')} LDSM, "
+                      f"{count(body, 'MUFU')} MUFU")
     return 0
 
 

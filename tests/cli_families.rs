@@ -124,6 +124,7 @@ fn argmin_bad_input_is_one_line_and_no_file() {
     let inputs = ["e.npy", "x.npy"];
     run_err(&dir, &["argmin", p(&xp), p(&op)], "--codebook E.npy is required", &inputs);
     run_err(&dir, &["argmin", "--codebook", p(&ep), "--metric", "l1", p(&xp), p(&op)], "--metric", &inputs);
+    run_err(&dir, &["argmin", "--tensor-cores", "--codebook", p(&ep), p(&xp), p(&op)], "--backend cuda", &inputs);
 
     write_npy_raw(&ep, "<f4", &[3, 5], &le(&values(15, 6)));
     run_err(&dir, &["argmin", "--codebook", p(&ep), p(&xp), p(&op)], "expected [..., 5]", &inputs);
@@ -330,6 +331,7 @@ fn merge_bad_input_is_one_line_and_no_file() {
     run_err(&dir, &["merge", "--r", "2", "--x", p(&xp), p(&mp), p(&op)], "expected [2, 7, C]", &inputs);
     run_err(&dir, &["merge", "--r", "2", "--sizes", p(&xp), p(&mp), p(&op)], "--mode wavg", &inputs);
     run_err(&dir, &["merge", "--r", "2", "--mode", "max", p(&mp), p(&op)], "--mode", &inputs);
+    run_err(&dir, &["merge", "--r", "2", "--tensor-cores", p(&mp), p(&op)], "--backend cuda", &inputs);
     run_err(&dir, &["merge", "--r", "2", p(&xp), p(&xp), p(&op)], "expected two paths", &inputs);
 }
 
@@ -385,7 +387,17 @@ fn merge_cuda_backend_is_exact_or_a_clear_error() {
     .unwrap();
     assert_eq!(f32_bits(&read_as::<f32>(&op, "<f4", &o_dims)), f32_bits(&want), "wavg merge on the GPU");
     assert_eq!(f32_bits(&read_as::<f32>(&sop, "<f4", &[b, plan.out_tokens()])), f32_bits(&want_sizes));
-    eprintln!("merge --backend cuda: [{b}, {n}, {c}] r=13, plan and values identical to the cpu backend");
+    // --tensor-cores (a bf16 metric): the cpu's plan on the same rounded values. Cosine
+    // similarities are rounded differently on tensor cores, so plans may differ at near-ties
+    // (tests/cuda_merge.rs counts them); on these random values no choice is that close.
+    let m16: Vec<f32> = x.iter().map(|&v| vistok::bf16::from_f32(v).to_f32()).collect();
+    let args = ["merge", "--backend", "cuda", "--tensor-cores", "--dtype", "bf16", "--r", "13", "--slots", p(&slp)];
+    run_ok(&[&args[..], &[p(&mp), p(&op)]].concat());
+    let plan = MergePlan::bipartite(Backend::Cpu, View::new(&m16, &[b, n, c]).unwrap(), &MatchConfig::new(13)).unwrap();
+    assert_eq!(read_as::<u32>(&slp, "<u4", &[b, n]), plan.slots(), "plan from the tensor cores");
+    eprintln!(
+        "merge --backend cuda: [{b}, {n}, {c}] r=13, plan and values identical to the cpu backend; --tensor-cores too"
+    );
 }
 
 /// `vistok run attention --backend cuda`: f32 and bf16 outputs within a small tolerance of the
@@ -471,5 +483,14 @@ fn argmin_cuda_backend_is_exact_or_a_clear_error() {
     let got = read_as::<u32>(&ip, "<u4", &[n]);
     let want: Vec<f32> = got.iter().flat_map(|&i| e[i as usize * d..][..d].to_vec()).collect();
     assert_eq!(f32_bits(&read_as::<f32>(&lp, "<f4", &[n, d])), f32_bits(&want), "lookup on the GPU");
-    eprintln!("argmin --backend cuda: {n}x{k}x{d}, ids, distances and lookup identical to the cpu backend");
+    // --tensor-cores (bf16; D = 64: the wgmma search on an H100 / H200 or the stand-in) on small
+    // integers, where every dot product is exact however it is summed: the cpu's ids.
+    let (n, k, d) = (40, 150, 64);
+    let small = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7 + seed) % 5) as f32 - 2.0).collect() };
+    let (x, e) = (small(n * d, 1), small(k * d, 3));
+    write_npy_raw(&xp, "<f4", &[n, d], &le(&x));
+    write_npy_raw(&ep, "<f4", &[k, d], &le(&e));
+    run_ok(&["argmin", "--backend", "cuda", "--tensor-cores", "--dtype", "bf16", "--codebook", p(&ep), p(&xp), p(&ip)]);
+    assert_eq!(read_as::<u32>(&ip, "<u4", &[n]), lib_argmin(&e, k, d, Metric::L2, &x, Backend::Cpu).0, "tensor cores");
+    eprintln!("argmin --backend cuda: {n}x{k}x{d}, ids, distances and lookup identical to the cpu backend; --tensor-cores too");
 }

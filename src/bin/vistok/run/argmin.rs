@@ -19,8 +19,8 @@ pub const HELP: &str = "\
 vistok run argmin: nearest codebook entry of every vector, or ids -> entries
 
 usage: vistok run argmin --codebook E.npy [--metric l2|cosine] [--dist DIST.npy]
-                         [--backend reference|cpu|cuda] [--dtype f32|f16|bf16] [--ids-dtype u4|i4|i8]
-                         X.npy OUT_IDS.npy
+                         [--backend reference|cpu|cuda [--tensor-cores]] [--dtype f32|f16|bf16]
+                         [--ids-dtype u4|i4|i8] X.npy OUT_IDS.npy
        vistok run argmin --lookup --codebook E.npy [--dtype f32|f16|bf16] IDS.npy OUT.npy
 
 X     vectors [..., D] (<f4 or <f2). NaN or +-inf is an error naming the first (x[n, i]).
@@ -38,6 +38,9 @@ DIST  [...] f32: the distance of the chosen entry (||x - e||^2, or 1 - cos).
   --backend B          reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok
                        built with --features cuda; the exact f32 path: ids and distances
                        equal the cpu's)
+  --tensor-cores       cuda, f16 / bf16: search on tensor cores (mma.sync; wgmma on an H100 /
+                       H200 for 64 <= D <= 256); ids equal the reference's up to near-ties,
+                       distances are the cpu formula's for the chosen entry
   --dtype D            the dtype X and E are rounded to first (default: X's own); with
                        --lookup, the dtype of the entries written (default: E's own)
   --ids-dtype T        u4 | i4 | i8: how ids are written (default u4)
@@ -54,7 +57,7 @@ pub fn main(args: Vec<OsString>) -> Result<(), String> {
 fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut p = Parser::from_args(args);
     let mut q = QuantFlags::new();
-    let (mut codebook, mut metric, mut dist, mut lookup) = (None, Metric::L2, None, false);
+    let (mut codebook, mut metric, mut dist, mut lookup, mut tc) = (None, Metric::L2, None, false, false);
     while let Some(arg) = next(&mut p)? {
         let name = match arg {
             Next::Help => {
@@ -82,6 +85,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
             }
             "dist" => dist = Some(std::path::PathBuf::from(value(&mut p, &name)?)),
             "lookup" => lookup = true,
+            "tensor-cores" => tc = true,
             _ => return Err(format!("unknown flag --{name} (see --help)")),
         }
     }
@@ -93,6 +97,9 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
     }
     distinct_outputs(&[("OUT", Some(&output)), ("--dist", dist.as_ref())])?;
     let backend = Where::of(q.backend);
+    if tc && (lookup || backend != Where::Gpu) {
+        return Err("--tensor-cores is for the search with --backend cuda".into());
+    }
 
     let e = npy::read(&codebook)?;
     let [k, d] = e.shape[..] else {
@@ -124,9 +131,9 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
     let e = Buf::tokens(e.data, Some(x.float_type()))?;
     let want_dist = dist_out.is_some();
     let (ids, distances) = match (&x, &e) {
-        (Buf::F32(x), Buf::F32(e)) => search(backend, e, [k, d], metric, x, &array.shape, want_dist)?,
-        (Buf::F16(x), Buf::F16(e)) => search(backend, e, [k, d], metric, x, &array.shape, want_dist)?,
-        (Buf::BF16(x), Buf::BF16(e)) => search(backend, e, [k, d], metric, x, &array.shape, want_dist)?,
+        (Buf::F32(x), Buf::F32(e)) => search(backend, e, [k, d], metric, x, &array.shape, want_dist, tc)?,
+        (Buf::F16(x), Buf::F16(e)) => search(backend, e, [k, d], metric, x, &array.shape, want_dist, tc)?,
+        (Buf::BF16(x), Buf::BF16(e)) => search(backend, e, [k, d], metric, x, &array.shape, want_dist, tc)?,
         _ => unreachable!("x and the codebook were converted to one float type"),
     };
     let lead = &array.shape[..array.shape.len() - 1];
@@ -141,7 +148,8 @@ fn prepare<T: Float>(e: &[T], [k, d]: [usize; 2], metric: Metric) -> Result<Code
     Codebook::new(View::new(e, &[k, d]).map_err(lib_err)?, metric).map_err(lib_err)
 }
 
-/// x `[..., D]` → (ids `[...]`, distances `[...]` if asked for).
+/// x `[..., D]` → (ids `[...]`, distances `[...]` if asked for); `tc`: on tensor cores (cuda).
+#[allow(clippy::too_many_arguments)]
 fn search<T: Float + Dev>(
     backend: Where,
     e: &[T],
@@ -150,6 +158,7 @@ fn search<T: Float + Dev>(
     x: &[T],
     shape: &[usize],
     want_dist: bool,
+    tc: bool,
 ) -> Result<(Vec<u32>, Option<Vec<f32>>), String> {
     let cb = prepare(e, kd, metric)?;
     if shape.len() < 2 || shape[shape.len() - 1] != kd[1] {
@@ -158,7 +167,7 @@ fn search<T: Float + Dev>(
     let lead = &shape[..shape.len() - 1];
     let backend = match backend {
         Where::Host(b) => b,
-        Where::Gpu => return gpu::argmin(&cb, x, want_dist),
+        Where::Gpu => return gpu::argmin(&cb, x, want_dist, tc),
     };
     let n: usize = lead.iter().product();
     let mut ids = zeroed_ids(n)?;

@@ -92,13 +92,16 @@ pub fn fsq_decode<O: Float + Dev>(_plan: &vistok::Fsq, _ids: &[u32]) -> Result<V
     Err(NO_CUDA.into())
 }
 
-/// ToMe matching on GPU 0 (the plan equals the cpu backend's).
+/// ToMe matching on GPU 0 (the plan equals the cpu backend's; `tc`: the f16 / bf16
+/// tensor-core similarity, equal to the reference's plan up to near-ties).
 #[cfg(feature = "cuda")]
 pub fn merge_plan<M: Float + Dev>(
     metric: vistok::View<'_, M>,
     config: &vistok::MatchConfig,
+    tc: bool,
 ) -> Result<vistok::MergePlan, String> {
-    let k = vistok::cuda::MergeKernel::new(&gpu0()?).map_err(super::exec::lib_err)?;
+    let k =
+        vistok::cuda::MergeKernel::new(&gpu0()?).and_then(|k| k.with_tensor_cores(tc)).map_err(super::exec::lib_err)?;
     k.plan_host(metric, config).map_err(super::exec::lib_err)
 }
 
@@ -124,6 +127,7 @@ pub fn merge_apply<T: Float + Dev>(
 pub fn merge_plan<M: Float + Dev>(
     _metric: vistok::View<'_, M>,
     _config: &vistok::MatchConfig,
+    _tc: bool,
 ) -> Result<vistok::MergePlan, String> {
     Err(NO_CUDA.into())
 }
@@ -166,14 +170,17 @@ pub fn attention<T: Float + Dev>(
 }
 
 /// Nearest codebook entries on GPU 0 (the exact f32 FFMA path: indices and distances equal the
-/// cpu backend's): `(ids, distances if asked)`.
+/// cpu backend's; `tc`: the f16 / bf16 tensor-core search): `(ids, distances if asked)`.
 #[cfg(feature = "cuda")]
 pub fn argmin<T: Float + Dev>(
     cb: &vistok::Codebook<T>,
     x: &[T],
     want_dist: bool,
+    tc: bool,
 ) -> Result<(Vec<u32>, Option<Vec<f32>>), String> {
-    let k = vistok::cuda::CodebookGpu::new(&gpu0()?, cb).map_err(super::exec::lib_err)?;
+    let k = vistok::cuda::CodebookGpu::new(&gpu0()?, cb)
+        .and_then(|k| k.with_tensor_cores(tc))
+        .map_err(super::exec::lib_err)?;
     if want_dist {
         let (i, d) = k.argmin_dist_host(x).map_err(super::exec::lib_err)?;
         Ok((i, Some(d)))
@@ -194,6 +201,7 @@ pub fn argmin<T: Float + Dev>(
     _cb: &vistok::Codebook<T>,
     _x: &[T],
     _want_dist: bool,
+    _tc: bool,
 ) -> Result<(Vec<u32>, Option<Vec<f32>>), String> {
     Err(NO_CUDA.into())
 }

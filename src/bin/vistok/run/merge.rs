@@ -21,7 +21,7 @@ vistok run merge: ToMe token merging (bipartite soft matching), one layer
 usage: vistok run merge --r R [--class-token] [--distill-token] [--keep-order]
                         [--mode mean|sum|wavg] [--x X.npy] [--sizes S.npy]
                         [--out-sizes S_OUT.npy] [--slots SLOTS.npy]
-                        [--backend reference|cpu|cuda] [--dtype f32|f16|bf16]
+                        [--backend reference|cpu|cuda [--tensor-cores]] [--dtype f32|f16|bf16]
                         METRIC.npy OUT.npy
 
 METRIC  [B, N, Cm] (<f4 or <f2): what tokens are matched on (ToMe: the keys averaged over
@@ -42,6 +42,8 @@ OUT     [B, N - r, C]: the merged tokens (X, or METRIC when --x is not given), i
   --slots S.npy     write the assignment map [B, N] (<u4): the output slot of every token
   --backend B       reference | cpu | cuda (default cpu; cuda: GPU 0, needs a vistok built
                     with --features cuda; the same plan and values as the cpu)
+  --tensor-cores    cuda, f16 / bf16 METRIC: the similarity on tensor cores (mma.sync); the
+                    plan equals the reference's up to near-ties
   --dtype D         round METRIC and X to f32 | f16 | bf16 first (default: each file's own)
   -h, --help        this help
 
@@ -63,7 +65,7 @@ enum Mode {
 fn run(args: Vec<OsString>) -> Result<(), String> {
     let mut p = Parser::from_args(args);
     let (mut backend, mut dtype, mut paths) = (BackendChoice::Cpu, None::<FloatType>, vec![]);
-    let (mut r, mut config) = (None, MatchConfig::new(0));
+    let (mut r, mut config, mut tc) = (None, MatchConfig::new(0), false);
     let (mut mode, mut x_path, mut sizes_path, mut out_sizes, mut slots) = (Mode::Mean, None, None, None, None);
     while let Some(arg) = next(&mut p)? {
         let name = match arg {
@@ -100,6 +102,7 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
             "sizes" => sizes_path = Some(path(&mut p)?),
             "out-sizes" => out_sizes = Some(path(&mut p)?),
             "slots" => slots = Some(path(&mut p)?),
+            "tensor-cores" => tc = true,
             _ => return Err(format!("unknown flag --{name} (see --help)")),
         }
     }
@@ -112,6 +115,9 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
     }
     distinct_outputs(&[("OUT", Some(out_path)), ("--out-sizes", out_sizes.as_ref()), ("--slots", slots.as_ref())])?;
     let backend = Where::of(backend);
+    if tc && backend != Where::Gpu {
+        return Err("--tensor-cores is for --backend cuda".into());
+    }
 
     let metric = npy::read(metric_path)?;
     let mshape = metric.shape.clone();
@@ -138,9 +144,9 @@ fn run(args: Vec<OsString>) -> Result<(), String> {
     let slots_out = slots.as_deref().map(Pending::create).transpose()?;
 
     let plan = match &metric {
-        Buf::F32(m) => plan_of(backend, m, &mshape, &config)?,
-        Buf::F16(m) => plan_of(backend, m, &mshape, &config)?,
-        Buf::BF16(m) => plan_of(backend, m, &mshape, &config)?,
+        Buf::F32(m) => plan_of(backend, m, &mshape, &config, tc)?,
+        Buf::F16(m) => plan_of(backend, m, &mshape, &config, tc)?,
+        Buf::BF16(m) => plan_of(backend, m, &mshape, &config, tc)?,
         Buf::U8(_) => unreachable!("Buf::tokens gives floats"),
     };
     let (xb, xs) = match &x {
@@ -169,11 +175,12 @@ fn plan_of<T: Float + Dev>(
     m: &[T],
     shape: &[usize],
     config: &MatchConfig,
+    tc: bool,
 ) -> Result<MergePlan, String> {
     let view = View::new(m, shape).map_err(lib_err)?;
     match backend {
         Where::Host(b) => MergePlan::bipartite(b, view, config).map_err(lib_err),
-        Where::Gpu => gpu::merge_plan(view, config),
+        Where::Gpu => gpu::merge_plan(view, config, tc),
     }
 }
 
