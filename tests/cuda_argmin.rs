@@ -590,10 +590,16 @@ mod cuda {
                 rows += r;
             }
         }
-        // The default on this GPU for D in range is wgmma.
-        let e = values::<bf16>(20 * 64, 9);
-        let dev = CodebookGpu::new(g, &codebook(&e, 64, Metric::L2)).unwrap().with_tensor_cores(true).unwrap();
-        assert!(dev.wgmma());
+        // The default on this GPU for D in range is wgmma; codebooks of different D share the
+        // entry (and its dynamic shared memory limit): a later, smaller one must not break an
+        // earlier, larger one.
+        let (e256, e64) = (lattice::<bf16>(20 * 256, 9), lattice::<bf16>(20 * 64, 10));
+        let big = CodebookGpu::new(g, &codebook(&e256, 256, Metric::L2)).unwrap().with_tensor_cores(true).unwrap();
+        let dev = CodebookGpu::new(g, &codebook(&e64, 64, Metric::L2)).unwrap().with_tensor_cores(true).unwrap();
+        assert!(big.wgmma() && dev.wgmma());
+        let x = lattice::<bf16>(3 * 256, 11);
+        let (want, _) = host(&codebook(&e256, 256, Metric::L2), Backend::Cpu, &x).unwrap();
+        assert_eq!(big.argmin_host(&x).unwrap(), want, "D = 256 after a D = 64 codebook");
         eprintln!(
             "cuda argmin wgmma / mma.sync: {rows} rows vs the reference, {ties} near-ties (within 2x the f32 bound)"
         );

@@ -564,8 +564,9 @@ impl<T: Float> CodebookGpu<T> {
         if on {
             self.wgmma_applies()??;
             let f = self.gpu.function(MODULE_SM90, PTX_SM90, &wgmma_name(T::DTYPE, self.metric))?;
-            // ≤ 132 KB (D ≤ 256): fits u32
-            f.allow_dynamic_shared(wgmma_shared_bytes(self.d.div_ceil(8) * 8) as u32)?;
+            // The attribute belongs to the (cached, shared) function: allow what the largest D
+            // needs, so that codebooks of different D never lower each other's limit (129 KB).
+            f.allow_dynamic_shared(wgmma_shared_bytes(WG_MAX_D) as u32)?;
         }
         self.wgmma = on;
         Ok(self)
