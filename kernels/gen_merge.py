@@ -453,8 +453,10 @@ def similarity_mma(name, t):
     stages of TC_K = 32 through shared memory (cp.async.cg, two stages: the next stage loads
     while this one computes), 64-byte rows of four 16-byte chunks XOR-swizzled by (row >> 1) & 3
     so that ldmatrix phases hit distinct banks. Per B tile the thread folds its 16 columns into
-    the running best of its 4 rows (ascending B index, strict >), then the quad (shfl) and the
-    two warps of a row (shared memory) merge by (greater, or equal with a lower index)."""
+    the running best of its 4 rows (ascending B index, strict >: per row the tile's greatest
+    score by max.f32, and only when it beats the best a second pass for the lowest column with
+    that score), then the quad (shfl) and the two warps of a row (shared memory) merge by
+    (greater, or equal with a lower index)."""
     STAGE = ptxgen.TC_STAGE  # the tile, its stages and registers: ptxgen.tc_*
     assert TC_TILE == 128 and TC_K == ptxgen.TC_K
     regs = [".reg .pred %p<16>;", ".reg .b32 %r<64>;", ".reg .f32 %f<8>;", ".reg .b64 %rd<24>;",
@@ -544,33 +546,51 @@ def similarity_mma(name, t):
         ] + ptxgen.tc_copy_issue(("16", "16"), "%r19")
 
     s += ptxgen.tc_main_loop(copy, t, "%r2", "%r19")
+    # Epilogue: the thread's columns j = %r50 + 8 n + c; a column is a target when j < nb and
+    # not (j = 0 with a distillation token); its inverse norm is aux[b*N + 2j + 1], NaN for a
+    # non-target so that its scores never win (max.f32 returns the other operand, == fails).
+    # Per row the tile's greatest score m_r (max.f32) in %f4..7, and only when m_r > best a
+    # second pass for the lowest column scoring m_r: the strict > fold over ascending B.
+    s += [
+        "    sub.u32 %r54, %r4, %r50;  // columns left below nb (as s32: <= 0 when none)",
+        "    setp.eq.u32 %p10, %r50, 0;",
+        "    and.pred %p10, %p10, %p2;  // column 0 of this tile is the distillation token",
+        "    shl.b32 %r55, %r50, 1;",
+        "    add.u32 %r55, %r55, %r51;",
+        "    add.u32 %r55, %r55, 1;  // token b*N + 2 j0 + 1",
+        "    mul.wide.u32 %rd16, %r55, 4;",
+        "    add.u64 %rd16, %rd16, %rd3;  // &aux[token of column 0]; column k at + 8 k",
+    ]
+
+    def inv_b(n, c):
+        k = 8 * n + c
+        out = [
+            f"    setp.gt.s32 %p9, %r54, {k};",
+            "    mov.f32 %f1, 0f7FFFFFFF;",
+        ]
+        if k == 0:
+            out.append("    and.pred %p9, %p9, !%p10;")
+        return out + [f"    @%p9 ld.global.nc.f32 %f1, [%rd16+{8 * k}];"]
+
+    def score(n, c, r):
+        mt, h = divmod(r, 2)
+        a = (mt * 8 + n) * 4 + 2 * h + c
+        return [f"    mul.rn.f32 %f2, %acc{a}, %ia{r};", "    mul.rn.f32 %f2, %f2, %f1;"]
+    s += [f"    mov.f32 %f{4 + r}, 0fFF800000;" for r in range(4)]
     for n in range(8):
         for c in range(2):
-            s += [
-                f"    add.u32 %r54, %r50, {8 * n + c};  // j",
-                "    setp.lt.u32 %p9, %r54, %r4;",
-                "    setp.eq.and.u32 %p10, %r54, 0, %p2;",
-                "    not.pred %p10, %p10;",
-                "    and.pred %p9, %p9, %p10;  // a valid target",
-                "    shl.b32 %r55, %r54, 1;",
-                "    add.u32 %r55, %r55, %r51;",
-                "    add.u32 %r55, %r55, 1;  // token b*N + 2j + 1",
-                "    mul.wide.u32 %rd16, %r55, 4;",
-                "    add.u64 %rd16, %rd16, %rd3;",
-                "    mov.f32 %f1, 0f00000000;",
-                "    @%p9 ld.global.nc.f32 %f1, [%rd16];",
-            ]
-            for mt in range(2):
-                for h in range(2):
-                    r = 2 * mt + h
-                    a = (mt * 8 + n) * 4 + 2 * h + c
-                    s += [
-                        f"    mul.rn.f32 %f2, %acc{a}, %ia{r};",
-                        "    mul.rn.f32 %f2, %f2, %f1;",
-                        f"    setp.gt.and.f32 %p11, %f2, %bs{r}, %p9;",
-                        f"    selp.f32 %bs{r}, %f2, %bs{r}, %p11;",
-                        f"    selp.b32 %bj{r}, %r54, %bj{r}, %p11;",
-                    ]
+            s += inv_b(n, c)
+            for r in range(4):
+                s += score(n, c, r) + [f"    max.f32 %f{4 + r}, %f{4 + r}, %f2;"]
+    for r in range(4):
+        s += [f"    setp.gt.f32 %p11, %f{4 + r}, %bs{r};", f"    @!%p11 bra SKIPM{r};", "    mov.u32 %r56, 0;"]
+        for n in reversed(range(8)):
+            for c in reversed(range(2)):
+                s += inv_b(n, c) + score(n, c, r) + [
+                    f"    setp.eq.f32 %p11, %f2, %f{4 + r};",
+                    f"    selp.u32 %r56, {8 * n + c}, %r56, %p11;",
+                ]
+        s += [f"    add.u32 %bj{r}, %r50, %r56;", f"    mov.f32 %bs{r}, %f{4 + r};", f"SKIPM{r}:"]
     s += ptxgen.tc_next_tile("%r27") + [
         "FINAL:",
         "    // the quad: greater, or equal with a lower index",

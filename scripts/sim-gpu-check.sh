@@ -10,7 +10,8 @@
 #   bash scripts/sim-gpu-check.sh --smoke         # CI's quick subset: every family's host path once
 #
 # Environment: SIM_TEST_TIMEOUT (seconds per test, default 300), SIM_SUITES (the test binaries,
-# default: every suite with GPU tests; of the cli_* suites only the `--backend cuda` tests),
+# default: every suite with GPU tests; of the cli_* suites only the `--backend cuda` tests;
+# the library's own cuda::* and capi::cuda::* unit tests always),
 # plus tools/simcuda/simcuda.c's VISTOK_SIMCUDA_*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ python3 tools/simcuda/selftest.py target/simcuda/libcuda.so 2> target/simcuda/se
     { cat target/simcuda/selftest.log >&2; exit 1; }
 
 # The test executables (the README test command's build: --all-features, so CI reuses it).
-args=()
+args=(--lib) # the library's own tests: only those under cuda (incl. capi::cuda) run below
 for s in $suites; do args+=(--test "$s"); done
 cargo test --release --all-features --no-run --quiet "${args[@]}"
 cargo test --release --all-features --no-run --message-format=json "${args[@]}" 2>/dev/null |
@@ -43,6 +44,8 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])
+    elif m.get("reason") == "compiler-artifact" and m.get("executable") and "rlib" in m["target"]["kind"]:
+        print("lib", m["executable"])
 ' > target/simcuda/executables
 
 [ -s target/simcuda/executables ] || { echo "no test executables found" >&2; exit 1; }
@@ -57,6 +60,8 @@ while read -r suite exe; do
         t=${t%: test}
         # The command's suites: only their `--backend cuda` tests.
         case "$suite:$t" in cli_*:*cuda*) ;; cli_*) continue ;; esac
+        # The library's tests: its CUDA modules' (cuda::*, capi::cuda::*).
+        case "$suite:$t" in lib:cuda::* | lib:capi::cuda::*) ;; lib:*) continue ;; esac
         if [ $# -gt 0 ]; then
             hit=0
             for f in "$@"; do case "$t" in *"$f"*) hit=1 ;; esac; done

@@ -138,10 +138,14 @@ static int env_int(const char *name, int dflt) {
     return v && *v ? atoi(v) : dflt;
 }
 
+static Ctx extra_contexts[16]; /* non-primary contexts (cuCtxCreate_v4); magic 0 when free */
+
 static Ctx *as_ctx(void *p) {
     Ctx *c = (Ctx *)p;
     for (int i = 0; i < n_devices; i++)
         if (c == &contexts[i]) return c;
+    for (int i = 0; i < 16; i++)
+        if (c == &extra_contexts[i] && c->magic == MAGIC_CTX) return c;
     return NULL;
 }
 
@@ -268,6 +272,37 @@ EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
     if (contexts[d].refs > 0) contexts[d].refs--;
     pthread_mutex_unlock(&lock);
     return r;
+}
+
+/* A non-primary context of device d, made current (as the driver does); at most 16 live. */
+EXPORT CUresult cuCtxCreate_v4(void **pctx, void *params, unsigned flags, CUdevice d) {
+    (void)flags;
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED;
+    if (!pctx || params) return CUDA_ERROR_INVALID_VALUE;
+    if (d < 0 || d >= n_devices) return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&lock);
+    Ctx *c = NULL;
+    for (int i = 0; i < 16 && !c; i++)
+        if (extra_contexts[i].magic != MAGIC_CTX) c = &extra_contexts[i];
+    if (c) *c = (Ctx){MAGIC_CTX, d, 1};
+    pthread_mutex_unlock(&lock);
+    if (!c) return CUDA_ERROR_OUT_OF_MEMORY;
+    *pctx = c;
+    current = c;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuCtxDestroy_v2(void *ctx) {
+    pthread_mutex_lock(&lock);
+    int ok = 0;
+    for (int i = 0; i < 16; i++)
+        if (ctx == &extra_contexts[i] && extra_contexts[i].magic == MAGIC_CTX) {
+            extra_contexts[i].magic = 0;
+            ok = 1;
+        }
+    if (ok && current == ctx) current = NULL;
+    pthread_mutex_unlock(&lock);
+    return ok ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
 }
 
 EXPORT CUresult cuCtxSetCurrent(void *ctx) {

@@ -472,7 +472,8 @@ fn argmin_and_lookup_match_the_cpu_backend() {
             std::ptr::null_mut(),
         )
     };
-    expect_status(st, VistokStatus::Invalid, "codebook's f32");
+    // Documented in include/vistok.h: UNSUPPORTED, as the host entry point says.
+    expect_status(st, VistokStatus::Unsupported, "codebook's f32");
     let mut q = vec![0.0f32; n * d];
     host.lookup(Backend::Cpu, View::new(&idx, &[n]).unwrap(), ViewMut::new(&mut q, &[n, d]).unwrap()).unwrap();
     let dq = zeros::<f32>(&s, n * d);
