@@ -1011,58 +1011,17 @@ def wgmma_entry(name, ty, metric):
             out += [f"    add.u32 %bj{h}, %r50, %r54;", f"    mov.f32 %bs{h}, %m{h};", f"SKIP_{tag}{h}:"]
         return out
 
-    def tile_loop(cur, other, tag, other_tag):
-        """The stages of one tile into the accumulators `cur`; after its first stage, the
-        epilogue of the previous tile (in `other`), which overlaps this tile's wgmma."""
-        accs = ", ".join(f"%{cur}{i}" for i in range(64))
-        out = [
-            f"STAGE_{tag}:",
-            f"    cp.async.wait_group {WG_AHEAD - 1};",
-            "    fence.proxy.async.shared::cta;",
-            "    bar.sync 0;",
-        ] + copy_stage(tag) + [
-            "    // this stage's descriptors: A + 1024 * kb (16 KB >> 4), B + 1024 * buffer",
-            "    shl.b32 %r43, %r41, 10;",
-            "    cvt.u64.u32 %rd19, %r43;",
-            "    add.u64 %rd19, %rd19, %rd17;",
-            f"    and.b32 %r43, %r42, {WG_STAGES - 1};",
-            "    shl.b32 %r43, %r43, 10;",
-            "    cvt.u64.u32 %rd20, %r43;",
-            "    add.u64 %rd20, %rd20, %rd18;",
-            "    setp.ne.u32 %p10, %r41, 0;  // scale-d: accumulate after a tile's first k-block",
-            "    setp.eq.u32 %p12, %r41, %r41;  // true: a k-block's later steps accumulate",
-            "    wgmma.fence.sync.aligned;",
-        ]
-        for kk in range(4):
-            if kk:  # straight-line: ptxas serializes wgmma chains broken by branches
-                out += ["    add.u64 %rd19, %rd19, 2;  // + 32 bytes along K", "    add.u64 %rd20, %rd20, 2;"]
-            out.append(f"    {mma} {{{accs}}}, %rd19, %rd20, {'%p10' if kk == 0 else '%p12'}, 1, 1, 0, 0;")
-        out += [
-            "    wgmma.commit_group.sync.aligned;",
-            "    add.u32 %r42, %r42, 1;",
-            "    add.u32 %r41, %r41, 1;",
-            "    // all but this stage's wgmma are complete: the ring buffer refilled next is free,",
-            "    // and after a tile's first stage so is the previous tile",
-            "    wgmma.wait_group.sync.aligned 1;",
-            "    setp.eq.u32 %p13, %r41, 1;",
-            "    and.pred %p13, %p13, %p19;",
-            f"    @!%p13 bra.uni NOEPI_{tag};",
-        ] + epilogue(other, tag) + [
-            f"NOEPI_{tag}:",
-            "    setp.lt.u32 %p13, %r41, %r17;",
-            f"    @%p13 bra.uni STAGE_{tag};",
-            "    // the tile is issued; its epilogue waits for the next tile's first stage",
-            "    mov.u32 %r46, %r40;",
-            "    add.u32 %r40, %r40, 1;",
-            "    mov.u32 %r41, 0;",
-            "    setp.eq.u32 %p19, %r41, 0;  // true",
-            "    setp.lt.u32 %p15, %r42, %r33;",
-            f"    @%p15 bra.uni STAGE_{other_tag};",
-            "    wgmma.wait_group.sync.aligned 0;",
-        ] + epilogue(cur, tag + "L") + ["    bra.uni DONE;"]
-        return out
-
-    s += tile_loop("acc", "accy", "X", "Y") + tile_loop("accy", "acc", "Y", "X")
+    descriptors = [
+        "    // this stage's descriptors: A + 1024 * kb (16 KB >> 4), B + 1024 * buffer",
+        "    shl.b32 %r43, %r41, 10;",
+        "    cvt.u64.u32 %rd19, %r43;",
+        "    add.u64 %rd19, %rd19, %rd17;",
+        f"    and.b32 %r43, %r42, {WG_STAGES - 1};",
+        "    shl.b32 %r43, %r43, 10;",
+        "    cvt.u64.u32 %rd20, %r43;",
+        "    add.u64 %rd20, %rd20, %rd18;",
+    ]
+    s += ptxgen.wg_tile_loops(mma, WG_AHEAD, copy_stage, descriptors, epilogue)
     s += [
         "DONE:",
         "    cp.async.wait_group 0;  // the empty trailing groups",

@@ -3,10 +3,10 @@
 
 Python 3 standard library only. Usage:
 
-    python3 kernels/gen_merge.py             # (re)write kernels/merge.ptx
-    python3 kernels/gen_merge.py --check     # exit 1 if the committed file is stale
+    python3 kernels/gen_merge.py             # (re)write kernels/merge.ptx, kernels/merge_sm90.ptx
+    python3 kernels/gen_merge.py --check     # exit 1 if a committed file is stale
     python3 kernels/gen_merge.py --list      # print "<entry> <param bytes>" per entry
-    python3 kernels/gen_merge.py --stdout    # print the PTX
+    python3 kernels/gen_merge.py --stdout merge|merge_sm90   # print one module
     python3 kernels/gen_merge.py --simulate [CASES] [--seed S]   # run merge.ptx on kernels/ptx_sim.py
 
 Semantics are those of the cpu backend (src/cpu/merge.rs), bit for bit, following the f32
@@ -934,6 +934,316 @@ def unmerge(name, t):
     return "\n".join(s)
 
 
+# --------------------------------------------------------------------------------------------
+# merge_sm90.ptx: the Hopper (sm_90a) tensor-core similarity with wgmma.
+# --------------------------------------------------------------------------------------------
+WG_KB = 64  # channels per k-block (one 128-byte swizzled row)
+WG_HALF = 128 * WG_KB * 2  # one operand's 128 rows of a k-block: 16 KB
+WG_STAGE = 2 * WG_HALF  # A then B
+WG_STAGES = 4  # ring buffers
+WG_AHEAD = WG_STAGES - 2
+WG_SLACK = 1024  # the dynamic window is aligned up to 1024 bytes inside the launch's bytes
+WG_SHARED = WG_SLACK + WG_STAGES * WG_STAGE  # dynamic shared memory of a launch
+WG_MAX_REGS = 248  # two sets of 64 accumulators: one 256-thread block per SM (by design)
+
+
+def similarity_wgmma(name, t):
+    """merge_similarity_wgmma_{t} (sm_90a): what merge_similarity_mma_{t} computes, on wgmma.
+
+    A block of 256 threads = two warpgroups owns A rows a0 .. a0 + 128 (warpgroup w: 64 w ..
+    +64) and sweeps its split's B tiles of 128 with wgmma.mma_async m64n128k16 (f32
+    accumulators, two sets alternating between tiles: ptxgen.wg_tile_loops). Channels stream in
+    k-blocks of 64 through a ring of WG_STAGES buffers, each the A rows' and the B tile's
+    [128][64] (16 KB each, K-major, 128-byte swizzle: chunk c of row r at c ^ (r & 7)),
+    cp.async WG_AHEAD stages ahead, chunks past CP zero-filled. Epilogue of a tile, the thread's
+    rows g, g + 8 of its warp's 16 and columns j = 128 t + 8 jj + 2 t4 + c: score = dot * ia *
+    ib (two mul.rn; ib = aux[b*N + 2j + 1], NaN for a non-target so that it never wins), per
+    row the tile's greatest score (max.f32) and, only when it beats the best, the lowest
+    column with that score: the strict > fold over ascending B. At the end the quad merges by
+    (greater, or equal with a lower index); the class token's A row 0 gets -inf, B 0; lane 0
+    of a quad writes (best, index) to dst[(b*splits + split)*na + a] as merge_similarity."""
+    mma = f"wgmma.mma_async.sync.aligned.m64n128k16.f32.{t}.{t}"
+    regs = [".reg .pred %p<20>;", ".reg .b32 %r<80>;", ".reg .f32 %f<12>;", ".reg .b64 %rd<32>;",
+            ".reg .f32 %acc<64>;", ".reg .f32 %accy<64>;", ".reg .f32 %bs<2>;", ".reg .b32 %bj<2>;",
+            ".reg .f32 %ia<2>;", ".reg .f32 %m<2>;"]
+    s = [f"// {name}: packed y rows -> partial bests (sm_90a wgmma; see the generator)."]
+    s += head(name, regs)
+    s += [
+        param("%rd1", "src"), param("%rd2", "dst"), param("%rd3", "aux"),
+        param("%r1", "n"), param("%r2", "c"), param("%r3", "na"), param("%r4", "nb"),
+        param("%r5", "splits"), param("%r6", "tiles"), param("%r7", "flags"),
+        "    mov.u32 %r8, %tid.x;",
+        "    shr.u32 %r9, %r8, 5;  // warp",
+        "    and.b32 %r10, %r8, 31;  // lane",
+        "    shr.u32 %r11, %r10, 2;  // g: accumulator rows g, g + 8",
+        "    and.b32 %r12, %r10, 3;  // t4: accumulator columns 8 jj + 2 t4 + {0, 1}",
+        "    shr.u32 %r13, %r9, 2;  // warpgroup",
+        "    and.b32 %r14, %r9, 3;  // warp in the warpgroup",
+        "    mov.u32 %r15, %ctaid.x;",
+        "    shl.b32 %r15, %r15, 7;  // a0",
+        "    mov.u32 %r16, %ctaid.y;  // split",
+        "    mov.u32 %r18, %ctaid.z;  // batch",
+        "    mov.u32 %r19, dsmem;",
+        f"    add.u32 %r19, %r19, {WG_SLACK - 1};",
+        f"    and.b32 %r19, %r19, {-WG_SLACK & 0xFFFFFFFF};  // the 1024-aligned ring",
+        f"    add.u32 %r22, %r3, {TC_TILE - 1};",
+        f"    and.b32 %r22, %r22, {-TC_TILE & 0xFFFFFFFF};  // NP",
+        f"    add.u32 %r24, %r2, {TC_K - 1};",
+        f"    and.b32 %r24, %r24, {-TC_K & 0xFFFFFFFF};  // CP",
+        "    add.u32 %r17, %r24, 63;",
+        "    shr.u32 %r17, %r17, 6;  // k-blocks per tile",
+        "    mul.lo.u32 %r51, %r18, %r1;  // b*N",
+        "    and.b32 %r53, %r7, 2;",
+        "    setp.ne.u32 %p2, %r53, 0;  // distillation token: B 0 is never a target",
+        "    // copies: chunk cc = tid & 7 of rows r0 + 32 j (r0 = tid >> 3) of each operand, at",
+        "    // (r >> 3) * 1024 + (r & 7) * 128 + (cc ^ (r & 7)) * 16 (r & 7 = r0 & 7)",
+        "    and.b32 %r20, %r8, 7;  // cc",
+        "    shr.u32 %r21, %r8, 3;  // r0",
+        "    and.b32 %r25, %r21, 7;",
+        "    xor.b32 %r23, %r25, %r20;",
+        "    shl.b32 %r23, %r23, 4;",
+        "    shl.b32 %r25, %r25, 7;",
+        "    add.u32 %r23, %r23, %r25;",
+        "    shr.u32 %r25, %r21, 3;",
+        "    shl.b32 %r25, %r25, 10;",
+        "    add.u32 %r23, %r23, %r25;  // the thread's slot in a [128][64] half",
+        "    add.u32 %r23, %r23, %r19;",
+        "    cvt.u64.u32 %rd4, %r24;",
+        "    shl.b64 %rd4, %rd4, 1;  // packed row bytes",
+        "    shl.b32 %r25, %r20, 4;",
+        "    cvt.u64.u32 %rd5, %r25;",
+        "    cvt.u64.u32 %rd6, %r21;",
+        "    mul.lo.u64 %rd6, %rd6, %rd4;",
+        "    add.u64 %rd5, %rd5, %rd6;  // (row r0, chunk cc) in a packed matrix",
+        "    shl.b64 %rd7, %rd4, 5;  // 32 packed rows",
+        "    shl.b32 %r25, %r18, 1;",
+        "    mul.wide.u32 %rd8, %r25, %r22;",
+        "    cvt.u64.u32 %rd6, %r15;",
+        "    add.u64 %rd8, %rd8, %rd6;",
+        "    mul.lo.u64 %rd8, %rd8, %rd4;",
+        "    add.u64 %rd8, %rd8, %rd1;",
+        "    add.u64 %rd8, %rd8, %rd5;  // A source of this thread (k-block 0)",
+        "    add.u32 %r25, %r25, 1;",
+        "    mul.wide.u32 %rd9, %r25, %r22;",
+        "    mul.lo.u64 %rd9, %rd9, %rd4;",
+        "    add.u64 %rd9, %rd9, %rd1;",
+        "    add.u64 %rd9, %rd9, %rd5;  // B source of this thread in tile 0 (k-block 0)",
+        f"    shl.b64 %rd10, %rd4, 7;  // bytes per B tile",
+        "    // inverse norms of the thread's 2 A rows a0 + 64 w + 16 q + g + 8 h (0 past na)",
+    ]
+    for h in range(2):
+        s += [
+            f"    mov.f32 %ia{h}, 0f00000000;",
+            "    shl.b32 %r46, %r13, 6;",
+            "    add.u32 %r46, %r46, %r15;",
+            "    shl.b32 %r47, %r14, 4;",
+            "    add.u32 %r46, %r46, %r47;",
+            "    add.u32 %r46, %r46, %r11;",
+            f"    add.u32 %r46, %r46, {8 * h};",
+            "    setp.lt.u32 %p7, %r46, %r3;",
+            "    shl.b32 %r47, %r46, 1;",
+            "    add.u32 %r47, %r47, %r51;",
+            "    mul.wide.u32 %rd11, %r47, 4;",
+            "    add.u64 %rd11, %rd11, %rd3;",
+            f"    @%p7 ld.global.nc.f32 %ia{h}, [%rd11];",
+            f"    mov.f32 %bs{h}, 0fFF800000;",
+            f"    mov.u32 %bj{h}, 0;",
+        ]
+    s += [
+        "    // B tiles [t, t_end) of this split",
+        f"    add.u32 %r26, %r4, {TC_TILE - 1};",
+        "    shr.u32 %r26, %r26, 7;  // B tiles",
+        "    mul.lo.u32 %r27, %r16, %r6;  // t",
+        "    add.u32 %r28, %r27, %r6;",
+        "    min.u32 %r28, %r28, %r26;  // t_end",
+        "    setp.ge.u32 %p1, %r27, %r28;",
+        "    @%p1 bra.uni FINAL;",
+        "    sub.u32 %r33, %r28, %r27;",
+        "    mul.lo.u32 %r33, %r33, %r17;  // stages",
+        "    mov.u32 %r30, %r27;  // the next copy: tile, k-block, stage",
+        "    mov.u32 %r31, 0;",
+        "    mov.u32 %r32, 0;",
+    ]
+
+    def copy_stage(tag):
+        out = [
+            "    setp.ge.u32 %p8, %r32, %r33;",
+            f"    @%p8 bra.uni NOCOPY_{tag};",
+            f"    and.b32 %r34, %r32, {WG_STAGES - 1};",
+            f"    mad.lo.u32 %r34, %r34, {WG_STAGE}, %r23;  // destination (A half)",
+            "    shl.b32 %r35, %r31, 6;",
+            "    shl.b32 %r36, %r20, 3;",
+            "    add.u32 %r35, %r35, %r36;  // the chunk's first channel",
+            "    setp.lt.u32 %p9, %r35, %r24;  // the chunk's channels are inside CP",
+            "    selp.u32 %r36, 16, 0, %p9;",
+            "    cvt.u64.u32 %rd12, %r31;",
+            "    shl.b64 %rd12, %rd12, 7;  // k-block bytes in a row",
+            "    add.u64 %rd13, %rd8, %rd12;",
+            "    selp.u64 %rd13, %rd13, %rd1, %p9;",
+            "    cvt.u64.u32 %rd14, %r30;",
+            "    mul.lo.u64 %rd14, %rd14, %rd10;",
+            "    add.u64 %rd14, %rd14, %rd9;",
+            "    add.u64 %rd14, %rd14, %rd12;",
+            "    selp.u64 %rd14, %rd14, %rd1, %p9;",
+        ]
+        for j in range(4):
+            out += [
+                f"    cp.async.cg.shared.global [%r34+{4096 * j}], [%rd13], 16, %r36;",
+                f"    cp.async.cg.shared.global [%r34+{WG_HALF + 4096 * j}], [%rd14], 16, %r36;",
+            ]
+            if j < 3:
+                out += ["    add.u64 %rd13, %rd13, %rd7;", "    add.u64 %rd14, %rd14, %rd7;"]
+        return out + [
+            "    add.u32 %r31, %r31, 1;",
+            "    setp.ge.u32 %p9, %r31, %r17;",
+            "    @%p9 mov.u32 %r31, 0;",
+            "    @%p9 add.u32 %r30, %r30, 1;",
+            "    add.u32 %r32, %r32, 1;",
+            f"NOCOPY_{tag}:",
+            "    cp.async.commit_group;",
+        ]
+
+    for a in range(WG_AHEAD):
+        s += copy_stage(f"P{a}")
+    s += [
+        "    // descriptors: start >> 4 | LBO 16 >> 4 << 16, SBO 1024 >> 4 << 32, 128-byte swizzle",
+        "    // (1 << 62); A: this warpgroup's 64 rows, B: the tile's 128 rows, of ring buffer 0",
+        f"    mad.lo.u32 %r37, %r13, {WG_HALF // 2}, %r19;",
+        "    shr.u32 %r37, %r37, 4;",
+        "    add.u32 %r37, %r37, 0x10000;",
+        "    mov.b64 %rd17, {%r37, 0x40000040};",
+        f"    add.u32 %r38, %r19, {WG_HALF};",
+        "    shr.u32 %r38, %r38, 4;",
+        "    add.u32 %r38, %r38, 0x10000;",
+        "    mov.b64 %rd18, {%r38, 0x40000040};",
+        "    mov.u32 %r40, %r27;  // tile being issued",
+        "    mov.u32 %r41, 0;  // its k-block",
+        "    mov.u32 %r42, 0;  // stages issued",
+        "    shl.b32 %r53, %r12, 1;  // 2 t4",
+        "    setp.ne.u32 %p19, %r40, %r40;  // false: no tile awaits its epilogue yet",
+    ]
+    descriptors = [
+        "    // this stage's descriptors: + 32 KB (>> 4) per ring buffer",
+        f"    and.b32 %r43, %r42, {WG_STAGES - 1};",
+        f"    shl.b32 %r43, %r43, {(WG_STAGE >> 4).bit_length() - 1};",
+        "    cvt.u64.u32 %rd19, %r43;",
+        "    add.u64 %rd20, %rd19, %rd18;",
+        "    add.u64 %rd19, %rd19, %rd17;",
+    ]
+
+    def epilogue(acc, tag):
+        out = [
+            f"    // epilogue of B tile %r46 (accumulators %{acc}): columns 128 t + 8 jj + 2 t4 + c",
+            "    shl.b32 %r50, %r46, 7;",
+            "    add.u32 %r50, %r50, %r53;",
+            "    sub.u32 %r54, %r4, %r50;  // columns left below nb (as s32: <= 0 when none)",
+            "    setp.eq.u32 %p10, %r50, 0;",
+            "    and.pred %p10, %p10, %p2;  // column 0 is the distillation token",
+            "    shl.b32 %r55, %r50, 1;",
+            "    add.u32 %r55, %r55, %r51;",
+            "    add.u32 %r55, %r55, 1;",
+            "    mul.wide.u32 %rd16, %r55, 4;",
+            "    add.u64 %rd16, %rd16, %rd3;  // &aux[token of column 0]; column k at + 8 k",
+            "    mov.f32 %m0, 0fFF800000;",
+            "    mov.f32 %m1, 0fFF800000;",
+        ]
+
+        def inv_b(jj, c):
+            k = 8 * jj + c
+            o = [f"    setp.gt.s32 %p9, %r54, {k};", "    mov.f32 %f1, 0f7FFFFFFF;"]
+            if k == 0:
+                o.append("    and.pred %p9, %p9, !%p10;")
+            return o + [f"    @%p9 ld.global.nc.f32 %f1, [%rd16+{8 * k}];"]
+
+        def score(jj, c, h):
+            return [f"    mul.rn.f32 %f2, %{acc}{4 * jj + 2 * h + c}, %ia{h};", "    mul.rn.f32 %f2, %f2, %f1;"]
+        for jj in range(16):
+            for c in range(2):
+                out += inv_b(jj, c)
+                for h in range(2):
+                    out += score(jj, c, h) + [f"    max.f32 %m{h}, %m{h}, %f2;"]
+        for h in range(2):
+            out += [f"    setp.gt.f32 %p11, %m{h}, %bs{h};", f"    @!%p11 bra SKIP_{tag}{h};", "    mov.u32 %r56, 0;"]
+            for jj in reversed(range(16)):
+                for c in reversed(range(2)):
+                    out += inv_b(jj, c) + score(jj, c, h) + [
+                        f"    setp.eq.f32 %p11, %f2, %m{h};",
+                        f"    selp.u32 %r56, {8 * jj + c}, %r56, %p11;",
+                    ]
+            out += [f"    add.u32 %bj{h}, %r50, %r56;", f"    mov.f32 %bs{h}, %m{h};", f"SKIP_{tag}{h}:"]
+        return out
+
+    s += ptxgen.wg_tile_loops(mma, WG_AHEAD, copy_stage, descriptors, epilogue)
+    s += [
+        "DONE:",
+        "    cp.async.wait_group 0;  // the empty trailing groups",
+        "FINAL:",
+        "    // the quad: greater, or equal with a lower index",
+    ]
+    for w in [1, 2]:
+        for h in range(2):
+            s += [
+                f"    shfl.sync.bfly.b32 %f3, %bs{h}, {w}, 0x1f, {FULL};",
+                f"    shfl.sync.bfly.b32 %r56, %bj{h}, {w}, 0x1f, {FULL};",
+                f"    setp.eq.f32 %p12, %f3, %bs{h};",
+                f"    setp.lt.and.u32 %p12, %r56, %bj{h}, %p12;",
+                f"    setp.gt.or.f32 %p12, %f3, %bs{h}, %p12;",
+                f"    selp.f32 %bs{h}, %f3, %bs{h}, %p12;",
+                f"    selp.b32 %bj{h}, %r56, %bj{h}, %p12;",
+            ]
+    s += [
+        "    setp.eq.u32 %p13, %r12, 0;",
+        "    and.b32 %r59, %r7, 1;",
+        "    setp.ne.u32 %p8, %r59, 0;  // class token: A 0 scores -inf everywhere",
+        "    mul.lo.u32 %r60, %r18, %r5;",
+        "    add.u32 %r60, %r60, %r16;",
+        "    mul.lo.u32 %r60, %r60, %r3;  // (b*splits + split)*na",
+        "    shl.b32 %r61, %r13, 6;",
+        "    add.u32 %r61, %r61, %r15;",
+        "    shl.b32 %r62, %r14, 4;",
+        "    add.u32 %r61, %r61, %r62;",
+        "    add.u32 %r61, %r61, %r11;  // a of row 0",
+    ]
+    for h in range(2):
+        s += [
+            f"    add.u32 %r62, %r61, {8 * h};",
+            "    setp.lt.and.u32 %p7, %r62, %r3, %p13;",
+            "    setp.eq.and.u32 %p11, %r62, 0, %p8;",
+            f"    selp.f32 %bs{h}, 0fFF800000, %bs{h}, %p11;",
+            f"    selp.b32 %bj{h}, 0, %bj{h}, %p11;",
+            "    add.u32 %r63, %r60, %r62;",
+            "    mul.wide.u32 %rd21, %r63, 8;",
+            "    add.u64 %rd21, %rd21, %rd2;",
+            f"    @%p7 st.global.v2.b32 [%rd21], {{%bs{h}, %bj{h}}};",
+        ]
+    s += ["    ret;", "}", ""]
+    return "\n".join(s)
+
+
+def wg_entries():
+    return [f"merge_similarity_wgmma_{t}" for t in ("f16", "bf16")]
+
+
+def generate_sm90():
+    head_lines = [
+        "// and commit the result. Design: similarity_wgmma in kernels/gen_merge.py.",
+        f"// vistok: max-regs {WG_MAX_REGS}",
+        "//",
+        "// merge_similarity_wgmma_{f16,bf16}: packed y rows -> partial bests (sm_90a only: wgmma;",
+        "// every other entry is in merge.ptx)",
+        "//",
+        f"// abi block {BLOCK}",
+        f"// abi tc_tile {TC_TILE}",
+        f"// abi wgmma_shared {WG_SHARED}",
+    ] + ptxgen.abi_params("merge", OFF, PARAM_BYTES)
+    parts = [ptxgen.module_header("gen_merge.py", head_lines, target="sm_90a"),
+             "// the launch's dynamic shared memory (its base is aligned up to 1024 in the entries)",
+             ".extern .shared .align 1024 .b8 dsmem[];", ""]
+    for name, t in zip(wg_entries(), ("f16", "bf16")):
+        parts.append(similarity_wgmma(name, t))
+    return "\n".join(parts)
+
+
 def generate():
     lines = [
         "// and commit the result. Design: the docstring of kernels/gen_merge.py.",
@@ -994,6 +1304,13 @@ def simulate(seed=0, count=4):
         print(f"{path} is stale: run python3 kernels/gen_merge.py", file=sys.stderr)
         return 1
     mod = S.parse_module(text)
+    path90 = os.path.join(ptxgen.HERE, "merge_sm90.ptx")
+    with open(path90, encoding="utf-8") as f:
+        text90 = f.read()
+    if text90 != generate_sm90():
+        print(f"{path90} is stale: run python3 kernels/gen_merge.py", file=sys.stderr)
+        return 1
+    mod.update(S.parse_module(text90))
 
     def params(**kw):
         b = bytearray(PARAM_BYTES)
@@ -1001,14 +1318,14 @@ def simulate(seed=0, count=4):
             struct.pack_into("<Q" if dict(MERGE_FIELDS)[k] == "u64" else "<I", b, OFF[k], v)
         return bytes(b)
 
-    def launch(name, grid, bufs, p, must_write=()):
+    def launch(name, grid, bufs, p, must_write=(), dynamic_shared=0):
         """bufs: (name, address, bytes, writable). Returns {name: bytes}; every byte of the
         buffers named in must_write must have been written by a plain store."""
         mem = S.Memory()
         for nm, addr, data, w in bufs:
             mem.add(nm, addr, data, w)
         S.run_kernel(mod[name], list(grid), [BLOCK, 1, 1], p, mem, {"threads": 0, "instructions": 0},
-                     strict_shared=True)
+                     strict_shared=True, dynamic_shared=dynamic_shared)
         out = {}
         for _, data, _, cnt, n in mem.buffers:
             if n in must_write and not all(cnt):
@@ -1170,6 +1487,8 @@ def simulate(seed=0, count=4):
         style = random.randint(0, 2)
         if case == 0:  # two B tiles and two channel stages, small integers: exact ties
             B, N, C, style = 1, 300, 40, 0
+        if case == 1:  # two 64-channel k-blocks of the wgmma similarity
+            B, N, C = 1, 131, 72
         if style == 0:
             vals = [float(random.randint(-2, 2)) for _ in range(B * N * C)]
         else:
@@ -1191,7 +1510,7 @@ def simulate(seed=0, count=4):
                    [("x", X, struct.pack(f"<{len(xs)}H", *xs), False), ("pk", PK, bytes(2 * B * 2 * NP * CP), True),
                     ("iv", IV, bytes(4 * B * N), True), ("st", ST, bytes(8), True)],
                    params(src=X, dst=PK, aux=IV, status=ST, **common), must_write=("iv",))
-        pk, iv = o["pk"], list(struct.unpack(f"<{B * N}I", o["iv"]))
+        pk, iv, iv_bytes = o["pk"], list(struct.unpack(f"<{B * N}I", o["iv"])), o["iv"]
         st = int.from_bytes(o["st"], "little")
         want_pk = bytearray(len(pk))
         ys, ivw = [], []
@@ -1213,6 +1532,13 @@ def simulate(seed=0, count=4):
         o = launch(f"merge_similarity_mma_{t}", (ax, splits, B),
                    [("pk", PK, pk, False), ("iv", IV, o["iv"], False), ("pa", PA, bytes(8 * B * splits * na), True)],
                    params(src=PK, dst=PA, aux=IV, splits=splits, tiles=tiles, **common), must_write=("pa",))
+        # The sm_90a wgmma similarity on the same operands: its k16 steps are mma.sync's, so in
+        # the interpreter's tensor-core model the partial bests are the same bit for bit.
+        o90 = launch(f"merge_similarity_wgmma_{t}", (ax, splits, B),
+                     [("pk", PK, pk, False), ("iv", IV, iv_bytes, False), ("pa", PA, bytes(8 * B * splits * na), True)],
+                     params(src=PK, dst=PA, aux=IV, splits=splits, tiles=tiles, **common), must_write=("pa",),
+                     dynamic_shared=WG_SHARED)
+        check(o90["pa"] == o["pa"], f"wgmma similarity {t} B={B} N={N} C={C}: partial bests as mma.sync's")
         o = launch("merge_reduce", ((B * na + 255) // 256, 1, 1),
                    [("pa", PA, o["pa"], False), ("re", RE, bytes(8 * B * na), True)],
                    params(src=PA, dst=RE, splits=splits, tiles=tiles, **common), must_write=("re",))
@@ -1377,7 +1703,8 @@ def simulate(seed=0, count=4):
 
 
 def main():
-    ap = ptxgen.parser(__doc__, stdout_help="print the PTX instead of writing")
+    ap = ptxgen.parser(__doc__, stdout_help="print one module's PTX instead of writing",
+                       stdout_choices=["merge", "merge_sm90"])
     ap.add_argument("--simulate", type=int, nargs="?", const=4, metavar="CASES",
                     help="run CASES (default 4) random plan cases and the "
                     "apply kernels on kernels/ptx_sim.py against a model of the f32 contract")
@@ -1393,8 +1720,10 @@ def main():
     if args.list:
         for name, _, _ in entries():
             print(name, PARAM_BYTES)
+        for name in wg_entries():
+            print(name, PARAM_BYTES)
         return 0
-    return ptxgen.emit("gen_merge.py", {"merge": generate}, args)
+    return ptxgen.emit("gen_merge.py", {"merge": generate, "merge_sm90": generate_sm90}, args)
 
 
 if __name__ == "__main__":

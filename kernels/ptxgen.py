@@ -327,6 +327,69 @@ def tc_next_tile(t_end):
 
 
 # --------------------------------------------------------------------------------------------
+# The Hopper (sm_90a) wgmma tile loop shared by argmin_wgmma_* (gen_argmin.py) and
+# merge_similarity_wgmma_* (gen_merge.py): two warpgroups, m64n128k16 accumulators (64 per
+# thread) in two sets, %acc and %accy, alternating between tiles so that a tile's epilogue runs
+# after the next tile's first stage is issued (overlapping its wgmma). A tile is %r17 stages
+# (k-blocks of 64 elements, four k16 wgmma each); the stages stream through a cp.async ring
+# `ahead` stages ahead into a ring of ahead + 2 buffers, and every stage ends with
+# wgmma.wait_group 1 (only its own wgmma stays in flight), so the buffer the next stage
+# refills is no longer read.
+#
+# Register convention (the caller sets up / reads exactly these):
+#   %r17 stages per tile, %r33 stages in all, %r40 tile being issued, %r41 its stage, %r42
+#   stages issued, %r46 the tile awaiting its epilogue; %rd19 / %rd20 the A / B descriptors
+#   of the stage (set by the caller's `descriptors` lines); %p10, %p12, %p13, %p15, %p19 and
+#   %r43 scratch. The loop exits to label DONE (after the last tile's epilogue).
+# --------------------------------------------------------------------------------------------
+def wg_tile_loops(mma, ahead, copy_stage, descriptors, epilogue):
+    """Both tile loops (sets %acc and %accy). mma: the instruction up to its operands;
+    copy_stage(tag): the next stage's copy and commit; descriptors: lines setting %rd19 / %rd20
+    for stage %r41 of the tile in ring buffer %r42 % stages; epilogue(acc, tag): folds tile
+    %r46 held in `acc` (labels suffixed with `tag`)."""
+    def tile_loop(cur, other, tag, other_tag):
+        accs = ", ".join(f"%{cur}{i}" for i in range(64))
+        out = [
+            f"STAGE_{tag}:",
+            f"    cp.async.wait_group {ahead - 1};",
+            "    fence.proxy.async.shared::cta;",
+            "    bar.sync 0;",
+        ] + copy_stage(tag) + descriptors + [
+            "    setp.ne.u32 %p10, %r41, 0;  // scale-d: accumulate after a tile's first k-block",
+            "    setp.eq.u32 %p12, %r41, %r41;  // true: a k-block's later steps accumulate",
+            "    wgmma.fence.sync.aligned;",
+        ]
+        for kk in range(4):
+            if kk:  # straight-line: ptxas serializes wgmma chains broken by branches
+                out += ["    add.u64 %rd19, %rd19, 2;  // + 32 bytes along K", "    add.u64 %rd20, %rd20, 2;"]
+            out.append(f"    {mma} {{{accs}}}, %rd19, %rd20, {'%p10' if kk == 0 else '%p12'}, 1, 1, 0, 0;")
+        return out + [
+            "    wgmma.commit_group.sync.aligned;",
+            "    add.u32 %r42, %r42, 1;",
+            "    add.u32 %r41, %r41, 1;",
+            "    // all but this stage's wgmma are complete: the ring buffer refilled next is free,",
+            "    // and after a tile's first stage so is the previous tile",
+            "    wgmma.wait_group.sync.aligned 1;",
+            "    setp.eq.u32 %p13, %r41, 1;",
+            "    and.pred %p13, %p13, %p19;",
+            f"    @!%p13 bra.uni NOEPI_{tag};",
+        ] + epilogue(other, tag) + [
+            f"NOEPI_{tag}:",
+            "    setp.lt.u32 %p13, %r41, %r17;",
+            f"    @%p13 bra.uni STAGE_{tag};",
+            "    // the tile is issued; its epilogue waits for the next tile's first stage",
+            "    mov.u32 %r46, %r40;",
+            "    add.u32 %r40, %r40, 1;",
+            "    mov.u32 %r41, 0;",
+            "    setp.eq.u32 %p19, %r41, 0;  // true",
+            "    setp.lt.u32 %p15, %r42, %r33;",
+            f"    @%p15 bra.uni STAGE_{other_tag};",
+            "    wgmma.wait_group.sync.aligned 0;",
+        ] + epilogue(cur, tag + "L") + ["    bra.uni DONE;"]
+    return tile_loop("acc", "accy", "X", "Y") + tile_loop("accy", "acc", "Y", "X")
+
+
+# --------------------------------------------------------------------------------------------
 # Command line.
 # --------------------------------------------------------------------------------------------
 def parser(doc, check_help="fail if the committed PTX is stale",

@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use common::ptx::{self, EntryDecl};
 
 const PTX: &str = include_str!("../kernels/merge.ptx");
+const PTX_SM90: &str = include_str!("../kernels/merge_sm90.ptx");
 const PARAM_BYTES: usize = 96;
 const BLOCK: usize = 256;
 
@@ -67,9 +68,34 @@ fn ptx_header_and_entries() {
     }
 }
 
+/// The Hopper module: sm_90a (wgmma), PTX ISA 8.0, the two wgmma similarities with the same
+/// parameter block.
+#[test]
+fn sm90_ptx_header_and_entries() {
+    let directive = |d: &str| ptx::directive(PTX_SM90, d);
+    assert_eq!((directive(".version "), directive(".target ")), (Some("8.0"), Some("sm_90a")));
+    assert!(PTX_SM90.is_ascii());
+    let found = ptx::entries(PTX_SM90);
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["merge_similarity_wgmma_f16", "merge_similarity_wgmma_bf16"]);
+    for EntryDecl { name, params, maxntid } in &found {
+        assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameter list");
+        assert_eq!(maxntid.as_deref(), Some(format!("{BLOCK}, 1, 1").as_str()), "{name}: .maxntid");
+    }
+    let abi = ptx::abi(PTX_SM90);
+    assert_eq!((abi["tc_tile"], abi["wgmma_shared"]), (128, 1024 + 4 * 32768));
+    for (k, v) in ptx::abi(PTX).iter().filter(|(k, _)| k.starts_with("merge ")) {
+        assert_eq!(abi.get(k), Some(v), "{k}: the same parameter block as merge.ptx");
+    }
+    for bad in [".ftz", ".approx", "mul.f32", "add.f32", "fma.f32", "div.f32", "sqrt.f32", "rcp"] {
+        assert!(!PTX_SM90.contains(bad), "merge_sm90.ptx contains `{bad}`");
+    }
+}
+
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    ptx::check_generated("gen_merge.py", &[], "merge.ptx", PTX);
+    ptx::check_generated("gen_merge.py", &["merge"], "merge.ptx", PTX);
+    ptx::check_generated("gen_merge.py", &["merge_sm90"], "merge_sm90.ptx", PTX_SM90);
 }
 
 /// The committed PTX run on `kernels/ptx_sim.py` (no GPU): the plan kernels (random shapes,
@@ -114,6 +140,64 @@ mod cuda {
         assert_eq!(rust, ptx, "field offsets, Rust vs PTX");
         assert_eq!((abi["tile"], abi["kstep"]), (cm::TILE, cm::KSTEP));
         assert_eq!((abi["tc_tile"], abi["tc_k"]), (cm::TC_TILE, cm::TC_K));
+        let sm90: Vec<String> = super::ptx::entries(super::PTX_SM90).into_iter().map(|e| e.name).collect();
+        assert_eq!(cm::WGMMA_NAMES.to_vec(), sm90);
+        assert_eq!(super::ptx::abi(super::PTX_SM90)["wgmma_shared"], cm::WGMMA_SHARED);
+    }
+
+    /// The sm_90a wgmma similarity where it applies (compute capability 9.0, C ≥ 64): one and
+    /// two 64-channel k-blocks, both dtypes, class / distillation tokens, B-tile splits, plans
+    /// equal to the reference up to counted near-ties, and the mma.sync similarity on the same
+    /// metrics; elsewhere `with_wgmma(true)` is a typed error.
+    #[test]
+    fn wgmma_similarity_plans_equal_the_reference_up_to_near_ties() {
+        let Some(gpu) = gpu() else { return };
+        let plain = MergeKernel::new(gpu).unwrap();
+        assert!(matches!(plain.with_wgmma(true), Err(Error::Unsupported { .. })), "wgmma without tensor cores");
+        if gpu.compute_capability().unwrap() != (9, 0) {
+            let k = MergeKernel::new(gpu).unwrap().with_tensor_cores(true).unwrap();
+            assert!(!k.wgmma());
+            assert!(matches!(k.with_wgmma(true), Err(Error::Unsupported { .. })), "not sm_90");
+            eprintln!("skipped: the wgmma similarity needs compute capability 9.0");
+            return;
+        }
+        let kernels = |wg: bool| -> Vec<MergeKernel> {
+            [1, 4096]
+                .map(|t| {
+                    MergeKernel::new(gpu)
+                        .unwrap()
+                        .with_target_blocks(t)
+                        .with_tensor_cores(true)
+                        .unwrap()
+                        .with_wgmma(wg)
+                        .unwrap()
+                })
+                .into()
+        };
+        let (wg, mma) = (kernels(true), kernels(false));
+        assert!(wg[0].wgmma() && !mma[0].wgmma());
+        let sim = super::common::simulated();
+        let cases: &[([usize; 3], usize, u64)] = if sim {
+            &[([1, 131, 72], 30, 3), ([2, 40, 64], 11, 1)]
+        } else {
+            &[([1, 131, 72], 30, 3), ([2, 40, 64], 11, 1), ([3, 300, 130], 140, 7), ([8, 1024, 768], 256, 0)]
+        };
+        let mut rng = Rng(5);
+        let mut tally = TcTally { plans: 0, batches: 0, tied: 0 };
+        for (i, &(dims, r, flags)) in cases.iter().enumerate() {
+            let cfg = MatchConfig::new(r).class_token(flags & 1 != 0).distill_token(flags & 2 != 0);
+            for ks in [&wg, &mma] {
+                if i % 2 == 0 {
+                    tc_case::<bf16>(ks, dims, &cfg, 1 + i as u64 % 3, &mut rng, &mut tally);
+                } else {
+                    tc_case::<f16>(ks, dims, &cfg, 1 + i as u64 % 3, &mut rng, &mut tally);
+                }
+            }
+        }
+        eprintln!(
+            "cuda merge (wgmma / mma.sync): {} plans equal to the reference ({} of {} batches had a near-tie, allowed)",
+            tally.plans, tally.tied, tally.batches
+        );
     }
 
     /// A metric with planted exact ties: small integers (many equal cosines), duplicated rows,

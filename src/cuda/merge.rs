@@ -28,7 +28,13 @@
 //! zero-padded A and B matrices, and `1/√ss` per token) and `merge_similarity_mma_{dtype}`
 //! (blocks of 128 A × 128 B tokens, 8 warps of 32 × 64 `mma.sync` m16n8k16 tiles, channels in
 //! cp.async double-buffered stages of 32, ldmatrix from XOR-swizzled shared memory; score =
-//! dot · inv_a · inv_b), feeding the same reduce and rank.
+//! dot · inv_a · inv_b), feeding the same reduce and rank. On compute capability 9.0 (H100,
+//! H200) and `C ≥ 64` the similarity is instead `merge_similarity_wgmma_{dtype}` from the
+//! sm_90a module `kernels/merge_sm90.ptx`: the same 128 × 128 token blocks as two warpgroups of
+//! `wgmma.mma_async` m64n128k16 (both operands from shared memory, 128-byte swizzled, channels
+//! in 64-wide k-blocks through a four-buffer cp.async ring, two accumulator sets so a tile's
+//! epilogue overlaps the next tile's wgmma), with the same scores and partial bests
+//! ([`MergeKernel::with_wgmma`] picks either).
 //!
 //! The `B·⌈N/2⌉` (A token, best B) pairs in rank order are copied back and the host assembles
 //! the [`MergePlan`] (`O(B·N)`), exactly as the cpu backend does from the same ranking.
@@ -75,6 +81,19 @@ use crate::view::View;
 pub const MODULE: &str = "merge";
 /// The generated PTX (`kernels/merge.ptx`).
 pub const PTX: &str = include_str!("../../kernels/merge.ptx");
+/// Name of the Hopper-only module (`wgmma`, `.target sm_90a`) in the [`Gpu`] cache.
+pub const MODULE_SM90: &str = "merge_sm90";
+/// The generated PTX of the wgmma similarity (`kernels/merge_sm90.ptx`), JIT-compiled only on
+/// compute capability 9.0 devices.
+pub const PTX_SM90: &str = include_str!("../../kernels/merge_sm90.ptx");
+/// Every entry of `kernels/merge_sm90.ptx`, in file order.
+pub const WGMMA_NAMES: [&str; 2] = ["merge_similarity_wgmma_f16", "merge_similarity_wgmma_bf16"];
+/// Dynamic shared memory of a wgmma similarity launch: 1 KB of alignment slack and four ring
+/// buffers of the A rows' and the B tile's `[128][64]` 16-bit channels.
+pub const WGMMA_SHARED: usize = 1024 + 4 * 2 * TC_TILE * 64 * 2;
+/// The wgmma similarity applies from this channel count on (below it most of each 64-channel
+/// k-block would be padding: `mma.sync` is the better kernel there).
+pub const WGMMA_MIN_C: usize = 64;
 
 // ---- Tuning and ABI constants: one place, checked against the PTX by tests/cuda_merge.rs. ----
 
@@ -342,6 +361,8 @@ pub struct MergeKernel {
     gpu: Gpu,
     target_blocks: usize,
     tensor_cores: bool,
+    /// The tensor-core similarity runs the sm_90a wgmma kernel when `C ≥ WGMMA_MIN_C`.
+    wgmma: bool,
 }
 
 impl std::fmt::Debug for MergeKernel {
@@ -381,6 +402,7 @@ impl MergeKernel {
             gpu: gpu.clone(),
             target_blocks: gpu.sm_count() as usize * BLOCKS_PER_SM,
             tensor_cores: false,
+            wgmma: false,
         })
     }
 
@@ -415,6 +437,11 @@ impl MergeKernel {
     /// assert_eq!(plan.slots(), &[0, 1, 1, 2]);
     /// # Ok(()) }
     /// ```
+    ///
+    /// On a compute capability 9.0 GPU (H100, H200) metrics of `C ≥ 64` channels take the
+    /// Hopper kernel `merge_similarity_wgmma_*` (the same scores and partial bests, on
+    /// warpgroup `wgmma`); elsewhere `merge_similarity_mma_*`. [`with_wgmma`](Self::with_wgmma)
+    /// picks one explicitly.
     pub fn with_tensor_cores(mut self, on: bool) -> Result<Self> {
         if on {
             for t in TC_DTYPES {
@@ -423,12 +450,54 @@ impl MergeKernel {
             }
         }
         self.tensor_cores = on;
+        let hopper = on && self.gpu.compute_capability()? == (9, 0);
+        self.with_wgmma(hopper)
+    }
+
+    /// With tensor cores, chooses the sm_90a `wgmma` similarity for metrics of `C ≥ 64`
+    /// channels (`true`) or the `mma.sync` one for every C (`false`, any GPU from sm_80 on),
+    /// e.g. to compare the two.
+    ///
+    /// Errors: [`Error::Unsupported`] for `true` without tensor cores or on a GPU other than
+    /// compute capability 9.0; driver errors.
+    ///
+    /// ```no_run
+    /// use vistok::cuda::{merge::MergeKernel, Gpu};
+    /// # fn main() -> vistok::Result<()> {
+    /// let gpu = Gpu::new(0)?;
+    /// let kernel = MergeKernel::new(&gpu)?.with_tensor_cores(true)?.with_wgmma(false)?;
+    /// assert!(!kernel.wgmma());
+    /// # Ok(()) }
+    /// ```
+    pub fn with_wgmma(mut self, on: bool) -> Result<Self> {
+        if on {
+            let cc = self.gpu.compute_capability()?;
+            if !self.tensor_cores || cc != (9, 0) {
+                return Err(Error::Unsupported {
+                    family: Family::Merge,
+                    msg: format!(
+                        "the wgmma similarity needs tensor cores on and compute capability 9.0 (sm_90a), not {}.{}",
+                        cc.0, cc.1
+                    ),
+                });
+            }
+            for name in WGMMA_NAMES {
+                // ≤ 129 KB: fits u32; the same size for every launch
+                self.gpu.function(MODULE_SM90, PTX_SM90, name)?.allow_dynamic_shared(WGMMA_SHARED as u32)?;
+            }
+        }
+        self.wgmma = on;
         Ok(self)
     }
 
     /// Whether f16 / bf16 metrics use the tensor-core similarity.
     pub fn tensor_cores(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Whether the tensor-core similarity is the sm_90a `wgmma` kernel (for `C ≥ 64`).
+    pub fn wgmma(&self) -> bool {
+        self.wgmma
     }
 
     /// Sets the similarity grid's target block count (tests of the B-tile splits, tuning).
@@ -564,16 +633,25 @@ impl MergeKernel {
                 // plus the status word.
                 unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
             }
-            let f = self.gpu.function(MODULE, PTX, &kernel_name("similarity_mma", M::DTYPE))?;
+            let wg = self.wgmma && c >= WGMMA_MIN_C;
+            let (f, shared) = if wg {
+                let name = if M::DTYPE == DType::F16 { WGMMA_NAMES[0] } else { WGMMA_NAMES[1] };
+                (self.gpu.function(MODULE_SM90, PTX_SM90, name)?, WGMMA_SHARED as u32)
+            } else {
+                (self.gpu.function(MODULE, PTX, &kernel_name("similarity_mma", M::DTYPE))?, 0)
+            };
             let (src, _r) = packed.device_ptr(stream);
             let (aux, _a) = inv.device_ptr(stream);
             let (dst, _w) = partial.device_ptr_mut(stream);
             let params = MergeParams { src, dst, aux, ..p };
             // SAFETY: MergeParams as above. Block (x, s, b) reads the packed A rows
             // [2b·NP + 128x, +128) and B rows (2b + 1)·NP + [128t, 128t + 128) for its tiles
-            // t < ⌈nb/128⌉ ≤ NP/128, all CP channels: inside the allocation; inv of tokens < B·N
-            // (guarded by na / nb); writes partial[(b·splits + s)·na + a] for a < na as above.
-            unsafe { f.launch(stream, (ax, splits, b as u32), (BLOCK, 1, 1), &params) }?;
+            // t < ⌈nb/128⌉ ≤ NP/128, all CP channels (the wgmma kernel's 64-channel k-blocks
+            // zero-fill chunks at or past CP instead of reading them): inside the allocation;
+            // inv of tokens < B·N (guarded by na / nb); writes partial[(b·splits + s)·na + a]
+            // for a < na as above. The wgmma kernel's dynamic shared memory is WGMMA_SHARED
+            // bytes, what its layout needs (allowed in with_wgmma).
+            unsafe { f.launch_shared(stream, (ax, splits, b as u32), (BLOCK, 1, 1), shared, &params) }?;
         }
         {
             let f = self.gpu.function(MODULE, PTX, "merge_reduce")?;

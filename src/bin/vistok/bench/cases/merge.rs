@@ -155,10 +155,21 @@ fn shape<T: Float + crate::dev::Dev>(env: &Env, s: &Spec) -> Vec<Case> {
     }
     #[cfg(feature = "cuda")]
     if let Some(gpu) = &env.gpu {
-        let (gpu, flow) = (gpu.clone(), flow.share());
         // 16-bit metrics on tensor cores (their roof is the bf16 one), f32 on the exact kernel.
         let peak = if T::DTYPE == vistok::DType::F32 { Peak::F32 } else { Peak::Bf16 };
-        cases.push(case(Backend::Cuda, peak, Box::new(move || device::runner(&gpu, flow.share()))));
+        {
+            let (gpu, flow) = (gpu.clone(), flow.share());
+            cases.push(case(Backend::Cuda, peak, Box::new(move || device::runner(&gpu, flow.share(), None))));
+        }
+        // On compute capability 9.0 the 16-bit rows run the wgmma similarity (C ≥ 64): a
+        // sibling row `…-mma` runs mma.sync on the same data, for a same-run ratio.
+        let hopper = gpu.compute_capability().ok() == Some((9, 0));
+        if hopper && T::DTYPE != vistok::DType::F32 && c >= vistok::cuda::merge::WGMMA_MIN_C {
+            let (gpu, flow) = (gpu.clone(), flow.share());
+            let mut row = case(Backend::Cuda, peak, Box::new(move || device::runner(&gpu, flow.share(), Some(false))));
+            row.shape.push_str("-mma");
+            cases.push(row);
+        }
     }
     #[cfg(not(feature = "cuda"))]
     let _ = env;
@@ -210,7 +221,8 @@ impl<T: Float> Runner for HostRunner<T> {
 /// the host), the plan's slot lists uploaded, the mean merge on the device. The input upload
 /// and the output download are outside the timing; the plan's round trip is inside. f32
 /// metrics take the exact FFMA similarity (% of the f32 roof, H200 ≈ 67 TFLOP/s); bf16 ones
-/// the tensor-core similarity (`with_tensor_cores`; % of the dense bf16 roof, ≈ 989 TFLOP/s).
+/// the tensor-core similarity (`with_tensor_cores`; % of the dense bf16 roof, ≈ 989 TFLOP/s):
+/// on an H100 / H200 the wgmma kernel, with a `-mma` sibling row on mma.sync.
 #[cfg(feature = "cuda")]
 mod device {
     use std::sync::Arc;
@@ -232,8 +244,19 @@ mod device {
         out: CudaSlice<T>,
     }
 
-    pub(super) fn runner<T: Float + Dev + 'static>(gpu: &Gpu, flow: Flow<T>) -> Result<Box<dyn Runner>, String> {
-        let kernel = MergeKernel::new(gpu).and_then(|k| k.with_tensor_cores(true)).map_err(|e| e.to_string())?;
+    /// `wgmma`: force the wgmma (`Some(true)`) or mma.sync similarity.
+    pub(super) fn runner<T: Float + Dev + 'static>(
+        gpu: &Gpu,
+        flow: Flow<T>,
+        wgmma: Option<bool>,
+    ) -> Result<Box<dyn Runner>, String> {
+        let kernel = MergeKernel::new(gpu)
+            .and_then(|k| k.with_tensor_cores(true))
+            .and_then(|k| match wgmma {
+                Some(on) => k.with_wgmma(on),
+                None => Ok(k),
+            })
+            .map_err(|e| e.to_string())?;
         let stream = gpu.stream().clone();
         let input = stream.clone_htod(flow.input.get()?).map_err(|e| format!("copying the input to the GPU: {e}"))?;
         let out_len: usize = flow.spec.out_dims().iter().product();
