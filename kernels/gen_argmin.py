@@ -630,30 +630,16 @@ def mma_entry(name, ty, metric):
 
     def score(a, c):
         if metric == "l2":
-            return f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};"
-        return f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};"
-    # Epilogue: per row the tile's least score m_r (min.f32; NaN scores never win) in %f4..7,
-    # and only when m_r < best a second pass for the lowest column scoring m_r: the strict <
-    # fold over ascending codes in half the instructions.
+            return [f"    sub.rn.f32 %f3, %f{1 + c}, %acc{a};"], "%f3"
+        return [f"    mul.rn.f32 %f3, %acc{a}, %f{1 + c};"], "%f3"
+    # Epilogue: scores from the bias as the FFMA search computes them, folded by
+    # ptxgen.tile_fold (rows r = 2 mt + h, their least score in %f4..7).
     s += ["    mul.wide.u32 %rd16, %r50, 4;", "    add.u64 %rd16, %rd16, %rd3;  // &bias[column 0]"]
-    s += [f"    mov.f32 %f{4 + r}, 0f7F800000;" for r in range(4)]
-    for n in range(8):
-        s.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd16+{32 * n}];")
-        for c in range(2):
-            for mt in range(2):
-                for h in range(2):
-                    r = 2 * mt + h
-                    s += [score((mt * 8 + n) * 4 + 2 * h + c, c), f"    min.f32 %f{4 + r}, %f{4 + r}, %f3;"]
-    for mt in range(2):
-        for h in range(2):
-            r = 2 * mt + h
-            s += [f"    setp.lt.f32 %p12, %f{4 + r}, %bs{r};", f"    @!%p12 bra SKIPM{r};", "    mov.u32 %r54, 0;"]
-            for n in reversed(range(8)):
-                s.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd16+{32 * n}];")
-                for c in reversed(range(2)):
-                    s += [score((mt * 8 + n) * 4 + 2 * h + c, c), f"    setp.eq.f32 %p12, %f3, %f{4 + r};",
-                          f"    selp.u32 %r54, {8 * n + c}, %r54, %p12;"]
-            s += [f"    add.u32 %bj{r}, %r50, %r54;", f"    mov.f32 %bs{r}, %f{4 + r};", f"SKIPM{r}:"]
+    groups = [([f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd16+{32 * n}];"],
+               [(8 * n + c, lambda r, n=n, c=c: score((r // 2 * 8 + n) * 4 + 2 * (r % 2) + c, c)) for c in range(2)])
+              for n in range(8)]
+    s += ptxgen.tile_fold("min", groups, [(f"%f{4 + r}", f"%bs{r}", f"%bj{r}") for r in range(4)],
+                          "%r50", "%p12", "%r54", "M")
     s += ptxgen.tc_next_tile("%r27") + [
         "FINAL:",
         "    // key = ordered score << 32 | code (-0 as +0); the quad keeps the least, lane 0 of",
@@ -665,37 +651,50 @@ def mma_entry(name, ty, metric):
     for mt in range(2):
         for h in range(2):
             r = 2 * mt + h
-            s += [
-                f"    mov.b32 %r57, %bs{r};",
-                "    setp.eq.u32 %p14, %r57, 0x80000000;",
-                "    selp.u32 %r57, 0, %r57, %p14;",
-                "    setp.lt.s32 %p14, %r57, 0;",
-                "    not.b32 %r58, %r57;",
-                "    or.b32 %r57, %r57, 0x80000000;",
-                "    selp.u32 %r57, %r58, %r57, %p14;",
-                f"    mov.u32 %r58, %bj{r};",
-            ]
-            for w in (1, 2):
-                s += [
-                    f"    shfl.sync.bfly.b32 %r59, %r57, {w}, 31, {FULL};",
-                    f"    shfl.sync.bfly.b32 %r60, %r58, {w}, 31, {FULL};",
-                    "    setp.eq.u32 %p14, %r59, %r57;",
-                    "    setp.lt.and.u32 %p14, %r60, %r58, %p14;",
-                    "    setp.lt.or.u32 %p14, %r59, %r57, %p14;",
-                    "    selp.u32 %r57, %r59, %r57, %p14;",
-                    "    selp.u32 %r58, %r60, %r58, %p14;",
-                ]
-            s += [
-                f"    add.u32 %r61, %r56, {16 * mt + 8 * h};",
-                "    setp.lt.and.u32 %p15, %r61, %r1, %p13;",
-                "    mov.b64 %rd17, {%r58, %r57};",
-                "    not.b64 %rd17, %rd17;",
-                "    mul.wide.u32 %rd18, %r61, 8;",
-                "    add.u64 %rd18, %rd18, %rd4;",
-                "    @%p15 red.global.max.u64 [%rd18], %rd17;",
-            ]
+            s += quad_key_red(f"%bs{r}", f"%bj{r}", 16 * mt + 8 * h, "%r56", "%p13",
+                              ("%p14", "%p15"), ("%r57", "%r58", "%r59", "%r60", "%r61"), ("%rd17", "%rd18"))
     s += ["    ret;", "}", ""]
     return "\n".join(s)
+
+
+def quad_key_red(best, code, row_off, row0, lane0, preds, regs, rds):
+    """The end of a tensor-core search for one row slot: key = (ordered score) << 32 | code
+    (-0 as +0; ordered: the f32 bits with the sign bit flipped, or all bits for negatives), the
+    quad (lanes 4 g .. +4) keeps the least key by two butterfly shuffles (equal scores: the
+    lower code), then lane `lane0` (a predicate) does red.max of ~key into ws[row] for row =
+    `row0` + `row_off` below n (%r1; ws at %rd4). preds / regs / rds: scratch registers."""
+    p, q = preds
+    k, j, k2, j2, row = regs
+    key, addr = rds
+    out = [
+        f"    mov.b32 {k}, {best};",
+        f"    setp.eq.u32 {p}, {k}, 0x80000000;",
+        f"    selp.u32 {k}, 0, {k}, {p};",
+        f"    setp.lt.s32 {p}, {k}, 0;",
+        f"    not.b32 {j}, {k};",
+        f"    or.b32 {k}, {k}, 0x80000000;",
+        f"    selp.u32 {k}, {j}, {k}, {p};",
+        f"    mov.u32 {j}, {code};",
+    ]
+    for w in (1, 2):
+        out += [
+            f"    shfl.sync.bfly.b32 {k2}, {k}, {w}, 31, {FULL};",
+            f"    shfl.sync.bfly.b32 {j2}, {j}, {w}, 31, {FULL};",
+            f"    setp.eq.u32 {p}, {k2}, {k};",
+            f"    setp.lt.and.u32 {p}, {j2}, {j}, {p};",
+            f"    setp.lt.or.u32 {p}, {k2}, {k}, {p};",
+            f"    selp.u32 {k}, {k2}, {k}, {p};",
+            f"    selp.u32 {j}, {j2}, {j}, {p};",
+        ]
+    return out + [
+        f"    add.u32 {row}, {row0}, {row_off};",
+        f"    setp.lt.and.u32 {q}, {row}, %r1, {lane0};",
+        f"    mov.b64 {key}, {{{j}, {k}}};",
+        f"    not.b64 {key}, {key};",
+        f"    mul.wide.u32 {addr}, {row}, 8;",
+        f"    add.u64 {addr}, {addr}, %rd4;",
+        f"    @{q} red.global.max.u64 [{addr}], {key};",
+    ]
 
 
 def pad_entry(name):
@@ -939,15 +938,7 @@ def wgmma_entry(name, ty, metric):
         ] + [line for j in range(4) for line in (
             f"    cp.async.cg.shared.global [%r34+{4096 * j}], [%rd15], 16, %r36;",
             "    add.u64 %rd15, %rd15, %rd13;" if j < 3 else "",
-        ) if line] + [
-            "    add.u32 %r31, %r31, 1;",
-            "    setp.ge.u32 %p9, %r31, %r17;",
-            "    @%p9 mov.u32 %r31, 0;",
-            "    @%p9 add.u32 %r30, %r30, 1;",
-            "    add.u32 %r32, %r32, 1;",
-            f"NOCOPY_{tag}:",
-            "    cp.async.commit_group;",
-        ]
+        ) if line] + ptxgen.wg_copy_advance(tag)
 
     for a in range(WG_AHEAD):
         s += copy_stage(f"P{a}")
@@ -955,12 +946,7 @@ def wgmma_entry(name, ty, metric):
         "    // descriptors (PTX ISA matrix descriptor): start >> 4 | LBO 16 >> 4 << 16, SBO 1024 >> 4",
         "    // << 32, 128-byte swizzle (1 << 62). A: this warpgroup's 64 rows of k-block 0.",
         f"    mad.lo.u32 %r37, %r13, {WG_BLOCK_BYTES // 2}, %r16;",
-        "    shr.u32 %r37, %r37, 4;",
-        "    add.u32 %r37, %r37, 0x10000;",
-        "    mov.b64 %rd17, {%r37, 0x40000040};",
-        "    shr.u32 %r38, %r21, 4;",
-        "    add.u32 %r38, %r38, 0x10000;",
-        "    mov.b64 %rd18, {%r38, 0x40000040};  // B: ring buffer 0",
+    ] + ptxgen.wg_descriptor("%rd17", "%r37", "%r37") + ["    // B: ring buffer 0"] + ptxgen.wg_descriptor("%rd18", "%r21", "%r38") + [
         "    mov.u32 %r40, %r26;  // tile being issued",
         "    mov.u32 %r41, 0;  // its k-block",
         "    mov.u32 %r42, 0;  // stages issued",
@@ -969,47 +955,24 @@ def wgmma_entry(name, ty, metric):
     ]
 
     def epilogue(acc, tag):
-        """Folds the tile %r46 held in the accumulators `acc` into the running bests: per row
-        the tile's least score m by min.f32 (NaN scores, those of padding codes under the
-        cosine metric, never win: min returns the other operand), and only when m < best (rare
-        after the first tiles) a second pass for the lowest column whose score equals m, so
-        the result is the strict < fold over ascending codes."""
-        out = [
+        """Folds the tile %r46 held in the accumulators `acc` into the running bests
+        (ptxgen.tile_fold: the strict < fold over ascending codes; NaN scores, those of padding
+        codes under the cosine metric, never win)."""
+        def score(a, c):
+            if metric == "l2":
+                return [f"    sub.rn.f32 %f3, %f{1 + c}, %{acc}{a};"], "%f3"
+            return [f"    mul.rn.f32 %f3, %{acc}{a}, %f{1 + c};"], "%f3"
+        groups = [([f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd21+{32 * j}];"],
+                   [(8 * j + c, lambda h, j=j, c=c: score(4 * j + 2 * h + c, c)) for c in range(2)])
+                  for j in range(16)]
+        return [
             f"    // epilogue of tile %r46 (accumulators %{acc}): columns 128 t + 8 j + 2 t4 + c",
             "    shl.b32 %r50, %r46, 7;",
             "    add.u32 %r50, %r50, %r53;",
             "    mul.wide.u32 %rd21, %r50, 4;",
             "    add.u64 %rd21, %rd21, %rd3;  // &bias[column of j = c = 0]",
-            "    mov.f32 %m0, 0f7F800000;",
-            "    mov.f32 %m1, 0f7F800000;",
-        ]
-
-        def score(a, c):
-            if metric == "l2":
-                return f"    sub.rn.f32 %f3, %f{1 + c}, %{acc}{a};"
-            return f"    mul.rn.f32 %f3, %{acc}{a}, %f{1 + c};"
-        for j in range(16):
-            out.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd21+{32 * j}];")
-            for c in range(2):
-                for h in range(2):
-                    out += [score(4 * j + 2 * h + c, c), f"    min.f32 %m{h}, %m{h}, %f3;"]
-        for h in range(2):
-            out += [
-                f"    setp.lt.f32 %p14, %m{h}, %bs{h};",
-                f"    @!%p14 bra SKIP_{tag}{h};",
-                f"    // row {h}: a new best; its code is the lowest column scoring m",
-                "    mov.u32 %r54, 0;",
-            ]
-            for j in reversed(range(16)):
-                out.append(f"    ld.global.nc.v2.f32 {{%f1, %f2}}, [%rd21+{32 * j}];")
-                for c in reversed(range(2)):
-                    out += [
-                        score(4 * j + 2 * h + c, c),
-                        f"    setp.eq.f32 %p14, %f3, %m{h};",
-                        f"    selp.u32 %r54, {8 * j + c}, %r54, %p14;",
-                    ]
-            out += [f"    add.u32 %bj{h}, %r50, %r54;", f"    mov.f32 %bs{h}, %m{h};", f"SKIP_{tag}{h}:"]
-        return out
+        ] + ptxgen.tile_fold("min", groups, [(f"%m{h}", f"%bs{h}", f"%bj{h}") for h in range(2)],
+                             "%r50", "%p14", "%r54", tag)
 
     descriptors = [
         "    // this stage's descriptors: A + 1024 * kb (16 KB >> 4), B + 1024 * buffer",
@@ -1036,35 +999,8 @@ def wgmma_entry(name, ty, metric):
         "    add.u32 %r56, %r56, %r11;  // row of h = 0",
     ]
     for h in range(2):
-        s += [
-            f"    mov.b32 %r57, %bs{h};",
-            "    setp.eq.u32 %p17, %r57, 0x80000000;",
-            "    selp.u32 %r57, 0, %r57, %p17;",
-            "    setp.lt.s32 %p17, %r57, 0;",
-            "    not.b32 %r58, %r57;",
-            "    or.b32 %r57, %r57, 0x80000000;",
-            "    selp.u32 %r57, %r58, %r57, %p17;",
-            f"    mov.u32 %r58, %bj{h};",
-        ]
-        for w in (1, 2):
-            s += [
-                f"    shfl.sync.bfly.b32 %r59, %r57, {w}, 31, {FULL};",
-                f"    shfl.sync.bfly.b32 %r60, %r58, {w}, 31, {FULL};",
-                "    setp.eq.u32 %p17, %r59, %r57;",
-                "    setp.lt.and.u32 %p17, %r60, %r58, %p17;",
-                "    setp.lt.or.u32 %p17, %r59, %r57, %p17;",
-                "    selp.u32 %r57, %r59, %r57, %p17;",
-                "    selp.u32 %r58, %r60, %r58, %p17;",
-            ]
-        s += [
-            f"    add.u32 %r61, %r56, {8 * h};",
-            "    setp.lt.and.u32 %p18, %r61, %r1, %p16;",
-            "    mov.b64 %rd22, {%r58, %r57};",
-            "    not.b64 %rd22, %rd22;",
-            "    mul.wide.u32 %rd23, %r61, 8;",
-            "    add.u64 %rd23, %rd23, %rd4;",
-            "    @%p18 red.global.max.u64 [%rd23], %rd22;",
-        ]
+        s += quad_key_red(f"%bs{h}", f"%bj{h}", 8 * h, "%r56", "%p16",
+                          ("%p17", "%p18"), ("%r57", "%r58", "%r59", "%r60", "%r61"), ("%rd22", "%rd23"))
     s += ["    ret;", "}", ""]
     return "\n".join(s)
 
@@ -1085,9 +1021,7 @@ def generate_sm90():
         f"// abi wgmma_max_d {WG_MAX_D}",
         f"// abi wgmma_slack {WG_SLACK}",
     ] + ptxgen.abi_params("argmin", OFF, PARAM_SIZE)
-    parts = [ptxgen.module_header("gen_argmin.py", head, target="sm_90a"),
-             "// the launch's dynamic shared memory (its base is aligned up to 1024 in the entries)",
-             ".extern .shared .align 1024 .b8 dsmem[];", ""]
+    parts = [ptxgen.sm90_module_header("gen_argmin.py", head)]
     for name, ty, metric in wgmma_entries():
         parts.append(wgmma_entry(name, ty, metric))
     return "\n".join(parts)

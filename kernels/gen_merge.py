@@ -442,6 +442,25 @@ def similarity(name):
     return "\n".join(s)
 
 
+def quad_merge(rows):
+    """The four lanes of a quad (one accumulator row group) merge their (%bs r, %bj r) for r <
+    rows by two butterfly shuffles: greater, or equal with a lower index (%f3, %r56, %p12
+    scratch)."""
+    out = []
+    for w in [1, 2]:
+        for r in range(rows):
+            out += [
+                f"    shfl.sync.bfly.b32 %f3, %bs{r}, {w}, 0x1f, {FULL};",
+                f"    shfl.sync.bfly.b32 %r56, %bj{r}, {w}, 0x1f, {FULL};",
+                f"    setp.eq.f32 %p12, %f3, %bs{r};",
+                f"    setp.lt.and.u32 %p12, %r56, %bj{r}, %p12;",
+                f"    setp.gt.or.f32 %p12, %f3, %bs{r}, %p12;",
+                f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
+                f"    selp.b32 %bj{r}, %r56, %bj{r}, %p12;",
+            ]
+    return out
+
+
 def similarity_mma(name, t):
     """merge_similarity_mma_{t}: the packed y rows of merge_pack_{t} -> per (batch, split, A row)
     the best (score, B index) over the split's B tiles, as merge_similarity writes them.
@@ -575,37 +594,15 @@ def similarity_mma(name, t):
     def score(n, c, r):
         mt, h = divmod(r, 2)
         a = (mt * 8 + n) * 4 + 2 * h + c
-        return [f"    mul.rn.f32 %f2, %acc{a}, %ia{r};", "    mul.rn.f32 %f2, %f2, %f1;"]
-    s += [f"    mov.f32 %f{4 + r}, 0fFF800000;" for r in range(4)]
-    for n in range(8):
-        for c in range(2):
-            s += inv_b(n, c)
-            for r in range(4):
-                s += score(n, c, r) + [f"    max.f32 %f{4 + r}, %f{4 + r}, %f2;"]
-    for r in range(4):
-        s += [f"    setp.gt.f32 %p11, %f{4 + r}, %bs{r};", f"    @!%p11 bra SKIPM{r};", "    mov.u32 %r56, 0;"]
-        for n in reversed(range(8)):
-            for c in reversed(range(2)):
-                s += inv_b(n, c) + score(n, c, r) + [
-                    f"    setp.eq.f32 %p11, %f2, %f{4 + r};",
-                    f"    selp.u32 %r56, {8 * n + c}, %r56, %p11;",
-                ]
-        s += [f"    add.u32 %bj{r}, %r50, %r56;", f"    mov.f32 %bs{r}, %f{4 + r};", f"SKIPM{r}:"]
+        return [f"    mul.rn.f32 %f2, %acc{a}, %ia{r};", "    mul.rn.f32 %f2, %f2, %f1;"], "%f2"
+    groups = [(inv_b(n, c), [(8 * n + c, lambda r, n=n, c=c: score(n, c, r))]) for n in range(8) for c in range(2)]
+    s += ptxgen.tile_fold("max", groups, [(f"%f{4 + r}", f"%bs{r}", f"%bj{r}") for r in range(4)],
+                          "%r50", "%p11", "%r56", "M")
     s += ptxgen.tc_next_tile("%r27") + [
         "FINAL:",
         "    // the quad: greater, or equal with a lower index",
     ]
-    for w in [1, 2]:
-        for r in range(4):
-            s += [
-                f"    shfl.sync.bfly.b32 %f3, %bs{r}, {w}, 0x1f, {FULL};",
-                f"    shfl.sync.bfly.b32 %r56, %bj{r}, {w}, 0x1f, {FULL};",
-                f"    setp.eq.f32 %p12, %f3, %bs{r};",
-                f"    setp.lt.and.u32 %p12, %r56, %bj{r}, %p12;",
-                f"    setp.gt.or.f32 %p12, %f3, %bs{r}, %p12;",
-                f"    selp.f32 %bs{r}, %f3, %bs{r}, %p12;",
-                f"    selp.b32 %bj{r}, %r56, %bj{r}, %p12;",
-            ]
+    s += quad_merge(4)
     s += [
         "    // the two warps of a row: wn = 1 through shared memory (row slot 8 bytes)",
         "    bar.sync 0;",
@@ -1093,15 +1090,7 @@ def similarity_wgmma(name, t):
             ]
             if j < 3:
                 out += ["    add.u64 %rd13, %rd13, %rd7;", "    add.u64 %rd14, %rd14, %rd7;"]
-        return out + [
-            "    add.u32 %r31, %r31, 1;",
-            "    setp.ge.u32 %p9, %r31, %r17;",
-            "    @%p9 mov.u32 %r31, 0;",
-            "    @%p9 add.u32 %r30, %r30, 1;",
-            "    add.u32 %r32, %r32, 1;",
-            f"NOCOPY_{tag}:",
-            "    cp.async.commit_group;",
-        ]
+        return out + ptxgen.wg_copy_advance(tag)
 
     for a in range(WG_AHEAD):
         s += copy_stage(f"P{a}")
@@ -1109,13 +1098,9 @@ def similarity_wgmma(name, t):
         "    // descriptors: start >> 4 | LBO 16 >> 4 << 16, SBO 1024 >> 4 << 32, 128-byte swizzle",
         "    // (1 << 62); A: this warpgroup's 64 rows, B: the tile's 128 rows, of ring buffer 0",
         f"    mad.lo.u32 %r37, %r13, {WG_HALF // 2}, %r19;",
-        "    shr.u32 %r37, %r37, 4;",
-        "    add.u32 %r37, %r37, 0x10000;",
-        "    mov.b64 %rd17, {%r37, 0x40000040};",
+    ] + ptxgen.wg_descriptor("%rd17", "%r37", "%r37") + [
         f"    add.u32 %r38, %r19, {WG_HALF};",
-        "    shr.u32 %r38, %r38, 4;",
-        "    add.u32 %r38, %r38, 0x10000;",
-        "    mov.b64 %rd18, {%r38, 0x40000040};",
+    ] + ptxgen.wg_descriptor("%rd18", "%r38", "%r38") + [
         "    mov.u32 %r40, %r27;  // tile being issued",
         "    mov.u32 %r41, 0;  // its k-block",
         "    mov.u32 %r42, 0;  // stages issued",
@@ -1144,8 +1129,6 @@ def similarity_wgmma(name, t):
             "    add.u32 %r55, %r55, 1;",
             "    mul.wide.u32 %rd16, %r55, 4;",
             "    add.u64 %rd16, %rd16, %rd3;  // &aux[token of column 0]; column k at + 8 k",
-            "    mov.f32 %m0, 0fFF800000;",
-            "    mov.f32 %m1, 0fFF800000;",
         ]
 
         def inv_b(jj, c):
@@ -1156,22 +1139,11 @@ def similarity_wgmma(name, t):
             return o + [f"    @%p9 ld.global.nc.f32 %f1, [%rd16+{8 * k}];"]
 
         def score(jj, c, h):
-            return [f"    mul.rn.f32 %f2, %{acc}{4 * jj + 2 * h + c}, %ia{h};", "    mul.rn.f32 %f2, %f2, %f1;"]
-        for jj in range(16):
-            for c in range(2):
-                out += inv_b(jj, c)
-                for h in range(2):
-                    out += score(jj, c, h) + [f"    max.f32 %m{h}, %m{h}, %f2;"]
-        for h in range(2):
-            out += [f"    setp.gt.f32 %p11, %m{h}, %bs{h};", f"    @!%p11 bra SKIP_{tag}{h};", "    mov.u32 %r56, 0;"]
-            for jj in reversed(range(16)):
-                for c in reversed(range(2)):
-                    out += inv_b(jj, c) + score(jj, c, h) + [
-                        f"    setp.eq.f32 %p11, %f2, %m{h};",
-                        f"    selp.u32 %r56, {8 * jj + c}, %r56, %p11;",
-                    ]
-            out += [f"    add.u32 %bj{h}, %r50, %r56;", f"    mov.f32 %bs{h}, %m{h};", f"SKIP_{tag}{h}:"]
-        return out
+            return [f"    mul.rn.f32 %f2, %{acc}{4 * jj + 2 * h + c}, %ia{h};", "    mul.rn.f32 %f2, %f2, %f1;"], "%f2"
+        groups = [(inv_b(jj, c), [(8 * jj + c, lambda h, jj=jj, c=c: score(jj, c, h))])
+                  for jj in range(16) for c in range(2)]
+        return out + ptxgen.tile_fold("max", groups, [(f"%m{h}", f"%bs{h}", f"%bj{h}") for h in range(2)],
+                                      "%r50", "%p11", "%r56", tag)
 
     s += ptxgen.wg_tile_loops(mma, WG_AHEAD, copy_stage, descriptors, epilogue)
     s += [
@@ -1180,17 +1152,7 @@ def similarity_wgmma(name, t):
         "FINAL:",
         "    // the quad: greater, or equal with a lower index",
     ]
-    for w in [1, 2]:
-        for h in range(2):
-            s += [
-                f"    shfl.sync.bfly.b32 %f3, %bs{h}, {w}, 0x1f, {FULL};",
-                f"    shfl.sync.bfly.b32 %r56, %bj{h}, {w}, 0x1f, {FULL};",
-                f"    setp.eq.f32 %p12, %f3, %bs{h};",
-                f"    setp.lt.and.u32 %p12, %r56, %bj{h}, %p12;",
-                f"    setp.gt.or.f32 %p12, %f3, %bs{h}, %p12;",
-                f"    selp.f32 %bs{h}, %f3, %bs{h}, %p12;",
-                f"    selp.b32 %bj{h}, %r56, %bj{h}, %p12;",
-            ]
+    s += quad_merge(2)
     s += [
         "    setp.eq.u32 %p13, %r12, 0;",
         "    and.b32 %r59, %r7, 1;",
@@ -1236,9 +1198,7 @@ def generate_sm90():
         f"// abi tc_tile {TC_TILE}",
         f"// abi wgmma_shared {WG_SHARED}",
     ] + ptxgen.abi_params("merge", OFF, PARAM_BYTES)
-    parts = [ptxgen.module_header("gen_merge.py", head_lines, target="sm_90a"),
-             "// the launch's dynamic shared memory (its base is aligned up to 1024 in the entries)",
-             ".extern .shared .align 1024 .b8 dsmem[];", ""]
+    parts = [ptxgen.sm90_module_header("gen_merge.py", head_lines)]
     for name, t in zip(wg_entries(), ("f16", "bf16")):
         parts.append(similarity_wgmma(name, t))
     return "\n".join(parts)

@@ -327,6 +327,40 @@ def tc_next_tile(t_end):
 
 
 # --------------------------------------------------------------------------------------------
+# The epilogue fold of the tensor-core searches (argmin_*mma_*, merge_similarity_*mma_*): one
+# tile's scores into running (best, index) per row, the strict fold over ascending columns
+# (strict < for "min", strict > for "max") in two steps: per row the tile's extreme score by
+# min.f32 / max.f32 (a NaN score never wins: they return the other operand), and only when it
+# beats the best (rare after the first tiles) a second pass for the lowest column with that
+# score (NaN never compares equal). Two instructions per score on the common path.
+# --------------------------------------------------------------------------------------------
+def tile_fold(kind, groups, rows, col0, pred, idx, tag):
+    """kind: "min" or "max". groups: (load lines, [(column offset k, score)]) in ascending
+    column order, score(r) -> (lines, register) giving row r's score of that column (the
+    group's load lines come first). rows: (m, best, index) registers per row (m: scratch f32).
+    col0: the register of the tile's column 0 (index = col0 + k); pred, idx: a scratch
+    predicate and u32 register; labels SKIP_{tag}{r}."""
+    init, better = ("0f7F800000", "lt") if kind == "min" else ("0fFF800000", "gt")
+    out = [f"    mov.f32 {m}, {init};" for m, _, _ in rows]
+    for load, cols in groups:
+        out += load
+        for _, score in cols:
+            for r, (m, _, _) in enumerate(rows):
+                lines, reg = score(r)
+                out += lines + [f"    {kind}.f32 {m}, {m}, {reg};"]
+    for r, (m, best, index) in enumerate(rows):
+        out += [f"    setp.{better}.f32 {pred}, {m}, {best};", f"    @!{pred} bra SKIP_{tag}{r};",
+                f"    // row {r}: a new best; its index is the lowest column scoring {m}", f"    mov.u32 {idx}, 0;"]
+        for load, cols in reversed(groups):
+            out += load
+            for k, score in reversed(cols):
+                lines, reg = score(r)
+                out += lines + [f"    setp.eq.f32 {pred}, {reg}, {m};", f"    selp.u32 {idx}, {k}, {idx}, {pred};"]
+        out += [f"    add.u32 {index}, {col0}, {idx};", f"    mov.f32 {best}, {m};", f"SKIP_{tag}{r}:"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The Hopper (sm_90a) wgmma tile loop shared by argmin_wgmma_* (gen_argmin.py) and
 # merge_similarity_wgmma_* (gen_merge.py): two warpgroups, m64n128k16 accumulators (64 per
 # thread) in two sets, %acc and %accy, alternating between tiles so that a tile's epilogue runs
@@ -342,6 +376,40 @@ def tc_next_tile(t_end):
 #   of the stage (set by the caller's `descriptors` lines); %p10, %p12, %p13, %p15, %p19 and
 #   %r43 scratch. The loop exits to label DONE (after the last tile's epilogue).
 # --------------------------------------------------------------------------------------------
+def sm90_module_header(script, lines):
+    """module_header for .target sm_90a, then the module-scope dynamic shared memory `dsmem`
+    that the wgmma entries use (each aligns its base up to 1024 bytes itself)."""
+    return "\n".join([
+        module_header(script, lines, target="sm_90a"),
+        "// the launch's dynamic shared memory (its base is aligned up to 1024 in the entries)",
+        ".extern .shared .align 1024 .b8 dsmem[];",
+        "",
+    ])
+
+
+def wg_copy_advance(tag):
+    """The end of a stage copy: the next copy's position (%r30 tile, %r31 k-block, %r32 stage)
+    advances; label NOCOPY_{tag} (where a copy past the last stage jumps), then the commit
+    (one cp.async group per stage, empty or not, so wait_group counts stay uniform)."""
+    return [
+        "    add.u32 %r31, %r31, 1;",
+        "    setp.ge.u32 %p9, %r31, %r17;",
+        "    @%p9 mov.u32 %r31, 0;",
+        "    @%p9 add.u32 %r30, %r30, 1;",
+        "    add.u32 %r32, %r32, 1;",
+        f"NOCOPY_{tag}:",
+        "    cp.async.commit_group;",
+    ]
+
+
+def wg_descriptor(rd, addr, tmp):
+    """%rd `rd` = the matrix descriptor (PTX ISA) of a K-major 128-byte-swizzled operand at
+    shared address `addr` (u32 register): start >> 4 | LBO 16 >> 4 << 16 | SBO 1024 >> 4 << 32
+    | 128-byte swizzle (1 << 62). `tmp` (u32) is overwritten."""
+    return [f"    shr.u32 {tmp}, {addr}, 4;", f"    add.u32 {tmp}, {tmp}, 0x10000;",
+            f"    mov.b64 {rd}, {{{tmp}, 0x40000040}};"]
+
+
 def wg_tile_loops(mma, ahead, copy_stage, descriptors, epilogue):
     """Both tile loops (sets %acc and %accy). mma: the instruction up to its operands;
     copy_stage(tag): the next stage's copy and commit; descriptors: lines setting %rd19 / %rd20

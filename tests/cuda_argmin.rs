@@ -489,17 +489,6 @@ mod cuda {
     #[test]
     fn tensor_cores_match_the_reference_up_to_near_ties() {
         let Some(g) = gpu() else { return };
-        fn case<T: Float + DeviceRepr>(
-            g: &Gpu,
-            n: usize,
-            k: usize,
-            d: usize,
-            metric: Metric,
-            seed: u64,
-            lat: bool,
-        ) -> (usize, usize) {
-            tc_case::<T>(g, n, k, d, metric, seed, lat, None)
-        }
         let (mut ties, mut rows) = (0, 0);
         let mut rng = Rng(99);
         for i in 0..super::common::sim_cap(48, 6) as u64 {
@@ -510,9 +499,9 @@ mod cuda {
             let metric = if i % 2 == 0 { Metric::L2 } else { Metric::Cosine };
             let lat = i % 3 == 0;
             let (t, r) = if i % 4 < 2 {
-                case::<bf16>(g, n, k, d, metric, i, lat)
+                tc_case::<bf16>(g, n, k, d, metric, i, lat, None)
             } else {
-                case::<f16>(g, n, k, d, metric, i, lat)
+                tc_case::<f16>(g, n, k, d, metric, i, lat, None)
             };
             ties += t;
             rows += r;
@@ -523,7 +512,7 @@ mod cuda {
             &[(1, 20000, 8), (3000, 1100, 256), (130, 129, 16)]
         };
         for &(n, k, d) in big {
-            ties += case::<bf16>(g, n, k, d, Metric::L2, 5, false).0;
+            ties += tc_case::<bf16>(g, n, k, d, Metric::L2, 5, false, None).0;
             rows += n;
         }
         // x not 16-byte aligned (a view one element in, D a multiple of 8): the padded copy,
