@@ -14,7 +14,9 @@
  * context's stream. scripts/sim-gpu-check.sh builds it, runs tools/simcuda/selftest.py, then the suites.
  *
  * It is a test tool, not a GPU: no concurrency between streams (every call completes before it
- * returns, which is one legal ordering of the real driver's), no timing, no JIT (a module is
+ * returns, which is one legal ordering of the real driver's; a launch writes every allocation
+ * of its context back when it ends, so copies and memsets wait for running launches, under the
+ * same lock), no timing, no JIT (a module is
  * checked by the interpreter's parser at the first launch), and device pointers are host
  * addresses (256-aligned). Environment:
  *   VISTOK_SIMCUDA_RUNNER  path of tools/simcuda/runner.py (default: compiled in)
@@ -503,14 +505,18 @@ static CUresult check_range(const char *what, CUdeviceptr p, size_t n) {
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
     CUresult r = check_range("cuMemcpyHtoD", dst, n);
     if (r) return r;
+    pthread_mutex_lock(&lock); /* not while a launch has the allocations out (see cuLaunchKernel) */
     if (n) memcpy((void *)(uintptr_t)dst, src, n);
+    pthread_mutex_unlock(&lock);
     return CUDA_SUCCESS;
 }
 
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
     CUresult r = check_range("cuMemcpyDtoH", src, n);
     if (r) return r;
+    pthread_mutex_lock(&lock);
     if (n) memcpy(dst, (void *)(uintptr_t)src, n);
+    pthread_mutex_unlock(&lock);
     return CUDA_SUCCESS;
 }
 
@@ -518,7 +524,9 @@ EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     CUresult r = check_range("cuMemcpyDtoD (dst)", dst, n);
     if (!r) r = check_range("cuMemcpyDtoD (src)", src, n);
     if (r) return r;
+    pthread_mutex_lock(&lock);
     if (n) memmove((void *)(uintptr_t)dst, (void *)(uintptr_t)src, n);
+    pthread_mutex_unlock(&lock);
     return CUDA_SUCCESS;
 }
 
@@ -542,7 +550,9 @@ static CUresult memset_n(CUdeviceptr dst, const void *v, size_t w, size_t count,
     if (dst % w) return CUDA_ERROR_INVALID_VALUE;
     CUresult r = check_range("cuMemset", dst, w * count);
     if (r) return r;
+    pthread_mutex_lock(&lock);
     for (size_t i = 0; i < count; i++) memcpy((unsigned char *)(uintptr_t)dst + i * w, v, w);
+    pthread_mutex_unlock(&lock);
     return CUDA_SUCCESS;
 }
 
