@@ -45,9 +45,10 @@ is within 2 ulp / 2^-22.6 abs, so tests use tolerances); rcp.rn.f32; cvt.rn.{f16
 without a rounding modifier as .rn (ptxas may contract mul+add into fma on hardware);
 negated predicate sources (`and.pred p, q, !r`).
 
-For the sm_90a module of kernels/gen_argmin.py: wgmma.{fence,mma_async,commit_group,
-wait_group} (see wgmma(): per warp, K-major operands through 128-byte-swizzle descriptors,
-accumulators in flight until their wait_group), fence.proxy.async(.shared::cta) (shared writes
+For the sm_90a modules (gen_argmin.py, gen_merge.py, gen_attention.py):
+wgmma.{fence,mma_async,commit_group,wait_group} (see wgmma(): per warp, K-major operands
+through 128-byte-swizzle descriptors, an MN-major B (trans-b), A from registers; accumulators
+and register A operands in flight until their wait_group), fence.proxy.async(.shared::cta) (shared writes
 of the generic proxy, st.shared and cp.async, must be fenced by their writer before a wgmma
 reads them), and a module-scope `.extern .shared .align A .b8 name[]` (the launch's dynamic
 shared memory, job key "dynamic_shared": bytes).
@@ -864,6 +865,28 @@ def wgmma_smem_address(desc, r, k):
     return a ^ (((a >> 7) & 7) << 4)
 
 
+def wgmma_smem_address_mn(desc, n, k, nn):
+    """Byte address of element (k, n) (k < 16 along K, n < nn along N) of an MN-major
+    (transposed, imm-trans-b = 1) 16-bit B operand with 128-byte swizzle (PTX ISA canonical
+    layout ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)), T = 8 elements of 16 bytes): K row k % 8 of an
+    8-row group is a 128-byte line of 64 consecutive n, the 8-row groups along K are SBO apart
+    and the 64-wide N blocks LBO apart; the same XOR of bits 4-6 with bits 7-9 as K-major. The
+    start must be 1024-aligned in the swizzle atom (a k16 step is two 8-row groups: + 2 SBO);
+    SBO, and LBO when nn > 64, multiples of 1024 (the layouts FlashAttention-3 and CUTLASS use
+    for a row-major V; other offsets are not modelled)."""
+    start = (desc & 0x3FFF) << 4
+    lbo = ((desc >> 16) & 0x3FFF) << 4
+    sbo = ((desc >> 32) & 0x3FFF) << 4
+    if desc >> 62 != 1 or (desc >> 49) & 7:
+        raise SimError(f"wgmma descriptor {desc:#018x}: only 128-byte swizzle with base offset 0 is modelled")
+    if sbo % 1024 or (nn > 64 and lbo % 1024):
+        raise SimError(f"wgmma MN-major descriptor offsets LBO {lbo}, SBO {sbo}: multiples of 1024 are modelled")
+    if start % 1024:
+        raise SimError(f"wgmma MN-major descriptor start {start:#x} is not 1024-aligned")
+    a = start + (n >> 6) * lbo + (k >> 3) * sbo + (k & 7) * 128 + 2 * (n & 63)
+    return a ^ (((a >> 7) & 7) << 4)
+
+
 def wgmma(ctx, lanes, parts, ops):
     """wgmma (sm_90a) per warp: the warpgroup's four warps each issue it, and each warp's part
     of the result (accumulator rows 16 (warp % 4) .. +16) depends only on its own rows of A, so
@@ -872,8 +895,12 @@ def wgmma(ctx, lanes, parts, ops):
     - `wgmma.fence.sync.aligned`: required before a warp's first mma_async after a wait_group
       (and at the start): the registers the epilogue touched become the wgmma's again.
     - `wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16} {d}, descA, descB,
-      scale-d, 1, 1, 0, 0`: A and B from shared memory (K-major, 128-byte swizzle descriptors,
-      see wgmma_smem_address), D = A B + (scale-d ? D : 0), each element rounded once from the
+      scale-d, 1, 1, 0, trans-b`: A and B from shared memory (K-major, 128-byte swizzle
+      descriptors, see wgmma_smem_address; trans-b = 1: B MN-major, wgmma_smem_address_mn), or
+      `{d}, {a0, a1, a2, a3}, descB, scale-d, 1, 1, trans-b`: A from registers (K-major, the
+      mma.sync m16n8k16 A fragment per warp; the registers are held like the accumulators until
+      the wait_group, and must not be written between wgmma.fence and the op),
+      D = A B + (scale-d ? D : 0), each element rounded once from the
       exact sum as mma.sync's model. The accumulator layout is mma.sync's m16n8 repeated over
       N / 8: d[4 j + e] holds row g + 8 (e >> 1), column 8 j + 2 t + (e & 1) of the warp's 16 rows
       (g = lane / 4, t = lane % 4). The operands are read at issue; the accumulators leave the
@@ -891,6 +918,8 @@ def wgmma(ctx, lanes, parts, ops):
     form = parts[1:]
     if form == ["fence", "sync", "aligned"]:
         st["fenced"] = True
+        # the registers as fenced: an A-from-registers operand written after this is an error
+        st["fence_regs"] = {lane: dict(th.regs) for lane, th in lanes.items()}
         return
     if form == ["commit_group", "sync", "aligned"]:
         for op in st["ops"]:
@@ -908,13 +937,13 @@ def wgmma(ctx, lanes, parts, ops):
             for c, ver in op["reads"].items():
                 if ctx.smem_ver.get(c, 0) != ver:
                     raise SimError(f"shared memory at {16 * c:#x} written while a wgmma reading it was in flight")
-            for name in op["names"]:
+            for name in op["vals"][next(iter(lanes))]:
                 if st["latest"].get(name) is not op:
                     continue
                 del st["latest"][name]
                 for lane, th in lanes.items():
                     if name in th.regs:
-                        raise SimError(f"{name} written while a wgmma accumulating into it was in flight")
+                        raise SimError(f"{name} written while a wgmma holding it (accumulator or A) was in flight")
                     ctx.setreg(th, name, op["vals"][lane][name])
         st["ops"] = keep
         st["fenced"] = False
@@ -929,17 +958,28 @@ def wgmma(ctx, lanes, parts, ops):
     if not st["fenced"]:
         raise SimError("wgmma.mma_async without a wgmma.fence since the last wait_group")
     fmt = BF16 if form[5] == "bf16" else F16
-    if len(ops) != 8 or ops[4:] != ["1", "1", "0", "0"]:
-        raise SimError("wgmma operands: {d}, descA, descB, scale-d, 1, 1, 0, 0 (K-major, unscaled) are modelled")
+    rs = len(ops) == 7 and ops[1].startswith("{")
+    if rs and ops[4:6] == ["1", "1"] and ops[6] in ("0", "1"):
+        trans_b = ops[6] == "1"
+    elif not rs and len(ops) == 8 and ops[4:7] == ["1", "1", "0"] and ops[7] in ("0", "1"):
+        trans_b = ops[7] == "1"
+    else:
+        raise SimError("wgmma operands: {d}, descA, descB, scale-d, 1, 1, 0, trans-b or {d}, {a0..a3}, "
+                       "descB, scale-d, 1, 1, trans-b (unscaled, A K-major) are modelled")
     names = [x.strip() for x in ops[0][1:-1].split(",")]
     if len(names) != nn // 2 or len(set(names)) != len(names):
         raise SimError("wgmma accumulator arity")
+    a_names = [x.strip() for x in ops[1][1:-1].split(",")] if rs else []
+    if rs and (len(a_names) != 4 or set(a_names) & set(names)):
+        raise SimError("wgmma A registers: four, none of them an accumulator")
     descs = []
-    for op_ in ops[1:3]:
+    for op_ in ops[1 + rs:3]:
         vals = {ctx.operand(th, op_) & M64 for th in lanes.values()}
         if len(vals) != 1:
             raise SimError("wgmma descriptors differ between the lanes of a warp")
         descs.append(vals.pop())
+    if rs:
+        descs.insert(0, None)
     scale = {ctx.pred_operand(th, ops[3]) for th in lanes.values()}
     if len(scale) != 1:
         raise SimError("wgmma scale-d differs between lanes")
@@ -947,8 +987,8 @@ def wgmma(ctx, lanes, parts, ops):
     q = th0.wid % 4
     reads = {}
 
-    def load(desc, r, k):
-        a = wgmma_smem_address(desc, r, k)
+    def load(desc, r, k, mn=False):
+        a = wgmma_smem_address_mn(desc, r, k, nn) if mn else wgmma_smem_address(desc, r, k)
         if a + 2 > len(ctx.smem):
             raise SimError(f"wgmma operand at {a:#x} outside the block's {len(ctx.smem)} bytes of shared memory")
         check_smem_set(ctx, a, 2)
@@ -958,8 +998,33 @@ def wgmma(ctx, lanes, parts, ops):
         reads[c] = ctx.smem_ver.get(c, 0)
         return widen16(int.from_bytes(ctx.smem[a:a + 2], "little"), fmt)
 
-    A = [[load(descs[0], 16 * q + i, k) for k in range(16)] for i in range(16)]
-    B = [[load(descs[1], j, k) for j in range(nn)] for k in range(16)]
+    if rs:
+        # A from registers: register j of lane (g, t) holds a_{2j} (bits 0-15) and a_{2j+1};
+        # a_i is row g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t + (i & 1) of the warp's 16
+        # rows (mma.sync's m16n8k16 A layout). A register still held by an in-flight wgmma (as
+        # its A) is read from there; one that is an in-flight accumulator, or that was written
+        # after the last wgmma.fence, is an error (PTX ISA: undefined).
+        A = [[0] * 16 for _ in range(16)]
+        for lane, th in lanes.items():
+            g, t = lane >> 2, lane & 3
+            for j, name in enumerate(a_names):
+                prev = st["latest"].get(name)
+                if prev is not None:
+                    if name in prev["names"]:
+                        raise SimError(f"wgmma A register {name} is the accumulator of a wgmma in flight")
+                    v = prev["vals"][lane][name]
+                else:
+                    v = ctx.operand(th, name) & M32
+                    fenced = st.get("fence_regs", {}).get(lane, {})
+                    if fenced.get(name) != th.regs.get(name):
+                        raise SimError(f"wgmma A register {name} written after the last wgmma.fence")
+                for half in range(2):
+                    i = 2 * j + half
+                    row, col = g + 8 * ((i >> 1) & 1), 8 * (i >> 2) + 2 * t + (i & 1)
+                    A[row][col] = widen16((v >> (16 * half)) & 0xFFFF, fmt)
+    else:
+        A = [[load(descs[0], 16 * q + i, k) for k in range(16)] for i in range(16)]
+    B = [[load(descs[1], j, k, trans_b) for j in range(nn)] for k in range(16)]
     C = [[0] * nn for _ in range(16)]
     slots = []
     for lane, th in lanes.items():
@@ -972,13 +1037,17 @@ def wgmma(ctx, lanes, parts, ops):
             prev = st["latest"].get(name)
             C[row][col] = prev["vals"][lane][name] if prev is not None else ctx.operand(th, name) & M32
     D = exact_dots(A, B, C)
-    op = {"names": names, "vals": {lane: {} for lane in lanes}, "reads": reads, "group": None}
+    op = {"names": set(names), "vals": {lane: {} for lane in lanes}, "reads": reads, "group": None}
     for lane, name, row, col in slots:
         op["vals"][lane][name] = D[row][col]
     for lane, th in lanes.items():
-        for name in names:
+        for name in a_names:  # held unchanged until the op's wait_group gives them back
+            prev = st["latest"].get(name)
+            op["vals"][lane][name] = prev["vals"][lane][name] if prev is not None else th.regs[name]
+    for lane, th in lanes.items():
+        for name in names + a_names:
             th.regs.pop(name, None)
-    for name in names:
+    for name in names + a_names:
         st["latest"][name] = op
     st["ops"].append(op)
 

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use common::ptx::{self, EntryDecl};
 
 const PTX: &str = include_str!("../kernels/attention.ptx");
+const PTX_SM90: &str = include_str!("../kernels/attention_sm90.ptx");
 const PARAM_BYTES: usize = 192;
 /// `(entry, threads)` in file order.
 const ENTRIES: [(&str, usize); 7] = [
@@ -35,7 +36,37 @@ fn abi() -> BTreeMap<String, usize> {
 }
 #[test]
 fn committed_ptx_is_what_the_generator_writes() {
-    ptx::check_generated("gen_attention.py", &[], "attention.ptx", PTX);
+    ptx::check_generated("gen_attention.py", &["attention"], "attention.ptx", PTX);
+    ptx::check_generated("gen_attention.py", &["attention_sm90"], "attention_sm90.ptx", PTX_SM90);
+}
+
+/// The Hopper module: sm_90a (wgmma), PTX ISA 8.0, the four wgmma entries with the same
+/// parameter block and the same `// abi` lines plus the wgmma tile constants.
+#[test]
+fn sm90_ptx_declares_the_wgmma_entries() {
+    let directive = |d: &str| ptx::directive(PTX_SM90, d);
+    assert_eq!(directive(".version "), Some("8.0"));
+    assert_eq!(directive(".target "), Some("sm_90a"));
+    assert!(PTX_SM90.is_ascii() && PTX_SM90.lines().any(|l| l.starts_with("// vistok: max-regs ")));
+    let found = ptx::entries(PTX_SM90);
+    let names: Vec<&str> = found.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "attention_wgmma_bf16_d64",
+            "attention_wgmma_bf16_d128",
+            "attention_wgmma_f16_d64",
+            "attention_wgmma_f16_d128"
+        ]
+    );
+    for EntryDecl { name, params, maxntid } in &found {
+        assert_eq!(params, &[format!(".param .align 8 .b8 p[{PARAM_BYTES}]")], "{name}: parameters");
+        assert_eq!(maxntid.as_deref(), Some("256, 1, 1"), "{name}: .maxntid");
+    }
+    let abi90 = ptx::abi(PTX_SM90);
+    let wg: BTreeMap<String, usize> = abi90.clone().into_iter().filter(|(k, _)| k.starts_with("wgmma ")).collect();
+    assert_eq!(abi90, abi().into_iter().chain(wg.clone()).collect::<BTreeMap<_, _>>());
+    assert_eq!((wg["wgmma bm"], wg["wgmma bn"], wg["wgmma threads"], wg["wgmma slack"]), (128, 128, 256, 1024));
 }
 
 /// The committed PTX run on `kernels/ptx_sim.py` (no GPU) against an f64 model of
@@ -95,6 +126,19 @@ fn launcher_agrees_with_the_ptx() {
         };
         assert_eq!(threads, want, "{name}");
     }
+    let sm90: Vec<String> = ptx::entries(PTX_SM90).into_iter().map(|e| e.name).collect();
+    assert_eq!(ca::WGMMA_KERNEL_NAMES.to_vec(), sm90);
+    assert_eq!(ca::PTX_SM90, PTX_SM90);
+    let abi90 = ptx::abi(PTX_SM90);
+    assert_eq!(
+        (ca::WG_BM, ca::WG_BN, ca::WG_THREADS as usize, ca::WG_SLACK),
+        (abi90["wgmma bm"], abi90["wgmma bn"], abi90["wgmma threads"], abi90["wgmma slack"])
+    );
+    for t in [vistok::DType::BF16, vistok::DType::F16] {
+        for d in ca::WG_HEAD_DIMS {
+            assert!(sm90.contains(&ca::wgmma_kernel_name(t, d).unwrap()), "{t:?} D = {d}");
+        }
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -128,7 +172,23 @@ mod gpu {
         dm: &Dims,
         data: &Data<T>,
     ) -> Result<(Vec<T>, Vec<f32>), Error> {
-        let kernel = AttentionKernel::new(gpu, a, T::DTYPE, &dm.q(), &dm.kv())?;
+        run_with(gpu, a, dm, data, None)
+    }
+
+    /// `run_gpu` with the entry forced: `Some(true)` the sm_90a wgmma one, `Some(false)` the
+    /// mma.sync / f32 one.
+    fn run_with<T: Float + DeviceRepr + ValidAsZeroBits>(
+        gpu: &Gpu,
+        a: &Attention<'_>,
+        dm: &Dims,
+        data: &Data<T>,
+        wg: Option<bool>,
+    ) -> Result<(Vec<T>, Vec<f32>), Error> {
+        let mut kernel = AttentionKernel::new(gpu, a, T::DTYPE, &dm.q(), &dm.kv())?;
+        if let Some(on) = wg {
+            kernel = kernel.with_wgmma(on)?;
+            assert_eq!(kernel.wgmma(), on);
+        }
         let s = gpu.stream();
         let one = [poison::<T>()];
         let up = |x: &[T]| s.clone_htod(if x.is_empty() { &one[..] } else { x }).unwrap();
@@ -151,6 +211,16 @@ mod gpu {
 
     /// The FlashAttention criterion for one problem; returns (kernel error / naive error).
     fn check<T: Float + DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, dm: &Dims, o: &Opts, seed: u64) -> f64 {
+        check_with::<T>(gpu, dm, o, seed, None)
+    }
+
+    fn check_with<T: Float + DeviceRepr + ValidAsZeroBits>(
+        gpu: &Gpu,
+        dm: &Dims,
+        o: &Opts,
+        seed: u64,
+        wg: Option<bool>,
+    ) -> f64 {
         let data = make::<T>(dm, o, seed);
         let a = attention(o, dm, &data);
         let (want_o, want_l) = oracle(&a, dm, &data);
@@ -158,13 +228,13 @@ mod gpu {
         let en_o = max_err(naive_o.iter().copied(), &want_o, "naive out");
         let en_l = max_err(naive_l.iter().copied(), &want_l, "naive lse");
         let lmax = want_l.iter().filter(|x| x.is_finite()).fold(0.0f32, |a, x| a.max(x.abs()));
-        let (got_o, got_l) = run_gpu(gpu, &a, dm, &data).unwrap_or_else(|e| panic!("{dm:?} {o:?}: {e}"));
+        let (got_o, got_l) = run_with(gpu, &a, dm, &data, wg).unwrap_or_else(|e| panic!("{dm:?} {o:?}: {e}"));
         let ek_o = max_err(got_o.iter().map(|x| x.to_f32()), &want_o, "out");
         let ek_l = max_err(got_l.iter().copied(), &want_l, "lse");
         let (tol_o, tol_l) = (2.0 * en_o + atol::<T>(lmax, false), 2.0 * en_l + atol::<T>(lmax, true));
         assert!(
             ek_o <= tol_o && ek_l <= tol_l,
-            "cuda {:?} {dm:?} {o:?} seed {seed}: out error {ek_o:e} (naive {en_o:e}, tol {tol_o:e}), lse error {ek_l:e} \
+            "cuda {:?} (wgmma {wg:?}) {dm:?} {o:?} seed {seed}: out error {ek_o:e} (naive {en_o:e}, tol {tol_o:e}), lse error {ek_l:e} \
              (naive {en_l:e}, tol {tol_l:e})",
             T::DTYPE
         );
@@ -266,6 +336,70 @@ mod gpu {
         let (rb, rh) = (check::<bf16>(gpu, &dm, &o, 53), check::<f16>(gpu, &dm, &o, 52));
         println!("cuda: {n} multi-tile problems; 200x300 causal + key bias: error / naive bf16 {rb:.2}, f16 {rh:.2}");
         assert!(rb <= 2.0 && rh <= 2.0, "bf16 {rb}, f16 {rh}");
+    }
+
+    /// The sm_90a wgmma entries where they apply (compute capability 9.0, f16 / bf16, D = 64 or
+    /// 128): the default there; several query and key tiles, every mask, key and full bias,
+    /// GQA, both layouts, each against the reference and the mma.sync entry on the same data.
+    /// Elsewhere `with_wgmma(true)` is a typed error.
+    #[test]
+    fn wgmma_entries_match_the_reference() {
+        let Some(gpu) = gpu() else { return };
+        let dm = Dims { b: 1, h: 1, hkv: 1, nq: 5, nk: 7, d: 64, layout: QkvLayout::Bhnd };
+        let a = Attention::new();
+        let d32 = Dims { d: 32, ..dm };
+        let k32 = AttentionKernel::new(gpu, &a, vistok::DType::BF16, &d32.q(), &d32.kv()).unwrap();
+        assert!(!k32.wgmma() && matches!(k32.with_wgmma(true), Err(Error::Unsupported { .. })), "D = 32");
+        let kf = AttentionKernel::new(gpu, &a, vistok::DType::F32, &dm.q(), &dm.kv()).unwrap();
+        assert!(!kf.wgmma() && matches!(kf.with_wgmma(true), Err(Error::Unsupported { .. })), "f32");
+        let k64 = AttentionKernel::new(gpu, &a, vistok::DType::BF16, &dm.q(), &dm.kv()).unwrap();
+        if gpu.compute_capability().unwrap() != (9, 0) {
+            assert!(!k64.wgmma() && matches!(k64.with_wgmma(true), Err(Error::Unsupported { .. })), "not sm_90");
+            eprintln!("skipped: the wgmma attention entries need compute capability 9.0");
+            return;
+        }
+        assert!(k64.wgmma(), "the default on compute capability 9.0");
+        assert_eq!(k64.entry(), "attention_wgmma_bf16_d64");
+        let k64 = k64.with_wgmma(false).unwrap();
+        assert_eq!((k64.entry(), k64.shared_bytes()), ("attention_bf16_d64", 0));
+        let sim = super::common::simulated();
+        let cases: Vec<(Dims, Opts)> = {
+            let o = |mask, bias| Opts { mask, bias, scale: None, amp: 2.0 };
+            let dims = |b, h, hkv, nq, nk, d, layout| Dims { b, h, hkv, nq, nk, d, layout };
+            let (bh, bn) = (QkvLayout::Bhnd, QkvLayout::Bnhd);
+            let mut v = vec![
+                (dims(1, 2, 1, 130, 150, 64, bh), o(MaskKind::Causal, BiasKind::None)),
+                (dims(1, 1, 1, 40, 260, 128, bn), o(MaskKind::Segments, BiasKind::Key(true))),
+            ];
+            if !sim {
+                v.extend([
+                    (dims(2, 4, 2, 300, 333, 64, bh), o(MaskKind::None, BiasKind::Full(true, false))),
+                    (dims(1, 2, 2, 333, 129, 128, bh), o(MaskKind::Window(70, 3), BiasKind::None)),
+                    (dims(1, 3, 1, 257, 1000, 128, bn), o(MaskKind::Causal, BiasKind::Key(false))),
+                    (dims(1, 2, 1, 1, 1, 64, bn), o(MaskKind::None, BiasKind::None)),
+                    (dims(1, 2, 1, 129, 128, 128, bh), o(MaskKind::Segments, BiasKind::None)),
+                ]);
+            }
+            v
+        };
+        let mut worst = [0.0f64; 2];
+        for (i, (dm, o)) in cases.iter().enumerate() {
+            for (w, wg) in [true, false].into_iter().enumerate() {
+                let seed = 500 + i as u64;
+                let r = if i % 2 == 0 {
+                    check_with::<bf16>(gpu, dm, o, seed, Some(wg))
+                } else {
+                    check_with::<f16>(gpu, dm, o, seed, Some(wg))
+                };
+                worst[w] = worst[w].max(r);
+            }
+        }
+        println!(
+            "cuda attention: {} problems on wgmma and mma.sync; worst error / naive error {:.2} / {:.2}",
+            cases.len(),
+            worst[0],
+            worst[1]
+        );
     }
 
     /// Rows with no visible key: exactly 0 and lse −∞ (never NaN), all dtypes.

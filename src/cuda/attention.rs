@@ -15,7 +15,8 @@
 //!   [`AttentionKernel::new`].
 //! - Accuracy, judged as in `tests/attention.rs` (FlashAttention's rule: error against the f64
 //!   oracle ≤ 2× the naive same-dtype error + a small absolute term): f16 / bf16 compute `Q·Kᵀ`
-//!   and `P·V` with mma.sync (f32 accumulation), the probabilities rounded to the input type
+//!   and `P·V` on tensor cores (mma.sync, or wgmma on Hopper; f32 accumulation), the
+//!   probabilities rounded to the input type
 //!   for `P·V` as FlashAttention does, `2^x` from `ex2.approx` (≤ 2 ulp relative, PTX ISA) on
 //!   logits pre-multiplied by `scale·log₂e`; f32 runs on CUDA cores with f32 fma and the same
 //!   `ex2.approx` on `(s − m)·log₂e`. O is rounded to the input type once; the log-sum-exp is f32.
@@ -31,9 +32,18 @@
 //! Key tiles outside the causal / window band are never visited; with segment ids, tiles whose
 //! smallest key id exceeds the block's largest query id are skipped.
 //!
+//! On a compute capability 9.0 GPU (H100, H200), f16 / bf16 with D = 64 or 128 run instead
+//! `attention_wgmma_{bf16,f16}_d{64,128}` from the sm_90a module `kernels/attention_sm90.ptx`
+//! ([`WGMMA_KERNEL_NAMES`]; same parameter block, masks and rounding): CTAs of two warpgroups
+//! and [`WG_BM`] = 128 query rows, key tiles of [`WG_BN`] = 128 double-buffered in dynamic
+//! shared memory ([`wgmma_shared_bytes`]: 81 / 161 KiB), `wgmma.mma_async` for both products
+//! (P from registers, V read MN-major as FlashAttention-3 does);
+//! [`AttentionKernel::with_wgmma`] picks either. Not yet run on a GPU: emulated only.
+//!
 //! ptxas 12.9 (`scripts/ptx-check.sh`, sm_90 / sm_80), no spills, no stack; the module's
 //! register budget is 255 (`// vistok: max-regs 255`): bf16 / f16 D = 32: 149 / 150 registers,
-//! 8 KiB shared; D = 64: 172 / 174, 16 KiB; D = 128: 221 / 224, 32 KiB; f32: 168, 33 KiB.
+//! 8 KiB shared; D = 64: 172 / 174, 16 KiB; D = 128: 221 / 224, 32 KiB; f32: 168, 33 KiB;
+//! wgmma (sm_90a): D = 64: 218, D = 128: 254.
 //!
 //! ```no_run
 //! use vistok::attention::{Attention, Mask};
@@ -72,8 +82,24 @@ pub const PTX: &str = include_str!("../../kernels/attention.ptx");
 
 // ---- Kernel traits and ABI constants: one place, checked against the PTX by tests. ----
 
+/// Name of the Hopper-only module (`wgmma`, `.target sm_90a`) in the [`Gpu`] cache.
+pub const MODULE_SM90: &str = "attention_sm90";
+/// The generated PTX of the wgmma entries (`kernels/attention_sm90.ptx`), JIT-compiled only on
+/// compute capability 9.0.
+pub const PTX_SM90: &str = include_str!("../../kernels/attention_sm90.ptx");
+
 /// Keys per tile of the tensor-core entries.
 pub const BN: usize = 64;
+/// Query rows per CTA of the wgmma entries (two warpgroups of 64).
+pub const WG_BM: usize = 128;
+/// Keys per tile of the wgmma entries.
+pub const WG_BN: usize = 128;
+/// Threads per CTA of the wgmma entries.
+pub const WG_THREADS: u32 = 256;
+/// Head dimensions of the wgmma entries.
+pub const WG_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Dynamic shared memory a wgmma launch adds to align its base up to the 1024-byte swizzle atom.
+pub const WG_SLACK: usize = 1024;
 /// `(D, warps)` of the tensor-core entries (query rows per CTA: `16·warps`).
 pub const TC_HEAD_DIMS: [(usize, u32); 3] = [(32, 4), (64, 4), (128, 8)];
 /// Query rows per CTA of the f32 entry (4 warps × 4 rows).
@@ -106,6 +132,22 @@ pub const KERNEL_NAMES: [&str; 7] = [
     "attention_f32",
 ];
 
+/// Every entry of `kernels/attention_sm90.ptx`, in file order.
+pub const WGMMA_KERNEL_NAMES: [&str; 4] =
+    ["attention_wgmma_bf16_d64", "attention_wgmma_bf16_d128", "attention_wgmma_f16_d64", "attention_wgmma_f16_d128"];
+
+/// Dynamic shared memory of a wgmma launch for head dimension `d`: the slack, the Q tile and
+/// two stages of K and V tiles, each `[128][d]` 16-bit elements.
+///
+/// ```
+/// use vistok::cuda::attention::wgmma_shared_bytes;
+/// assert_eq!(wgmma_shared_bytes(64), 1024 + 5 * 16384);
+/// assert_eq!(wgmma_shared_bytes(128), 1024 + 10 * 16384);
+/// ```
+pub fn wgmma_shared_bytes(d: usize) -> usize {
+    WG_SLACK + 5 * WG_BN * d * 2
+}
+
 const _: () = {
     assert!(PARAM_BYTES == 192 && offset_of!(AttentionParams, nq) == 152 && offset_of!(AttentionParams, pad) == 188);
     assert!(F32_BM == 16 && F32_BN == 16 && BN == 64 && MAX_TOKENS <= 1 << 29);
@@ -135,14 +177,65 @@ struct Traits {
     threads: u32,
     /// Required byte alignment of Q, K, V, O (cp.async moves 16 bytes).
     align: usize,
+    /// An entry of the sm_90a module (else of `attention.ptx`).
+    sm90: bool,
+    /// Dynamic shared memory bytes of a launch.
+    shared: u32,
+}
+
+impl Traits {
+    fn module(&self) -> (&'static str, &'static str) {
+        if self.sm90 {
+            (MODULE_SM90, PTX_SM90)
+        } else {
+            (MODULE, PTX)
+        }
+    }
+}
+
+/// The wgmma entry for `dtype` and `d` (sm_90a), or [`Error::Unsupported`] naming what.
+///
+/// ```
+/// use vistok::{cuda::attention::wgmma_kernel_name, DType};
+/// assert_eq!(wgmma_kernel_name(DType::F16, 128).unwrap(), "attention_wgmma_f16_d128");
+/// assert!(wgmma_kernel_name(DType::BF16, 32).is_err());
+/// assert!(wgmma_kernel_name(DType::F32, 64).is_err());
+/// ```
+pub fn wgmma_kernel_name(dtype: DType, d: usize) -> Result<String> {
+    Ok(wgmma_traits(dtype, d)?.name)
+}
+
+fn wgmma_traits(dtype: DType, d: usize) -> Result<Traits> {
+    let unsupported = |msg: String| Error::Unsupported { family: Family::Attention, msg };
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return Err(unsupported(format!("no wgmma attention kernel for {}", dtype.name())));
+    }
+    if !WG_HEAD_DIMS.contains(&d) {
+        return Err(unsupported(format!("head dimension D = {d} for the wgmma kernel (64 or 128)")));
+    }
+    Ok(Traits {
+        name: format!("attention_wgmma_{}_d{d}", dtype.name()),
+        bm: WG_BM,
+        bn: WG_BN,
+        threads: WG_THREADS,
+        align: 16,
+        sm90: true,
+        shared: wgmma_shared_bytes(d) as u32,
+    })
 }
 
 fn traits(dtype: DType, d: usize) -> Result<Traits> {
     let unsupported = |msg: String| Error::Unsupported { family: Family::Attention, msg };
     match dtype {
-        DType::F32 if (1..=F32_DMAX).contains(&d) => {
-            Ok(Traits { name: "attention_f32".into(), bm: F32_BM, bn: F32_BN, threads: F32_THREADS, align: 4 })
-        }
+        DType::F32 if (1..=F32_DMAX).contains(&d) => Ok(Traits {
+            name: "attention_f32".into(),
+            bm: F32_BM,
+            bn: F32_BN,
+            threads: F32_THREADS,
+            align: 4,
+            sm90: false,
+            shared: 0,
+        }),
         DType::F32 => Err(unsupported(format!("head dimension D = {d} on the GPU for f32 (1..={F32_DMAX})"))),
         DType::F16 | DType::BF16 => match TC_HEAD_DIMS.iter().find(|(hd, _)| *hd == d) {
             Some(&(_, warps)) => Ok(Traits {
@@ -151,6 +244,8 @@ fn traits(dtype: DType, d: usize) -> Result<Traits> {
                 bn: BN,
                 threads: 32 * warps,
                 align: 16,
+                sm90: false,
+                shared: 0,
             }),
             None => Err(unsupported(format!("head dimension D = {d} on the GPU for {} (32, 64 or 128)", dtype.name()))),
         },
@@ -290,6 +385,34 @@ pub fn tile_extremes(ids: &[u32], tile: usize, max: bool) -> Vec<u32> {
 struct Uploaded {
     bias: Option<CudaSlice<f32>>,
     seg: Option<[CudaSlice<u32>; 4]>, // qseg, kseg, qmax, kmin
+    /// The segment ids on the host, to redo `qmax` / `kmin` when the tile sizes change.
+    seg_host: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+/// `qmax` per query tile of `t.bm` and `kmin` per key tile of `t.bn`, on the device.
+fn upload_extremes(gpu: &Gpu, q: &[u32], k: &[u32], t: &Traits) -> Result<[CudaSlice<u32>; 2]> {
+    let stream = gpu.stream();
+    let up = |what: &str, x: Vec<u32>| {
+        stream.clone_htod(&x).map_err(|e| driver_error(&format!("copying the segment {what} to the device"), e))
+    };
+    Ok([up("maxima", tile_extremes(q, t.bm, true))?, up("minima", tile_extremes(k, t.bn, false))?])
+}
+
+/// Whether the wgmma entries can run on `gpu` for `dtype` and `d`: `Ok(Ok(()))`, or
+/// `Ok(Err(why))`.
+fn wgmma_applies(gpu: &Gpu, dtype: DType, d: usize) -> Result<Result<Traits>> {
+    let t = match wgmma_traits(dtype, d) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    let cc = gpu.compute_capability()?;
+    if cc != (9, 0) {
+        return Ok(Err(Error::Unsupported {
+            family: Family::Attention,
+            msg: format!("the wgmma kernel needs compute capability 9.0 (sm_90a), not {}.{}", cc.0, cc.1),
+        }));
+    }
+    Ok(Ok(t))
 }
 
 /// One attention configuration (options, dtype, shapes) on one [`Gpu`]; data stays on the
@@ -352,7 +475,7 @@ impl AttentionKernel {
     ) -> Result<Self> {
         let p = validate(attention, q_dims, kv_dims)?;
         let s = Sizes { b: p.b, h: p.h, hkv: p.hkv, nq: p.nq, nk: p.nk, d: p.d };
-        let traits = traits(dtype, s.d)?;
+        let mut traits = traits(dtype, s.d)?;
         let unsupported = |msg: String| Error::Unsupported { family: Family::Attention, msg };
         if s.nq > MAX_TOKENS || s.nk > MAX_TOKENS {
             return Err(unsupported(format!("Nq = {}, Nk = {}: at most {MAX_TOKENS} tokens on the GPU", s.nq, s.nk)));
@@ -364,17 +487,21 @@ impl AttentionKernel {
         // host helpers only).
         check_finite::<f32>(&p, &[], &[], &[], |bad, x| x.iter().position(|e| bad.test(*e)), |_, _| None)?;
         gpu.function(MODULE, PTX, &traits.name)?;
+        if let Ok(t) = wgmma_applies(gpu, dtype, s.d)? {
+            gpu.function(MODULE_SM90, PTX_SM90, &t.name)?.allow_dynamic_shared(t.shared)?;
+            traits = t;
+        }
         let stream = gpu.stream();
         let up_err = |what: &'static str| move |e| driver_error(&format!("copying the {what} to the device"), e);
         let bias = if p.bias.is_none() { None } else { Some(stream.clone_htod(p.bias.data).map_err(up_err("bias"))?) };
-        let seg = match p.mask {
-            Mask::Segments { q, k } if s.nq > 0 && s.nk > 0 => Some([
-                stream.clone_htod(q).map_err(up_err("query segment ids"))?,
-                stream.clone_htod(k).map_err(up_err("key segment ids"))?,
-                stream.clone_htod(&tile_extremes(q, traits.bm, true)).map_err(up_err("segment maxima"))?,
-                stream.clone_htod(&tile_extremes(k, traits.bn, false)).map_err(up_err("segment minima"))?,
-            ]),
-            _ => None,
+        let (seg, seg_host) = match p.mask {
+            Mask::Segments { q, k } if s.nq > 0 && s.nk > 0 => {
+                let [qm, km] = upload_extremes(gpu, q, k, &traits)?;
+                let qs = stream.clone_htod(q).map_err(up_err("query segment ids"))?;
+                let ks = stream.clone_htod(k).map_err(up_err("key segment ids"))?;
+                (Some([qs, ks, qm, km]), Some((q.to_vec(), k.to_vec())))
+            }
+            _ => (None, None),
         };
         let es = dtype.size() as u64;
         let (b, h, hkv, nq, nk, d) = (s.b as u64, s.h as u64, s.hkv as u64, s.nq as u64, s.nk as u64, s.d as u64);
@@ -421,7 +548,7 @@ impl AttentionKernel {
             kv_dims: kv_dims.to_vec(),
             traits,
             base,
-            up: Uploaded { bias, seg },
+            up: Uploaded { bias, seg, seg_host },
         })
     }
 
@@ -433,6 +560,54 @@ impl AttentionKernel {
     /// The entry this configuration launches.
     pub fn entry(&self) -> &str {
         &self.traits.name
+    }
+
+    /// Chooses the sm_90a `wgmma` entry (`true`; what [`new`](Self::new) picks on a compute
+    /// capability 9.0 GPU for f16 / bf16 with D = 64 or 128) or the `mma.sync` / f32 one
+    /// (`false`, any GPU from sm_80 on), e.g. to compare the two.
+    ///
+    /// Errors: [`Error::Unsupported`] for `true` when the GPU is not compute capability 9.0 or
+    /// the dtype / D has no wgmma entry; driver errors.
+    ///
+    /// ```no_run
+    /// use vistok::attention::Attention;
+    /// use vistok::cuda::{attention::AttentionKernel, Gpu};
+    /// use vistok::DType;
+    /// # fn main() -> vistok::Result<()> {
+    /// let gpu = Gpu::new(0)?;
+    /// let dims = [1, 12, 1024, 64];
+    /// let kernel = AttentionKernel::new(&gpu, &Attention::new(), DType::BF16, &dims, &dims)?
+    ///     .with_wgmma(false)?; // mma.sync even on an H100
+    /// assert_eq!(kernel.entry(), "attention_bf16_d64");
+    /// # Ok(()) }
+    /// ```
+    pub fn with_wgmma(mut self, on: bool) -> Result<Self> {
+        if on == self.traits.sm90 {
+            return Ok(self);
+        }
+        let t =
+            if on { wgmma_applies(&self.gpu, self.dtype, self.sizes.d)?? } else { traits(self.dtype, self.sizes.d)? };
+        let (module, ptx) = t.module();
+        let f = self.gpu.function(module, ptx, &t.name)?;
+        if t.shared > 0 {
+            f.allow_dynamic_shared(t.shared)?;
+        }
+        if let (Some((q, k)), Some(seg)) = (&self.up.seg_host, &mut self.up.seg) {
+            let [qm, km] = upload_extremes(&self.gpu, q, k, &t)?;
+            (seg[2], seg[3]) = (qm, km);
+        }
+        self.traits = t;
+        Ok(self)
+    }
+
+    /// Whether this configuration runs the sm_90a `wgmma` entry.
+    pub fn wgmma(&self) -> bool {
+        self.traits.sm90
+    }
+
+    /// Dynamic shared memory bytes of a launch (0 but for the wgmma entries).
+    pub fn shared_bytes(&self) -> u32 {
+        self.traits.shared
     }
 
     /// Elements of Q (and O), of K (and V), and of the log-sum-exp.
@@ -542,7 +717,8 @@ impl AttentionKernel {
         if nq_len == 0 {
             return Ok(()); // B = 0, H = 0 or Nq = 0: nothing to write
         }
-        let f = self.gpu.function(MODULE, PTX, &self.traits.name)?;
+        let (module, ptx) = self.traits.module();
+        let f = self.gpu.function(module, ptx, &self.traits.name)?;
         let (qp, _gq) = q.device_ptr(stream);
         let (kp, _gk) = k.device_ptr(stream);
         let (vp, _gv) = v.device_ptr(stream);
@@ -586,7 +762,9 @@ impl AttentionKernel {
         // < Nk and < the tile counts of `tile_extremes`. Every buffer is borrowed (its stream
         // events recorded by the guards) until the launch is enqueued, and cudarc's
         // stream-ordered frees keep them alive until it completes; the uploads live in `self`.
-        unsafe { f.launch(stream, l.grid, l.block, &l.params) }
+        // The wgmma entries' dynamic shared memory (`traits.shared`, the size the PTX docstring
+        // lays out) was allowed on the function when the entry was chosen.
+        unsafe { f.launch_shared(stream, l.grid, l.block, self.traits.shared, &l.params) }
     }
 
     /// [`forward`](Self::forward) from and to host memory on the default stream; first scans

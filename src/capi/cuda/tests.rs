@@ -606,6 +606,15 @@ fn merge_matches_the_cpu_backend() {
 fn a_stream_of_another_context_is_refused() {
     let Some(dev) = device() else { return };
     // A non-primary context of the same device: its streams are not the device handle's.
+    // cudarc creates it with cuCtxCreate_v4, which drivers before 12.5 lack (a missing symbol
+    // panics in the dynamic loader): skip there.
+    let mut version = 0;
+    // SAFETY: a valid out-pointer; the driver library is loaded (`device()` found a GPU).
+    let st = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    if st != cudarc::driver::sys::CUresult::CUDA_SUCCESS || version < 12050 {
+        eprintln!("skipped: a second context needs a CUDA 12.5 driver (cuCtxCreate_v4), this one is {version}");
+        return;
+    }
     let Ok(other) = cudarc::driver::CudaContext::new_non_primary(dev.gpu.ordinal(), 0) else {
         eprintln!("skipped: cannot create a second context");
         return;

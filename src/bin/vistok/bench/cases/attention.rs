@@ -14,7 +14,10 @@
 //! Data stays on the device; timing covers the launches only (no transfers). The H200
 //! target is bf16 / f16 at D = 64 and 128, N ≥ 2048: ≥ 350 TFLOP/s, i.e. 35% of the H200's
 //! dense bf16 tensor peak of ≈ 989 TFLOP/s (NVIDIA's SXM figure without sparsity); the
-//! GFLOP/s column of these rows divided by 989 000 is that fraction.
+//! GFLOP/s column of these rows divided by 989 000 is that fraction. On a compute capability
+//! 9.0 GPU the f16 / bf16 rows at D = 64 and 128 run the sm_90a `wgmma` entry (the default
+//! there), each with a sibling row `…-mma` running the `mma.sync` entry on the same data for a
+//! same-run ratio.
 
 use std::rc::Rc;
 
@@ -186,10 +189,19 @@ fn shape<T: Float + Dev>(env: &Env, spec: Spec) -> Vec<Case> {
     }
     #[cfg(feature = "cuda")]
     if let Some(gpu) = &env.gpu {
-        let mut c = case(Backend::Cuda, vistok::Backend::Reference);
-        let (gpu, flow) = (gpu.clone(), Rc::new(Flow { spec, input: input.clone(), oracle: oracle.clone() }));
-        c.setup = Box::new(move || device::runner::<T>(&gpu, flow.clone()));
-        cases.push(c);
+        // compute capability 9.0, 16-bit, D with a wgmma entry: the default (wgmma) row and the
+        // mma.sync entry on the same data
+        let both = T::DTYPE != DType::F32
+            && gpu.compute_capability().ok() == Some((9, 0))
+            && vistok::cuda::attention::WG_HEAD_DIMS.contains(&spec.d);
+        let variants: &[(&str, Option<bool>)] = if both { &[("", None), ("-mma", Some(false))] } else { &[("", None)] };
+        for &(tag, wgmma) in variants {
+            let mut c = case(Backend::Cuda, vistok::Backend::Reference);
+            c.shape.push_str(tag);
+            let (gpu, flow) = (gpu.clone(), Rc::new(Flow { spec, input: input.clone(), oracle: oracle.clone() }));
+            c.setup = Box::new(move || device::runner::<T>(&gpu, flow.clone(), wgmma));
+            cases.push(c);
+        }
     }
     #[cfg(not(feature = "cuda"))]
     let _ = env;
@@ -264,10 +276,20 @@ mod device {
         out: CudaSlice<T>,
     }
 
-    pub(super) fn runner<T: Float + Dev + 'static>(gpu: &Gpu, flow: Rc<Flow<T>>) -> Result<Box<dyn Runner>, String> {
+    /// `wgmma`: force the sm_90a entry (`Some(true)`) or the mma.sync / f32 one; `None`: the
+    /// default for this GPU.
+    pub(super) fn runner<T: Float + Dev + 'static>(
+        gpu: &Gpu,
+        flow: Rc<Flow<T>>,
+        wgmma: Option<bool>,
+    ) -> Result<Box<dyn Runner>, String> {
         let spec = flow.spec;
         let e = |e: vistok::Error| e.to_string();
-        let kernel = AttentionKernel::new(gpu, &spec.attention(), T::DTYPE, &spec.dims(), &spec.dims()).map_err(e)?;
+        let mut kernel =
+            AttentionKernel::new(gpu, &spec.attention(), T::DTYPE, &spec.dims(), &spec.dims()).map_err(e)?;
+        if let Some(on) = wgmma {
+            kernel = kernel.with_wgmma(on).map_err(e)?;
+        }
         let stream = gpu.stream().clone();
         let x = flow.input.get()?;
         let up = |v: &[T]| stream.clone_htod(v).map_err(|e| format!("copying the input to the GPU: {e}"));
