@@ -200,6 +200,86 @@ mod cuda {
         );
     }
 
+    /// The similarity stage alone (what the benches' `-similarity` rows time): the exact and
+    /// the tensor-core kernel, repeated runs give the same partial bests (every entry written:
+    /// the buffer starts zeroed and a best key is never 0), the flop count, typed errors.
+    #[test]
+    fn similarity_stage_runs_alone_and_repeats() {
+        let Some(gpu) = gpu() else { return };
+        let s = gpu.stream();
+        let mut rng = Rng(17);
+        let dims = [2usize, 131, 72];
+        let [b, n, c] = dims;
+        let flops = 2 * (b * n.div_ceil(2) * (n / 2) * c) as u64;
+        let exact = MergeKernel::new(gpu).unwrap();
+        let tc = MergeKernel::new(gpu).unwrap().with_tensor_cores(true).unwrap();
+        let m32 = s.clone_htod(&metric::<f32>(b, n, c, 1, &mut rng)).unwrap();
+        let m16 = s.clone_htod(&metric::<bf16>(b, n, c, 1, &mut rng)).unwrap();
+        let want_tc = if tc.wgmma() { "merge_similarity_wgmma_bf16" } else { "merge_similarity_mma_bf16" };
+        let mut stages = [
+            exact.similarity_stage(s, &m32, dims).unwrap(),
+            exact.similarity_stage(s, &m16, dims).unwrap(),
+            tc.similarity_stage(s, &m16, dims).unwrap(),
+        ];
+        let kernels = [&exact, &exact, &tc];
+        let mut bests = vec![];
+        for (stage, (k, want)) in
+            stages.iter_mut().zip(kernels.into_iter().zip(["merge_similarity", "merge_similarity", want_tc]))
+        {
+            assert_eq!((stage.kernel().as_str(), stage.flops()), (want, flops));
+            k.run_similarity(s, stage).unwrap();
+            let first = stage.partial_bests(s).unwrap();
+            assert!(first.len() >= b * n.div_ceil(2) && first.iter().all(|&x| x != 0), "{want}: entries unwritten");
+            for _ in 0..2 {
+                k.run_similarity(s, stage).unwrap();
+            }
+            assert_eq!(stage.partial_bests(s).unwrap(), first, "{want}: repeated runs differ");
+            let (na, nb) = (n.div_ceil(2), n / 2);
+            let splits = first.len() / (b * na);
+            assert_eq!(first.len(), b * splits * na, "{want}: [B, splits, na]");
+            bests.push(
+                (0..b * na)
+                    .map(|i| {
+                        let (bi, a) = (i / na, i % na);
+                        (0..splits)
+                            .map(|sp| first[(bi * splits + sp) * na + a])
+                            .map(|x| (f32::from_bits(x as u32), (x >> 32) as usize))
+                            .fold((f32::NEG_INFINITY, usize::MAX), |acc, e| if e.0 > acc.0 { e } else { acc })
+                    })
+                    .inspect(|&(_, j)| assert!(j < nb, "{want}: B index {j}"))
+                    .collect::<Vec<(f32, usize)>>(),
+            );
+        }
+        // The best B of every A row against the f64 oracle: its oracle score within the
+        // contract's tolerance of the oracle's best (the exact kernel: its own score too).
+        let v16: Vec<bf16> = s.clone_dtoh(&m16).unwrap();
+        let v32: Vec<f32> = s.clone_dtoh(&m32).unwrap();
+        let nb = n / 2;
+        for (i, best) in bests.iter().enumerate() {
+            let oracle = if i == 0 {
+                oracle_scores(&v32, dims, &MatchConfig::new(1))
+            } else {
+                oracle_scores(&v16, dims, &MatchConfig::new(1))
+            };
+            let tol = 2.0 * tc_tol(c);
+            for (row, &(score, j)) in best.iter().enumerate() {
+                let o = &oracle[row * nb..][..nb];
+                let top = o.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                assert!(top - o[j] <= tol && (score as f64 - o[j]).abs() <= tol, "stage {i}, row {row}: B {j}");
+            }
+        }
+        // f32 and bf16 metrics of the same values (the exact kernel widens bf16 exactly) agree
+        // once the f32 metric holds the bf16 values.
+        let v16: Vec<bf16> = s.clone_dtoh(&m16).unwrap();
+        let widened = s.clone_htod(&v16.iter().map(|x| x.to_f32()).collect::<Vec<f32>>()).unwrap();
+        let mut w = exact.similarity_stage(s, &widened, dims).unwrap();
+        exact.run_similarity(s, &mut w).unwrap();
+        assert_eq!(w.partial_bests(s).unwrap(), stages[1].partial_bests(s).unwrap(), "bf16 vs its f32 widening");
+        assert!(matches!(exact.similarity_stage(s, &m32, [0, n, c]), Err(Error::Invalid { .. })), "B = 0");
+        assert!(matches!(exact.similarity_stage(s, &m32, [b, n, c + 1]), Err(Error::Length { .. })), "length");
+        assert!(matches!(exact.similarity_stage(s, &m32, [b * n * c, 1, 1]), Err(Error::Shape { .. })), "N = 1");
+    }
+
     /// A metric with planted exact ties: small integers (many equal cosines), duplicated rows,
     /// all-zero rows, or plain random values.
     fn metric<M: Float>(b: usize, n: usize, c: usize, style: u64, rng: &mut Rng) -> Vec<M> {

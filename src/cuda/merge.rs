@@ -39,6 +39,10 @@
 //! The `B·⌈N/2⌉` (A token, best B) pairs in rank order are copied back and the host assembles
 //! the [`MergePlan`] (`O(B·N)`), exactly as the cpu backend does from the same ranking.
 //!
+//! [`MergeKernel::similarity_stage`] and [`MergeKernel::run_similarity`] expose steps 1–2 alone
+//! (operands prepared once, the similarity launched as often as wanted): what the benches'
+//! `merge/cuda/*/…-similarity` rows time against the tensor-core roofline.
+//!
 //! # Applying a plan ([`MergeKernel::merge`], [`MergeKernel::merge_weighted`], [`MergeKernel::unmerge`])
 //! A plan is uploaded once ([`MergeKernel::upload`]: its slot map and its per-slot source
 //! lists). One block per output slot, threads over channels; a slot's sources are combined in
@@ -392,6 +396,69 @@ fn alloc<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize, wh
     stream.alloc_zeros::<T>(n.max(1)).map_err(|e| driver_error(&format!("allocating {what}"), e))
 }
 
+/// The operands of a similarity stage.
+enum Operands {
+    /// Normalised f32 rows `[B, N, C]` (the exact FFMA similarity).
+    Exact(CudaSlice<f32>),
+    /// Packed scaled rows and inverse norms (the tensor-core similarity).
+    TensorCores { packed: CudaSlice<u16>, inv: CudaSlice<f32>, wgmma: bool, dtype: DType },
+}
+
+/// A metric's prepared similarity stage on the device (see
+/// [`MergeKernel::similarity_stage`]): its operands, the grid and the per-split partial bests
+/// each [`MergeKernel::run_similarity`] overwrites.
+pub struct SimilarityStage {
+    batch: usize,
+    na: usize,
+    nb: usize,
+    c: usize,
+    operands: Operands,
+    status: CudaSlice<u64>,
+    partial: CudaSlice<u64>,
+    params: MergeParams,
+    grid: (u32, u32, u32),
+}
+
+impl std::fmt::Debug for SimilarityStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimilarityStage")
+            .field("kernel", &self.kernel())
+            .field("dims", &[self.batch, self.na + self.nb, self.c])
+            .field("grid", &self.grid)
+            .finish()
+    }
+}
+
+impl SimilarityStage {
+    /// Floating-point operations of one run: `2·B·⌈N/2⌉·⌊N/2⌋·C` (a multiply and an add per
+    /// A token, B token and channel), as the benches count them.
+    pub fn flops(&self) -> u64 {
+        2 * (self.batch as u64) * (self.na as u64) * (self.nb as u64) * (self.c as u64)
+    }
+
+    /// The entry a run launches (`merge_similarity`, `merge_similarity_mma_{dtype}` or
+    /// `merge_similarity_wgmma_{dtype}`).
+    pub fn kernel(&self) -> String {
+        match &self.operands {
+            Operands::Exact(_) => "merge_similarity".into(),
+            Operands::TensorCores { wgmma: true, dtype, .. } => {
+                (if *dtype == DType::F16 { WGMMA_NAMES[0] } else { WGMMA_NAMES[1] }).into()
+            }
+            Operands::TensorCores { dtype, .. } => kernel_name("similarity_mma", *dtype),
+        }
+    }
+
+    /// The partial bests of the last run, `[B, splits, ⌈N/2⌉]` keys (an internal encoding of
+    /// (score, B token); for tests: equal runs give equal keys). Waits for the stream.
+    ///
+    /// Errors: driver errors.
+    pub fn partial_bests(&self, stream: &Arc<CudaStream>) -> Result<Vec<u64>> {
+        let v = stream.clone_dtoh(&self.partial).map_err(|e| driver_error("copying the partial bests", e))?;
+        stream.synchronize().map_err(|e| driver_error("cuStreamSynchronize", e))?;
+        Ok(v)
+    }
+}
+
 impl MergeKernel {
     /// Loads the module on `gpu` (JIT-compiled on first use).
     ///
@@ -538,124 +605,26 @@ impl MergeKernel {
         dims: [usize; 3],
         config: &MatchConfig,
     ) -> Result<MergePlan> {
-        if !DTYPES.contains(&M::DTYPE) {
-            return Err(unsupported(format!("no CUDA kernel for a {} metric", M::DTYPE.name())));
-        }
-        check_metric_dims(dims)?;
         let [b, n, c] = dims;
-        check_len("metric", b * n * c, metric.len())?;
-        check_stream(&self.gpu, "stream", stream)?;
-        check_stream(&self.gpu, "metric buffer", metric.stream())?;
+        // Validates the metric dims (before `effective_r` looks at N), its length and streams.
+        let stage = self.stage(stream, metric, dims, config.effective_r(n.max(2)) > 0, config)?;
         let r = config.effective_r(n);
         let parts_empty = Parts { kept: vec![], merged: vec![], dest: vec![] };
-        if b == 0 {
+        let Some(mut stage) = stage else {
             return Ok(MergePlan::from_parts(b, n, r, *config, parts_empty));
-        }
-        let (na, nb) = (n.div_ceil(2), n / 2);
-        let tc = self.tensor_cores && TC_DTYPES.contains(&M::DTYPE);
-        let mut status = alloc::<u64>(stream, 1, "the status word")?;
-        let mut p = MergeParams {
-            batch: b as u32,
-            n: n as u32,
-            c: c as u32,
-            na: na as u32,
-            nb: nb as u32,
-            flags: u32::from(config.class_token) | (u32::from(config.distill_token) << 1),
-            ..MergeParams::default()
         };
-        let mut u = None;
-        if r == 0 || !tc {
-            let mut buf = alloc::<f32>(stream, b * n * c, "normalised metric rows")?;
-            {
-                let f = self.gpu.function(MODULE, PTX, &kernel_name("normalize", M::DTYPE))?;
-                let (src, _r) = metric.device_ptr(stream);
-                let (dst, _w) = buf.device_ptr_mut(stream);
-                let (st, _s) = status.device_ptr_mut(stream);
-                let params = MergeParams { src, dst, status: st, ..p };
-                let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
-                // SAFETY: parameter block MergeParams (size and offsets checked by tests/cuda_merge.rs).
-                // The kernel reads metric [0, B·N·C) (= metric.len(), checked), writes u [0, B·N·C)
-                // (allocated with that length) and the one status word; B·N < 2³¹ and C < 2³¹
-                // (checked), flat indices are 64-bit. The guards keep the buffers borrowed until the
-                // launch is enqueued; cudarc's stream-ordered frees keep them alive until it ends.
-                unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
-            }
-            u = Some(buf);
-        }
         if r == 0 {
-            self.status(stream, &status, |i| non_finite("metric", i, n, c))?;
+            self.status(stream, &stage.status, |i| non_finite("metric", i, n, c))?;
             return Ok(MergePlan::from_parts(b, n, r, *config, parts_empty));
         }
-        let (ax, splits, tiles) = if tc {
-            tc_similarity_grid(b, na, nb, self.target_blocks)
-        } else {
-            similarity_grid(b, na, nb, self.target_blocks)
-        };
-        check_index("B·splits·⌈N/2⌉", b * splits as usize * na)?;
-        p.splits = splits;
-        p.tiles = tiles;
-        let mut partial = alloc::<u64>(stream, b * splits as usize * na, "partial bests")?;
+        self.run_similarity(stream, &mut stage)?;
+        let na = stage.na;
+        let p = stage.params;
         let mut reduced = alloc::<u64>(stream, b * na, "best B tokens")?;
         let mut order = alloc::<u64>(stream, b * na, "the ranking")?;
-        if let Some(u) = &u {
-            let f = self.gpu.function(MODULE, PTX, "merge_similarity")?;
-            let (src, _r) = u.device_ptr(stream);
-            let (dst, _w) = partial.device_ptr_mut(stream);
-            let params = MergeParams { src, dst, ..p };
-            // SAFETY: MergeParams as above. Reads u rows of batch < B (grid z = B ≤ 65535,
-            // checked), A tokens 2a < N and B tokens 2j + 1 < N (guarded by na / nb), channels
-            // < C; writes partial[(b·splits + s)·na + a] for a < na, s < splits: inside the
-            // B·splits·na entries allocated (< 2³¹, checked).
-            unsafe { f.launch(stream, (ax, splits, b as u32), (BLOCK, 1, 1), &params) }?;
-        } else {
-            // Packed operands: per batch NP = ⌈na/128⌉·128 A rows then NP B rows (nb ≤ na), each
-            // of CP = ⌈C/32⌉·32 channels, zero-filled padding (alloc_zeros).
-            let np = na.div_ceil(TC_TILE) * TC_TILE;
-            let cp = c.div_ceil(TC_K) * TC_K;
-            let elems = b
-                .checked_mul(2 * np)
-                .and_then(|v| v.checked_mul(cp))
-                .ok_or_else(|| unsupported(format!("packed tensor-core operands for [{b}, {n}, {c}] overflow")))?;
-            let mut packed = alloc::<u16>(stream, elems, "packed tensor-core operands")?;
-            let mut inv = alloc::<f32>(stream, b * n, "inverse norms")?;
-            {
-                let f = self.gpu.function(MODULE, PTX, &kernel_name("pack", M::DTYPE))?;
-                let (src, _r) = metric.device_ptr(stream);
-                let (dst, _w) = packed.device_ptr_mut(stream);
-                let (aux, _a) = inv.device_ptr_mut(stream);
-                let (st, _s) = status.device_ptr_mut(stream);
-                let params = MergeParams { src, dst, aux, status: st, ..p };
-                let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
-                // SAFETY: MergeParams as above. Reads metric [0, B·N·C) (checked length); token
-                // row b·N + t < B·N writes packed[((2b + t mod 2)·NP + ⌊t/2⌋)·CP + k] for k < C
-                // (< B·2·NP·CP = the allocation, computed without overflow above; the kernel
-                // computes these offsets in 64 bits) and inv[b·N + t] (B·N entries allocated),
-                // plus the status word.
-                unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
-            }
-            let wg = self.wgmma && c >= WGMMA_MIN_C;
-            let (f, shared) = if wg {
-                let name = if M::DTYPE == DType::F16 { WGMMA_NAMES[0] } else { WGMMA_NAMES[1] };
-                (self.gpu.function(MODULE_SM90, PTX_SM90, name)?, WGMMA_SHARED as u32)
-            } else {
-                (self.gpu.function(MODULE, PTX, &kernel_name("similarity_mma", M::DTYPE))?, 0)
-            };
-            let (src, _r) = packed.device_ptr(stream);
-            let (aux, _a) = inv.device_ptr(stream);
-            let (dst, _w) = partial.device_ptr_mut(stream);
-            let params = MergeParams { src, dst, aux, ..p };
-            // SAFETY: MergeParams as above. Block (x, s, b) reads the packed A rows
-            // [2b·NP + 128x, +128) and B rows (2b + 1)·NP + [128t, 128t + 128) for its tiles
-            // t < ⌈nb/128⌉ ≤ NP/128, all CP channels (the wgmma kernel's 64-channel k-blocks
-            // zero-fill chunks at or past CP instead of reading them): inside the allocation;
-            // inv of tokens < B·N (guarded by na / nb); writes partial[(b·splits + s)·na + a]
-            // for a < na as above. The wgmma kernel's dynamic shared memory is WGMMA_SHARED
-            // bytes, what its layout needs (allowed in with_wgmma).
-            unsafe { f.launch_shared(stream, (ax, splits, b as u32), (BLOCK, 1, 1), shared, &params) }?;
-        }
         {
             let f = self.gpu.function(MODULE, PTX, "merge_reduce")?;
-            let (src, _r) = partial.device_ptr(stream);
+            let (src, _r) = stage.partial.device_ptr(stream);
             let (dst, _w) = reduced.device_ptr_mut(stream);
             let params = MergeParams { src, dst, ..p };
             let grid = ((b * na).div_ceil(BLOCK as usize) as u32, 1, 1);
@@ -673,10 +642,186 @@ impl MergeKernel {
             // writes order[b·na + rank] with rank < na (a count of the other na − 1 tokens).
             unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
         }
-        self.status(stream, &status, |i| non_finite("metric", i, n, c))?;
+        self.status(stream, &stage.status, |i| non_finite("metric", i, n, c))?;
         let pairs = stream.clone_dtoh(&order).map_err(|e| driver_error("copying the ranking", e))?;
         stream.synchronize().map_err(|e| driver_error("cuStreamSynchronize", e))?;
         Ok(MergePlan::from_parts(b, n, r, *config, parts_from_ranking(&pairs[..b * na], b, na, r, config)))
+    }
+
+    /// The matching's similarity stage alone, for timing it (the benches' `-similarity` rows)
+    /// or for engines that run it repeatedly on one metric: prepares the operands of `metric`
+    /// `[B, N, C]` on `stream` (normalised f32 rows, or with
+    /// [`tensor_cores`](Self::with_tensor_cores) and an f16 / bf16 metric the packed scaled rows
+    /// and inverse norms) and allocates the per-split partial bests;
+    /// [`run_similarity`](Self::run_similarity) then launches only the similarity kernel (the
+    /// `B·⌈N/2⌉·⌊N/2⌋·C` multiply-adds, [`SimilarityStage::flops`]) — exactly the launch
+    /// [`plan`](Self::plan) makes. Asynchronous; the metric's non-finite check is not read back.
+    ///
+    /// Errors: those of [`plan`](Self::plan) on the metric (dims, length, `N < 2`, `C = 0`,
+    /// limits, streams), and [`Error::Invalid`] for `B = 0` (nothing to run).
+    ///
+    /// ```no_run
+    /// use vistok::cuda::{merge::MergeKernel, Gpu};
+    /// use vistok::bf16;
+    /// # fn main() -> vistok::Result<()> {
+    /// let gpu = Gpu::new(0)?;
+    /// let kernel = MergeKernel::new(&gpu)?.with_tensor_cores(true)?;
+    /// let stream = gpu.stream();
+    /// let (b, n, c) = (8, 1024, 768);
+    /// let metric = stream.clone_htod(&vec![bf16::from_f32(0.5); b * n * c]).unwrap();
+    /// let mut stage = kernel.similarity_stage(stream, &metric, [b, n, c])?;
+    /// let t = std::time::Instant::now();
+    /// for _ in 0..10 {
+    ///     kernel.run_similarity(stream, &mut stage)?;
+    /// }
+    /// gpu.synchronize()?;
+    /// let tflops = 10.0 * stage.flops() as f64 / t.elapsed().as_secs_f64() / 1e12;
+    /// println!("{}: {tflops:.0} TFLOP/s", stage.kernel());
+    /// # Ok(()) }
+    /// ```
+    pub fn similarity_stage<M: Float>(
+        &self,
+        stream: &Arc<CudaStream>,
+        metric: &impl DevicePtr<M>,
+        dims: [usize; 3],
+    ) -> Result<SimilarityStage> {
+        self.stage(stream, metric, dims, true, &MatchConfig::new(1))?.ok_or_else(|| Error::Invalid {
+            family: Family::Merge,
+            msg: "a similarity stage of B = 0 metrics: nothing to run".into(),
+        })
+    }
+
+    /// Validates, prepares the operands (`similarity`: for the similarity, else only the
+    /// normalisation that checks the metric) and plans the similarity grid; `None` for B = 0.
+    fn stage<M: Float>(
+        &self,
+        stream: &Arc<CudaStream>,
+        metric: &impl DevicePtr<M>,
+        dims: [usize; 3],
+        similarity: bool,
+        config: &MatchConfig,
+    ) -> Result<Option<SimilarityStage>> {
+        if !DTYPES.contains(&M::DTYPE) {
+            return Err(unsupported(format!("no CUDA kernel for a {} metric", M::DTYPE.name())));
+        }
+        check_metric_dims(dims)?;
+        let [b, n, c] = dims;
+        check_len("metric", b * n * c, metric.len())?;
+        check_stream(&self.gpu, "stream", stream)?;
+        check_stream(&self.gpu, "metric buffer", metric.stream())?;
+        if b == 0 {
+            return Ok(None);
+        }
+        let (na, nb) = (n.div_ceil(2), n / 2);
+        let tc = similarity && self.tensor_cores && TC_DTYPES.contains(&M::DTYPE);
+        let mut status = alloc::<u64>(stream, 1, "the status word")?;
+        let mut p = MergeParams {
+            batch: b as u32,
+            n: n as u32,
+            c: c as u32,
+            na: na as u32,
+            nb: nb as u32,
+            flags: u32::from(config.class_token) | (u32::from(config.distill_token) << 1),
+            ..MergeParams::default()
+        };
+        let operands = if !tc {
+            let mut buf = alloc::<f32>(stream, b * n * c, "normalised metric rows")?;
+            let f = self.gpu.function(MODULE, PTX, &kernel_name("normalize", M::DTYPE))?;
+            let (src, _r) = metric.device_ptr(stream);
+            let (dst, _w) = buf.device_ptr_mut(stream);
+            let (st, _s) = status.device_ptr_mut(stream);
+            let params = MergeParams { src, dst, status: st, ..p };
+            let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
+            // SAFETY: parameter block MergeParams (size and offsets checked by tests/cuda_merge.rs).
+            // The kernel reads metric [0, B·N·C) (= metric.len(), checked), writes u [0, B·N·C)
+            // (allocated with that length) and the one status word; B·N < 2³¹ and C < 2³¹
+            // (checked), flat indices are 64-bit. The guards keep the buffers borrowed until the
+            // launch is enqueued; cudarc's stream-ordered frees keep them alive until it ends.
+            unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
+            drop((_r, _w, _s));
+            Operands::Exact(buf)
+        } else {
+            // Packed operands: per batch NP = ⌈na/128⌉·128 A rows then NP B rows (nb ≤ na), each
+            // of CP = ⌈C/32⌉·32 channels, zero-filled padding (alloc_zeros).
+            let np = na.div_ceil(TC_TILE) * TC_TILE;
+            let cp = c.div_ceil(TC_K) * TC_K;
+            let elems = b
+                .checked_mul(2 * np)
+                .and_then(|v| v.checked_mul(cp))
+                .ok_or_else(|| unsupported(format!("packed tensor-core operands for [{b}, {n}, {c}] overflow")))?;
+            let mut packed = alloc::<u16>(stream, elems, "packed tensor-core operands")?;
+            let mut inv = alloc::<f32>(stream, b * n, "inverse norms")?;
+            let f = self.gpu.function(MODULE, PTX, &kernel_name("pack", M::DTYPE))?;
+            let (src, _r) = metric.device_ptr(stream);
+            let (dst, _w) = packed.device_ptr_mut(stream);
+            let (aux, _a) = inv.device_ptr_mut(stream);
+            let (st, _s) = status.device_ptr_mut(stream);
+            let params = MergeParams { src, dst, aux, status: st, ..p };
+            let grid = ((b * n).div_ceil(NORM_ROWS as usize) as u32, 1, 1);
+            // SAFETY: MergeParams as above. Reads metric [0, B·N·C) (checked length); token
+            // row b·N + t < B·N writes packed[((2b + t mod 2)·NP + ⌊t/2⌋)·CP + k] for k < C
+            // (< B·2·NP·CP = the allocation, computed without overflow above; the kernel
+            // computes these offsets in 64 bits) and inv[b·N + t] (B·N entries allocated),
+            // plus the status word.
+            unsafe { f.launch(stream, grid, (BLOCK, 1, 1), &params) }?;
+            drop((_r, _w, _a, _s));
+            let wgmma = self.wgmma && c >= WGMMA_MIN_C;
+            Operands::TensorCores { packed, inv, wgmma, dtype: M::DTYPE }
+        };
+        let (ax, splits, tiles) = if tc {
+            tc_similarity_grid(b, na, nb, self.target_blocks)
+        } else {
+            similarity_grid(b, na, nb, self.target_blocks)
+        };
+        check_index("B·splits·⌈N/2⌉", b * splits as usize * na)?;
+        p.splits = splits;
+        p.tiles = tiles;
+        let partial = alloc::<u64>(stream, b * splits as usize * na, "partial bests")?;
+        let grid = (ax, splits, b as u32);
+        Ok(Some(SimilarityStage { batch: b, na, nb, c, operands, status, partial, params: p, grid }))
+    }
+
+    /// Launches the similarity kernel of `stage` on `stream` (asynchronous), overwriting its
+    /// partial bests: the launch [`plan`](Self::plan) makes.
+    ///
+    /// Errors: [`Error::Invalid`] for a stream of another context; driver errors.
+    pub fn run_similarity(&self, stream: &Arc<CudaStream>, stage: &mut SimilarityStage) -> Result<()> {
+        check_stream(&self.gpu, "stream", stream)?;
+        let p = stage.params;
+        let block = (BLOCK, 1, 1);
+        match &stage.operands {
+            Operands::Exact(u) => {
+                let f = self.gpu.function(MODULE, PTX, "merge_similarity")?;
+                let (src, _r) = u.device_ptr(stream);
+                let (dst, _w) = stage.partial.device_ptr_mut(stream);
+                let params = MergeParams { src, dst, ..p };
+                // SAFETY: MergeParams as above. Reads u rows of batch < B (grid z = B ≤ 65535,
+                // checked), A tokens 2a < N and B tokens 2j + 1 < N (guarded by na / nb), channels
+                // < C; writes partial[(b·splits + s)·na + a] for a < na, s < splits: inside the
+                // B·splits·na entries allocated (< 2³¹, checked). The stage owns both buffers.
+                unsafe { f.launch(stream, stage.grid, block, &params) }
+            }
+            Operands::TensorCores { packed, inv, wgmma, dtype } => {
+                let (f, shared) = if *wgmma {
+                    let name = if *dtype == DType::F16 { WGMMA_NAMES[0] } else { WGMMA_NAMES[1] };
+                    (self.gpu.function(MODULE_SM90, PTX_SM90, name)?, WGMMA_SHARED as u32)
+                } else {
+                    (self.gpu.function(MODULE, PTX, &kernel_name("similarity_mma", *dtype))?, 0)
+                };
+                let (src, _r) = packed.device_ptr(stream);
+                let (aux, _a) = inv.device_ptr(stream);
+                let (dst, _w) = stage.partial.device_ptr_mut(stream);
+                let params = MergeParams { src, dst, aux, ..p };
+                // SAFETY: MergeParams as above. Block (x, s, b) reads the packed A rows
+                // [2b·NP + 128x, +128) and B rows (2b + 1)·NP + [128t, 128t + 128) for its tiles
+                // t < ⌈nb/128⌉ ≤ NP/128, all CP channels (the wgmma kernel's 64-channel k-blocks
+                // zero-fill chunks at or past CP instead of reading them): inside the allocation;
+                // inv of tokens < B·N (guarded by na / nb); writes partial[(b·splits + s)·na + a]
+                // for a < na as above. The wgmma kernel's dynamic shared memory is WGMMA_SHARED
+                // bytes, what its layout needs (allowed in with_wgmma, which `wgmma` implies).
+                unsafe { f.launch_shared(stream, stage.grid, block, shared, &params) }
+            }
+        }
     }
 
     /// [`plan`](Self::plan) from host memory on the default stream.

@@ -164,11 +164,30 @@ fn shape<T: Float + crate::dev::Dev>(env: &Env, s: &Spec) -> Vec<Case> {
         // On compute capability 9.0 the 16-bit rows run the wgmma similarity (C ≥ 64): a
         // sibling row `…-mma` runs mma.sync on the same data, for a same-run ratio.
         let hopper = gpu.compute_capability().ok() == Some((9, 0));
-        if hopper && T::DTYPE != vistok::DType::F32 && c >= vistok::cuda::merge::WGMMA_MIN_C {
+        let both = hopper && T::DTYPE != vistok::DType::F32 && c >= vistok::cuda::merge::WGMMA_MIN_C;
+        if both {
             let (gpu, flow) = (gpu.clone(), flow.share());
             let mut row = case(Backend::Cuda, peak, Box::new(move || device::runner(&gpu, flow.share(), Some(false))));
             row.shape.push_str("-mma");
             cases.push(row);
+        }
+        // The similarity kernel alone (`…-similarity`, the tensor-core target), not on
+        // the tiny shape: bytes are its operands read once (packed 16-bit rows or f32 rows).
+        if !s.ci {
+            let variants: &[(&str, Option<bool>)] = if both {
+                &[("-similarity", None), ("-similarity-mma", Some(false))]
+            } else {
+                &[("-similarity", None)]
+            };
+            let es = if T::DTYPE == vistok::DType::F32 { 4 } else { 2 };
+            for &(tag, wgmma) in variants {
+                let (gpu, flow) = (gpu.clone(), flow.share());
+                let mut row =
+                    case(Backend::Cuda, peak, Box::new(move || device::similarity_runner(&gpu, flow.share(), wgmma)));
+                row.shape.push_str(tag);
+                row.bytes = (b * n * c * es) as u64;
+                cases.push(row);
+            }
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -222,13 +241,16 @@ impl<T: Float> Runner for HostRunner<T> {
 /// and the output download are outside the timing; the plan's round trip is inside. f32
 /// metrics take the exact FFMA similarity (% of the f32 roof, H200 ≈ 67 TFLOP/s); bf16 ones
 /// the tensor-core similarity (`with_tensor_cores`; % of the dense bf16 roof, ≈ 989 TFLOP/s):
-/// on an H100 / H200 the wgmma kernel, with a `-mma` sibling row on mma.sync.
+/// on an H100 / H200 the wgmma kernel, with a `-mma` sibling row on mma.sync. The
+/// `…-similarity` rows time the similarity kernel alone (`MergeKernel::run_similarity` on
+/// operands prepared once), the tensor-core target; `-similarity-mma` its mma.sync
+/// sibling on Hopper.
 #[cfg(feature = "cuda")]
 mod device {
     use std::sync::Arc;
 
     use cudarc::driver::{CudaSlice, CudaStream};
-    use vistok::cuda::merge::MergeKernel;
+    use vistok::cuda::merge::{MergeKernel, SimilarityStage};
     use vistok::cuda::Gpu;
     use vistok::merge::MergeMode;
     use vistok::Float;
@@ -264,6 +286,63 @@ mod device {
             .clone_htod(&vec![T::from_f32(f32::NAN); out_len])
             .map_err(|e| format!("allocating the output on the GPU: {e}"))?;
         Ok(Box::new(DeviceRunner { flow, kernel, stream, input, out }))
+    }
+
+    /// The similarity stage alone: operands prepared once, `n` similarity launches timed.
+    struct SimilarityRunner<T> {
+        flow: Flow<T>,
+        kernel: MergeKernel,
+        stream: Arc<CudaStream>,
+        input: CudaSlice<T>,
+        stage: SimilarityStage,
+    }
+
+    pub(super) fn similarity_runner<T: Float + Dev + 'static>(
+        gpu: &Gpu,
+        flow: Flow<T>,
+        wgmma: Option<bool>,
+    ) -> Result<Box<dyn Runner>, String> {
+        let kernel = MergeKernel::new(gpu)
+            .and_then(|k| k.with_tensor_cores(true))
+            .and_then(|k| match wgmma {
+                Some(on) => k.with_wgmma(on),
+                None => Ok(k),
+            })
+            .map_err(|e| e.to_string())?;
+        let stream = gpu.stream().clone();
+        let input = stream.clone_htod(flow.input.get()?).map_err(|e| format!("copying the input to the GPU: {e}"))?;
+        let stage = kernel.similarity_stage(&stream, &input, flow.spec.dims()).map_err(|e| e.to_string())?;
+        Ok(Box::new(SimilarityRunner { flow, kernel, stream, input, stage }))
+    }
+
+    impl<T: Float + Dev> Runner for SimilarityRunner<T> {
+        fn run(&mut self, n: u32) -> Result<(), String> {
+            for _ in 0..n {
+                self.kernel.run_similarity(&self.stream, &mut self.stage).map_err(|e| e.to_string())?;
+            }
+            self.stream.synchronize().map_err(|e| format!("cuStreamSynchronize: {e}"))
+        }
+
+        /// The timed launches' partial bests equal one launch's on a fresh stage, and the whole
+        /// step through the same kernel gives the reference's merged tokens.
+        fn check(self: Box<Self>) -> Result<Check, String> {
+            let e = |e: vistok::Error| e.to_string();
+            let s = &self.flow.spec;
+            let timed = self.stage.partial_bests(&self.stream).map_err(e)?;
+            let mut fresh = self.kernel.similarity_stage(&self.stream, &self.input, s.dims()).map_err(e)?;
+            self.kernel.run_similarity(&self.stream, &mut fresh).map_err(e)?;
+            if fresh.partial_bests(&self.stream).map_err(e)? != timed {
+                return Ok(Check::Differs { max_abs: f64::INFINITY, tol: 0.0 });
+            }
+            let plan = self.kernel.plan(&self.stream, &self.input, s.dims(), &s.config).map_err(e)?;
+            let dplan = self.kernel.upload(&self.stream, &plan).map_err(e)?;
+            let out_len: usize = s.out_dims().iter().product();
+            let mut out = self.stream.clone_htod(&vec![T::from_f32(f32::NAN); out_len]).map_err(|x| x.to_string())?;
+            self.kernel.merge(&self.stream, &dplan, &self.input, MergeMode::Mean, &mut out).map_err(e)?;
+            let got = self.stream.clone_dtoh(&out).map_err(|e| format!("copying the output to the host: {e}"))?;
+            self.stream.synchronize().map_err(|e| format!("cuStreamSynchronize: {e}"))?;
+            check_against_oracle(&self.flow, &got)
+        }
     }
 
     impl<T: Float + Dev> Runner for DeviceRunner<T> {
