@@ -1163,6 +1163,90 @@ enum VistokStatus vistok_fsq_decode(const struct VistokFsq *fsq,
                                     void *codes,
                                     size_t codes_len);
 
+// Usage statistics of LFQ ids `[N, G]` (`ids_rank` 2), as `Lfq::statistics` computes them
+// (integer counts: the same on every backend and thread count): `ones` receives `ones_len =
+// G·d` counts, per channel in channel order, of tokens whose bit is set (code `+v`);
+// `histogram`, unless null with `histogram_len` 0, receives `histogram_len = 2^d` counts of
+// each id value over all `N·G` ids (only for `d ≤ 20`).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (ids not `[N, G]`),
+// `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (an id `≥ 2^d`,
+// naming the first; an output overlapping the ids or the other output; an unknown backend),
+// `VISTOK_STATUS_UNSUPPORTED` (a histogram asked for with `d > 20`).
+//
+// # Safety
+// `lfq` null or live; `ids_dims` valid for `ids_rank` reads; `ids` valid for the reads its
+// dims imply; `ones` and `histogram` null or valid for their lengths' writes.
+//
+// ```
+// use vistok::capi::quant::*;
+// use vistok::capi::*;
+// let cfg = VistokLfqConfig { groups: 2, bits: 2, order: VISTOK_BIT_ORDER_MSB_FIRST, scale: 1.0, spherical: 0 };
+// let mut lfq = std::ptr::null_mut();
+// let (ids, dims) = ([0b10u32, 0b11, 0b10, 0b00], [2usize, 2]);
+// let (mut ones, mut hist) = ([0u64; 4], [0u64; 4]);
+// // SAFETY: valid pointers and lengths; the handle is freed once.
+// unsafe {
+//     assert_eq!(vistok_lfq_new(&cfg, &mut lfq), VistokStatus::Ok);
+//     let st = vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids.as_ptr(), dims.as_ptr(), 2,
+//                                    ones.as_mut_ptr(), 4, hist.as_mut_ptr(), 4);
+//     assert_eq!(st, VistokStatus::Ok);
+//     vistok_lfq_free(lfq);
+// }
+// assert_eq!((ones, hist), ([2, 0, 1, 1], [1, 0, 2, 1]));
+// ```
+enum VistokStatus vistok_lfq_statistics(const struct VistokLfq *lfq,
+                                        VistokBackend backend,
+                                        const uint32_t *ids,
+                                        const size_t *ids_dims,
+                                        size_t ids_rank,
+                                        uint64_t *ones,
+                                        size_t ones_len,
+                                        uint64_t *histogram,
+                                        size_t histogram_len);
+
+// Usage statistics of FSQ ids `[N]` (`ids_rank` 1), as `Fsq::statistics` computes them
+// (integer counts): `levels`, unless null with `levels_len` 0, receives `levels_len = Σ L_i`
+// counts — dimension 0's `L_0` level counts, then dimension 1's, … (how many ids have level
+// `l` in dimension `i`), only when `Σ L_i ≤ 2^20`; `histogram`, unless null with
+// `histogram_len` 0, receives `histogram_len = Π L_i` counts of each id value, only when
+// `Π L_i ≤ 2^20`.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE`, `VISTOK_STATUS_LENGTH`,
+// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (an id `≥ Π L_i`, naming the first;
+// overlapping buffers; an unknown backend), `VISTOK_STATUS_UNSUPPORTED` (a table asked for
+// beyond `2^20` bins).
+//
+// # Safety
+// `fsq` null or live; `ids_dims` valid for `ids_rank` reads; `ids` valid for the reads its
+// dims imply; `levels` and `histogram` null or valid for their lengths' writes.
+//
+// ```
+// use vistok::capi::quant::*;
+// use vistok::capi::*;
+// let mut fsq = std::ptr::null_mut();
+// let (ids, dims) = ([0u32, 4, 5, 5], [4usize]);
+// let (mut levels, mut hist) = ([0u64; 5], [0u64; 6]);
+// // SAFETY: valid pointers and lengths; the handle is freed once.
+// unsafe {
+//     assert_eq!(vistok_fsq_new([3u32, 2].as_ptr(), 2, &mut fsq), VistokStatus::Ok);
+//     let st = vistok_fsq_statistics(fsq, VISTOK_BACKEND_CPU, ids.as_ptr(), dims.as_ptr(), 1,
+//                                    levels.as_mut_ptr(), 5, hist.as_mut_ptr(), 6);
+//     assert_eq!(st, VistokStatus::Ok);
+//     vistok_fsq_free(fsq);
+// }
+// assert_eq!((levels, hist), ([1, 1, 2, 1, 3], [1, 0, 0, 0, 1, 2]));
+// ```
+enum VistokStatus vistok_fsq_statistics(const struct VistokFsq *fsq,
+                                        VistokBackend backend,
+                                        const uint32_t *ids,
+                                        const size_t *ids_dims,
+                                        size_t ids_rank,
+                                        uint64_t *levels,
+                                        size_t levels_len,
+                                        uint64_t *histogram,
+                                        size_t histogram_len);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -151,6 +151,9 @@ fn expected() -> vistok::Result<BTreeMap<&'static str, Vec<u32>>> {
     lfq.decode(cpu, View::new(&ids, &[n, groups])?, ViewMut::new(&mut codes, &[n, ch])?)?;
     e.insert("lfq.ids", ids.clone());
     e.insert("lfq.codes", f32_bits(&codes));
+    let st = lfq.statistics(cpu, View::new(&ids, &[n, groups])?)?;
+    e.insert("lfq.stats.ones", st.ones.iter().map(|&c| c as u32).collect());
+    e.insert("lfq.stats.histogram", st.histogram.unwrap().iter().map(|&c| c as u32).collect());
     let bsq = Lfq::new(&LfqConfig::new(groups, bits, BitOrder::LsbFirst).scale(2.0).spherical(true))?;
     let mut u = vec![0.0f32; n * ch];
     bsq.encode_normalized(cpu, zv, ViewMut::new(&mut ids, &[n, groups])?, ViewMut::new(&mut u, &[n, ch])?)?;
@@ -167,6 +170,9 @@ fn expected() -> vistok::Result<BTreeMap<&'static str, Vec<u32>>> {
     fsq.encode(cpu, View::new(&z, &[41, 4])?, ViewMut::new(&mut ids, &[41])?)?;
     let mut codes = vec![0.0f32; 41 * 4];
     fsq.decode(cpu, View::new(&ids, &[41])?, ViewMut::new(&mut codes, &[41, 4])?)?;
+    let st = fsq.statistics(cpu, View::new(&ids, &[41])?)?;
+    e.insert("fsq.stats.levels", st.levels.unwrap().concat().iter().map(|&c| c as u32).collect());
+    e.insert("fsq.stats.histogram", st.histogram.unwrap().iter().map(|&c| c as u32).collect());
     e.insert("fsq.ids", ids);
     e.insert("fsq.codes", f32_bits(&codes));
 

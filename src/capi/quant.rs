@@ -327,3 +327,186 @@ pub unsafe extern "C" fn vistok_fsq_decode(
         })
     })
 }
+
+/// A nullable `u64` count output of `want` elements (`null` with `len` 0: not wanted → `None`);
+/// `computed`: whether the statistics have this table (else `VISTOK_STATUS_UNSUPPORTED`,
+/// `why` saying why).
+///
+/// # Safety
+/// `ptr` null or valid for `len` writes of u64, not accessed otherwise meanwhile.
+unsafe fn counts_out<'a>(
+    ptr: *mut u64,
+    len: usize,
+    want: usize,
+    what: &str,
+    computed: bool,
+    why: &str,
+    avoid: &[super::Span<'_>],
+) -> super::CResult<Option<crate::ViewMut<'a, u64>>> {
+    if ptr.is_null() && len == 0 {
+        return Ok(None);
+    }
+    if !computed {
+        return Err(super::CError::Other(VistokStatus::Unsupported, format!("{what}: {why}")));
+    }
+    // SAFETY: the caller's contract.
+    Ok(Some(unsafe { output::<u64>(ptr.cast(), len, &[want], what, avoid)? }))
+}
+
+/// Usage statistics of LFQ ids `[N, G]` (`ids_rank` 2), as `Lfq::statistics` computes them
+/// (integer counts: the same on every backend and thread count): `ones` receives `ones_len =
+/// G·d` counts, per channel in channel order, of tokens whose bit is set (code `+v`);
+/// `histogram`, unless null with `histogram_len` 0, receives `histogram_len = 2^d` counts of
+/// each id value over all `N·G` ids (only for `d ≤ 20`).
+///
+/// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (ids not `[N, G]`),
+/// `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (an id `≥ 2^d`,
+/// naming the first; an output overlapping the ids or the other output; an unknown backend),
+/// `VISTOK_STATUS_UNSUPPORTED` (a histogram asked for with `d > 20`).
+///
+/// # Safety
+/// `lfq` null or live; `ids_dims` valid for `ids_rank` reads; `ids` valid for the reads its
+/// dims imply; `ones` and `histogram` null or valid for their lengths' writes.
+///
+/// ```
+/// use vistok::capi::quant::*;
+/// use vistok::capi::*;
+/// let cfg = VistokLfqConfig { groups: 2, bits: 2, order: VISTOK_BIT_ORDER_MSB_FIRST, scale: 1.0, spherical: 0 };
+/// let mut lfq = std::ptr::null_mut();
+/// let (ids, dims) = ([0b10u32, 0b11, 0b10, 0b00], [2usize, 2]);
+/// let (mut ones, mut hist) = ([0u64; 4], [0u64; 4]);
+/// // SAFETY: valid pointers and lengths; the handle is freed once.
+/// unsafe {
+///     assert_eq!(vistok_lfq_new(&cfg, &mut lfq), VistokStatus::Ok);
+///     let st = vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids.as_ptr(), dims.as_ptr(), 2,
+///                                    ones.as_mut_ptr(), 4, hist.as_mut_ptr(), 4);
+///     assert_eq!(st, VistokStatus::Ok);
+///     vistok_lfq_free(lfq);
+/// }
+/// assert_eq!((ones, hist), ([2, 0, 1, 1], [1, 0, 2, 1]));
+/// ```
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn vistok_lfq_statistics(
+    lfq: *const VistokLfq,
+    backend: VistokBackend,
+    ids: *const u32,
+    ids_dims: *const usize,
+    ids_rank: usize,
+    ones: *mut u64,
+    ones_len: usize,
+    histogram: *mut u64,
+    histogram_len: usize,
+) -> VistokStatus {
+    guard(|| {
+        // SAFETY: the caller's contract; null is checked.
+        let lfq = unsafe { &handle(lfq, "lfq")?.0 };
+        let backend = super::backend(backend)?;
+        // SAFETY: the caller's contract on `ids`.
+        let ids = unsafe { input::<u32>(ids.cast(), ids_dims, ids_rank, "ids")? };
+        let bits = lfq.bits();
+        let small = bits <= crate::lfq::HISTOGRAM_MAX_BITS;
+        let bins = if small { 1usize << bits } else { 0 };
+        let why = format!("no id histogram for d = {bits} bits (at most {})", crate::lfq::HISTOGRAM_MAX_BITS);
+        let ids_span = span("ids", ids.data());
+        // SAFETY: the caller's contract on both outputs.
+        let (mut ones_out, hist_out) = unsafe {
+            let o = output::<u64>(ones.cast(), ones_len, &[lfq.channels()], "ones", std::slice::from_ref(&ids_span))?;
+            let avoid = [ids_span.clone(), span("ones", o.data())];
+            (o, counts_out(histogram, histogram_len, bins, "histogram", small, &why, &avoid)?)
+        };
+        let stats = lfq.statistics(backend, ids)?;
+        ones_out.data_mut().copy_from_slice(&stats.ones);
+        if let (Some(mut h), Some(src)) = (hist_out, stats.histogram) {
+            h.data_mut().copy_from_slice(&src);
+        }
+        Ok(())
+    })
+}
+
+/// Usage statistics of FSQ ids `[N]` (`ids_rank` 1), as `Fsq::statistics` computes them
+/// (integer counts): `levels`, unless null with `levels_len` 0, receives `levels_len = Σ L_i`
+/// counts — dimension 0's `L_0` level counts, then dimension 1's, … (how many ids have level
+/// `l` in dimension `i`), only when `Σ L_i ≤ 2^20`; `histogram`, unless null with
+/// `histogram_len` 0, receives `histogram_len = Π L_i` counts of each id value, only when
+/// `Π L_i ≤ 2^20`.
+///
+/// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE`, `VISTOK_STATUS_LENGTH`,
+/// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (an id `≥ Π L_i`, naming the first;
+/// overlapping buffers; an unknown backend), `VISTOK_STATUS_UNSUPPORTED` (a table asked for
+/// beyond `2^20` bins).
+///
+/// # Safety
+/// `fsq` null or live; `ids_dims` valid for `ids_rank` reads; `ids` valid for the reads its
+/// dims imply; `levels` and `histogram` null or valid for their lengths' writes.
+///
+/// ```
+/// use vistok::capi::quant::*;
+/// use vistok::capi::*;
+/// let mut fsq = std::ptr::null_mut();
+/// let (ids, dims) = ([0u32, 4, 5, 5], [4usize]);
+/// let (mut levels, mut hist) = ([0u64; 5], [0u64; 6]);
+/// // SAFETY: valid pointers and lengths; the handle is freed once.
+/// unsafe {
+///     assert_eq!(vistok_fsq_new([3u32, 2].as_ptr(), 2, &mut fsq), VistokStatus::Ok);
+///     let st = vistok_fsq_statistics(fsq, VISTOK_BACKEND_CPU, ids.as_ptr(), dims.as_ptr(), 1,
+///                                    levels.as_mut_ptr(), 5, hist.as_mut_ptr(), 6);
+///     assert_eq!(st, VistokStatus::Ok);
+///     vistok_fsq_free(fsq);
+/// }
+/// assert_eq!((levels, hist), ([1, 1, 2, 1, 3], [1, 0, 0, 0, 1, 2]));
+/// ```
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn vistok_fsq_statistics(
+    fsq: *const VistokFsq,
+    backend: VistokBackend,
+    ids: *const u32,
+    ids_dims: *const usize,
+    ids_rank: usize,
+    levels: *mut u64,
+    levels_len: usize,
+    histogram: *mut u64,
+    histogram_len: usize,
+) -> VistokStatus {
+    guard(|| {
+        // SAFETY: the caller's contract; null is checked.
+        let fsq = unsafe { &handle(fsq, "fsq")?.0 };
+        let backend = super::backend(backend)?;
+        // SAFETY: the caller's contract on `ids`.
+        let ids = unsafe { input::<u32>(ids.cast(), ids_dims, ids_rank, "ids")? };
+        let max = crate::fsq::STATS_MAX_BINS;
+        let sum: u64 = fsq.levels().iter().map(|&l| l as u64).sum();
+        let prod = fsq.codebook_size();
+        let ids_span = span("ids", ids.data());
+        // SAFETY: the caller's contract on both outputs.
+        let (lv, hist) = unsafe {
+            let why = format!("no level table for Σ L_i = {sum} bins (at most {max})");
+            let lv = counts_out(
+                levels,
+                levels_len,
+                sum as usize,
+                "levels",
+                sum <= max,
+                &why,
+                std::slice::from_ref(&ids_span),
+            )?;
+            let mut avoid = vec![ids_span.clone()];
+            if let Some(l) = &lv {
+                avoid.push(span("levels", l.data()));
+            }
+            let why = format!("no id histogram for Π L_i = {prod} ids (at most {max})");
+            (lv, counts_out(histogram, histogram_len, prod.min(max) as usize, "histogram", prod <= max, &why, &avoid)?)
+        };
+        let stats = fsq.statistics(backend, ids)?;
+        if let (Some(mut out), Some(src)) = (lv, stats.levels) {
+            for (dst, s) in out.data_mut().iter_mut().zip(src.iter().flatten()) {
+                *dst = *s;
+            }
+        }
+        if let (Some(mut h), Some(src)) = (hist, stats.histogram) {
+            h.data_mut().copy_from_slice(&src);
+        }
+        Ok(())
+    })
+}

@@ -69,6 +69,12 @@ static void print_u32(const char *name, const uint32_t *v, size_t n) {
     for (size_t i = 0; i < n; i++) printf(" %08x", v[i]);
     printf("\n");
 }
+/* Counts: printed as their low 32 bits (the tests' counts are small). */
+static void print_u64(const char *name, const uint64_t *v, size_t n) {
+    printf("%s:", name);
+    for (size_t i = 0; i < n; i++) printf(" %08x", (uint32_t)v[i]);
+    printf("\n");
+}
 static void print_f32(const char *name, const float *v, size_t n) {
     printf("%s:", name);
     for (size_t i = 0; i < n; i++) printf(" %08x", bits(v[i]));
@@ -169,6 +175,21 @@ static void test_lfq(void) {
     CHECK(memcmp(ids, ids_b, sizeof ids) == 0, "lfq: bf16 reference ids differ from f32 cpu ids");
     OK(vistok_lfq_decode(lfq, VISTOK_BACKEND_CPU, ids, idd, 2, VISTOK_DTYPE_F32, codes, N * CH));
     print_f32("lfq.codes", codes, N * CH);
+    /* Usage statistics: ones per channel, the id histogram (2^5 bins). */
+    uint64_t ones[CH], hist[1u << D];
+    OK(vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids, idd, 2, ones, CH, hist, 1u << D));
+    print_u64("lfq.stats.ones", ones, CH);
+    print_u64("lfq.stats.histogram", hist, 1u << D);
+    uint64_t total = 0;
+    for (size_t i = 0; i < (1u << D); i++) total += hist[i];
+    CHECK(total == N * G, "lfq histogram sums to %llu", (unsigned long long)total);
+    OK(vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids, idd, 2, ones, CH, NULL, 0));
+    expect(vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids, idd, 2, ones, CH - 1, NULL, 0), VISTOK_STATUS_LENGTH,
+           "lfq stats ones one short");
+    expect(vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids, idd, 2, NULL, CH, NULL, 0), VISTOK_STATUS_NULL_POINTER,
+           "lfq stats null ones");
+    expect(vistok_lfq_statistics(lfq, VISTOK_BACKEND_CPU, ids, idd, 2, hist, CH, hist + 4, 1u << D),
+           VISTOK_STATUS_INVALID, "lfq stats histogram overlapping ones");
     for (size_t i = 0; i < N * CH; i++) {
         if (z[i] != 0.0f) CHECK(codes[i] == (z[i] > 0 ? 1.0f : -1.0f), "lfq code %zu", i);
     }
@@ -245,6 +266,15 @@ static void test_fsq(void) {
     for (size_t i = 0; i < N; i++) CHECK(ids[i] < 1000, "fsq id %zu = %u", i, ids[i]);
     OK(vistok_fsq_decode(fsq, VISTOK_BACKEND_CPU, ids, idd, 1, VISTOK_DTYPE_F32, codes, N * D));
     print_f32("fsq.codes", codes, N * D);
+    uint64_t lv[8 + 5 + 5 + 5], fh[1000];
+    OK(vistok_fsq_statistics(fsq, VISTOK_BACKEND_CPU, ids, idd, 1, lv, 23, fh, 1000));
+    print_u64("fsq.stats.levels", lv, 23);
+    print_u64("fsq.stats.histogram", fh, 1000);
+    OK(vistok_fsq_statistics(fsq, VISTOK_BACKEND_CPU, ids, idd, 1, NULL, 0, fh, 1000));
+    expect(vistok_fsq_statistics(fsq, VISTOK_BACKEND_CPU, ids, idd, 1, lv, 22, NULL, 0), VISTOK_STATUS_LENGTH,
+           "fsq stats levels one short");
+    expect(vistok_fsq_statistics(fsq, VISTOK_BACKEND_CPU, ids, zd, 2, lv, 23, NULL, 0), VISTOK_STATUS_SHAPE,
+           "fsq stats ids [N, D]");
 
     z[5] = NAN;
     expect(vistok_fsq_encode(fsq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, z, zd, 2, ids, N), VISTOK_STATUS_NON_FINITE,
