@@ -95,6 +95,10 @@
 // `mode` value: each output slot is the mean of its tokens (ToMe's default).
 #define VISTOK_MERGE_MODE_MEAN 1
 
+// `flags` bit of `vistok_selection_*`: token 0 is a class token, always kept (not counted in
+// `k`).
+#define VISTOK_SELECTION_CLASS_TOKEN 1
+
 // `layout` value: images `[B, C, H, W]`, videos `[B, C, T, H, W]`.
 #define VISTOK_LAYOUT_CHANNELS_FIRST 0
 
@@ -165,6 +169,14 @@ typedef struct VistokMergePlan VistokMergePlan;
 
 // Opaque handle: a prepared patchify plan (`vistok_patchify_new` / `vistok_patchify_free`).
 typedef struct VistokPatchify VistokPatchify;
+
+// Opaque handle: the tokens a pruning method keeps (`vistok_selection_top_k`,
+// `vistok_selection_div_prune` / `vistok_selection_free`).
+typedef struct VistokSelection VistokSelection;
+
+// Opaque handle: where every original token went across merges (`vistok_source_map_new` /
+// `vistok_source_map_free`).
+typedef struct VistokSourceMap VistokSourceMap;
 
 // Element types, as passed in `dtype` arguments (a plain `uint32_t` in the header so that an
 // unknown value is an error, not undefined behaviour).
@@ -944,6 +956,243 @@ enum VistokStatus vistok_merge_unmerge(const struct VistokMergePlan *plan,
                                        size_t y_rank,
                                        void *out,
                                        size_t out_len);
+
+// Starts a source map: every one of `tokens` original tokens of `batch` batches in its own
+// slot. Apply each layer's plan with `vistok_source_map_apply`; then the map gives, for every
+// original token, its slot after all of them (`vistok_source_map_slots`), the slots' sizes
+// (`vistok_source_map_sizes`) and a one-step unmerge (`vistok_source_map_unmerge`).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER` (`out`), `VISTOK_STATUS_OVERFLOW` (`B·N`, or N beyond
+// u32). Free with `vistok_source_map_free`.
+//
+// # Safety
+// `out` null or valid for one write.
+//
+// ```
+// use vistok::capi::merge::*;
+// use vistok::capi::*;
+// let metric = [0.0f32, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]; // [1, 4, 2]
+// let dims = [1usize, 4, 2];
+// let (mut plan, mut map) = (std::ptr::null_mut(), std::ptr::null_mut());
+// let mut slots = [9u32; 4];
+// let mut sizes = [0f32; 3];
+// // SAFETY: valid pointers and lengths; each handle freed once.
+// unsafe {
+//     let st = vistok_merge_plan_new(VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, metric.as_ptr().cast(),
+//                                    dims.as_ptr(), 3, 1, 0, &mut plan);
+//     assert_eq!(st, VistokStatus::Ok);
+//     assert_eq!(vistok_source_map_new(1, 4, &mut map), VistokStatus::Ok);
+//     assert_eq!(vistok_source_map_apply(map, plan), VistokStatus::Ok);
+//     assert_eq!(vistok_source_map_slots(map, slots.as_mut_ptr(), 4), VistokStatus::Ok);
+//     assert_eq!(vistok_source_map_sizes(map, sizes.as_mut_ptr(), 3), VistokStatus::Ok);
+//     vistok_source_map_free(map);
+//     vistok_merge_plan_free(plan);
+// }
+// assert!(slots.iter().all(|&s| s < 3));
+// assert_eq!(sizes.iter().sum::<f32>(), 4.0);
+// ```
+enum VistokStatus vistok_source_map_new(size_t batch,
+                                        size_t tokens,
+                                        struct VistokSourceMap **out);
+
+// Frees a source map (null is a no-op).
+//
+// # Safety
+// `map` must be null or live, not used by any other call meanwhile or afterwards.
+void vistok_source_map_free(struct VistokSourceMap *map);
+
+// Composes `plan` (made for the map's current tokens: same batch, `N` = the map's current
+// token count) into the map.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (the plan's batch or token count
+// does not match); the map is unchanged on error.
+//
+// # Safety
+// `map` null or live and not used by another call meanwhile; `plan` null or live.
+enum VistokStatus vistok_source_map_apply(struct VistokSourceMap *map,
+                                          const struct VistokMergePlan *plan);
+
+// Writes the map's sizes: batch `B`, original tokens `N₀` and current tokens (each pointer
+// may be null to skip it).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER` (`map`), `VISTOK_STATUS_ALIGNMENT`.
+//
+// # Safety
+// `map` null or live; each non-null out-pointer valid for one write.
+enum VistokStatus vistok_source_map_dims(const struct VistokSourceMap *map,
+                                         size_t *batch,
+                                         size_t *tokens,
+                                         size_t *out_tokens);
+
+// `[B, N₀]`: the current slot of every original token, written to `slots` (`slots_len =
+// B·N₀` u32).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`.
+//
+// # Safety
+// `map` null or live; `slots` valid for `slots_len` writes.
+enum VistokStatus vistok_source_map_slots(const struct VistokSourceMap *map,
+                                          uint32_t *slots,
+                                          size_t slots_len);
+
+// `[B, current tokens]` f32: how many original tokens each current slot holds (the sizes
+// ToMe's `merge_wavg` tracks), written to `sizes` (`sizes_len` elements).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`.
+//
+// # Safety
+// `map` null or live; `sizes` valid for `sizes_len` writes.
+enum VistokStatus vistok_source_map_sizes(const struct VistokSourceMap *map,
+                                          float *sizes,
+                                          size_t sizes_len);
+
+// Unmerges through every composed plan at once: `y [B, current tokens, C]` (`y_rank` 3,
+// `dtype` f32, f16 or bf16) → `out [B, N₀, C]` (`out_len` elements), every original token
+// getting its slot's value (exact copies).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE`, `VISTOK_STATUS_LENGTH`,
+// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (unknown backend / dtype, overlap),
+// `VISTOK_STATUS_UNSUPPORTED` (u8).
+//
+// # Safety
+// `map` null or live; `y_dims` valid for `y_rank` reads; `y` valid for the reads its dims
+// imply and `out` for `out_len` writes.
+enum VistokStatus vistok_source_map_unmerge(const struct VistokSourceMap *map,
+                                            VistokBackend backend,
+                                            VistokDType dtype,
+                                            const void *y,
+                                            const size_t *y_dims,
+                                            size_t y_rank,
+                                            void *out,
+                                            size_t out_len);
+
+// ToMe's proportional-attention key bias: `bias = log(sizes)` for `sizes [B, N]` f32
+// (`sizes_rank` 2, finite and positive), `bias` `bias_len = B·N` f32, the `[B, Nk]` layout
+// of `vistok_attention_forward`'s key bias.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE`, `VISTOK_STATUS_LENGTH`,
+// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` / `VISTOK_STATUS_NON_FINITE` (a size not
+// finite and positive), overlap.
+//
+// # Safety
+// `sizes_dims` valid for `sizes_rank` reads; `sizes` valid for the reads its dims imply;
+// `bias` valid for `bias_len` writes.
+enum VistokStatus vistok_merge_size_bias(const float *sizes,
+                                         const size_t *sizes_dims,
+                                         size_t sizes_rank,
+                                         float *bias,
+                                         size_t bias_len);
+
+// EViT's top-k: per batch the `k` tokens with the highest `score [B, N]` f32 (`score_rank`
+// 2, finite), in descending score order, ties → lower index; with
+// `VISTOK_SELECTION_CLASS_TOKEN` in `flags`, token 0 is always kept besides them.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (score not rank 2),
+// `VISTOK_STATUS_NON_FINITE`, `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (`k` above
+// the tokens available, unknown backend or flag bits). Free with `vistok_selection_free`.
+//
+// # Safety
+// `score_dims` valid for `score_rank` reads; `score` valid for the reads its dims imply;
+// `out` null or valid for one write.
+//
+// ```
+// use vistok::capi::merge::*;
+// use vistok::capi::*;
+// let score = [0.0f32, 0.1, 0.4, 0.1, 0.3];
+// let dims = [1usize, 5];
+// let mut sel = std::ptr::null_mut();
+// let mut kept = [0u32; 2];
+// // SAFETY: valid pointers and lengths; the handle is freed once.
+// unsafe {
+//     let st = vistok_selection_top_k(VISTOK_BACKEND_CPU, score.as_ptr(), dims.as_ptr(), 2, 2,
+//                                     VISTOK_SELECTION_CLASS_TOKEN, &mut sel);
+//     assert_eq!(st, VistokStatus::Ok);
+//     assert_eq!(vistok_selection_kept(sel, kept.as_mut_ptr(), 2), VistokStatus::Ok);
+//     vistok_selection_free(sel);
+// }
+// assert_eq!(kept, [2, 4]);
+// ```
+enum VistokStatus vistok_selection_top_k(VistokBackend backend,
+                                         const float *score,
+                                         const size_t *score_dims,
+                                         size_t score_rank,
+                                         size_t k,
+                                         uint32_t flags,
+                                         struct VistokSelection **out);
+
+// DivPrune: per batch a greedy max-min diverse set of `k` tokens under the cosine distance
+// of `metric [B, N, C]` (`metric_rank` 3, f32 / f16 / bf16, finite); ties → lower index;
+// `VISTOK_SELECTION_CLASS_TOKEN` as in `vistok_selection_top_k`.
+//
+// Errors: as `vistok_selection_top_k`, plus `VISTOK_STATUS_UNSUPPORTED` (u8).
+//
+// # Safety
+// `metric_dims` valid for `metric_rank` reads; `metric` valid for the reads its dims imply;
+// `out` null or valid for one write.
+enum VistokStatus vistok_selection_div_prune(VistokBackend backend,
+                                             VistokDType metric_dtype,
+                                             const void *metric,
+                                             const size_t *metric_dims,
+                                             size_t metric_rank,
+                                             size_t k,
+                                             uint32_t flags,
+                                             struct VistokSelection **out);
+
+// Frees a selection (null is a no-op).
+//
+// # Safety
+// `sel` must be null or live, not used by any other call meanwhile or afterwards.
+void vistok_selection_free(struct VistokSelection *sel);
+
+// Writes the selection's sizes: batch `B`, input tokens `N`, `k`, and the output tokens of
+// `vistok_selection_gather` (`k` + 1 with a class token) and of
+// `vistok_selection_gather_fused` (one more); each pointer may be null.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER` (`sel`), `VISTOK_STATUS_ALIGNMENT`.
+//
+// # Safety
+// `sel` null or live; each non-null out-pointer valid for one write.
+enum VistokStatus vistok_selection_dims(const struct VistokSelection *sel,
+                                        size_t *batch,
+                                        size_t *tokens,
+                                        size_t *k,
+                                        size_t *out_tokens,
+                                        size_t *out_tokens_fused);
+
+// `[B, k]`: the kept tokens of every batch (without the class token), in the method's order
+// (top-k: descending score; DivPrune: selection order), written to `kept` (`kept_len = B·k`).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`.
+//
+// # Safety
+// `sel` null or live; `kept` valid for `kept_len` writes.
+enum VistokStatus vistok_selection_kept(const struct VistokSelection *sel,
+                                        uint32_t *kept,
+                                        size_t kept_len);
+
+// Gathers the kept tokens: `x [B, N, C]` (`x_rank` 3, f32 / f16 / bf16) → `out [B, out, C]`
+// (`[class token,] kept…`, `out_len` elements; bit copies). With `fused` non-zero, also the
+// EViT fused token `Σ score·x` over the tokens not kept, as the last row; `score [B, N]` f32
+// (`score_len = B·N`, finite) is then required (null otherwise).
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE`, `VISTOK_STATUS_LENGTH`,
+// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_NON_FINITE` (a score),
+// `VISTOK_STATUS_INVALID` (unknown backend / dtype, overlap), `VISTOK_STATUS_UNSUPPORTED`.
+//
+// # Safety
+// `sel` null or live; `x_dims` valid for `x_rank` reads; `x` valid for the reads its dims
+// imply; a non-null `score` valid for `score_len` reads; `out` valid for `out_len` writes.
+enum VistokStatus vistok_selection_gather(const struct VistokSelection *sel,
+                                          VistokBackend backend,
+                                          VistokDType dtype,
+                                          const void *x,
+                                          const size_t *x_dims,
+                                          size_t x_rank,
+                                          uint32_t fused,
+                                          const float *score,
+                                          size_t score_len,
+                                          void *out,
+                                          size_t out_len);
 
 // Prepares a patchify plan for images / videos of `image_dims` (`rank` 4 or 5, laid out as
 // `config->layout` says); tokens are `[B, L, P]` with `L = (T/pt)·(H/ph)·(W/pw)` in raster

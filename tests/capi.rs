@@ -18,7 +18,7 @@ use vistok::attention::{Attention, Mask};
 use vistok::capi::argmin::*;
 use vistok::capi::quant::*;
 use vistok::capi::*;
-use vistok::merge::{MatchConfig, MergeMode, MergePlan};
+use vistok::merge::{MatchConfig, MergeMode, MergePlan, Selection, SourceMap};
 use vistok::{
     bf16, Backend, BitOrder, Fsq, Layout, Lfq, LfqConfig, Normalize, PatchConfig, PatchOrder, Patchify, View, ViewMut,
 };
@@ -247,6 +247,44 @@ fn expected() -> vistok::Result<BTreeMap<&'static str, Vec<u32>>> {
     )?;
     e.insert("merge.wavg", f32_bits(&y));
     e.insert("merge.wavg.sizes", f32_bits(&sw));
+
+    // A source map across two layers, its unmerge and size bias.
+    let (r2, o2) = (3, o - 3);
+    let mut y1 = vec![0.0f32; b * o * c];
+    plan.merge(cpu, View::new(&x, &[b, n, c])?, MergeMode::Mean, ViewMut::new(&mut y1, &[b, o, c])?)?;
+    let plan2 = MergePlan::bipartite(cpu, View::new(&y1, &[b, o, c])?, &MatchConfig::new(r2))?;
+    let mut map = SourceMap::identity(b, n)?;
+    map.apply(&plan)?;
+    map.apply(&plan2)?;
+    e.insert("merge.map.slots", map.slots().to_vec());
+    e.insert("merge.map.sizes", f32_bits(&map.sizes()));
+    let mut y2 = vec![0.0f32; b * o2 * c];
+    plan2.merge(cpu, View::new(&y1, &[b, o, c])?, MergeMode::Mean, ViewMut::new(&mut y2, &[b, o2, c])?)?;
+    let mut back2 = vec![0.0f32; b * n * c];
+    map.unmerge(cpu, View::new(&y2, &[b, o2, c])?, ViewMut::new(&mut back2, &[b, n, c])?)?;
+    e.insert("merge.map.unmerge", f32_bits(&back2));
+    let mut bias = vec![0.0f32; b * o2];
+    vistok::merge::size_bias(View::new(&map.sizes(), &[b, o2])?, ViewMut::new(&mut bias, &[b, o2])?)?;
+    e.insert("merge.size_bias", f32_bits(&bias));
+
+    // Pruning: top-k with a class token and the fused token; DivPrune and a gather.
+    let (k, kd) = (4, 5);
+    let score: Vec<f32> = (0..b * n).map(|_| (g.next_u32() % 64) as f32 / 64.0).collect();
+    let sel = Selection::top_k(cpu, View::new(&score, &[b, n])?, k, true)?;
+    e.insert("prune.topk.kept", (0..b).flat_map(|i| sel.kept(i).to_vec()).collect());
+    let mut top = vec![0.0f32; b * (k + 2) * c];
+    sel.gather_fused(
+        cpu,
+        View::new(&x, &[b, n, c])?,
+        View::new(&score, &[b, n])?,
+        ViewMut::new(&mut top, &[b, k + 2, c])?,
+    )?;
+    e.insert("prune.topk.fused", f32_bits(&top));
+    let sel = Selection::div_prune(cpu, View::new(&metric, &[b, n, cm])?, kd, false)?;
+    e.insert("prune.div.kept", (0..b).flat_map(|i| sel.kept(i).to_vec()).collect());
+    let mut div = vec![0.0f32; b * kd * c];
+    sel.gather(cpu, View::new(&x, &[b, n, c])?, ViewMut::new(&mut div, &[b, kd, c])?)?;
+    e.insert("prune.div.gather", f32_bits(&div));
     Ok(e)
 }
 

@@ -533,6 +533,16 @@ pub struct VistokCodebook(pub(crate) AnyCodebook);
 #[derive(Debug)]
 pub struct VistokMergePlan(pub(crate) crate::MergePlan);
 
+/// Opaque handle: where every original token went across merges (`vistok_source_map_new` /
+/// `vistok_source_map_free`).
+#[derive(Debug)]
+pub struct VistokSourceMap(pub(crate) crate::merge::SourceMap);
+
+/// Opaque handle: the tokens a pruning method keeps (`vistok_selection_top_k`,
+/// `vistok_selection_div_prune` / `vistok_selection_free`).
+#[derive(Debug)]
+pub struct VistokSelection(pub(crate) crate::merge::Selection);
+
 /// Moves `value` to the heap and writes the handle through `out`.
 ///
 /// # Safety

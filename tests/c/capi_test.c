@@ -400,6 +400,73 @@ static void test_merge(void) {
     print_f32("merge.wavg", yw, B * O * C);
     print_f32("merge.wavg.sizes", sw, B * O);
 
+    /* A source map across two layers: this plan, then one on the merged tokens (R2 more). */
+    enum { R2 = 3, O2 = O - R2 };
+    static float y2[B * O2 * C], back2[B * N * C], msizes[B * O2], bias[B * O2];
+    uint32_t mslots[B * N];
+    VistokSourceMap *map = NULL;
+    VistokMergePlan *plan2 = NULL;
+    OK(vistok_source_map_new(B, N, &map));
+    OK(vistok_source_map_apply(map, plan));
+    OK(vistok_source_map_slots(map, mslots, B * N));
+    CHECK(memcmp(mslots, slots, sizeof slots) == 0, "a map after one plan is that plan's slots");
+    OK(vistok_merge_plan_new(VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, y, yd, 3, R2, 0, &plan2));
+    OK(vistok_source_map_apply(map, plan2));
+    size_t mb = 0, mn = 0, mo = 0;
+    OK(vistok_source_map_dims(map, &mb, &mn, &mo));
+    CHECK(mb == B && mn == N && mo == O2, "source map dims %zu %zu %zu", mb, mn, mo);
+    OK(vistok_source_map_slots(map, mslots, B * N));
+    print_u32("merge.map.slots", mslots, B * N);
+    OK(vistok_source_map_sizes(map, msizes, B * O2));
+    print_f32("merge.map.sizes", msizes, B * O2);
+    OK(vistok_merge_apply(plan2, VISTOK_BACKEND_CPU, VISTOK_MERGE_MODE_MEAN, VISTOK_DTYPE_F32, y, yd, 3, y2, B * O2 * C));
+    const size_t y2d[3] = {B, O2, C}, sd[2] = {B, O2};
+    OK(vistok_source_map_unmerge(map, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, y2, y2d, 3, back2, B * N * C));
+    print_f32("merge.map.unmerge", back2, B * N * C);
+    OK(vistok_merge_size_bias(msizes, sd, 2, bias, B * O2));
+    print_f32("merge.size_bias", bias, B * O2);
+    expect(vistok_source_map_apply(map, plan), VISTOK_STATUS_SHAPE, "source map: a plan for other tokens");
+    expect(vistok_source_map_sizes(map, msizes, B * O2 + 1), VISTOK_STATUS_LENGTH, "source map sizes one long");
+    msizes[1] = 0.0f;
+    expect(vistok_merge_size_bias(msizes, sd, 2, bias, B * O2), VISTOK_STATUS_INVALID, "size bias of a zero size");
+    vistok_source_map_free(map);
+    vistok_merge_plan_free(plan2);
+
+    /* Pruning: EViT top-k with a class token and its fused token; DivPrune and a gather. */
+    enum { K = 4, KD = 5 };
+    static float score[B * N], top[B * (K + 2) * C], div[B * KD * C];
+    uint32_t kept[B * KD];
+    for (size_t i = 0; i < B * N; i++) score[i] = (float)(next_u32() % 64u) / 64.0f;
+    const size_t scd[2] = {B, N};
+    VistokSelection *sel = NULL;
+    OK(vistok_selection_top_k(VISTOK_BACKEND_CPU, score, scd, 2, K, VISTOK_SELECTION_CLASS_TOKEN, &sel));
+    size_t sb = 0, sn = 0, sk = 0, so = 0, sof = 0;
+    OK(vistok_selection_dims(sel, &sb, &sn, &sk, &so, &sof));
+    CHECK(sb == B && sn == N && sk == K && so == K + 1 && sof == K + 2, "selection dims %zu %zu %zu %zu %zu", sb, sn,
+          sk, so, sof);
+    OK(vistok_selection_kept(sel, kept, B * K));
+    print_u32("prune.topk.kept", kept, B * K);
+    OK(vistok_selection_gather(sel, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, 1, score, B * N, top,
+                               B * (K + 2) * C));
+    print_f32("prune.topk.fused", top, B * (K + 2) * C);
+    expect(vistok_selection_gather(sel, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, 0, score, B * N, top,
+                                   B * (K + 1) * C),
+           VISTOK_STATUS_INVALID, "selection: a score without fused");
+    expect(vistok_selection_gather(sel, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, 1, NULL, B * N, top,
+                                   B * (K + 2) * C),
+           VISTOK_STATUS_NULL_POINTER, "selection: fused without a score");
+    vistok_selection_free(sel);
+    OK(vistok_selection_div_prune(VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, metric, md, 3, KD, 0, &sel));
+    OK(vistok_selection_kept(sel, kept, B * KD));
+    print_u32("prune.div.kept", kept, B * KD);
+    OK(vistok_selection_gather(sel, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, 0, NULL, 0, div, B * KD * C));
+    print_f32("prune.div.gather", div, B * KD * C);
+    vistok_selection_free(sel);
+    expect(vistok_selection_top_k(VISTOK_BACKEND_CPU, score, scd, 2, N, VISTOK_SELECTION_CLASS_TOKEN, &sel),
+           VISTOK_STATUS_INVALID, "top-k: k above the tokens available");
+    expect(vistok_selection_top_k(VISTOK_BACKEND_CPU, score, scd, 2, K, 2, &sel), VISTOK_STATUS_INVALID,
+           "top-k flag 2");
+
     expect(vistok_merge_apply(plan, VISTOK_BACKEND_CPU, 2, VISTOK_DTYPE_F32, x, xd, 3, y, B * O * C),
            VISTOK_STATUS_INVALID, "merge mode 2");
     expect(vistok_merge_apply(plan, VISTOK_BACKEND_CPU, VISTOK_MERGE_MODE_SUM, VISTOK_DTYPE_F32, x, yd, 3, y,
