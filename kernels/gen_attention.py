@@ -299,6 +299,28 @@ def key_segment(k, j):
 # and key column 8 n + 2 t4 + (e & 1) of the tile (the m16n8 accumulator layout, which wgmma's
 # m64nN layout repeats per warp); O[n][e] the same for head dimensions.
 # --------------------------------------------------------------------------------------------
+def warp_rows_setup(k, DB):
+    """The two rows a thread owns, i0 + 16 warp + g (+ 8) (row_state: clamped index, bias row,
+    segment id), the running max %m_r = -inf and sum %l_r = 0, and the O accumulators
+    %o{n}_{e} (DB n-blocks of 8 head dimensions) zeroed; returns O."""
+    def row_index(i, r):
+        k(f"mad.lo.s32 {i}, %warp, 16, %i0;")
+        k(f"add.s32 {i}, {i}, %g;")
+        if r:
+            k(f"add.s32 {i}, {i}, 8;")
+
+    row_state(k, 2, row_index)
+    for r in range(2):
+        k.r("f32", f"%m_{r}"); k.r("f32", f"%l_{r}")
+        k(f"mov.f32 %m_{r}, {NEG_INF};")
+        k(f"mov.f32 %l_{r}, 0f00000000;")
+    O = [[k.r("f32", f"%o{n}_{e}") for e in range(4)] for n in range(DB)]
+    for n in range(DB):
+        for e in range(4):
+            k(f"mov.f32 {O[n][e]}, 0f00000000;")
+    return O
+
+
 def tile_logits(k, S, BN):
     """S (raw dot products of key tile %j0) -> logits in the log2 domain, masked to -inf:
     a fast path when the tile lies inside the band, inside Nk, without bias or segments."""
@@ -520,24 +542,9 @@ def tc_kernel(name, ty, D, warps):
         k(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(qa)}}}, [%la];")
     k("bar.sync 0;")
 
-    # Rows owned by this thread: i0 + warp*16 + g (+8).
-    def row_index(i, r):
-        k(f"mad.lo.s32 {i}, %warp, 16, %i0;")
-        k(f"add.s32 {i}, {i}, %g;")
-        if r:
-            k(f"add.s32 {i}, {i}, 8;")
-
-    row_state(k, 2, row_index)
     NB = BN // 8  # n-blocks of S
     DB = D // 8  # n-blocks of O
-    for r in range(2):
-        k.r("f32", f"%m_{r}"); k.r("f32", f"%l_{r}")
-        k(f"mov.f32 %m_{r}, {NEG_INF};")
-        k(f"mov.f32 %l_{r}, 0f00000000;")
-    O = [[k.r("f32", f"%o{n}_{e}") for e in range(4)] for n in range(DB)]
-    for n in range(DB):
-        for e in range(4):
-            k(f"mov.f32 {O[n][e]}, 0f00000000;")
+    O = warp_rows_setup(k, DB)
 
     seg_skip(k)
     k.r("pred", "%pdone")
@@ -979,22 +986,8 @@ def wg_kernel(name, ty, D):
     copy_tile("%i0", "%nqs", "%p_q_sn", 0, ["%qbase"])
     k("cp.async.commit_group;")
 
-    def row_index(i, r):
-        k(f"mad.lo.s32 {i}, %warp, 16, %i0;")
-        k(f"add.s32 {i}, {i}, %g;")
-        if r:
-            k(f"add.s32 {i}, {i}, 8;")
-
-    row_state(k, 2, row_index)
     NB, DB = WG_BN // 8, D // 8
-    for r in range(2):
-        k.r("f32", f"%m_{r}"); k.r("f32", f"%l_{r}")
-        k(f"mov.f32 %m_{r}, {NEG_INF};")
-        k(f"mov.f32 %l_{r}, 0f00000000;")
-    O = [[k.r("f32", f"%o{n}_{e}") for e in range(4)] for n in range(DB)]
-    for n in range(DB):
-        for e in range(4):
-            k(f"mov.f32 {O[n][e]}, 0f00000000;")
+    O = warp_rows_setup(k, DB)
     S = [[k.r("f32", f"%s{n}_{e}") for e in range(4)] for n in range(NB)]
     s_list = ", ".join(S[n][e] for n in range(NB) for e in range(4))
     o_list = ", ".join(O[n][e] for n in range(DB) for e in range(4))

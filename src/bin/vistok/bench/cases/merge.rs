@@ -266,12 +266,13 @@ mod device {
         out: CudaSlice<T>,
     }
 
-    /// `wgmma`: force the wgmma (`Some(true)`) or mma.sync similarity.
-    pub(super) fn runner<T: Float + Dev + 'static>(
+    /// The kernel (tensor cores on; `wgmma`: force the wgmma (`Some(true)`) or mma.sync
+    /// similarity), its stream and the tokens uploaded.
+    fn setup<T: Float + Dev>(
         gpu: &Gpu,
-        flow: Flow<T>,
+        flow: &Flow<T>,
         wgmma: Option<bool>,
-    ) -> Result<Box<dyn Runner>, String> {
+    ) -> Result<(MergeKernel, Arc<CudaStream>, CudaSlice<T>), String> {
         let kernel = MergeKernel::new(gpu)
             .and_then(|k| k.with_tensor_cores(true))
             .and_then(|k| match wgmma {
@@ -281,6 +282,15 @@ mod device {
             .map_err(|e| e.to_string())?;
         let stream = gpu.stream().clone();
         let input = stream.clone_htod(flow.input.get()?).map_err(|e| format!("copying the input to the GPU: {e}"))?;
+        Ok((kernel, stream, input))
+    }
+
+    pub(super) fn runner<T: Float + Dev + 'static>(
+        gpu: &Gpu,
+        flow: Flow<T>,
+        wgmma: Option<bool>,
+    ) -> Result<Box<dyn Runner>, String> {
+        let (kernel, stream, input) = setup(gpu, &flow, wgmma)?;
         let out_len: usize = flow.spec.out_dims().iter().product();
         let out = stream
             .clone_htod(&vec![T::from_f32(f32::NAN); out_len])
@@ -302,15 +312,7 @@ mod device {
         flow: Flow<T>,
         wgmma: Option<bool>,
     ) -> Result<Box<dyn Runner>, String> {
-        let kernel = MergeKernel::new(gpu)
-            .and_then(|k| k.with_tensor_cores(true))
-            .and_then(|k| match wgmma {
-                Some(on) => k.with_wgmma(on),
-                None => Ok(k),
-            })
-            .map_err(|e| e.to_string())?;
-        let stream = gpu.stream().clone();
-        let input = stream.clone_htod(flow.input.get()?).map_err(|e| format!("copying the input to the GPU: {e}"))?;
+        let (kernel, stream, input) = setup(gpu, &flow, wgmma)?;
         let stage = kernel.similarity_stage(&stream, &input, flow.spec.dims()).map_err(|e| e.to_string())?;
         Ok(Box::new(SimilarityRunner { flow, kernel, stream, input, stage }))
     }
