@@ -1079,6 +1079,7 @@ def wg_kernel(name, ty, D):
     k("@%pmore bra.uni WG_LOOP;")
 
     k.label("WG_EPILOGUE")
+    k("cp.async.wait_group 0;  // a block with no key tile never waited for its Q copy")
     epilogue(k, O, pack)
     k("ret;")
     return k.render(name, WG_THREADS, [])
@@ -1110,12 +1111,15 @@ def generate_sm90():
 # reads shared memory it has not written fails the run, even when the value would be discarded.
 # --------------------------------------------------------------------------------------------
 WG_MUTANT_CASE = ("attention_wgmma_bf16_d64", 64, 1, 1, 1, 37, 150, "none", None, "bhnd", "issue")
+# causal, Nq > Nk: the first block's 128 rows see no key (its loop never runs)
+WG_NO_TILE_CASE = ("attention_wgmma_bf16_d64", 64, 1, 1, 1, 200, 10, "causal", None, "bhnd", "wait")
 EMU_CASES = [  # (entry, D, B, H, Hkv, Nq, Nk, mask, bias, layout, cp.async mode)
     ("attention_wgmma_bf16_d64", 64, 1, 1, 1, 37, 83, "none", None, "bhnd", "issue"),
     ("attention_wgmma_f16_d128", 128, 1, 2, 1, 40, 300, "causal", None, "bnhd", "issue"),
     ("attention_wgmma_bf16_d128", 128, 1, 1, 1, 150, 260, "seg", None, "bhnd", "wait"),
     ("attention_wgmma_f16_d64", 64, 1, 1, 1, 20, 140, "none", "masked_row", "bhnd", "issue"),
     ("attention_wgmma_bf16_d64", 64, 2, 1, 1, 130, 129, "causal", "full", "bhnd", "wait"),
+    WG_NO_TILE_CASE,
     ("attention_bf16_d64", 64, 1, 1, 1, 37, 83, "none", None, "bhnd", "wait"),
     ("attention_f16_d32", 32, 1, 2, 1, 21, 70, "causal", None, "bnhd", "issue"),
     ("attention_bf16_d32", 32, 2, 1, 1, 19, 13, "causal", None, "bhnd", "wait"),
@@ -1309,14 +1313,18 @@ def emulate(quick):
                                              ("    cvt.rn.bf16x2.f32 %pk0_0,", "    wgmma.fence.sync.aligned;\n    cvt.rn.bf16x2.f32 %pk0_0,")]),
         ("V read K-major", [("1, 1, 1, 1;", "1, 1, 1, 0;")]),
         ("P*V left in flight", [("    wgmma.wait_group.sync.aligned 0;\n    xor.b32 %stg", "    xor.b32 %stg")]),
+        ("a block without key tiles exits before its Q copy lands",
+         [("    cp.async.wait_group 0;  // a block with no key tile never waited for its Q copy\n", "")]),
     ]:
         broken = text
         for old, new in edits:
             assert old in broken, what
             broken = broken.replace(old, new)
-        S.CP_ASYNC_MODE[0] = "issue"
+        # copies held until their wait_group ("wait" mode) for the exit check; else at issue
+        case = WG_NO_TILE_CASE if what.startswith("a block without") else WG_MUTANT_CASE
+        S.CP_ASYNC_MODE[0] = case[-1]
         try:
-            ok = one(*WG_MUTANT_CASE, mods=S.parse_module(broken))
+            ok = one(*case, mods=S.parse_module(broken))
         except S.SimError as e:
             print(f"broken wgmma module ({what}) refused: {str(e)[-90:]}")
             continue

@@ -749,6 +749,9 @@ def run_warp(ctx, warp, stats):
         if not live:
             if ctx.wg.get(warp[0].wid, {}).get("ops"):
                 raise SimError("a warp exited with wgmma operations in flight (no wait_group)")
+            for th in warp:  # ("wait" mode: copies are held until their wait_group)
+                if getattr(th, "cp_pending", None) or any(ctx.cp_groups.get(id(th), [])):
+                    raise SimError("a thread exited with cp.async copies it never waited for")
             return
         pcs = {th.pc for th in live}
         if len(pcs) != 1:
@@ -1617,7 +1620,8 @@ def cp_async(ctx, th, parts, ops, pc):
     """cp.async.{ca,cg}.shared.global [dst], [src], cp-size{, src-size}; commit_group;
     wait_group N. Each thread keeps its uncommitted copies and its committed groups; a copy
     reads global memory and writes shared memory (bytes past src-size zero-filled; src-size 0
-    reads nothing) when its group completes at wait_group (or, in "issue" mode, at once)."""
+    reads nothing) when its group completes at wait_group (or, in "issue" mode, at once). A
+    thread that exits with copies it never waited for is an error ("wait" mode)."""
     if parts[1] != "async":
         raise SimError(opcode_text(parts))
     parts = parts[1:]
