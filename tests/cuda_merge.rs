@@ -275,7 +275,7 @@ mod cuda {
         let mut w = exact.similarity_stage(s, &widened, dims).unwrap();
         exact.run_similarity(s, &mut w).unwrap();
         assert_eq!(w.partial_bests(s).unwrap(), stages[1].partial_bests(s).unwrap(), "bf16 vs its f32 widening");
-        assert!(matches!(exact.similarity_stage(s, &m32, [0, n, c]), Err(Error::Invalid { .. })), "B = 0");
+        assert!(matches!(exact.similarity_stage(s, &m32.slice(0..0), [0, n, c]), Err(Error::Invalid { .. })), "B = 0");
         assert!(matches!(exact.similarity_stage(s, &m32, [b, n, c + 1]), Err(Error::Length { .. })), "length");
         assert!(matches!(exact.similarity_stage(s, &m32, [b * n * c, 1, 1]), Err(Error::Shape { .. })), "N = 1");
     }
