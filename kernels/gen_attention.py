@@ -245,6 +245,21 @@ def seg_skip(k):
     k.label(done)
 
 
+def next_tile(k, bn):
+    """%t advances to the next key tile (past segment-skipped ones); %pmore says whether there
+    is one, and then %jn is its first key; without one the code branches to the returned
+    label, which the caller places after its copy of that tile."""
+    k("add.s32 %t, %t, 1;")
+    seg_skip(k)
+    k.r("pred", "%pmore")
+    k("setp.lt.s32 %pmore, %t, %tend;")
+    nok = k.new_label("NOK")
+    k(f"@!%pmore bra.uni {nok};")
+    k.r("s32", "%jn")
+    k(f"mul.lo.s32 %jn, %t, {bn};")
+    return nok
+
+
 def row_state(k, rows, row_index):
     """Per owned row: clamped index, its bias row address and its segment id."""
     for r in range(rows):
@@ -581,14 +596,7 @@ def tc_kernel(name, ty, D, warps):
     k("cp.async.wait_group 0;")
     k("bar.sync 0;")
     # Next tile's K, overlapping P*V.
-    k("add.s32 %t, %t, 1;")
-    seg_skip(k)
-    k.r("pred", "%pmore")
-    k("setp.lt.s32 %pmore, %t, %tend;")
-    nok = k.new_label("NOK")
-    k(f"@!%pmore bra.uni {nok};")
-    k.r("s32", "%jn")
-    k(f"mul.lo.s32 %jn, %t, {BN};")
+    nok = next_tile(k, BN)
     copy_tile("%kbase", "%jn", "%nks", BN, "%rstep_kv", "%p_kv_sn", KREG, "k")
     k.label(nok)
     # O += P V.
@@ -997,17 +1005,14 @@ def wg_kernel(name, ty, D):
     k.r("u32", "%da"); k.r("u64", "%descq"); k.r("u64", "%desck0"); k.r("u64", "%descv0")
     k("shl.b32 %da, %wg, 13;")
     k("add.u32 %da, %da, %sm;")
-    k("shr.u32 %da, %da, 4;")
-    k("add.u32 %da, %da, 0x10000;  // LBO 16 (unused by SW128 K-major)")
-    k("mov.b64 %descq, {%da, 0x40000040};  // SBO 1024, 128-byte swizzle")
+    for line in ptxgen.wg_descriptor("%descq", "%da", "%da"):
+        k(line.strip())
     k(f"add.u32 %da, %sm, {KREG};")
-    k("shr.u32 %da, %da, 4;")
-    k("add.u32 %da, %da, 0x10000;")
-    k("mov.b64 %desck0, {%da, 0x40000040};")
+    for line in ptxgen.wg_descriptor("%desck0", "%da", "%da"):
+        k(line.strip())
     k(f"add.u32 %da, %sm, {KREG + VOFF};")
-    k("shr.u32 %da, %da, 4;")
-    k(f"add.u32 %da, %da, {(WG_BLOCK >> 4) << 16:#x};  // LBO 16 KB")
-    k("mov.b64 %descv0, {%da, 0x40000040};")
+    for line in ptxgen.wg_descriptor("%descv0", "%da", "%da", lbo=WG_BLOCK):
+        k(line.strip())
     k.r("u32", "%stg"); k.r("u64", "%desck"); k.r("u64", "%descv"); k.r("u64", "%dsa"); k.r("u64", "%dsb")
     k.r("u32", "%dst")
     k("mov.u32 %stg, 0;")
@@ -1042,14 +1047,7 @@ def wg_kernel(name, ty, D):
     k("cvt.u64.u32 %dsa, %dst;")
     k("add.u64 %desck, %desck0, %dsa;")
     k("add.u64 %descv, %descv0, %dsa;")
-    k("add.s32 %t, %t, 1;")
-    seg_skip(k)
-    k.r("pred", "%pmore")
-    k("setp.lt.s32 %pmore, %t, %tend;")
-    nok = k.new_label("NOK")
-    k(f"@!%pmore bra.uni {nok};")
-    k.r("s32", "%jn")
-    k(f"mul.lo.s32 %jn, %t, {WG_BN};")
+    nok = next_tile(k, WG_BN)
     k.r("u32", "%ns")
     k("xor.b32 %ns, %stg, 1;")
     k(f"mad.lo.u32 %ns, %ns, {STAGE}, {KREG};")

@@ -402,11 +402,13 @@ def wg_copy_advance(tag):
     ]
 
 
-def wg_descriptor(rd, addr, tmp):
-    """%rd `rd` = the matrix descriptor (PTX ISA) of a K-major 128-byte-swizzled operand at
-    shared address `addr` (u32 register): start >> 4 | LBO 16 >> 4 << 16 | SBO 1024 >> 4 << 32
-    | 128-byte swizzle (1 << 62). `tmp` (u32) is overwritten."""
-    return [f"    shr.u32 {tmp}, {addr}, 4;", f"    add.u32 {tmp}, {tmp}, 0x10000;",
+def wg_descriptor(rd, addr, tmp, lbo=16):
+    """%rd `rd` = the matrix descriptor (PTX ISA) of a 128-byte-swizzled operand at shared
+    address `addr` (u32 register): start >> 4 | LBO >> 4 << 16 | SBO 1024 >> 4 << 32 |
+    128-byte swizzle (1 << 62). K-major operands ignore the LBO (16 by convention); an MN-major
+    one (wgmma's imm-trans-b) takes the byte distance between its 64-element blocks. `tmp`
+    (u32) is overwritten."""
+    return [f"    shr.u32 {tmp}, {addr}, 4;", f"    add.u32 {tmp}, {tmp}, {(lbo >> 4) << 16:#x};",
             f"    mov.b64 {rd}, {{{tmp}, 0x40000040}};"]
 
 
