@@ -8,11 +8,12 @@
 #                                that touch the device or the PTX (cuda_*, ptx_abi, cli_*,
 #                                capi_cuda, thread_safety, the lib's unit tests;
 #                                GPU_CHECK_ALL=1: every one) with
-#                                VISTOK_REQUIRE_GPU=1 (no silent skips), then the benches
-#                                (criterion patchify_cuda, `vistok bench --quick --filter cuda`),
-#                                then torch on the same shapes (scripts/gpu_peers.py) for
-#                                same-session ratios; prints a summary; exits non-zero if a test
-#                                or bench failed.
+#                                VISTOK_REQUIRE_GPU=1 (no silent skips), then `vistok bench
+#                                --quick` on the cuda rows (family by family, attention, argmin
+#                                and merge first, within BENCH_TIMEOUT), then torch on the same
+#                                shapes (scripts/gpu_peers.py) for same-session ratios, then the
+#                                criterion patchify_cuda bench; prints a summary; exits non-zero
+#                                if a test or bench failed.
 #   scripts/gpu-check.sh         build if cargo exists, then run.
 #
 # The binaries load libcuda at run time and embed the PTX; they need nothing from the tree
@@ -23,7 +24,8 @@ cd "$(dirname "$0")/.."
 
 BIN=gpu-bin
 TEST_TIMEOUT="${TEST_TIMEOUT:-150}"  # seconds per test executable
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-240}"  # seconds for all of `vistok bench`, shared by the families
+CRITERION_TIMEOUT="${CRITERION_TIMEOUT:-90}"
 PEERS_TIMEOUT="${PEERS_TIMEOUT:-150}"
 
 build() {
@@ -129,27 +131,34 @@ run() {
         summary+=("$(printf '%-40s %s %4ss' "$(basename "$exe")" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
         [ $rc -eq 0 ] || failed+=("$(basename "$exe")")
     done
-    for exe in "$BIN"/bench-*; do
-        echo
-        echo "=== $exe --bench"
-        t=$(date +%s)
-        rc=0
-        timeout "$BENCH_TIMEOUT" "$exe" --bench --noplot --warm-up-time 0.5 --measurement-time 1.5 || rc=$?
-        summary+=("$(printf '%-40s %s %4ss' "$(basename "$exe")" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
-        [ $rc -eq 0 ] || failed+=("$(basename "$exe")")
-    done
+    # The harness next, family by family in the order of what the open issues wait for, each
+    # with a share of BENCH_TIMEOUT as its --time-limit (it starts no case past it, lists the
+    # ones left out, and streams each row to the log as it finishes, so even a run killed from
+    # outside keeps its figures). Then the peers, then the criterion bench (naming check).
     if [ -x "$BIN/vistok" ]; then
-        echo
-        echo "=== vistok bench --quick --filter cuda (the harness, on the GPU)"
-        t=$(date +%s)
-        rc=0
-        local extra=()
-        if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
-            extra=(--json "$OUT/bench-gpu.json" --plot "$OUT/roofline-gpu.svg")
-        fi
-        timeout "$BENCH_TIMEOUT" "$BIN/vistok" bench --quick --filter cuda "${extra[@]}" || rc=$?
-        summary+=("$(printf '%-40s %s %4ss' "vistok bench (cuda)" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
-        [ $rc -eq 0 ] || failed+=("vistok-bench")
+        local fam share deadline=$(($(date +%s) + BENCH_TIMEOUT)) left
+        for fam in attention argmin merge lfq fsq patchify; do
+            left=$((deadline - $(date +%s)))
+            case "$fam" in attention | argmin | merge) share=$((BENCH_TIMEOUT / 5)) ;; *) share=$((BENCH_TIMEOUT / 12)) ;; esac
+            [ "$share" -le "$((left - 15))" ] || share=$((left - 15))
+            echo
+            echo "=== vistok bench --quick --filter '$fam/cuda/*' --time-limit $share (the harness, on the GPU)"
+            if [ "$share" -le 0 ]; then
+                summary+=("$(printf '%-40s %s' "vistok bench $fam (cuda)" "not run (BENCH_TIMEOUT spent)")")
+                continue
+            fi
+            t=$(date +%s)
+            rc=0
+            local extra=()
+            if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+                extra=(--json "$OUT/bench-gpu-$fam.json" --plot "$OUT/roofline-gpu-$fam.svg")
+            fi
+            # --time-limit bounds the start of the last case; the timeout (one case's worth more)
+            # only catches a hang.
+            timeout "$((share + 60))" "$BIN/vistok" bench --quick --filter "$fam/cuda/*" --time-limit "$share" "${extra[@]}" || rc=$?
+            summary+=("$(printf '%-40s %s %4ss' "vistok bench $fam (cuda)" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
+            [ $rc -eq 0 ] || failed+=("vistok-bench-$fam")
+        done
     fi
     if command -v python3 >/dev/null; then
         echo
@@ -160,6 +169,15 @@ run() {
         # A peer is context, not a check: its failure is reported, not fatal.
         summary+=("$(printf '%-40s %s %4ss' "gpu peers (torch)" "$([ $rc -eq 0 ] && echo ok || echo "rc=$rc (not fatal)")" $(($(date +%s) - t)))")
     fi
+    for exe in "$BIN"/bench-*; do
+        echo
+        echo "=== $exe --bench"
+        t=$(date +%s)
+        rc=0
+        timeout "$CRITERION_TIMEOUT" "$exe" --bench --noplot --warm-up-time 0.5 --measurement-time 1.5 || rc=$?
+        summary+=("$(printf '%-40s %s %4ss' "$(basename "$exe")" "$([ $rc -eq 0 ] && echo ok || echo "FAILED($rc)")" $(($(date +%s) - t)))")
+        [ $rc -eq 0 ] || failed+=("$(basename "$exe")")
+    done
     echo
     echo "=== summary ($(($(date +%s) - start)) s)"
     printf '%s\n' "${summary[@]}"

@@ -120,6 +120,49 @@ fn table_json_and_plot() {
     assert!(s.contains(CPU_CI) && s.contains(REF_CI) && s.contains("GB/s") && s.contains("<polyline"));
 }
 
+/// `--time-limit`: the first case always runs, later ones only while the limit is not reached;
+/// the ones left out are listed after the table and in the JSON, and the run still succeeds.
+/// Each finished row's figures also go to stderr as they come (a run killed from outside keeps
+/// what it measured).
+#[test]
+fn a_time_limit_runs_the_first_case_and_lists_the_rest() {
+    let dir = scratch("time-limit");
+    let json = dir.join("t.json");
+    let out = vistok(&[
+        "bench",
+        "--quick",
+        "--filter",
+        "patchify/*-ci",
+        "--time-limit",
+        "0.000000001",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    let timed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("patchify/")).collect();
+    assert_eq!(timed.len(), 1, "{stdout}");
+    assert!(timed[0].starts_with(REF_CI) && timed[0].ends_with("oracle"), "{stdout}");
+    assert!(
+        stdout.contains("not run (--time-limit reached): 1") && stdout.contains(&format!("  {CPU_CI}")),
+        "{stdout}"
+    );
+    assert!(stderr.contains("1 of 2 cases not run"), "{stderr}");
+    // The streamed line carries the same figures as the table's.
+    let streamed = stderr.lines().find(|l| l.starts_with("  = ")).unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(streamed.trim_start_matches("  = ").split_whitespace().next(), Some(REF_CI), "{stderr}");
+    assert!(streamed.ends_with("oracle"), "{stderr}");
+    let v = read_json(&json);
+    assert_eq!(v["results"].as_array().unwrap().len(), 1);
+    assert_eq!(v["not_run"], serde_json::json!([CPU_CI]));
+
+    // Without a limit (or with a generous one) nothing is left out.
+    let out = vistok(&["bench", "--quick", "--filter", "patchify/*-ci", "--time-limit", "600"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success() && !stdout.contains("not run"), "{stdout}");
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("patchify/")).count(), 2, "{stdout}");
+}
+
 #[test]
 fn a_planted_regression_fails_naming_the_kernel() {
     let dir = scratch("regressed");
@@ -187,6 +230,9 @@ fn bad_command_lines_fail_with_one_clear_line() {
         (&["bench", "--threads", "0"], "--threads"),
         (&["bench", "--threads"], "--threads"),
         (&["bench", "--max-regression", "5"], "--baseline"),
+        (&["bench", "--time-limit", "0"], "--time-limit"),
+        (&["bench", "--time-limit", "soon"], "--time-limit"),
+        (&["bench", "--time-limit", "inf"], "--time-limit"),
         (&["bench", "--filter", "no-such-kernel"], "no case matches"),
         (&["bench", "--quick", "--filter", CPU_CI, "--baseline", "/nonexistent/base.json"], "/nonexistent/base.json"),
         (&["roofline", "--bogus"], "--bogus"),

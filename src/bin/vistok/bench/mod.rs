@@ -71,14 +71,23 @@ fn bench(args: Vec<OsString>) -> Result<(), String> {
     let budget = timing::Budget::new(o.quick);
     let mut rows = vec![];
     let mut failures = vec![];
+    let mut not_run = vec![];
+    let started = std::time::Instant::now();
     for (i, case) in selected.iter().enumerate() {
         let id = case.id();
+        if i > 0 && o.time_limit.is_some_and(|limit| started.elapsed() >= limit) {
+            not_run.push(id);
+            continue;
+        }
         progress.step(i + 2, &id);
         match run_case(case, &budget, &roofline) {
             Ok(row) => {
                 if !row.check_ok {
                     failures.push(format!("{id} disagrees with the reference: {}", row.check));
                 }
+                // On a log (not a terminal), each row's figures as soon as it has them: a run
+                // killed from outside still leaves what it measured.
+                progress.result(&table::line(&row, id.len()));
                 rows.push(row);
             }
             Err(e) => {
@@ -88,12 +97,21 @@ fn bench(args: Vec<OsString>) -> Result<(), String> {
         }
     }
     progress.finish();
+    if !not_run.is_empty() {
+        eprintln!(
+            "--time-limit: {} of {} cases not run (limit reached after {:.0} s)",
+            not_run.len(),
+            selected.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
     // Free the inputs and reference outputs before writing the reports.
     drop(selected);
 
     let mut out = std::io::stdout().lock();
     let io = |e: std::io::Error| format!("writing to stdout: {e}");
     table::print(&mut out, &rows, &roofline).map_err(io)?;
+    table::not_run(&mut out, &not_run).map_err(io)?;
     let comparisons = match &o.baseline {
         Some(path) => {
             let cmp = baseline::compare(path, &rows, o.max_regression)?;
@@ -117,6 +135,7 @@ fn bench(args: Vec<OsString>) -> Result<(), String> {
             machine: &machine,
             roofline: &roofline,
             results: &rows,
+            not_run: &not_run,
             baseline: summary,
         };
         report::json(path, &file)?;

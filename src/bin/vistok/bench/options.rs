@@ -10,6 +10,8 @@ usage: vistok bench [options]
                         repeatable, a case runs if any pattern matches
   --threads N           size of the thread pool (default: every core)
   --quick               fewer, shorter repetitions and a quick roofline (CI)
+  --time-limit SECS     start no case after SECS seconds of cases (the first always runs); the
+                        table and JSON list the cases left out (a device lent for minutes)
   --json FILE           write every figure and the machine info as JSON
   --baseline FILE       compare with an earlier --json file
   --max-regression PCT  with --baseline: fail if a kernel's median is slower by more than PCT% (default 10)
@@ -30,6 +32,8 @@ pub struct Bench {
     pub baseline: Option<PathBuf>,
     pub max_regression: f64,
     pub plot: Option<PathBuf>,
+    /// `--time-limit`: no case starts once the cases have run this long.
+    pub time_limit: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -54,6 +58,7 @@ pub fn bench(args: Vec<OsString>) -> Result<Option<Bench>, String> {
             Long("baseline") => o.baseline = Some(path(&mut p)?),
             Long("max-regression") => max_regression = Some(percent(&mut p)?),
             Long("plot") => o.plot = Some(path(&mut p)?),
+            Long("time-limit") => o.time_limit = Some(seconds(&mut p, "--time-limit")?),
             Short('h') | Long("help") => {
                 println!("{BENCH_USAGE}");
                 return Ok(None);
@@ -112,6 +117,14 @@ fn percent(p: &mut lexopt::Parser) -> Result<f64, String> {
     match v.trim().trim_end_matches('%').parse::<f64>() {
         Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
         _ => Err(format!("--max-regression: expected a percentage ≥ 0 such as 10, got {v:?}")),
+    }
+}
+
+fn seconds(p: &mut lexopt::Parser, flag: &str) -> Result<std::time::Duration, String> {
+    let v = string(p, flag)?;
+    match v.trim().trim_end_matches('s').parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x <= 1e7 => Ok(std::time::Duration::from_secs_f64(x)),
+        _ => Err(format!("{flag}: expected a number of seconds > 0 such as 240, got {v:?}")),
     }
 }
 

@@ -26,6 +26,13 @@ impl Progress {
         let _ = e.flush();
     }
 
+    /// A finished case's figures, on a log only (a terminal gets the table at the end).
+    pub fn result(&self, line: &str) {
+        if !self.tty {
+            eprintln!("  = {line}");
+        }
+    }
+
     /// A message that stays (clears the progress line first on a terminal).
     pub fn note(&self, msg: &str) {
         if self.tty {

@@ -20,6 +20,8 @@ pub struct Bench<'a> {
     pub machine: &'a Machine,
     pub roofline: &'a Roofline,
     pub results: &'a [Row],
+    /// Selected cases that `--time-limit` left out (not timed, not checked).
+    pub not_run: &'a [String],
     pub baseline: Option<BaselineSummary<'a>>,
 }
 

@@ -45,25 +45,41 @@ pub fn print(out: &mut impl Write, rows: &[Row], roofline: &Roofline) -> std::io
         "id", "median", "[min, max]", "GB/s", "GFLOP/s", "flop/B", "% roof"
     )?;
     for r in rows {
-        let range = format!("[{}, {}]", time(r.min_s), time(r.max_s));
-        writeln!(
-            out,
-            "{:<w$}  {:>9}  {:>21}  {:>9.2}  {:>8}  {:>7}  {:>6}  {}",
-            r.id,
-            time(r.median_s),
-            range,
-            r.gb_per_s,
-            opt(r.gflop_per_s, 2),
-            opt(r.arithmetic_intensity, 2),
-            r.roofline_fraction.map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f)),
-            r.check
-        )?;
+        writeln!(out, "{}", line(r, w))?;
     }
     writeln!(
         out,
         "(GB/s: minimum bytes moved (input + output) / median; % roof: achieved / min(f32 peak, flop/B × bandwidth);"
     )?;
     writeln!(out, " [min, max]: fastest and slowest sample, per call)")?;
+    Ok(())
+}
+
+/// One row of the table, its id padded to `w`.
+pub fn line(r: &Row, w: usize) -> String {
+    let range = format!("[{}, {}]", time(r.min_s), time(r.max_s));
+    format!(
+        "{:<w$}  {:>9}  {:>21}  {:>9.2}  {:>8}  {:>7}  {:>6}  {}",
+        r.id,
+        time(r.median_s),
+        range,
+        r.gb_per_s,
+        opt(r.gflop_per_s, 2),
+        opt(r.arithmetic_intensity, 2),
+        r.roofline_fraction.map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f)),
+        r.check
+    )
+}
+
+/// The cases `--time-limit` left out, after the table (nothing when there are none).
+pub fn not_run(out: &mut impl Write, ids: &[String]) -> std::io::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "not run (--time-limit reached): {}", ids.len())?;
+    for id in ids {
+        writeln!(out, "  {id}")?;
+    }
     Ok(())
 }
 
