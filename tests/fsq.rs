@@ -405,6 +405,48 @@ fn statistics_bad_input() {
     }
 }
 
+/// Many ids (the cpu decode then tabulates groups of dimensions whose levels multiply to at
+/// most 4096, one division per group): every grouping shape — groups that fill the limit
+/// exactly, a dimension above it alone (untabulated) first, in the middle and last, 32
+/// dimensions of 2, the largest levels — bit for bit equal to the reference, f32 and bf16.
+#[test]
+fn decode_many_ids_every_grouping() {
+    let lists: [&[u32]; 9] = [
+        &[8, 8, 8, 5, 5, 5],
+        &[4096, 3],
+        &[3, 4096, 2],
+        &[5000, 3, 7],
+        &[3, 70_000, 2, 9],
+        &[7, 11, 4099],
+        &[2; 32],
+        &[65_536, 65_536],
+        &[1 << 24, 255],
+    ];
+    let mut r = Rng(0xF50D_EC0D_E017);
+    for levels in lists {
+        let fsq = Fsq::new(levels).unwrap();
+        let size = fsq.codebook_size();
+        let n = 70_001;
+        let mut ids: Vec<u32> = (0..n).map(|_| (r.next_u64() % size) as u32).collect();
+        // The extremes, and a run of consecutive ids (every low-group row).
+        ids[0] = 0;
+        ids[1] = (size - 1) as u32;
+        for (i, id) in ids[2..5000].iter_mut().enumerate() {
+            *id = (i as u64 % size) as u32;
+        }
+        let want: Vec<f32> = decode(&fsq, Backend::Reference, &ids).unwrap();
+        let want16: Vec<bf16> = decode(&fsq, Backend::Reference, &ids).unwrap();
+        for be in cpu_backends() {
+            common::assert_bits_eq(&decode::<f32>(&fsq, be, &ids).unwrap(), &want, &format!("{be:?} {levels:?}"));
+            common::assert_bits_eq(
+                &decode::<bf16>(&fsq, be, &ids).unwrap(),
+                &want16,
+                &format!("bf16 {be:?} {levels:?}"),
+            );
+        }
+    }
+}
+
 #[test]
 fn any_thread_count() {
     let fsq = Fsq::new(&[8, 8, 8, 5, 5, 5]).unwrap();

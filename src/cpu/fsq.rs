@@ -70,29 +70,40 @@ pub(crate) fn encode<T: Float>(plan: &Fsq, isa: Isa, z: &[T], ids: &mut [u32]) -
     }
 }
 
-/// ids `[N]` → codes `[N, D]`: per dimension, the code of every level is computed once (the
-/// same f32 `(level − half_width) / half_width`, rounded to `O`, as the reference), and each id
-/// is split into levels by successive division, `level_i = q mod L_i, q ← ⌊q / L_i⌋`, which
-/// equals `⌊id / basis_i⌋ mod L_i`. The division is a multiply by a precomputed 64-bit
-/// reciprocal ([`FastDiv`]), exact for every `u32`. Plain code, the same at every ISA.
+/// ids `[N]` → codes `[N, D]`. Consecutive dimensions are grouped while the product of their
+/// levels stays ≤ [`GROUP_MAX`]; a group's codes depend only on `r = q mod P` (its levels'
+/// product), so each group has a table of `P` rows of its codes (each the same f32
+/// `(level − half_width) / half_width`, rounded to `O`, as the reference), and a token is one
+/// division per group, `r = q mod P, q ← ⌊q / P⌋`, and a copy of row `r` (for the usual
+/// `[8, 8, 8, 5, 5, 5]`: two groups, tables of 512 and 125 rows, a few KiB). This equals
+/// `level_i = ⌊id / basis_i⌋ mod L_i`, dimension 0 least significant. The division is a multiply
+/// by a precomputed 64-bit reciprocal ([`FastDiv`]), exact for every `u32`; the last group needs
+/// none (`q < P` there, the ids are checked first). A dimension with more levels than
+/// `GROUP_MAX` (up to 2^24 are allowed) is its own group and computes its code in place. Below
+/// `16·GROUP_MAX` ids, building the group tables would cost more than it saves: each dimension
+/// then has a table of its `L` codes and each code costs a division. Plain code, the same at
+/// every ISA.
 pub(crate) fn decode<O: Float>(plan: &Fsq, _isa: Isa, ids: &[u32], codes: &mut [O]) -> Result<()> {
     let d = plan.dim();
     let size = plan.codebook_size();
     if let Some(i) = ids.iter().position(|&id| id as u64 >= size) {
         return Err(id_error(i, ids[i], size));
     }
-    let code = |k: &FsqDim, level: u32| O::from_f32((level as f32 - k.half_width) / k.half_width);
-    // Tables for the usual small levels; a dimension with more than TABLE_MAX levels (up to
-    // 2^24 are allowed) computes its codes in place.
+    let per_chunk = units_per_chunk(d * size_of::<O>());
+    if ids.len() >= 16 * GROUP_MAX as usize {
+        let groups = DecodeGroup::<O>::split(plan.dims());
+        for_each_chunk(codes, per_chunk * d, |c, out| decode_rows(&groups, &ids[c * per_chunk..], out));
+        return Ok(());
+    }
+    // Few ids: a table of `L` codes per dimension, a division per code.
     let dims: Vec<(FastDiv, Option<Vec<O>>, &FsqDim)> = plan
         .dims()
         .iter()
         .map(|k| {
-            let table = (k.levels <= TABLE_MAX).then(|| (0..k.levels).map(|level| code(k, level)).collect());
+            let table = (k.levels <= GROUP_MAX).then(|| (0..k.levels).map(|level| fsq_code(k, level)).collect());
             (FastDiv::new(k.levels), table, k)
         })
         .collect();
-    let per_chunk = units_per_chunk(d * size_of::<O>());
     for_each_chunk(codes, per_chunk * d, |c, out| {
         for (row, &id) in out.chunks_exact_mut(d).zip(&ids[c * per_chunk..]) {
             let mut q = id;
@@ -101,7 +112,7 @@ pub(crate) fn decode<O: Float>(plan: &Fsq, _isa: Isa, ids: &[u32], codes: &mut [
                 let level = q - next * div.d; // < L, the table's length
                 *o = match table {
                     Some(t) => t[level as usize],
-                    None => code(k, level),
+                    None => fsq_code(k, level),
                 };
                 q = next;
             }
@@ -110,8 +121,103 @@ pub(crate) fn decode<O: Float>(plan: &Fsq, _isa: Isa, ids: &[u32], codes: &mut [
     Ok(())
 }
 
-/// Levels up to which decode looks codes up in a per-dimension table.
-const TABLE_MAX: u32 = 4096;
+/// Codes of `ids` into `out` (`ids.len()` rows of the groups' total width).
+#[inline(always)]
+fn decode_rows<O: Float>(groups: &[DecodeGroup<'_, O>], ids: &[u32], out: &mut [O]) {
+    let d: usize = groups.iter().map(|g| g.width).sum();
+    for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+        let mut q = id;
+        let mut row = row;
+        for g in groups {
+            let (dst, rest) = row.split_at_mut(g.width);
+            let r = match g.div {
+                Some(div) => {
+                    let next = div.div(q);
+                    let r = q - next * div.d; // < P
+                    q = next;
+                    r
+                }
+                None => q,
+            };
+            match &g.table {
+                Some(t) => copy_row(dst, &t[r as usize * g.width..][..g.width]),
+                None => dst[0] = fsq_code(g.dim, r),
+            }
+            row = rest;
+        }
+    }
+}
+
+/// `dst.copy_from_slice(src)` with the usual widths as fixed-size moves (not a `memcpy` call).
+#[inline(always)]
+fn copy_row<O: Copy>(dst: &mut [O], src: &[O]) {
+    match (dst, src) {
+        ([a], [x]) => *a = *x,
+        ([a, b], [x, y]) => (*a, *b) = (*x, *y),
+        ([a, b, c], [x, y, z]) => (*a, *b, *c) = (*x, *y, *z),
+        ([a, b, c, e], [x, y, z, w]) => (*a, *b, *c, *e) = (*x, *y, *z, *w),
+        (dst, src) => dst.copy_from_slice(src),
+    }
+}
+
+/// The largest product of levels that one decode group tabulates (`P` rows of its codes).
+const GROUP_MAX: u32 = 4096;
+
+/// The code of `level` in dimension `k`: the f32 `(level − half_width) / half_width`, rounded to
+/// `O` (the reference's arithmetic).
+fn fsq_code<O: Float>(k: &FsqDim, level: u32) -> O {
+    O::from_f32((level as f32 - k.half_width) / k.half_width)
+}
+
+/// Consecutive dimensions decoded together: `width` of them, the product of whose levels `P` is
+/// `div.d` (`None` for the last group, which needs no division).
+struct DecodeGroup<'a, O> {
+    width: usize,
+    div: Option<FastDiv>,
+    /// `P × width` codes, row `r` the codes of the levels `r` splits into; `None` for a lone
+    /// dimension above `GROUP_MAX` levels (`dim` computes it in place).
+    table: Option<Vec<O>>,
+    dim: &'a FsqDim,
+}
+
+impl<'a, O: Float> DecodeGroup<'a, O> {
+    /// Groups of consecutive dimensions whose levels multiply to at most `GROUP_MAX` (a
+    /// dimension above it alone, untabulated).
+    fn split(dims: &'a [FsqDim]) -> Vec<DecodeGroup<'a, O>> {
+        let mut groups = vec![];
+        let mut i = 0;
+        while i < dims.len() {
+            let (mut j, mut p) = (i + 1, dims[i].levels);
+            while j < dims.len() && p.checked_mul(dims[j].levels).is_some_and(|x| x <= GROUP_MAX) {
+                p *= dims[j].levels;
+                j += 1;
+            }
+            let table = (p <= GROUP_MAX).then(|| {
+                // Row r: the codes of r's levels, dimension i least significant, enumerated
+                // like an odometer (no division per entry).
+                let codes: Vec<Vec<O>> =
+                    dims[i..j].iter().map(|k| (0..k.levels).map(|level| fsq_code(k, level)).collect()).collect();
+                let mut levels = vec![0usize; j - i];
+                let mut t = Vec::with_capacity(p as usize * (j - i));
+                for _ in 0..p {
+                    t.extend(levels.iter().zip(&codes).map(|(&l, c)| c[l]));
+                    for (l, c) in levels.iter_mut().zip(&codes) {
+                        *l += 1;
+                        if *l < c.len() {
+                            break;
+                        }
+                        *l = 0;
+                    }
+                }
+                t
+            });
+            let div = (j < dims.len()).then(|| FastDiv::new(p));
+            groups.push(DecodeGroup { width: j - i, div, table, dim: &dims[i] });
+            i = j;
+        }
+        groups
+    }
+}
 
 /// Division of any `u32` by a fixed divisor `d ≥ 2` as a multiply by `M = ⌊(2⁶⁴ − 1)/d⌋ + 1`:
 /// `⌊n/d⌋ = ⌊M·n / 2⁶⁴⌋` for every 32-bit `n` (Lemire, Kaser and Kurz, "Faster remainder by
