@@ -170,6 +170,10 @@ typedef struct VistokMergePlan VistokMergePlan;
 // Opaque handle: a prepared patchify plan (`vistok_patchify_new` / `vistok_patchify_free`).
 typedef struct VistokPatchify VistokPatchify;
 
+// Opaque handle: residual quantization stages, f32 / f16 / bf16 (`vistok_residual_new` /
+// `vistok_residual_free`).
+typedef struct VistokResidual VistokResidual;
+
 // Opaque handle: the tokens a pruning method keeps (`vistok_selection_top_k`,
 // `vistok_selection_div_prune` / `vistok_selection_free`).
 typedef struct VistokSelection VistokSelection;
@@ -354,6 +358,77 @@ enum VistokStatus vistok_codebook_argmin(const struct VistokCodebook *codebook,
 // `codebook` null or live; `indices_dims` valid for `indices_rank` reads; `indices` valid for
 // the reads its dims imply and `out` for `out_len` writes; no overlap.
 enum VistokStatus vistok_codebook_lookup(const struct VistokCodebook *codebook,
+                                         VistokBackend backend,
+                                         const uint32_t *indices,
+                                         const size_t *indices_dims,
+                                         size_t indices_rank,
+                                         VistokDType out_dtype,
+                                         void *out,
+                                         size_t out_len);
+
+// Residual quantization (RQ-VAE, `ResidualVQ`): `n_stages` ≥ 1 prepared codebooks of the same
+// dtype and dimension D, applied in turn to what the previous stages left over. The codebooks
+// are copied: the stage handles may be freed afterwards. Free with `vistok_residual_free`.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER` (`stages`, a stage or `out`), `VISTOK_STATUS_SHAPE` (no
+// stage, or stages of different D), `VISTOK_STATUS_UNSUPPORTED` (stages of different dtypes).
+//
+// # Safety
+// `stages` null or valid for `n_stages` reads of handles, each null (an error) or live; `out`
+// null or valid for one write.
+enum VistokStatus vistok_residual_new(const struct VistokCodebook *const *stages,
+                                      size_t n_stages,
+                                      struct VistokResidual **out);
+
+// Frees residual stages from `vistok_residual_new` (null is a no-op).
+//
+// # Safety
+// `residual` must be null or live, not used by any other call meanwhile or afterwards.
+void vistok_residual_free(struct VistokResidual *residual);
+
+// Quantizes `x [..., D]` (`x_rank` ≥ 2; `x_dtype` must be the stages' dtype) through every
+// stage: `indices` receives `indices_len` u32 indices `[..., S]` (stage-minor); `recon`, if not
+// null, receives the reconstruction `[..., D]` (`recon_len` elements of `recon_dtype`: the
+// chosen entries summed in f32 in stage order, rounded once). Deterministic for any thread
+// count; `vistok_residual_decode` of the indices gives the same reconstruction bit for bit.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (x rank < 2 or last dim ≠ D),
+// `VISTOK_STATUS_LENGTH` (`indices_len` ≠ rows·S, `recon_len` ≠ rows·D),
+// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_NON_FINITE` (NaN / ±∞ in x, naming the first,
+// before anything is written), `VISTOK_STATUS_INVALID` (unknown backend / dtype value, an
+// output overlapping another buffer), `VISTOK_STATUS_UNSUPPORTED` (`x_dtype` not the stages'
+// dtype, a u8 `recon_dtype`).
+//
+// # Safety
+// `residual` null or live; `x_dims` valid for `x_rank` reads; `x` valid for the reads its dims
+// imply; `indices` valid for `indices_len` writes and a non-null `recon` for `recon_len`
+// elements.
+enum VistokStatus vistok_residual_quantize(const struct VistokResidual *residual,
+                                           VistokBackend backend,
+                                           VistokDType x_dtype,
+                                           const void *x,
+                                           const size_t *x_dims,
+                                           size_t x_rank,
+                                           uint32_t *indices,
+                                           size_t indices_len,
+                                           VistokDType recon_dtype,
+                                           void *recon,
+                                           size_t recon_len);
+
+// The reconstruction from `indices [..., S]` (`indices_rank` ≥ 2, the last dim the number of
+// stages): `out` receives `out_len` elements `[..., D]` of `out_dtype` (f32, f16 or bf16), the
+// chosen entries summed in f32 in stage order and rounded once, as `vistok_residual_quantize`
+// computes it.
+//
+// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (rank < 2, last dim ≠ S),
+// `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (an index out of
+// range for its stage, naming the first, before anything is written; an unknown backend /
+// dtype value; `out` overlapping `indices`), `VISTOK_STATUS_UNSUPPORTED` (u8).
+//
+// # Safety
+// `residual` null or live; `indices_dims` valid for `indices_rank` reads; `indices` valid for
+// the reads its dims imply and `out` for `out_len` writes.
+enum VistokStatus vistok_residual_decode(const struct VistokResidual *residual,
                                          VistokBackend backend,
                                          const uint32_t *indices,
                                          const size_t *indices_dims,

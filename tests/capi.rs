@@ -285,6 +285,48 @@ fn expected() -> vistok::Result<BTreeMap<&'static str, Vec<u32>>> {
     let mut div = vec![0.0f32; b * kd * c];
     sel.gather(cpu, View::new(&x, &[b, n, c])?, ViewMut::new(&mut div, &[b, kd, c])?)?;
     e.insert("prune.div.gather", f32_bits(&div));
+
+    // Residual quantization: three stages (K = 9, 7, 5; D = 6), f32 and bf16 (the bf16 stages
+    // quantized from the f32 ones, recon in f32).
+    let mut g = Lcg(8);
+    let d = 6;
+    let ks = [9, 7, 5];
+    let scales = [1.0, 0.25, 0.0625];
+    let stages: Vec<Vec<f32>> = ks.iter().zip(scales).map(|(&k, sc)| g.vals(k * d, sc)).collect();
+    let x = g.vals(4 * 3 * d, 1.0);
+    let rq = vistok::ResidualCodebooks::new(
+        stages
+            .iter()
+            .zip(ks)
+            .map(|(e, k)| Codebook::new(View::new(e, &[k, d])?, Metric::L2))
+            .collect::<Result<_, _>>()?,
+    )?;
+    let (mut idx, mut recon) = (vec![0u32; 4 * 3 * 3], vec![0.0f32; 4 * 3 * d]);
+    rq.quantize(
+        cpu,
+        View::new(&x, &[4, 3, d])?,
+        ViewMut::new(&mut idx, &[4, 3, 3])?,
+        Some(ViewMut::new(&mut recon, &[4, 3, d])?),
+    )?;
+    e.insert("residual.f32.idx", idx.clone());
+    e.insert("residual.f32.recon", f32_bits(&recon));
+    let to_bf16 = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<bf16>>();
+    let stages_b: Vec<Vec<bf16>> = stages.iter().map(|e| to_bf16(e)).collect();
+    let rq = vistok::ResidualCodebooks::new(
+        stages_b
+            .iter()
+            .zip(ks)
+            .map(|(e, k)| Codebook::new(View::new(e, &[k, d])?, Metric::L2))
+            .collect::<Result<_, _>>()?,
+    )?;
+    rq.quantize(
+        cpu,
+        View::new(&to_bf16(&x), &[4, 3, d])?,
+        ViewMut::new(&mut idx, &[4, 3, 3])?,
+        Some(ViewMut::new(&mut recon, &[4, 3, d])?),
+    )?;
+    e.insert("residual.bf16.idx", idx);
+    e.insert("residual.bf16.recon", f32_bits(&recon));
     Ok(e)
 }
 

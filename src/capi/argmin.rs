@@ -4,10 +4,10 @@
 use std::ffi::c_void;
 
 use super::{
-    choice, free_handle, guard, handle, input, new_handle, output, span, AnyCodebook, CError, VistokBackend,
-    VistokCodebook, VistokDType, VistokStatus,
+    choice, free_handle, guard, handle, input, new_handle, output, span, AnyCodebook, AnyResidual, CError,
+    VistokBackend, VistokCodebook, VistokDType, VistokResidual, VistokStatus,
 };
-use crate::{Codebook, DType, Element, Metric};
+use crate::{Codebook, DType, Element, Metric, ResidualCodebooks};
 
 /// `metric` value: least squared Euclidean distance.
 pub const VISTOK_METRIC_L2: u32 = 0;
@@ -38,6 +38,34 @@ impl AnyCodebook {
     fn dtype(&self) -> DType {
         with_codebook!(self, |_cb: T| T::DTYPE)
     }
+}
+
+/// Runs `$body` with `$rq` bound to the typed stages of `$any` and `$t` to their element type.
+macro_rules! with_residual {
+    ($any:expr, |$rq:ident: $t:ident| $body:expr) => {
+        match $any {
+            AnyResidual::F32($rq) => {
+                type $t = f32;
+                $body
+            }
+            AnyResidual::F16($rq) => {
+                type $t = crate::f16;
+                $body
+            }
+            AnyResidual::BF16($rq) => {
+                type $t = crate::bf16;
+                $body
+            }
+        }
+    };
+}
+
+/// The mismatch error of an input whose dtype is not the codebook's.
+fn dtype_mismatch(what: &str, got: DType, want: DType) -> CError {
+    CError::Other(
+        VistokStatus::Unsupported,
+        format!("{what}: dtype {} differs from the codebook's {}", got.name(), want.name()),
+    )
 }
 
 /// Prepares a codebook `entries [K, D]` (`rank` 2, `dtype` f32, f16 or bf16) for nearest-entry
@@ -136,10 +164,7 @@ pub unsafe extern "C" fn vistok_codebook_argmin(
         let backend = super::backend(backend)?;
         let dt = super::dtype(x_dtype, "x")?;
         if dt != cb.dtype() {
-            return Err(CError::Other(
-                VistokStatus::Unsupported,
-                format!("x: dtype {} differs from the codebook's {}", dt.name(), cb.dtype().name()),
-            ));
+            return Err(dtype_mismatch("x", dt, cb.dtype()));
         }
         with_codebook!(cb, |cb: T| {
             // SAFETY: the caller's contract on `x`.
@@ -201,6 +226,190 @@ pub unsafe extern "C" fn vistok_codebook_lookup(
                 // SAFETY: the caller's contract on `out`.
                 let out = unsafe { output::<O>(out, out_len, &want, "out", &[span("indices", idx.data())])? };
                 Ok(cb.lookup(backend, idx, out)?)
+            })
+        })
+    })
+}
+
+/// Residual quantization (RQ-VAE, `ResidualVQ`): `n_stages` ≥ 1 prepared codebooks of the same
+/// dtype and dimension D, applied in turn to what the previous stages left over. The codebooks
+/// are copied: the stage handles may be freed afterwards. Free with `vistok_residual_free`.
+///
+/// Errors: `VISTOK_STATUS_NULL_POINTER` (`stages`, a stage or `out`), `VISTOK_STATUS_SHAPE` (no
+/// stage, or stages of different D), `VISTOK_STATUS_UNSUPPORTED` (stages of different dtypes).
+///
+/// # Safety
+/// `stages` null or valid for `n_stages` reads of handles, each null (an error) or live; `out`
+/// null or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn vistok_residual_new(
+    stages: *const *const VistokCodebook,
+    n_stages: usize,
+    out: *mut *mut VistokResidual,
+) -> VistokStatus {
+    guard(|| {
+        // SAFETY: the caller's contract on `stages`.
+        let handles = unsafe { super::slice(stages, n_stages, "stages")? };
+        let mut cbs = Vec::with_capacity(handles.len());
+        for (s, &h) in handles.iter().enumerate() {
+            // SAFETY: the caller's contract; null is checked.
+            cbs.push(unsafe { &handle(h, &format!("stages[{s}]"))?.0 });
+        }
+        let Some(first) = cbs.first() else {
+            return Err(CError::Other(
+                VistokStatus::Shape,
+                "stages: residual quantization needs at least one stage".into(),
+            ));
+        };
+        if let Some((s, cb)) = cbs.iter().enumerate().find(|(_, cb)| cb.dtype() != first.dtype()) {
+            return Err(dtype_mismatch(&format!("stages[{s}]"), cb.dtype(), first.dtype()));
+        }
+        /// The stages' typed codebooks (every one has the dtype of the first, checked).
+        fn typed<T: crate::Float>(
+            cbs: &[&AnyCodebook],
+            pick: fn(&AnyCodebook) -> Option<&Codebook<T>>,
+        ) -> Vec<Codebook<T>> {
+            cbs.iter().filter_map(|cb| pick(cb).cloned()).collect()
+        }
+        let any = match first {
+            AnyCodebook::F32(_) => AnyResidual::F32(ResidualCodebooks::new(typed(&cbs, |c| match c {
+                AnyCodebook::F32(c) => Some(c),
+                _ => None,
+            }))?),
+            AnyCodebook::F16(_) => AnyResidual::F16(ResidualCodebooks::new(typed(&cbs, |c| match c {
+                AnyCodebook::F16(c) => Some(c),
+                _ => None,
+            }))?),
+            AnyCodebook::BF16(_) => AnyResidual::BF16(ResidualCodebooks::new(typed(&cbs, |c| match c {
+                AnyCodebook::BF16(c) => Some(c),
+                _ => None,
+            }))?),
+        };
+        // SAFETY: the caller's contract on `out`.
+        unsafe { new_handle(out, VistokResidual(any), "out") }
+    })
+}
+
+/// Frees residual stages from `vistok_residual_new` (null is a no-op).
+///
+/// # Safety
+/// `residual` must be null or live, not used by any other call meanwhile or afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn vistok_residual_free(residual: *mut VistokResidual) {
+    // SAFETY: the caller's contract.
+    unsafe { free_handle(residual) }
+}
+
+/// Quantizes `x [..., D]` (`x_rank` ≥ 2; `x_dtype` must be the stages' dtype) through every
+/// stage: `indices` receives `indices_len` u32 indices `[..., S]` (stage-minor); `recon`, if not
+/// null, receives the reconstruction `[..., D]` (`recon_len` elements of `recon_dtype`: the
+/// chosen entries summed in f32 in stage order, rounded once). Deterministic for any thread
+/// count; `vistok_residual_decode` of the indices gives the same reconstruction bit for bit.
+///
+/// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (x rank < 2 or last dim ≠ D),
+/// `VISTOK_STATUS_LENGTH` (`indices_len` ≠ rows·S, `recon_len` ≠ rows·D),
+/// `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_NON_FINITE` (NaN / ±∞ in x, naming the first,
+/// before anything is written), `VISTOK_STATUS_INVALID` (unknown backend / dtype value, an
+/// output overlapping another buffer), `VISTOK_STATUS_UNSUPPORTED` (`x_dtype` not the stages'
+/// dtype, a u8 `recon_dtype`).
+///
+/// # Safety
+/// `residual` null or live; `x_dims` valid for `x_rank` reads; `x` valid for the reads its dims
+/// imply; `indices` valid for `indices_len` writes and a non-null `recon` for `recon_len`
+/// elements.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn vistok_residual_quantize(
+    residual: *const VistokResidual,
+    backend: VistokBackend,
+    x_dtype: VistokDType,
+    x: *const c_void,
+    x_dims: *const usize,
+    x_rank: usize,
+    indices: *mut u32,
+    indices_len: usize,
+    recon_dtype: VistokDType,
+    recon: *mut c_void,
+    recon_len: usize,
+) -> VistokStatus {
+    guard(|| {
+        // SAFETY: the caller's contract; null is checked.
+        let rq = unsafe { &handle(residual, "residual")?.0 };
+        let backend = super::backend(backend)?;
+        let dt = super::dtype(x_dtype, "x")?;
+        with_residual!(rq, |rq: T| {
+            if dt != T::DTYPE {
+                return Err(dtype_mismatch("x", dt, T::DTYPE));
+            }
+            // SAFETY: the caller's contract on `x`.
+            let x = unsafe { input::<T>(x, x_dims, x_rank, "x")? };
+            let lead = match x.dims() {
+                [lead @ .., _] if !lead.is_empty() => lead,
+                // Rank < 2: the Rust API names the shape error.
+                _ => return Ok(rq.quantize::<f32>(backend, x, crate::ViewMut::new(&mut [], &[0])?, None)?),
+            };
+            let mut want = lead.to_vec();
+            want.push(rq.stages().len());
+            let xs = span("x", x.data());
+            // SAFETY: the caller's contract on the outputs; a null `recon` is "not wanted".
+            let idx =
+                unsafe { output::<u32>(indices.cast(), indices_len, &want, "indices", std::slice::from_ref(&xs))? };
+            let avoid = [xs, span("indices", idx.data())];
+            if recon.is_null() {
+                return Ok(rq.quantize::<f32>(backend, x, idx, None)?);
+            }
+            let dims = x.dims().to_vec();
+            with_float!(recon_dtype, "recon", |O| {
+                // SAFETY: as above.
+                let out = unsafe { output::<O>(recon, recon_len, &dims, "recon", &avoid)? };
+                Ok(rq.quantize(backend, x, idx, Some(out))?)
+            })
+        })
+    })
+}
+
+/// The reconstruction from `indices [..., S]` (`indices_rank` ≥ 2, the last dim the number of
+/// stages): `out` receives `out_len` elements `[..., D]` of `out_dtype` (f32, f16 or bf16), the
+/// chosen entries summed in f32 in stage order and rounded once, as `vistok_residual_quantize`
+/// computes it.
+///
+/// Errors: `VISTOK_STATUS_NULL_POINTER`, `VISTOK_STATUS_SHAPE` (rank < 2, last dim ≠ S),
+/// `VISTOK_STATUS_LENGTH`, `VISTOK_STATUS_ALIGNMENT`, `VISTOK_STATUS_INVALID` (an index out of
+/// range for its stage, naming the first, before anything is written; an unknown backend /
+/// dtype value; `out` overlapping `indices`), `VISTOK_STATUS_UNSUPPORTED` (u8).
+///
+/// # Safety
+/// `residual` null or live; `indices_dims` valid for `indices_rank` reads; `indices` valid for
+/// the reads its dims imply and `out` for `out_len` writes.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn vistok_residual_decode(
+    residual: *const VistokResidual,
+    backend: VistokBackend,
+    indices: *const u32,
+    indices_dims: *const usize,
+    indices_rank: usize,
+    out_dtype: VistokDType,
+    out: *mut c_void,
+    out_len: usize,
+) -> VistokStatus {
+    guard(|| {
+        // SAFETY: the caller's contract; null is checked.
+        let rq = unsafe { &handle(residual, "residual")?.0 };
+        let backend = super::backend(backend)?;
+        // SAFETY: the caller's contract on `indices`.
+        let idx = unsafe { input::<u32>(indices.cast(), indices_dims, indices_rank, "indices")? };
+        with_residual!(rq, |rq: _T| {
+            let mut want = match idx.dims() {
+                [lead @ .., _] if !lead.is_empty() => lead.to_vec(),
+                // Rank < 2: decode names the shape error.
+                _ => return Ok(rq.decode::<f32>(backend, idx, crate::ViewMut::new(&mut [], &[0])?)?),
+            };
+            want.push(rq.dim());
+            with_float!(out_dtype, "out", |O| {
+                // SAFETY: the caller's contract on `out`.
+                let out = unsafe { output::<O>(out, out_len, &want, "out", &[span("indices", idx.data())])? };
+                Ok(rq.decode(backend, idx, out)?)
             })
         })
     })

@@ -529,6 +529,19 @@ pub struct VistokFsq(pub(crate) crate::Fsq);
 #[derive(Debug)]
 pub struct VistokCodebook(pub(crate) AnyCodebook);
 
+/// Residual codebooks of any float dtype (the C handle's payload).
+#[derive(Debug)]
+pub(crate) enum AnyResidual {
+    F32(crate::ResidualCodebooks<f32>),
+    F16(crate::ResidualCodebooks<crate::f16>),
+    BF16(crate::ResidualCodebooks<crate::bf16>),
+}
+
+/// Opaque handle: residual quantization stages, f32 / f16 / bf16 (`vistok_residual_new` /
+/// `vistok_residual_free`).
+#[derive(Debug)]
+pub struct VistokResidual(pub(crate) AnyResidual);
+
 /// Opaque handle: a token-merging plan (`vistok_merge_plan_new` / `vistok_merge_plan_free`).
 #[derive(Debug)]
 pub struct VistokMergePlan(pub(crate) crate::MergePlan);

@@ -336,6 +336,120 @@ static void test_argmin(void) {
     vistok_codebook_free(cb);
 }
 
+static void test_residual(void) {
+    /* Three stages (K = 9, 7, 5; D = 6) of shrinking scale, x [4, 3, 6]; f32, then bf16. */
+    seed(8);
+    enum { D = 6, S = 3, R = 4 * 3 };
+    static const size_t ks[S] = {9, 7, 5};
+    static const float scales[S] = {1.0f, 0.25f, 0.0625f};
+    static float e[S][9 * D], x[R * D], recon[R * D], back[R * D];
+    static uint16_t eb[S][9 * D], xb[R * D], backb[R * D];
+    uint32_t idx[R * S];
+    for (size_t s = 0; s < S; s++) fill_vals(e[s], ks[s] * D, scales[s]);
+    fill_vals(x, R * D, 1.0f);
+    for (size_t s = 0; s < S; s++)
+        for (size_t i = 0; i < ks[s] * D; i++) eb[s][i] = to_bf16(e[s][i]);
+    for (size_t i = 0; i < R * D; i++) xb[i] = to_bf16(x[i]);
+    const size_t xd[3] = {4, 3, D}, id[3] = {4, 3, S};
+
+    VistokCodebook *cb[S] = {NULL, NULL, NULL}, *cbb[S] = {NULL, NULL, NULL};
+    for (size_t s = 0; s < S; s++) {
+        const size_t ed[2] = {ks[s], D};
+        OK(vistok_codebook_new(VISTOK_DTYPE_F32, e[s], ed, 2, VISTOK_METRIC_L2, &cb[s]));
+        OK(vistok_codebook_new(VISTOK_DTYPE_BF16, eb[s], ed, 2, VISTOK_METRIC_L2, &cbb[s]));
+    }
+    VistokResidual *rq = NULL, *rqb = NULL;
+    OK(vistok_residual_new((const VistokCodebook *const *)cb, S, &rq));
+    OK(vistok_residual_new((const VistokCodebook *const *)cbb, S, &rqb));
+    /* The stages were copied: the handles can go. */
+    for (size_t s = 0; s < S; s++) {
+        vistok_codebook_free(cb[s]);
+        vistok_codebook_free(cbb[s]);
+    }
+
+    OK(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, idx, R * S, VISTOK_DTYPE_F32,
+                                recon, R * D));
+    print_u32("residual.f32.idx", idx, R * S);
+    print_f32("residual.f32.recon", recon, R * D);
+    OK(vistok_residual_decode(rq, VISTOK_BACKEND_CPU, idx, id, 3, VISTOK_DTYPE_F32, back, R * D));
+    CHECK(memcmp(back, recon, sizeof back) == 0, "residual decode(quantize) != recon");
+    /* Without the reconstruction: the same indices. */
+    uint32_t idx2[R * S];
+    OK(vistok_residual_quantize(rq, VISTOK_BACKEND_REFERENCE, VISTOK_DTYPE_F32, x, xd, 3, idx2, R * S,
+                                VISTOK_DTYPE_F32, NULL, 0));
+    CHECK(memcmp(idx2, idx, sizeof idx) == 0, "residual reference indices != cpu indices");
+
+    OK(vistok_residual_quantize(rqb, VISTOK_BACKEND_CPU, VISTOK_DTYPE_BF16, xb, xd, 3, idx, R * S, VISTOK_DTYPE_F32,
+                                recon, R * D));
+    print_u32("residual.bf16.idx", idx, R * S);
+    print_f32("residual.bf16.recon", recon, R * D);
+    OK(vistok_residual_decode(rqb, VISTOK_BACKEND_CPU, idx, id, 3, VISTOK_DTYPE_BF16, backb, R * D));
+    /* The same sum, rounded once to bf16 (nearest, ties to even; no NaN here). */
+    for (size_t i = 0; i < R * D; i++) {
+        uint32_t u = bits(recon[i]);
+        uint16_t want = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        CHECK(backb[i] == want, "bf16 residual decode %zu: %04x, expected %04x", i, backb[i], want);
+    }
+
+    /* Bad input. */
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_BF16, xb, xd, 3, idx, R * S, VISTOK_DTYPE_F32,
+                                    NULL, 0),
+           VISTOK_STATUS_UNSUPPORTED, "residual bf16 x on f32 stages");
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, idx, R * S - 1,
+                                    VISTOK_DTYPE_F32, NULL, 0),
+           VISTOK_STATUS_LENGTH, "residual indices one short");
+    const size_t xd_bad[3] = {4, 3, D + 1};
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd_bad, 3, idx, R * S,
+                                    VISTOK_DTYPE_F32, NULL, 0),
+           VISTOK_STATUS_SHAPE, "residual x last dim != D");
+    const size_t xd_flat[1] = {D};
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd_flat, 1, idx, S, VISTOK_DTYPE_F32,
+                                    NULL, 0),
+           VISTOK_STATUS_SHAPE, "residual x rank 1");
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, idx, R * S, VISTOK_DTYPE_F32,
+                                    x, R * D),
+           VISTOK_STATUS_INVALID, "residual recon overlapping x");
+    float xn[R * D];
+    memcpy(xn, x, sizeof xn);
+    xn[7] = NAN;
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, xn, xd, 3, idx, R * S, VISTOK_DTYPE_F32,
+                                    recon, R * D),
+           VISTOK_STATUS_NON_FINITE, "residual NaN in x");
+    uint32_t bad_idx[S] = {0, 7, 0}; /* stage 1 has 7 entries */
+    const size_t one[2] = {1, S}, flat[1] = {S}, wrong_s[2] = {1, S - 1};
+    expect(vistok_residual_decode(rq, VISTOK_BACKEND_CPU, bad_idx, one, 2, VISTOK_DTYPE_F32, back, D),
+           VISTOK_STATUS_INVALID, "residual decode index out of range for stage 1");
+    expect(vistok_residual_decode(rq, VISTOK_BACKEND_CPU, idx, flat, 1, VISTOK_DTYPE_F32, back, D),
+           VISTOK_STATUS_SHAPE, "residual decode rank 1");
+    expect(vistok_residual_decode(rq, VISTOK_BACKEND_CPU, idx, wrong_s, 2, VISTOK_DTYPE_F32, back, D),
+           VISTOK_STATUS_SHAPE, "residual decode last dim != S");
+    expect(vistok_residual_decode(rq, VISTOK_BACKEND_CPU, idx, one, 2, VISTOK_DTYPE_U8, back, D),
+           VISTOK_STATUS_UNSUPPORTED, "residual decode to u8");
+    expect(vistok_residual_decode(NULL, VISTOK_BACKEND_CPU, idx, one, 2, VISTOK_DTYPE_F32, back, D),
+           VISTOK_STATUS_NULL_POINTER, "residual decode null handle");
+
+    /* Construction errors: no stage, a null stage, mixed dtypes, different D. */
+    VistokResidual *bad = NULL;
+    const size_t ed[2] = {9, D}, ed5[2] = {9, D - 1};
+    VistokCodebook *f = NULL, *b = NULL, *f5 = NULL;
+    OK(vistok_codebook_new(VISTOK_DTYPE_F32, e[0], ed, 2, VISTOK_METRIC_L2, &f));
+    OK(vistok_codebook_new(VISTOK_DTYPE_BF16, eb[0], ed, 2, VISTOK_METRIC_L2, &b));
+    OK(vistok_codebook_new(VISTOK_DTYPE_F32, e[0], ed5, 2, VISTOK_METRIC_L2, &f5));
+    const VistokCodebook *mixed[2] = {f, b}, *dims[2] = {f, f5}, *holes[2] = {f, NULL};
+    expect(vistok_residual_new(mixed, 0, &bad), VISTOK_STATUS_SHAPE, "residual with no stage");
+    expect(vistok_residual_new(NULL, 2, &bad), VISTOK_STATUS_NULL_POINTER, "residual null stages");
+    expect(vistok_residual_new(holes, 2, &bad), VISTOK_STATUS_NULL_POINTER, "residual null stage 1");
+    expect(vistok_residual_new(mixed, 2, &bad), VISTOK_STATUS_UNSUPPORTED, "residual f32 + bf16 stages");
+    expect(vistok_residual_new(dims, 2, &bad), VISTOK_STATUS_SHAPE, "residual D = 6 and 5");
+    expect(vistok_residual_new(mixed, 1, NULL), VISTOK_STATUS_NULL_POINTER, "residual null out");
+    CHECK(bad == NULL, "a failed vistok_residual_new wrote its out pointer");
+    vistok_codebook_free(f);
+    vistok_codebook_free(b);
+    vistok_codebook_free(f5);
+    vistok_residual_free(rq);
+    vistok_residual_free(rqb);
+}
+
 static void test_attention(void) {
     seed(5);
     enum { B = 1, H = 2, HKV = 1, N = 19, D = 16 };
@@ -520,11 +634,13 @@ int main(void) {
     vistok_fsq_free(NULL);
     vistok_codebook_free(NULL);
     vistok_merge_plan_free(NULL);
+    vistok_residual_free(NULL);
 
     test_patchify();
     test_lfq();
     test_fsq();
     test_argmin();
+    test_residual();
     test_attention();
     test_merge();
     test_cuda_smoke();
