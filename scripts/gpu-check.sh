@@ -2,9 +2,10 @@
 # GPU check in two halves, for a GPU machine without a Rust toolchain or network:
 #
 #   scripts/gpu-check.sh build   here: builds every test executable (release, --features cuda,capi)
-#                                and the patchify_cuda bench, copies them into gpu-bin/
-#                                (git-ignored; carry it to the GPU machine).
-#   scripts/gpu-check.sh run     there, from the repository root: runs the test executables
+#                                and the patchify_cuda bench, packs them into gpu-bin/bins.tar.xz
+#                                (git-ignored; carry gpu-bin to the GPU machine: loose, they
+#                                would pass the 64 MiB a device call carries with the tree).
+#   scripts/gpu-check.sh run     there, from the repository root: unpacks them, runs the test executables
 #                                that touch the device or the PTX (cuda_*, ptx_abi, cli_*,
 #                                capi_cuda, thread_safety, the lib's unit tests;
 #                                GPU_CHECK_ALL=1: every one) with
@@ -84,7 +85,21 @@ EOF
         fi
     } >"$BIN/MANIFEST"
     cat "$BIN/MANIFEST"
-    du -sh "$BIN"
+    # Packed: the loose executables (~60 MiB) plus the tree would pass the 64 MiB a device call
+    # may carry; xz makes them ~7 MiB. `run` unpacks them.
+    (cd "$BIN" && XZ_OPT="${XZ_OPT:--6 -T0}" tar -cJf bins.tar.xz test-* bench-* vistok && rm -f test-* bench-* vistok)
+    local tree carried
+    tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+    carried=$(du -sb "$BIN" | cut -f1)
+    echo "$BIN/: $((carried / 1048576)) MiB; with the working tree $(((tree + carried) / 1048576)) MiB of the 64 MiB a device call carries"
+}
+
+# Unpacks what `build` packed (GNU tar with xz, or Python's tarfile where xz is missing).
+unpack() {
+    [ -f "$BIN/bins.tar.xz" ] || return 0
+    echo "unpacking $BIN/bins.tar.xz"
+    tar -xJf "$BIN/bins.tar.xz" -C "$BIN" 2>/dev/null ||
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$BIN/bins.tar.xz" "$BIN"
 }
 
 find_libcuda() {
@@ -103,6 +118,7 @@ find_libcuda() {
 
 run() {
     [ -d "$BIN" ] || { echo "gpu-check run: no $BIN/ (run 'scripts/gpu-check.sh build' first)" >&2; exit 1; }
+    unpack
     [ -f "$BIN/MANIFEST" ] && cat "$BIN/MANIFEST"
     find_libcuda
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
