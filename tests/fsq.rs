@@ -406,13 +406,16 @@ fn statistics_bad_input() {
 }
 
 /// Many ids (the cpu decode then tabulates groups of dimensions whose levels multiply to at
-/// most 4096, one division per group): every grouping shape — groups that fill the limit
-/// exactly, a dimension above it alone (untabulated) first, in the middle and last, 32
-/// dimensions of 2, the largest levels — bit for bit equal to the reference, f32 and bf16.
+/// most 512, one division per group; a lone dimension up to 4096 levels has a table, above
+/// that none): every grouping shape — groups that fill the limit exactly, lone dimensions with
+/// and without a table first, in the middle and last, 32 dimensions of 2, the largest levels —
+/// bit for bit equal to the reference, f32 and bf16.
 #[test]
 fn decode_many_ids_every_grouping() {
-    let lists: [&[u32]; 9] = [
+    let lists: [&[u32]; 11] = [
         &[8, 8, 8, 5, 5, 5],
+        &[8, 64, 3, 600],
+        &[2, 2, 128, 513, 5],
         &[4096, 3],
         &[3, 4096, 2],
         &[5000, 3, 7],

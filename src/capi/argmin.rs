@@ -235,8 +235,9 @@ pub unsafe extern "C" fn vistok_codebook_lookup(
 /// dtype and dimension D, applied in turn to what the previous stages left over. The codebooks
 /// are copied: the stage handles may be freed afterwards. Free with `vistok_residual_free`.
 ///
-/// Errors: `VISTOK_STATUS_NULL_POINTER` (`stages`, a stage or `out`), `VISTOK_STATUS_SHAPE` (no
-/// stage, or stages of different D), `VISTOK_STATUS_UNSUPPORTED` (stages of different dtypes).
+/// Errors: `VISTOK_STATUS_NULL_POINTER` (`stages` with `n_stages` > 0, a stage, or `out`),
+/// `VISTOK_STATUS_SHAPE` (no stage, or stages of different D), `VISTOK_STATUS_UNSUPPORTED`
+/// (stages of different dtypes).
 ///
 /// # Safety
 /// `stages` null or valid for `n_stages` reads of handles, each null (an error) or live; `out`

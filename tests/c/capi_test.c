@@ -313,8 +313,9 @@ static void test_argmin(void) {
     OK(vistok_codebook_argmin(cb, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, idx, R, NULL, 0));
     expect(vistok_codebook_argmin(cb, VISTOK_BACKEND_CPU, VISTOK_DTYPE_BF16, xb, xd, 3, idx, R, NULL, 0),
            VISTOK_STATUS_UNSUPPORTED, "argmin bf16 x on an f32 codebook");
-    const size_t xd_bad[3] = {3, 7, D + 1};
-    expect(vistok_codebook_argmin(cb, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd_bad, 3, idx, R, NULL, 0),
+    /* Within x's R·D floats: 3·6·(D + 1) = 234 ≤ 252 (the dims promise that many readable). */
+    const size_t xd_bad[3] = {3, 6, D + 1};
+    expect(vistok_codebook_argmin(cb, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd_bad, 3, idx, 3 * 6, NULL, 0),
            VISTOK_STATUS_SHAPE, "argmin x last dim != D");
     expect(vistok_codebook_argmin(cb, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, idx, R, dist, R - 1),
            VISTOK_STATUS_LENGTH, "argmin dist one short");
@@ -398,8 +399,9 @@ static void test_residual(void) {
     expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd, 3, idx, R * S - 1,
                                     VISTOK_DTYPE_F32, NULL, 0),
            VISTOK_STATUS_LENGTH, "residual indices one short");
-    const size_t xd_bad[3] = {4, 3, D + 1};
-    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd_bad, 3, idx, R * S,
+    /* Within x's R·D floats: 4·2·(D + 1) = 56 ≤ 72. */
+    const size_t xd_bad[3] = {4, 2, D + 1};
+    expect(vistok_residual_quantize(rq, VISTOK_BACKEND_CPU, VISTOK_DTYPE_F32, x, xd_bad, 3, idx, 4 * 2 * S,
                                     VISTOK_DTYPE_F32, NULL, 0),
            VISTOK_STATUS_SHAPE, "residual x last dim != D");
     const size_t xd_flat[1] = {D};
