@@ -8,7 +8,8 @@
 #   scripts/gpu-check.sh run     there, from the repository root: unpacks them, runs the test executables
 #                                that touch the device or the PTX (cuda_*, ptx_abi, cli_*,
 #                                capi_cuda, thread_safety, the lib's unit tests;
-#                                GPU_CHECK_ALL=1: every one) with
+#                                GPU_CHECK_ALL=1: every one; the PTX-interpreter tests are
+#                                skipped, they run in CI: GPU_CHECK_EMULATION=1 keeps them) with
 #                                VISTOK_REQUIRE_GPU=1 (no silent skips; the open issues'
 #                                suites first, none started after TESTS_BUDGET seconds: those
 #                                count as failed), then `vistok bench
