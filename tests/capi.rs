@@ -294,37 +294,31 @@ fn expected() -> vistok::Result<BTreeMap<&'static str, Vec<u32>>> {
     let scales = [1.0, 0.25, 0.0625];
     let stages: Vec<Vec<f32>> = ks.iter().zip(scales).map(|(&k, sc)| g.vals(k * d, sc)).collect();
     let x = g.vals(4 * 3 * d, 1.0);
-    let rq = vistok::ResidualCodebooks::new(
-        stages
-            .iter()
-            .zip(ks)
-            .map(|(e, k)| Codebook::new(View::new(e, &[k, d])?, Metric::L2))
-            .collect::<Result<_, _>>()?,
-    )?;
-    let (mut idx, mut recon) = (vec![0u32; 4 * 3 * 3], vec![0.0f32; 4 * 3 * d]);
-    rq.quantize(
-        cpu,
-        View::new(&x, &[4, 3, d])?,
-        ViewMut::new(&mut idx, &[4, 3, 3])?,
-        Some(ViewMut::new(&mut recon, &[4, 3, d])?),
-    )?;
-    e.insert("residual.f32.idx", idx.clone());
+    /// Indices `[4, 3, 3]` and the f32 reconstruction `[4, 3, d]` through the three stages.
+    fn residual<T: vistok::Float>(stages: &[Vec<T>], ks: [usize; 3], x: &[T]) -> vistok::Result<(Vec<u32>, Vec<f32>)> {
+        let d = x.len() / 12;
+        let rq = vistok::ResidualCodebooks::new(
+            stages
+                .iter()
+                .zip(ks)
+                .map(|(e, k)| Codebook::new(View::new(e, &[k, d])?, Metric::L2))
+                .collect::<Result<_, _>>()?,
+        )?;
+        let (mut idx, mut recon) = (vec![0u32; 4 * 3 * 3], vec![0.0f32; 4 * 3 * d]);
+        rq.quantize(
+            Backend::Cpu,
+            View::new(x, &[4, 3, d])?,
+            ViewMut::new(&mut idx, &[4, 3, 3])?,
+            Some(ViewMut::new(&mut recon, &[4, 3, d])?),
+        )?;
+        Ok((idx, recon))
+    }
+    let (idx, recon) = residual(&stages, ks, &x)?;
+    e.insert("residual.f32.idx", idx);
     e.insert("residual.f32.recon", f32_bits(&recon));
     let to_bf16 = |v: &[f32]| v.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<bf16>>();
     let stages_b: Vec<Vec<bf16>> = stages.iter().map(|e| to_bf16(e)).collect();
-    let rq = vistok::ResidualCodebooks::new(
-        stages_b
-            .iter()
-            .zip(ks)
-            .map(|(e, k)| Codebook::new(View::new(e, &[k, d])?, Metric::L2))
-            .collect::<Result<_, _>>()?,
-    )?;
-    rq.quantize(
-        cpu,
-        View::new(&to_bf16(&x), &[4, 3, d])?,
-        ViewMut::new(&mut idx, &[4, 3, 3])?,
-        Some(ViewMut::new(&mut recon, &[4, 3, d])?),
-    )?;
+    let (idx, recon) = residual(&stages_b, ks, &to_bf16(&x))?;
     e.insert("residual.bf16.idx", idx);
     e.insert("residual.bf16.recon", f32_bits(&recon));
     Ok(e)

@@ -265,26 +265,23 @@ pub unsafe extern "C" fn vistok_residual_new(
         if let Some((s, cb)) = cbs.iter().enumerate().find(|(_, cb)| cb.dtype() != first.dtype()) {
             return Err(dtype_mismatch(&format!("stages[{s}]"), cb.dtype(), first.dtype()));
         }
-        /// The stages' typed codebooks (every one has the dtype of the first, checked).
-        fn typed<T: crate::Float>(
-            cbs: &[&AnyCodebook],
-            pick: fn(&AnyCodebook) -> Option<&Codebook<T>>,
-        ) -> Vec<Codebook<T>> {
-            cbs.iter().filter_map(|cb| pick(cb).cloned()).collect()
+        // Every stage has the first one's dtype (checked): copy them out as that variant.
+        macro_rules! stages_as {
+            ($v:ident) => {
+                AnyResidual::$v(ResidualCodebooks::new(
+                    cbs.iter()
+                        .filter_map(|c| match c {
+                            AnyCodebook::$v(c) => Some(c.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                )?)
+            };
         }
         let any = match first {
-            AnyCodebook::F32(_) => AnyResidual::F32(ResidualCodebooks::new(typed(&cbs, |c| match c {
-                AnyCodebook::F32(c) => Some(c),
-                _ => None,
-            }))?),
-            AnyCodebook::F16(_) => AnyResidual::F16(ResidualCodebooks::new(typed(&cbs, |c| match c {
-                AnyCodebook::F16(c) => Some(c),
-                _ => None,
-            }))?),
-            AnyCodebook::BF16(_) => AnyResidual::BF16(ResidualCodebooks::new(typed(&cbs, |c| match c {
-                AnyCodebook::BF16(c) => Some(c),
-                _ => None,
-            }))?),
+            AnyCodebook::F32(_) => stages_as!(F32),
+            AnyCodebook::F16(_) => stages_as!(F16),
+            AnyCodebook::BF16(_) => stages_as!(BF16),
         };
         // SAFETY: the caller's contract on `out`.
         unsafe { new_handle(out, VistokResidual(any), "out") }
