@@ -86,7 +86,8 @@ struct Case {
 fn case() -> impl Strategy<Value = Case> {
     (
         (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
-        (1usize..3, 1usize..6, 1usize..4, 1usize..7, 1usize..38),
+        // Batches up to 5: from 2 per thread the CPU unpatchify gives threads whole NCHW samples.
+        (1usize..6, 1usize..6, 1usize..4, 1usize..7, 1usize..38),
         (1usize..3, 1usize..3, 1usize..4, 0usize..16, any::<u64>()),
     )
         .prop_map(|((video, last, pqc, pad, norm), (b, c, pt, ph, pw), (gt, gh, gw, rem, seed))| {
@@ -160,6 +161,8 @@ fn bench_shapes_match_reference() {
         // Outputs over 8 MiB take the streaming-store path (f32 tokens, f32 images).
         (PatchConfig::image(Layout::ChannelsFirst, 16, 16).pad(true), vec![12, 3, 250, 256]),
         (PatchConfig::image(Layout::ChannelsLast, 16, 16).order(PatchOrder::Pqc), vec![3, 512, 512, 3]),
+        // Whole samples per thread, streaming (f32 images over 8 MiB).
+        (PatchConfig::image(Layout::ChannelsFirst, 16, 16).pad(true), vec![6, 3, 250, 250]),
     ];
     for (i, (config, dims)) in cases.iter().enumerate() {
         let plan = Patchify::new(config, dims).unwrap();
@@ -226,25 +229,40 @@ fn normalisation_and_padding() {
     }
 }
 
-/// Results do not depend on the number of threads.
+/// Results do not depend on the number of threads. (For the NCHW case, unpatchify with one
+/// thread gives it whole samples and with 7 threads splits samples into rows: two loop nests.)
 #[test]
 fn thread_count_does_not_change_results() {
-    let plan = Patchify::new(&PatchConfig::image(Layout::ChannelsLast, 16, 16).pad(true), &[3, 100, 90, 3]).unwrap();
-    let image = random_data::<f32>(3 * 100 * 90 * 3, 4);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| {
-            (
-                forward::<f32, bf16>(&plan, Backend::Cpu, &image),
-                inverse::<f32, u8>(&plan, Backend::Cpu, &random_data::<f32>(plan.tokens_dims().iter().product(), 5)),
-            )
-        })
-    };
-    let one = run(1);
-    for threads in [2, 3, 7] {
-        let many = run(threads);
-        assert_bits_eq(&many.0, &one.0, "forward");
-        assert_eq!(many.1, one.1, "inverse");
+    let configs = [
+        (PatchConfig::image(Layout::ChannelsLast, 16, 16).pad(true), [3, 100, 90, 3]),
+        (
+            PatchConfig::image(Layout::ChannelsFirst, 16, 16).pad(true).normalize(Normalize::imagenet_u8()),
+            [5, 3, 90, 100],
+        ),
+        (PatchConfig::image(Layout::ChannelsFirst, 8, 8).order(PatchOrder::Pqc), [6, 4, 40, 24]),
+    ];
+    for (config, dims) in configs {
+        let plan = Patchify::new(&config, &dims).unwrap();
+        let image = random_data::<f32>(dims.iter().product(), 4);
+        let tokens = random_data::<f32>(plan.tokens_dims().iter().product(), 5);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                (
+                    forward::<f32, bf16>(&plan, Backend::Cpu, &image),
+                    inverse::<f32, u8>(&plan, Backend::Cpu, &tokens),
+                    inverse::<f32, f32>(&plan, Backend::Cpu, &tokens),
+                )
+            })
+        };
+        let one = run(1);
+        assert_eq!(one.1, inverse::<f32, u8>(&plan, Backend::Reference, &tokens), "{dims:?} inverse vs reference");
+        for threads in [2, 3, 7] {
+            let many = run(threads);
+            assert_bits_eq(&many.0, &one.0, "forward");
+            assert_eq!(many.1, one.1, "{dims:?} inverse, {threads} threads");
+            assert_bits_eq(&many.2, &one.2, "inverse f32");
+        }
     }
 }
 

@@ -21,7 +21,7 @@
 //! time.
 
 use crate::cpu::par::{for_each_chunk, units_per_chunk};
-use crate::cpu::Isa;
+use crate::cpu::{prefetch, Isa};
 use crate::dtype::{DType, Float};
 use crate::error::Result;
 use crate::merge::{non_finite, MatchConfig, MergeMode, MergePlan, Parts, Selection};
@@ -683,24 +683,6 @@ fn write_pair_panels<K: Kernel>(
 fn panels_from_rows<K: Kernel>(k: K, rows: &[f32], c: usize, pp: usize, out: &mut [f32]) {
     for (g, group) in rows.chunks(GROUP * c).enumerate() {
         write_panels(k, group, c, g, pp, out);
-    }
-}
-
-/// Asks for every cache line of `x` (a hint: no effect on results).
-#[inline(always)]
-fn prefetch<T>(x: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let bytes: usize = size_of_val(x);
-        for off in (0..bytes).step_by(64) {
-            // SAFETY: a prefetch never faults and the address is inside `x`; SSE is part of
-            // x86-64.
-            #[allow(unused_unsafe)]
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().cast::<i8>().add(off));
-            }
-        }
     }
 }
 

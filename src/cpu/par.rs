@@ -20,3 +20,15 @@ pub(crate) fn units_per_chunk(unit_bytes: usize) -> usize {
     const TARGET: usize = 64 * 1024;
     (TARGET / unit_bytes.max(1)).max(1)
 }
+
+/// The threads [`for_each_chunk`] shares work among.
+pub(crate) fn threads() -> usize {
+    #[cfg(feature = "rayon")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        1
+    }
+}
