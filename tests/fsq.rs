@@ -412,8 +412,10 @@ fn statistics_bad_input() {
 /// bit for bit equal to the reference, f32 and bf16.
 #[test]
 fn decode_many_ids_every_grouping() {
-    let lists: [&[u32]; 11] = [
+    let lists: [&[u32]; 12] = [
+        // Groups of 3 copy 4-wide into the next group's or the next row's first slot.
         &[8, 8, 8, 5, 5, 5],
+        &[4, 6, 5],
         &[8, 64, 3, 600],
         &[2, 2, 128, 513, 5],
         &[4096, 3],
