@@ -9,10 +9,10 @@
 //!
 //! Two loop shapes (the tuning constants are the `const` arguments in [`F32::search`] /
 //! [`Bf16::search`]):
-//! - [`small`]: for `D ∈ {4, 16}` (f32) / `{8, 16}` (bf16) the whole tile `D × NRV·16`
+//! - [`small`]: for `D ∈ {4, 16}` (f32) / `D = 16` (bf16) the whole tile `D × NRV·16`
 //!   lives in registers while every row block of the chunk streams past it;
-//! - [`small_rows`]: f32 `D = 8`; a row block's running bests stay in registers while the
-//!   tiles stream past (loaded at each step);
+//! - [`small_rows`]: `D = 8` (f32 and bf16); a row block's running bests stay in registers
+//!   while the tiles of an L2-sized codebook block stream past (loaded at each step);
 //! - [`general`]: any `D`; the codebook is swept in blocks of about [`BLOCK_BYTES`] (kept in
 //!   L2) and, for each row block, tile by tile with the tile loaded from L1/L2 at each step.
 
@@ -30,18 +30,18 @@ const BLOCK_BYTES: usize = 256 * 1024;
 // the small-D tiles `D·NRV` (or `D/2·NRV`) more, all within the 32 zmm registers. Chosen by
 // measuring on Zen 4 (one thread): at D = 8, (8, 1) beat (4, 2), (3, 2), (6, 2), (12, 1); at
 // D = 256, (12, 1) beat (6, 2), (8, 2), (4, 4) for f32, and (4, 4) was best for bf16. On Zen 5
-// (2 × 512-bit FMA), f32 D = 8 runs [`small_rows`] (8, 1): 7–10 % faster than [`small`] there
-// ((4, 2) and (6, 1) slower); bf16 D = 8 stays on `small`, which was 20 % faster at K = 262144
-// (the row-held loop rereads a codebook that does not fit L2 for every row block).
+// (2 × 512-bit FMA pipes), D = 8 runs [`small_rows`] with (6, 2), f32 and bf16: against `small`
+// ((8, 1) f32, (4, 2) bf16) 7–15 % faster at 65536 × 16384 and 12–15 % at 4096 × 262144;
+// (8, 1), (4, 2), (4, 4) and (6, 1) were slower than (6, 2) in `small_rows`.
 const F32_D4: (usize, usize) = (2, 4);
-const F32_D8: (usize, usize) = (8, 1);
+const F32_D8: (usize, usize) = (6, 2);
 const F32_D16: (usize, usize) = (6, 1);
 const F32_ANY: (usize, usize) = (12, 1);
-const BF16_D8: (usize, usize) = (4, 2);
+const BF16_D8: (usize, usize) = (6, 2);
 const BF16_D16: (usize, usize) = (8, 1);
 const BF16_ANY: (usize, usize) = (4, 4);
 const _: () = {
-    let small = [(4, F32_D4), (16, F32_D16), (4, BF16_D8), (8, BF16_D16)];
+    let small = [(4, F32_D4), (16, F32_D16), (8, BF16_D16)];
     let mut i = 0;
     while i < small.len() {
         let (w, (mr, nrv)) = small[i];
@@ -51,8 +51,13 @@ const _: () = {
     }
     assert!(F32_ANY.0 * F32_ANY.1 <= 24 && BF16_ANY.0 * BF16_ANY.1 <= 24);
     // `small_rows`: accumulators, each row's best scores and indices, one tile row.
-    let (mr, nrv) = F32_D8;
-    assert!(mr * nrv + 2 * mr + nrv <= 28 && (nrv == 1 || nrv == 2 || nrv == 4));
+    let rows = [F32_D8, BF16_D8];
+    let mut i = 0;
+    while i < rows.len() {
+        let (mr, nrv) = rows[i];
+        assert!(mr * nrv + 2 * mr + nrv <= 28 && (nrv == 1 || nrv == 2 || nrv == 4));
+        i += 1;
+    }
     assert!(crate::argmin::PAD.is_multiple_of(4 * GROUP));
 };
 
@@ -446,7 +451,7 @@ impl Kernel for Bf16 {
         // SAFETY (each call): the V4 token proves AVX-512F, the only feature these enable.
         unsafe {
             match p.d {
-                8 => small::<4, { BF16_D8.0 }, { BF16_D8.1 }, S, DotBf16>(s, t, b, k, panel, lanes),
+                8 => small_rows::<4, { BF16_D8.0 }, { BF16_D8.1 }, S, DotBf16>(s, t, b, k, panel, lanes),
                 16 => small::<8, { BF16_D16.0 }, { BF16_D16.1 }, S, DotBf16>(s, t, b, k, panel, lanes),
                 d => {
                     let w = d.div_ceil(2);
