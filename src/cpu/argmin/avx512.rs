@@ -232,8 +232,8 @@ fn small<const W: usize, const MR: usize, const NRV: usize, S: Score, D: Dot>(
 /// Small `W` with the rows held: the codebook in blocks of about [`BLOCK_BYTES`]; per block, for
 /// each row block (`[W][MR]`), its running best scores and indices stay in registers while the
 /// block's tiles of `NRV` groups stream past (tile values loaded at each step, from L1/L2), so
-/// the per-tile update touches no memory. (Zen 5: at D = 8, 7–10 %
-/// faster than [`small`], whose update loads and stores each row's lanes at every tile.)
+/// the per-tile update touches no memory ([`small`]'s update loads and stores each row's lanes
+/// at every tile; measurements at the tile-shape constants).
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::needless_range_loop)] // acc[r][v], best[r], idx[r]: indices read clearer
 fn small_rows<const W: usize, const MR: usize, const NRV: usize, S: Score, D: Dot>(
