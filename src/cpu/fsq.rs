@@ -130,14 +130,15 @@ pub(crate) fn decode<O: Float>(plan: &Fsq, _isa: Isa, ids: &[u32], codes: &mut [
 fn decode_rows<O: Float>(groups: &[DecodeGroup<'_, O>], ids: &[u32], out: &mut [O]) {
     let d: usize = groups.iter().map(|g| g.width).sum();
     let rows = (out.len() / d).min(ids.len());
-    let fast = rows.saturating_sub(1);
-    for (i, &id) in ids[..fast].iter().enumerate() {
+    for (i, &id) in ids[..rows].iter().enumerate() {
+        // A 4-wide copy may spill one value into the next row, so not on the last.
+        let spill = i + 1 < rows;
         let mut at = i * d;
         let mut q = id;
         for g in groups {
             let r = g.next(&mut q) as usize;
             match &g.table {
-                Some(t) if g.stride == 4 => {
+                Some(t) if g.stride == 4 && spill => {
                     let src: &[O; 4] = t[r * 4..][..4].try_into().expect("4 codes");
                     let dst: &mut [O; 4] = (&mut out[at..at + 4]).try_into().expect("4 slots");
                     *dst = *src;
@@ -146,19 +147,6 @@ fn decode_rows<O: Float>(groups: &[DecodeGroup<'_, O>], ids: &[u32], out: &mut [
                 None => out[at] = fsq_code(g.dim, r as u32),
             }
             at += g.width;
-        }
-    }
-    for (row, &id) in out[fast * d..rows * d].chunks_exact_mut(d).zip(&ids[fast..]) {
-        let mut q = id;
-        let mut row = row;
-        for g in groups {
-            let (dst, rest) = row.split_at_mut(g.width);
-            let r = g.next(&mut q) as usize;
-            match &g.table {
-                Some(t) => copy_row(dst, &t[r * g.stride..][..g.width]),
-                None => dst[0] = fsq_code(g.dim, r as u32),
-            }
-            row = rest;
         }
     }
 }

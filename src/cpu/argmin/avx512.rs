@@ -144,6 +144,29 @@ impl Dot for DotBf16 {
     }
 }
 
+/// Code indices `base + lane`.
+#[inline(always)]
+fn codes(f: pulp::core_arch::x86::Avx512f, base: u32) -> __m512i {
+    let iota: __m512i = pulp::cast([0u32, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+    f._mm512_add_epi32(iota, f._mm512_set1_epi32(base as i32))
+}
+
+/// Per lane, the first strictly smaller score among the `valid` lanes of `sc` replaces
+/// (`best`, `idx`) with (score, its code).
+#[inline(always)]
+fn fold(
+    f: pulp::core_arch::x86::Avx512f,
+    sc: __m512,
+    valid: u16,
+    codes: __m512i,
+    best: &mut __m512,
+    idx: &mut __m512i,
+) {
+    let m = f._mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(valid, sc, *best);
+    *best = f._mm512_mask_mov_ps(*best, m, sc);
+    *idx = f._mm512_mask_mov_epi32(*idx, m, codes);
+}
+
 /// Folds one row's `NRV` accumulator vectors (codes `base + 16·v + lane`) into its lanes.
 #[inline(always)]
 fn update<const NRV: usize, S: Score>(
@@ -165,12 +188,8 @@ fn update<const NRV: usize, S: Score>(
     let mut best = best;
     // SAFETY: `Lanes` is 64-byte aligned; its 16 u32 start 64 bytes in.
     let mut idx = unsafe { f._mm512_load_si512(l.i.as_ptr().cast()) };
-    let iota: __m512i = pulp::cast([0u32, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
     for v in 0..NRV {
-        let m = f._mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(valid[v], sc[v], best);
-        best = f._mm512_mask_mov_ps(best, m, sc[v]);
-        let codes = f._mm512_add_epi32(iota, f._mm512_set1_epi32((base + (v * GROUP) as u32) as i32));
-        idx = f._mm512_mask_mov_epi32(idx, m, codes);
+        fold(f, sc[v], valid[v], codes(f, base + (v * GROUP) as u32), &mut best, &mut idx);
     }
     // SAFETY: as for the loads.
     unsafe {
@@ -249,7 +268,6 @@ fn small_rows<const W: usize, const MR: usize, const NRV: usize, S: Score, D: Do
     assert!(panel.len() == lanes.len() * W && lanes.len().is_multiple_of(MR));
     assert!(tiles.len().is_multiple_of(tile_len) && bias.len() * W == tiles.len());
     let n_tiles = (tiles.len() / tile_len).min(k.div_ceil(NRV * GROUP));
-    let iota: __m512i = pulp::cast([0u32, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
     // Codebook blocks of about BLOCK_BYTES, so that a block stays in L2 for all row blocks.
     let block_tiles = block_tiles::<D::X>(W, NRV);
     for blk in (0..n_tiles).step_by(block_tiles) {
@@ -285,13 +303,9 @@ fn small_rows<const W: usize, const MR: usize, const NRV: usize, S: Score, D: Do
                     // SAFETY: `bias` holds 16 f32 per group, and group g < n_tiles·NRV exists.
                     let bv = unsafe { f._mm512_loadu_ps(bias.as_ptr().add(g * GROUP)) };
                     let valid = valid_mask(k, g);
-                    let codes = f._mm512_add_epi32(iota, f._mm512_set1_epi32((g * GROUP) as i32));
+                    let codes = codes(f, (g * GROUP) as u32);
                     for r in 0..MR {
-                        // As in `update`: the first strictly smaller score per lane.
-                        let sc = S::v4(f, acc[r][v], bv);
-                        let m = f._mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(valid, sc, best[r]);
-                        best[r] = f._mm512_mask_mov_ps(best[r], m, sc);
-                        idx[r] = f._mm512_mask_mov_epi32(idx[r], m, codes);
+                        fold(f, S::v4(f, acc[r][v], bv), valid, codes, &mut best[r], &mut idx[r]);
                     }
                 }
             }
